@@ -1,0 +1,57 @@
+"""Attention backends behind one interface, picked from a registry by name."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Writes this step's K/V into the paged cache, then attends over each sequence's
+    whole context (cached + new) with causal masking inside the new tokens."""
+
+    name: str
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+        caches: [num_blocks, block_size, num_kv_heads, head_dim].
+        Returns [num_tokens, num_heads, head_dim]."""
+
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+
+_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str):
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def available_backends() -> list[str]:
+    return [name for name, cls in _REGISTRY.items() if cls.is_available()]
+
+
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    """"auto" picks flash attention on CUDA when a flash-attention package imports, else torch."""
+    import engine.attention.flash  # noqa: F401  (registers)
+    import engine.attention.torch_ref  # noqa: F401
+
+    if name == "auto":
+        name = "flash" if device.type == "cuda" and _REGISTRY["flash"].is_available() else "torch"
+    if name not in _REGISTRY:
+        raise ValueError(f"attention backend {name!r} is unknown; choose one of {sorted(_REGISTRY)} or 'auto'")
+    if not _REGISTRY[name].is_available():
+        raise ValueError(f"attention backend {name!r} is not available here; available: {available_backends()}")
+    return _REGISTRY[name]()

@@ -1,0 +1,40 @@
+"""Flash attention varlen over the paged cache (CUDA): vllm-flash-attn or flash-attn,
+whichever imports with the installed torch. Checked on a lent GPU by tests/gpu/."""
+from __future__ import annotations
+
+from functools import cache
+from typing import Callable
+
+import torch
+
+from engine.attention.backend import AttentionBackend, register_backend
+from engine.attention.metadata import AttentionMetadata
+
+
+@cache
+def _varlen_func() -> Callable | None:
+    for module in ("vllm_flash_attn", "flash_attn"):
+        try:
+            return __import__(module, fromlist=["flash_attn_varlen_func"]).flash_attn_varlen_func
+        except (ImportError, OSError, AttributeError):
+            continue
+    return None
+
+
+@register_backend("flash")
+class FlashAttention(AttentionBackend):
+    @staticmethod
+    def is_available() -> bool:
+        return torch.cuda.is_available() and _varlen_func() is not None
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[2:]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        # flash-attn 2 wants page sizes that are multiples of 256; vllm-flash-attn takes 16.
+        return _varlen_func()(
+            q, k_cache, v_cache,
+            cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
+            seqused_k=meta.seq_lens, max_seqlen_k=meta.max_seq_len,
+            softmax_scale=scale, causal=True, block_table=meta.block_tables,
+        )

@@ -1,0 +1,64 @@
+"""The offline API, shaped like vLLM's: LLM(model).generate(prompts, SamplingParams(...))."""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+
+Prompt = str | Seq[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """LLM(model="default" | HF folder | .gguf, dtype="float32", **engine options).
+    Options: block_size, num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs,
+    max_prefill_chunk, attention_backend, num_threads, max_model_len, device."""
+
+    def __init__(self, model: str | None = "default", dtype: str | torch.dtype = "float32", **engine_config: Any):
+        self.engine = LLMEngine.from_model(model, dtype, **engine_config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of token-id lists. Returns outputs in
+        prompt order. A bad prompt raises ValueError before any work is done."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        seqs = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    seqs.append(self.engine.add_request(prompt, p))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+        except ValueError:
+            for seq in seqs:
+                self.engine.abort(seq.request_id)
+            raise
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(seqs):
+            for out in self.engine.step():
+                done[out.request_id] = out
+        return [done[s.request_id] for s in seqs]
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params)
+
+    def apply_chat_template(self, conversation: list[Message]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)

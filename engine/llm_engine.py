@@ -1,0 +1,154 @@
+"""The engine loop: add requests, step, collect finished ones. No threads, no I/O."""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
+from engine.loader import open_model
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus, TokenLogprobs
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens (a stop or eos token included)
+    text: str  # generated text, ending before any stop string; "" without a tokenizer
+    finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
+    logprobs: list[TokenLogprobs] | None  # one per generated token when asked for
+    num_preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, weights, tokenizer: Any | None = None, device: str = "cpu") -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, weights, device)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.requests: dict[str, Sequence] = {}
+        self._stop_ids = frozenset(config.model_config.eos_token_ids)
+
+    @classmethod
+    def from_model(cls, model: str | None = "default", dtype: str | torch.dtype = "float32", *,
+                   block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_bytes: int = 1 << 30,
+                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                   max_prefill_chunk: int | None = None, tensor_parallel_size: int = 1,
+                   attention_backend: str = "auto", num_threads: int | None = None,
+                   max_model_len: int = 0, device: str = "cpu") -> LLMEngine:
+        source = open_model(model)
+        config = EngineConfig(
+            model=source.path, model_config=ModelConfig.from_hf(source.hf_config), dtype=resolve_dtype(dtype),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_prefill_chunk),
+            parallel=ParallelConfig(tensor_parallel_size), attention_backend=attention_backend,
+            num_threads=num_threads, max_model_len=max_model_len)
+        return cls(config, source.weights, source.tokenizer, device)
+
+    # -- requests ---------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; give the prompt as token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        """Validate and queue one request; a bad one raises ValueError and changes nothing."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        vocab, limit = self.config.model_config.vocab_size, self.config.max_model_len
+        if not ids:
+            raise ValueError("prompt is empty; give at least one token")
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {limit}, "
+                             f"so prompts may have at most {limit - 1}")
+        needed = self.block_manager.num_blocks_for(min(len(ids) + params.max_tokens, limit))
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"request needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}; "
+                             f"lower max_tokens or give the engine more KV blocks")
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(ids, params, seed, request_id)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run, sample, and return the requests that finished in this step."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled, tokens, logprobs = self.runner.execute(sched)
+        for seq, n in zip(sched.seqs, sched.num_scheduled_tokens):
+            seq.num_computed_tokens += n
+        finished = []
+        for seq, token, lp in zip(sampled, tokens, logprobs):
+            seq.token_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+                finished.append(self._output(seq))
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self._stop_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None and self._stop_string_at(seq) is not None:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _stop_string_at(self, seq: Sequence) -> int | None:
+        # only the tail can hold a new match: the last token plus the longest stop string
+        text = self._text(seq)
+        tail_from = max(0, len(text) - len(self._text_of(seq.token_ids[-1:])) - max(map(len, seq.params.stop)))
+        hits = [i for s in seq.params.stop if (i := text.find(s, tail_from)) >= 0]
+        return min(hits) if hits else None
+
+    def _text_of(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _text(self, seq: Sequence) -> str:
+        return self._text_of(seq.output_token_ids)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = self._text(seq)
+        if seq.params.stop and (cut := self._stop_string_at(seq)) is not None:
+            text = text[:cut]
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids, text=text, finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            num_preemptions=seq.num_preemptions)

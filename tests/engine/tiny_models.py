@@ -1,0 +1,171 @@
+"""Tiny random HF checkpoints + transformers reference outputs for engine tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARCHS = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+
+_COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    head_dim=16,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    vocab_size=512,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    initializer_range=0.2,  # ~10x default: diverse, non-degenerate greedy outputs
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+_ARCH_KW: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=256,
+        ),
+        attention_bias=False,
+        mlp_bias=False,
+    ),
+    "qwen2": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0), use_sliding_window=False),
+    "qwen3": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        attention_bias=False,
+        use_sliding_window=False,
+    ),
+    "mixtral": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=None,
+    ),
+    "qwen3_moe": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        attention_bias=False,
+        use_sliding_window=False,
+    ),
+}
+
+_MODELS: dict[str, Any] = {}
+
+
+def _config(arch: str, **kw: Any) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **kw)
+
+
+def make_tiny_checkpoint(
+    arch: str,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    hub_style_config: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Save a tiny random float32 HF checkpoint (config.json + model.safetensors) to `path`.
+
+    hub_style_config rewrites config.json the way most Hub checkpoints look (transformers 4
+    style: top-level rope_theta + rope_scaling, qwen3_moe `num_experts`, `torch_dtype`);
+    transformers 5 loads it to the same model."""
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}")
+    kw = {**_COMMON, **_ARCH_KW[arch]}
+    kw.update(
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        **overrides,
+    )
+    cfg = _config(arch, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomize so bugs there show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.2)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    if hub_style_config:
+        _to_hub_style(path / "config.json")
+    _MODELS.pop(str(path.resolve()), None)
+    return path
+
+
+def _to_hub_style(cfg_path: Path) -> None:
+    cfg = json.loads(cfg_path.read_text())
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if cfg["model_type"] == "qwen3_moe":
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _load(path: str | Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    key = str(Path(path).resolve())
+    if key not in _MODELS:
+        model = AutoModelForCausalLM.from_pretrained(
+            key, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+        )
+        _MODELS[key] = model.eval()
+    return _MODELS[key]
+
+
+@torch.inference_mode()
+def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt (one at a time, no eos stop); new tokens only."""
+    model = _load(path)
+    outs: list[list[int]] = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], dtype=torch.long)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            use_cache=True,
+        )
+        outs.append(out[0, len(prompt):].tolist())
+    return outs
+
+
+@torch.inference_mode()
+def hf_logprobs(path: str | Path, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """Float32 log-probs the model assigns to each continuation token: shape [len(continuation)]."""
+    model = _load(path)
+    ids = torch.tensor([prompt + continuation], dtype=torch.long)
+    logits = model(ids, use_cache=False).logits[0].float()
+    n = len(prompt)
+    lp = torch.log_softmax(logits[n - 1 : n - 1 + len(continuation)], dim=-1)
+    return lp.gather(-1, torch.tensor(continuation, dtype=torch.long)[:, None])[:, 0]
