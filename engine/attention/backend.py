@@ -39,17 +39,24 @@ def register_backend(name: str):
     return wrap
 
 
+def _register_all() -> None:
+    import engine.attention.flash  # noqa: F401
+    import engine.attention.paged_cpu  # noqa: F401
+    import engine.attention.torch_ref  # noqa: F401
+
+
 def available_backends() -> list[str]:
+    _register_all()
     return [name for name, cls in _REGISTRY.items() if cls.is_available()]
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    """"auto" picks flash attention on CUDA when a flash-attention package imports, else torch."""
-    import engine.attention.flash  # noqa: F401  (registers)
-    import engine.attention.torch_ref  # noqa: F401
-
+    """"auto": flash attention on CUDA when a flash-attention package imports; on CPU the
+    paged C kernel when a C compiler is there; else the torch reference."""
+    _register_all()
     if name == "auto":
-        name = "flash" if device.type == "cuda" and _REGISTRY["flash"].is_available() else "torch"
+        preferred = "flash" if device.type == "cuda" else "cpu"
+        name = preferred if _REGISTRY[preferred].is_available() else "torch"
     if name not in _REGISTRY:
         raise ValueError(f"attention backend {name!r} is unknown; choose one of {sorted(_REGISTRY)} or 'auto'")
     if not _REGISTRY[name].is_available():

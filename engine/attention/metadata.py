@@ -22,7 +22,8 @@ class AttentionMetadata:
     # Host copies for the CPU backend's per-sequence loop (no device sync on the hot path).
     query_start_loc_list: list[int]
     seq_lens_list: list[int]
-    # [num_decodes, 1, 1, max_decode_len] bool: key positions each decode may attend; torch backend only
+    max_decode_len: int = 0  # longest context among the decodes
+    # [num_decodes, 1, 1, padded max_decode_len] bool: the key slots each decode may attend
     decode_mask: torch.Tensor | None = None
 
 

@@ -11,31 +11,40 @@ from engine.attention.metadata import AttentionMetadata
 @register_backend("torch")
 class TorchAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        num_kv_heads, head_dim = k_cache.shape[2:]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)  # contiguous even when q is a view into q|k|v
+        if meta.num_decodes:
+            self.decode(q, k_cache, v_cache, meta, scale, out)
+        if meta.num_decodes < len(meta.seq_lens_list):
+            self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+        return out
+
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+        """All decodes in one SDPA call: gather each one's blocks, mask the padding."""
         nd = meta.num_decodes
-        if nd:
-            # All decodes in one call: gather each one's blocks, mask the padding.
-            max_blocks = meta.decode_mask.shape[-1] // block_size
-            tables = meta.block_tables[:nd, :max_blocks]
-            kd = k_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, kvh, L, d]
-            vd = v_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
-            qd = q[:nd].unsqueeze(2)  # [nd, h, 1, d]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                                enable_gqa=True)
-            out[:nd] = od.squeeze(2)
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        tables = meta.block_tables[:nd, : meta.decode_mask.shape[-1] // block_size]
+        kd = k_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, kv_heads, len, head_dim]
+        vd = v_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # [nd, heads, 1, head_dim]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[:nd] = od.squeeze(2)
+
+    def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+        """One SDPA per prefill chunk, over the chunk's cached context plus itself."""
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
         qsl, lens = meta.query_start_loc_list, meta.seq_lens_list
-        for i in range(nd, len(lens)):
+        for i in range(meta.num_decodes, len(lens)):
             start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
             n = end - start
-            qi = q[start:end].transpose(0, 1)  # [h, n, d]
+            qi = q[start:end].transpose(0, 1)  # [heads, n, head_dim]
             if n == seq_len:  # nothing cached before this chunk: attend to the fresh K/V
                 ki, vi, mask, causal = k[start:end], v[start:end], None, True
             else:
                 blocks = meta.block_tables[i, : -(-seq_len // block_size)]
-                ki = k_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len]
+                ki = k_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len]  # [seq_len, kv_heads, head_dim]
                 vi = v_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len]
                 # query j sits at position seq_len - n + j and sees keys up to there
                 mask = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril_(seq_len - n)
@@ -43,4 +52,3 @@ class TorchAttention(AttentionBackend):
             oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
                                                 is_causal=causal, scale=scale, enable_gqa=True)
             out[start:end] = oi.transpose(0, 1)
-        return out

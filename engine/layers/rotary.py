@@ -31,9 +31,10 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(head_dim, theta, scaling))
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()  # [max_positions, head_dim / 2]
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin): the sign is folded in here, once
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for each token: [num_tokens, 1, head_dim]; computed once per step, used by every layer."""
@@ -41,6 +42,6 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [num_tokens, num_heads, head_dim]."""
+    """x: [num_tokens, num_heads, head_dim]; sin carries the rotate-half sign (see above)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin

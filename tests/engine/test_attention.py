@@ -1,0 +1,93 @@
+"""Attention backends agree with a dense causal attention over each sequence's whole context."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attention.backend import available_backends, get_backend
+from engine.attention.metadata import AttentionMetadata
+
+BLOCK, KV_HEADS, HEADS, DIM = 16, 2, 6, 32
+
+
+def _batch(query_lens: list[int], context_lens: list[int], seed: int = 0):
+    """Random sequences on shuffled blocks; the cache already holds each context's first
+    (context - query) tokens, the new ones come as k/v."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // BLOCK) for c in context_lens) + 3
+    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, DIM)
+    v_cache = torch.zeros_like(k_cache)
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+    full_k, full_v, tables, slots = [], [], [], []
+    for n, c in zip(query_lens, context_lens):
+        table = [free.pop() for _ in range(-(-c // BLOCK))]
+        tables.append(table)
+        fk, fv = torch.randn(c, KV_HEADS, DIM, generator=gen), torch.randn(c, KV_HEADS, DIM, generator=gen)
+        full_k.append(fk)
+        full_v.append(fv)
+        for p in range(c):
+            slot = table[p // BLOCK] * BLOCK + p % BLOCK
+            if p < c - n:
+                k_cache.view(-1, KV_HEADS, DIM)[slot], v_cache.view(-1, KV_HEADS, DIM)[slot] = fk[p], fv[p]
+            else:
+                slots.append(slot)
+    width = max(map(len, tables))
+    qsl = [0]
+    for n in query_lens:
+        qsl.append(qsl[-1] + n)
+    num_decodes = sum(1 for n in query_lens if n == 1)
+    assert all(n == 1 for n in query_lens[:num_decodes])
+    max_decode = max(context_lens[:num_decodes], default=0)
+    seq_lens = torch.tensor(context_lens, dtype=torch.int32)
+    meta = AttentionMetadata(
+        num_decodes=num_decodes, slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=seq_lens, block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=max(query_lens), max_seq_len=max(context_lens), query_start_loc_list=qsl,
+        seq_lens_list=context_lens, max_decode_len=max_decode,
+        decode_mask=(torch.arange(-(-max_decode // BLOCK) * BLOCK) < seq_lens[:num_decodes, None])[:, None, None, :])
+    q = torch.randn(qsl[-1], HEADS, DIM, generator=gen)
+    k = torch.cat([fk[c - n:] for fk, n, c in zip(full_k, query_lens, context_lens)])
+    v = torch.cat([fv[c - n:] for fv, n, c in zip(full_v, query_lens, context_lens)])
+    return q, k, v, k_cache, v_cache, meta, full_k, full_v
+
+
+def _dense(q, full_k, full_v, query_lens, context_lens):
+    outs, start = [], 0
+    for fk, fv, n, c in zip(full_k, full_v, query_lens, context_lens):
+        qi = q[start:start + n].transpose(0, 1)
+        mask = torch.ones(n, c, dtype=torch.bool).tril_(c - n)
+        outs.append(F.scaled_dot_product_attention(qi, fk.transpose(0, 1), fv.transpose(0, 1), attn_mask=mask,
+                                                   scale=DIM ** -0.5, enable_gqa=True).transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+CPU_BACKENDS = [b for b in available_backends() if b != "flash"]
+
+
+def test_cpu_kernel_is_available_here() -> None:
+    # the C compiler is part of the set-up; losing the kernel silently would cost decode speed
+    assert "cpu" in available_backends()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("query_lens,context_lens", [
+    ([1, 1, 1], [1, 17, 300]),  # decodes only, one on a block boundary
+    ([5, 40], [5, 40]),  # fresh prefills
+    ([1, 1, 24, 3], [33, 2, 80, 3]),  # decodes, a chunk with cached context, a fresh prefill
+])
+def test_backend_matches_dense_attention(backend, query_lens, context_lens) -> None:
+    q, k, v, k_cache, v_cache, meta, full_k, full_v = _batch(query_lens, context_lens)
+    out = get_backend(backend, torch.device("cpu")).forward(q, k, v, k_cache, v_cache, meta, DIM ** -0.5)
+    torch.testing.assert_close(out, _dense(q, full_k, full_v, query_lens, context_lens), atol=2e-5, rtol=1e-4)
+    # the new tokens' K/V landed in their slots
+    torch.testing.assert_close(k_cache.view(-1, KV_HEADS, DIM)[meta.slot_mapping], k)
+
+
+def test_unknown_backend_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="torch"):
+        get_backend("nope", torch.device("cpu"))

@@ -1,0 +1,48 @@
+"""The embedded default model: our greedy tokens equal transformers' on the same GGUF."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.loader.gguf import default_model_path
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain in one sentence what a transformer is.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("default", max_num_batched_tokens=32)  # chunks smaller than the chat prompts
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+def test_greedy_chat_equals_transformers(llm: LLM, hf_model) -> None:
+    ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    for prompt, out in zip(ids, outs):
+        with torch.inference_mode():
+            ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_capital_of_france_is_paris(llm: LLM) -> None:
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=32))[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
