@@ -29,7 +29,7 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token-id lists. Returns outputs in
         prompt order. A bad prompt raises ValueError before any work is done."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and hasattr(prompts[0], "__index__")):  # one prompt
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
@@ -41,14 +41,13 @@ class LLM:
                     seqs.append(self.engine.add_request(prompt, p))
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
-        except ValueError:
-            for seq in seqs:
+            done: dict[str, RequestOutput] = {}
+            while len(done) < len(seqs):
+                done.update((out.request_id, out) for out in self.engine.step())
+        except BaseException:
+            for seq in seqs:  # nothing of this call stays queued or holds blocks
                 self.engine.abort(seq.request_id)
             raise
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(seqs):
-            for out in self.engine.step():
-                done[out.request_id] = out
         return [done[s.request_id] for s in seqs]
 
     def chat(self, messages: list[Message] | list[list[Message]],

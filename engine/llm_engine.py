@@ -1,6 +1,7 @@
 """The engine loop: add requests, step, collect finished ones. No threads, no I/O."""
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from engine.loader import open_model
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus, TokenLogprobs
+from engine.sequence import Sequence, TokenLogprobs
 
 
 @dataclass
@@ -60,7 +61,10 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; give the prompt as token ids")
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        try:
+            return [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError("prompt token ids must be integers") from None
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
@@ -81,6 +85,8 @@ class LLMEngine:
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"request needs {needed} KV blocks but the cache has {self.block_manager.num_blocks}; "
                              f"lower max_tokens or give the engine more KV blocks")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}; ask for fewer")
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         seed = params.seed if params.seed is not None else random.getrandbits(63)

@@ -12,10 +12,10 @@ from engine.attention.metadata import AttentionMetadata
 
 
 @cache
-def _varlen_func() -> Callable | None:
+def _varlen_func() -> tuple[str, Callable] | None:
     for module in ("vllm_flash_attn", "flash_attn"):
         try:
-            return __import__(module, fromlist=["flash_attn_varlen_func"]).flash_attn_varlen_func
+            return module, __import__(module, fromlist=["flash_attn_varlen_func"]).flash_attn_varlen_func
         except (ImportError, OSError, AttributeError):
             continue
     return None
@@ -31,10 +31,11 @@ class FlashAttention(AttentionBackend):
         num_kv_heads, head_dim = k_cache.shape[2:]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-        # flash-attn 2 wants page sizes that are multiples of 256; vllm-flash-attn takes 16.
-        return _varlen_func()(
-            q, k_cache, v_cache,
-            cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
-            seqused_k=meta.seq_lens, max_seqlen_k=meta.max_seq_len,
-            softmax_scale=scale, causal=True, block_table=meta.block_tables,
-        )
+        module, varlen = _varlen_func()
+        keys = dict(cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len, max_seqlen_k=meta.max_seq_len,
+                    softmax_scale=scale, causal=True, block_table=meta.block_tables)
+        if module == "vllm_flash_attn":
+            keys["seqused_k"] = meta.seq_lens
+        else:  # flash-attn 2 takes cumulative key lengths, and pages of a multiple of 256 tokens
+            keys["cu_seqlens_k"] = torch.nn.functional.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return varlen(q.contiguous(), k_cache, v_cache, **keys)
