@@ -12,10 +12,10 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
 from engine.loader import open_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import KVAllocator, ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence, TokenLogprobs
+from engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 
 
 @dataclass
@@ -30,13 +30,15 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights, tokenizer: Any | None = None, device: str = "cpu") -> None:
+    def __init__(self, config: EngineConfig, weights, tokenizer: Any | None = None, device: str = "cpu",
+                 kv_allocator: KVAllocator | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, weights, device)
+        self.runner = ModelRunner(config, weights, device, kv_allocator)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Sequence] = {}
+        self._finished: list[RequestOutput] = []  # finished outside step(), handed out by the next one
         self._stop_ids = frozenset(config.model_config.eos_token_ids)
 
     @classmethod
@@ -45,7 +47,8 @@ class LLMEngine:
                    max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                    max_prefill_chunk: int | None = None, tensor_parallel_size: int = 1,
                    attention_backend: str = "auto", num_threads: int | None = None,
-                   max_model_len: int = 0, device: str = "cpu") -> LLMEngine:
+                   max_model_len: int = 0, device: str = "cpu", kv_allocator: KVAllocator | None = None
+                   ) -> LLMEngine:
         source = open_model(model)
         config = EngineConfig(
             model=source.path, model_config=ModelConfig.from_hf(source.hf_config), dtype=resolve_dtype(dtype),
@@ -53,7 +56,7 @@ class LLMEngine:
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_prefill_chunk),
             parallel=ParallelConfig(tensor_parallel_size), attention_backend=attention_backend,
             num_threads=num_threads, max_model_len=max_model_len)
-        return cls(config, source.weights, source.tokenizer, device)
+        return cls(config, source.weights, source.tokenizer, device, kv_allocator)
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -69,6 +72,43 @@ class LLMEngine:
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
         """Validate and queue one request; a bad one raises ValueError and changes nothing."""
+        seq = self._new_sequence(prompt, params, request_id)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def reserve(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                request_id: str | None = None) -> Sequence | None:
+        """Decode side of a disaggregated pair: hold KV blocks for a prompt another engine will
+        prefill. The sequence waits outside the scheduler until `admit_prefilled`; `abort` frees
+        it. Returns None when the blocks are not free now."""
+        seq = self._new_sequence(prompt, params, request_id)
+        if not self.block_manager.can_allocate(seq, seq.num_prompt_tokens):
+            return None
+        self.block_manager.allocate(seq, seq.num_prompt_tokens)
+        self.requests[seq.request_id] = seq
+        return seq
+
+    def admit_prefilled(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """The reserved blocks now hold the whole prompt's KV and the prefill side sampled the
+        first token: the sequence joins the running batch with num_computed = prompt length."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.num_computed_tokens or seq.status is not SequenceStatus.WAITING:
+            raise ValueError(f"request {request_id!r} has no reservation waiting for its KV")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.token_ids.append(first_token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        reason = self._finish_reason(seq, first_token)
+        if reason is None:
+            self.scheduler.add(seq)
+        else:
+            self.scheduler.finish(seq, reason)
+            del self.requests[request_id]
+            self._finished.append(self._output(seq))
+
+    def _new_sequence(self, prompt: str | Seq[int], params: SamplingParams | None,
+                      request_id: str | None) -> Sequence:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -90,10 +130,7 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        seq = Sequence(ids, params, seed, request_id)
-        self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(ids, params, seed, request_id)
 
     def abort(self, request_id: str) -> bool:
         seq = self.requests.pop(request_id, None)
@@ -103,18 +140,18 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._finished)
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run, sample, and return the requests that finished in this step."""
+        finished, self._finished = self._finished, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return finished
         sampled, tokens, logprobs = self.runner.execute(sched)
         for seq, n in zip(sched.seqs, sched.num_scheduled_tokens):
             seq.num_computed_tokens += n
-        finished = []
         for seq, token, lp in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
             if lp is not None:

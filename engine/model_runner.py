@@ -2,22 +2,26 @@
 computes logits only where a sequence samples, and samples."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from engine.attention.backend import get_backend
 from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
+from engine.kv_connector import KVSaver, StepLayout
 from engine.models import build_model
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, TokenLogprobs
 
+# (shape, dtype, device) -> the KV pool tensor; lets a connector put the pool in shared memory
+KVAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, weights: Iterable[tuple[str, torch.Tensor]],
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", kv_allocator: KVAllocator | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         if config.num_threads:
@@ -34,15 +38,21 @@ class ModelRunner:
         self.model.eval()
         self.block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._blocks_that_fit(config.cache.kv_cache_bytes)
-        # [layers, k|v, num_blocks, block_size, kv_heads, head_dim], zero-filled now so no page
-        # is first touched on the hot path
-        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, self.num_blocks, self.block_size,
-                                    cfg.num_key_value_heads, cfg.head_dim, dtype=config.dtype, device=self.device)
+        shape = (cfg.num_hidden_layers, 2, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # [layers, k|v, num_blocks, block_size, kv_heads, head_dim], zero-filled now so no page is
+        # first touched on the hot path; a connector may place it in memory another process maps
+        self.kv_cache = (kv_allocator or _zeros)(shape, config.dtype, self.device)
         backend = get_backend(config.attention_backend, self.device)
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             attn.backend, attn.k_cache, attn.v_cache = backend, self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.sampler = Sampler()
+        self.kv_saver: KVSaver | None = None
+
+    def set_kv_saver(self, saver: KVSaver | None) -> None:
+        self.kv_saver = saver
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.kv_saver, layer.self_attn.layer_idx = saver, i
 
     def _blocks_that_fit(self, num_bytes: int) -> int:
         cfg = self.config.model_config
@@ -56,9 +66,13 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput
                 ) -> tuple[list[Sequence], list[int], list[TokenLogprobs | None]]:
         """Run one step; return the sequences that sampled, their tokens and logprobs."""
-        input_ids, positions, meta, sample_idx, sampling = self._prepare(sched)
+        input_ids, positions, meta, sample_idx, sampling, layout = self._prepare(sched)
+        if self.kv_saver is not None:
+            self.kv_saver.begin_step(layout)
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
+        if self.kv_saver is not None:
+            self.kv_saver.end_step()
         if not sampling:
             return [], [], []
         logits = self.model.compute_logits(hidden[sample_idx])
@@ -105,4 +119,9 @@ class ModelRunner:
             query_start_loc_list=qsl, seq_lens_list=seq_lens, max_decode_len=max_decode_len,
             decode_mask=decode_mask)
         input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        return input_ids_t, positions_t, meta, torch.tensor(sample_idx, device=dev), sampling
+        layout = StepLayout([s for s, _ in pairs], [n for _, n in pairs], qsl)
+        return input_ids_t, positions_t, meta, torch.tensor(sample_idx, device=dev), sampling, layout
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -39,6 +39,7 @@ class Sequence:
         self.logprobs: list[TokenLogprobs] = []
         self.finish_reason: str | None = None  # "stop" or "length"
         self.num_preemptions = 0
+        self.kv_target: object | None = None  # prefill side of a disaggregated pair: where this KV goes
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import get_attention_metadata
 from engine.config import ModelConfig
+from engine.kv_connector import KVSaver
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoE
@@ -34,6 +35,8 @@ class Attention(nn.Module):
         # set by the ModelRunner once the paged cache exists
         self.backend: AttentionBackend | None = None
         self.k_cache = self.v_cache = torch.empty(0)
+        self.kv_saver: KVSaver | None = None  # set on the prefill side of a disaggregated pair
+        self.layer_idx = 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h, kvh = self.num_heads, self.num_kv_heads
@@ -46,6 +49,8 @@ class Attention(nn.Module):
             k = apply_rotary(self.k_norm(qkv[:, h:h + kvh]), cos, sin)
         v = qkv[:, h + kvh:]
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
+        if self.kv_saver is not None:  # this layer's K/V leave now, while later layers compute
+            self.kv_saver.save_kv_layer(self.layer_idx, k, v)
         return self.o_proj(o.view(-1, self.q_size))
 
 

@@ -1,0 +1,43 @@
+"""What moves, described as data: the contract between the two halves of a connector."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    """Where one request's KV goes. Filled by whoever placed the request (the router, or a test)
+    from the decode side's reservation; carried on the prefill sequence as `seq.kv_target`."""
+    pool: str  # name of the decode replica's KV pool, as the backend knows it
+    request_id: str  # the request's id on the decode side
+    block_ids: tuple[int, ...]  # decode-side blocks reserved for the prompt, in order
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Decode-side blocks held for a prompt being prefilled elsewhere. Filled by KVReceiver."""
+    request_id: str
+    block_ids: tuple[int, ...]
+    expires_at: float  # time.monotonic() after which, with no KV committed, the blocks are freed
+
+
+class KVTransferError(RuntimeError):
+    """A transfer failed or was abandoned; its blocks are already freed on the side that raised.
+    The router may retry elsewhere or prefill on the decode replica."""
+
+    def __init__(self, request_id: str, reason: str) -> None:
+        super().__init__(f"KV transfer for request {request_id!r} failed: {reason}")
+        self.request_id = request_id
+        self.reason = reason
+
+
+class LeaseExpired(KVTransferError):
+    pass
+
+
+@dataclass(frozen=True)
+class PoolHandle:
+    """How a sender finds a decode replica's KV pool. Filled by the decode side at start-up."""
+    name: str  # unique per decode replica (and rank)
+    shape: tuple[int, ...]  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
+    dtype: str  # torch dtype name, e.g. "float32"

@@ -1,0 +1,44 @@
+"""Scheduler half of a connector on the prefill side: run prompts whose KV belongs to a decode
+replica, and report each one's first token once all of its KV has been written there."""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, replace
+
+from engine import LLMEngine, SamplingParams
+from engine.kv_connector import KVSaver
+from engine.sequence import TokenLogprobs
+from kv_transfer.metadata import KVTarget
+
+
+@dataclass
+class PrefillDone:
+    """A prompt fully prefilled and its KV handed over. Filled by KVSender.step()."""
+    target: KVTarget
+    first_token: int
+    logprobs: TokenLogprobs | None
+
+
+class KVSender:
+    def __init__(self, engine: LLMEngine, saver: KVSaver) -> None:
+        self.engine = engine
+        self.saver = saver
+        engine.runner.set_kv_saver(saver)
+        self.targets: dict[str, KVTarget] = {}
+
+    def add(self, prompt_token_ids: Seq[int], params: SamplingParams, target: KVTarget) -> None:
+        # the prefill side samples only the first token; the decode side owns the rest
+        seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id)
+        seq.kv_target = target
+        self.targets[target.request_id] = target
+
+    def abort(self, request_id: str) -> bool:
+        self.targets.pop(request_id, None)
+        return self.engine.abort(request_id)
+
+    def step(self) -> list[PrefillDone]:
+        done = []
+        for out in self.engine.step():
+            target = self.targets.pop(out.request_id)
+            done.append(PrefillDone(target, out.token_ids[0], out.logprobs[0] if out.logprobs else None))
+        return done

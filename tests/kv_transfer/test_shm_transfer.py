@@ -1,0 +1,142 @@
+"""Prefill engine -> shared-memory KV pool -> decode engine, in one process: the decode side's
+continuation equals one engine doing both, and no failure leaks a block on either side."""
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+
+from engine import LLM, LLMEngine, SamplingParams
+from kv_transfer import KVReceiver, KVSender, KVTransferError, LeaseExpired
+from kv_transfer.metadata import PoolHandle
+from kv_transfer.shm import ShmKVSaver, attach_pool, pool_path, shared_pool_allocator, unlink_pool
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture
+def pool_name():
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    yield name
+    unlink_pool(name)
+
+
+def make_pair(model: str, pool_name: str, lease_s: float = 30.0, **prefill_kw):
+    handles: list[PoolHandle] = []
+    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8,
+                                  kv_allocator=shared_pool_allocator(pool_name, handles))
+    prefill = LLMEngine.from_model(model, num_kv_blocks=64, **prefill_kw)
+    saver = ShmKVSaver()
+    saver.attach(handles[0])
+    return KVSender(prefill, saver), KVReceiver(decode, pool_name, lease_s), prefill, decode
+
+
+def run_disaggregated(sender: KVSender, receiver: KVReceiver, prompts, params) -> dict[str, list[int]]:
+    ids = [f"r{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        target = receiver.reserve(prompt, params, rid)
+        assert target is not None
+        sender.add(prompt, params, target)
+    outputs = {}
+    while sender.engine.has_unfinished():
+        for done in sender.step():
+            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+    while receiver.engine.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in receiver.engine.step())
+    return [outputs[rid] for rid in ids]
+
+
+def generate_on(engine: LLMEngine, prompts, params) -> list[list[int]]:
+    """One engine doing both phases (requests without a kv_target are not sent anywhere)."""
+    ids = [engine.add_request(p, params).request_id for p in prompts]
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in engine.step())
+    return [outputs[i] for i in ids]
+
+
+def prompts_of(lengths, vocab=512, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_decode_after_shm_transfer_equals_one_engine(tiny_checkpoints, pool_name, arch) -> None:
+    model = str(tiny_checkpoints[arch])
+    prompts = prompts_of([1, 5, 40, 130])
+    sender, receiver, prefill, decode = make_pair(model, pool_name, max_num_batched_tokens=32)  # chunked
+    free_p, free_d = prefill.block_manager.num_free_blocks, decode.block_manager.num_free_blocks
+    got = run_disaggregated(sender, receiver, prompts, GREEDY)
+    want = [o.token_ids for o in LLM(model, num_kv_blocks=64).generate(prompts, GREEDY)]
+    assert got == want
+    assert sender.saver.bytes_sent > 0
+    assert prefill.block_manager.num_free_blocks == free_p and decode.block_manager.num_free_blocks == free_d
+
+
+def test_seeded_sampling_survives_the_split(tiny_checkpoints, pool_name) -> None:
+    model = str(tiny_checkpoints["qwen2"])
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=16, ignore_eos=True)
+    prompts = prompts_of([3, 33])
+    sender, receiver, _, _ = make_pair(model, pool_name)
+    got = run_disaggregated(sender, receiver, prompts, params)
+    assert got == [o.token_ids for o in LLM(model, num_kv_blocks=64).generate(prompts, params)]
+
+
+def test_default_model_through_shm(pool_name) -> None:
+    sender, receiver, prefill, _ = make_pair("default", pool_name, max_num_batched_tokens=16)
+    prompt = prefill.tokenize("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    params = SamplingParams(temperature=0, max_tokens=12)
+    want = generate_on(prefill, [prompt], params)
+    assert run_disaggregated(sender, receiver, [prompt], params) == want
+    assert "Paris" in prefill.tokenizer.decode(want[0])
+
+
+def test_lease_expiry_frees_the_reservation(tiny_checkpoints, pool_name) -> None:
+    sender, receiver, _, decode = make_pair(str(tiny_checkpoints["llama"]), pool_name, lease_s=5)
+    free = decode.block_manager.num_free_blocks
+    target = receiver.reserve(prompts_of([50])[0], GREEDY, "late")
+    assert decode.block_manager.num_free_blocks == free - len(target.block_ids)
+    assert receiver.expire(now=0.0) == []  # not yet
+    expired = receiver.expire(now=float("inf"))
+    assert [e.request_id for e in expired] == ["late"] and isinstance(expired[0], LeaseExpired)
+    assert "late" in str(expired[0])
+    assert decode.block_manager.num_free_blocks == free
+    with pytest.raises(KVTransferError, match="late"):
+        receiver.commit("late", 1)  # KV that arrives after the lease is refused
+    assert decode.block_manager.num_free_blocks == free
+
+
+def test_abort_mid_transfer_frees_both_sides(tiny_checkpoints, pool_name) -> None:
+    sender, receiver, prefill, decode = make_pair(str(tiny_checkpoints["llama"]), pool_name,
+                                                  max_num_batched_tokens=16)
+    free_p, free_d = prefill.block_manager.num_free_blocks, decode.block_manager.num_free_blocks
+    prompt = prompts_of([100])[0]
+    sender.add(prompt, GREEDY, receiver.reserve(prompt, GREEDY, "gone"))
+    sender.step()  # one 16-token chunk of 100 has moved
+    assert prefill.block_manager.num_free_blocks < free_p
+    assert sender.abort("gone") and receiver.abort("gone")
+    assert prefill.block_manager.num_free_blocks == free_p and decode.block_manager.num_free_blocks == free_d
+    assert not prefill.has_unfinished() and not decode.has_unfinished()
+
+
+def test_reserve_when_full_returns_none(tiny_checkpoints, pool_name) -> None:
+    _, receiver, _, decode = make_pair(str(tiny_checkpoints["llama"]), pool_name)
+    assert receiver.reserve(prompts_of([8 * 60])[0], GREEDY, "a") is not None  # 60 of 64 blocks
+    assert receiver.reserve(prompts_of([8 * 10])[0], GREEDY, "b") is None
+    assert decode.block_manager.num_free_blocks == 4
+
+
+def test_pool_is_in_shared_memory_and_visible_to_a_mapping(tiny_checkpoints, pool_name) -> None:
+    handles: list[PoolHandle] = []
+    engine = LLMEngine.from_model(str(tiny_checkpoints["llama"]), num_kv_blocks=8,
+                                  kv_allocator=shared_pool_allocator(pool_name, handles))
+    assert pool_path(pool_name).stat().st_size == engine.runner.kv_cache.numel() * 4
+    view = attach_pool(handles[0])
+    view[1, 0, 3, 2] = 7.0
+    assert float(engine.runner.kv_cache[1, 0, 3, 2].max()) == 7.0
+
+
+def test_missing_pool_names_it() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        attach_pool(PoolHandle("nope", (1,), "float32"))
