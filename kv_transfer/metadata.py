@@ -11,13 +11,15 @@ class KVTarget:
     pool: str  # name of the decode replica's KV pool, as the backend knows it
     request_id: str  # the request's id on the decode side
     block_ids: tuple[int, ...]  # decode-side blocks reserved for the prompt, in order
+    transfer_id: int = 0  # the receiver's number for this transfer (unique per decode pool)
 
 
 @dataclass(frozen=True)
 class Reservation:
     """Decode-side blocks held for a prompt being prefilled elsewhere. Filled by KVReceiver."""
     request_id: str
-    block_ids: tuple[int, ...]
+    transfer_id: int
+    num_tokens: int  # prompt tokens whose KV must land before the request may decode
     expires_at: float  # time.monotonic() after which, with no KV committed, the blocks are freed
 
 

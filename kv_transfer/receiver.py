@@ -2,41 +2,80 @@
 request when its KV has landed, free the blocks when the lease runs out or the request dies."""
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence as Seq
+from typing import Protocol
 
 from engine import LLMEngine, SamplingParams
 from engine.sequence import TokenLogprobs
 from kv_transfer.metadata import KVTarget, KVTransferError, LeaseExpired, Reservation
 
 
+class KVLanding(Protocol):
+    """How a backend's worker half tells the receiver that a transfer's bytes have landed."""
+
+    def expect(self, transfer_id: int) -> None: ...
+    def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool: ...
+    def forget(self, transfer_id: int) -> None: ...
+
+
+class WrittenInPlace:
+    """Backends whose sender writes straight into the pool (shared memory, CUDA IPC): by the time
+    the sender reports a prefill done, its bytes are there."""
+
+    def expect(self, transfer_id: int) -> None:
+        pass
+
+    def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
+        return True
+
+    def forget(self, transfer_id: int) -> None:
+        pass
+
+
 class KVReceiver:
-    def __init__(self, engine: LLMEngine, pool: str, lease_s: float = 30.0) -> None:
+    def __init__(self, engine: LLMEngine, pool: str, lease_s: float = 30.0, landing: KVLanding | None = None,
+                 commit_timeout_s: float = 10.0) -> None:
         if lease_s <= 0:
             raise ValueError(f"lease_s={lease_s} must be positive")
         self.engine = engine
         self.pool = pool
         self.lease_s = lease_s
+        self.landing = landing or WrittenInPlace()
+        self.commit_timeout_s = commit_timeout_s
         self.reservations: dict[str, Reservation] = {}
         self.num_leases_expired = 0
+        self._transfer_ids = itertools.count(1)
 
     def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str) -> KVTarget | None:
         """Hold blocks for the prompt; None when they are not free now (ask again, or go elsewhere)."""
         seq = self.engine.reserve(prompt_token_ids, params, request_id)
         if seq is None:
             return None
-        blocks = tuple(seq.block_table)
-        self.reservations[request_id] = Reservation(request_id, blocks, time.monotonic() + self.lease_s)
-        return KVTarget(self.pool, request_id, blocks)
+        blocks, tid = tuple(seq.block_table), next(self._transfer_ids)
+        self.reservations[request_id] = Reservation(request_id, tid, seq.num_prompt_tokens,
+                                                    time.monotonic() + self.lease_s)
+        self.landing.expect(tid)
+        return KVTarget(self.pool, request_id, blocks, tid)
 
     def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None) -> None:
-        """Every layer of every chunk has landed: the request joins the decode batch."""
-        if self.reservations.pop(request_id, None) is None:
+        """The sender is done: once every layer of every chunk has landed, the request joins the
+        decode batch. Raises KVTransferError (blocks freed) if that does not happen in time."""
+        r = self.reservations.get(request_id)
+        if r is None:
             raise KVTransferError(request_id, "no live reservation (expired or aborted)")
+        if not self.landing.wait_for_request(r.transfer_id, r.num_tokens, self.commit_timeout_s):
+            self.abort(request_id)
+            raise KVTransferError(request_id, f"its KV did not land within {self.commit_timeout_s:g} s")
+        del self.reservations[request_id]
+        self.landing.forget(r.transfer_id)
         self.engine.admit_prefilled(request_id, first_token, logprobs)
 
     def abort(self, request_id: str) -> bool:
-        self.reservations.pop(request_id, None)
+        r = self.reservations.pop(request_id, None)
+        if r is not None:
+            self.landing.forget(r.transfer_id)
         return self.engine.abort(request_id)
 
     def expire(self, now: float | None = None) -> list[LeaseExpired]:
@@ -44,7 +83,6 @@ class KVReceiver:
         now = time.monotonic() if now is None else now
         dead = [r for r in self.reservations.values() if r.expires_at <= now]
         for r in dead:
-            del self.reservations[r.request_id]
-            self.engine.abort(r.request_id)
+            self.abort(r.request_id)
         self.num_leases_expired += len(dead)
         return [LeaseExpired(r.request_id, f"no KV arrived within the {self.lease_s:g} s lease") for r in dead]

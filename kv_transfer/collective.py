@@ -1,0 +1,134 @@
+"""The `collective` backend: torch.distributed send/recv between a prefill rank and a decode
+rank (gloo on CPU, NCCL on CUDA; the same code; works across hosts).
+
+Wire protocol per step and decode rank, all on one (src, dst) pair, in order:
+  header  int64 [2]              num_rows, num_segments
+  index   int64 [num_rows + 3 * num_segments]
+          slots (decode-side cache slot of each row), then per segment of rows:
+          transfer id, first position, number of rows
+  layer l float [2, num_rows, kv_heads, head_dim] for l in 0..layers-1 (K then V), sent as
+          soon as layer l is computed, so the transfer overlaps the remaining layers."""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+from engine.kv_connector import KVSaver, StepLayout
+from kv_transfer.metadata import KVTarget
+
+
+class CollectiveKVSaver(KVSaver):
+    """Worker half on the prefill rank."""
+
+    def __init__(self, peers: dict[str, tuple[int, int]], group: dist.ProcessGroup | None = None) -> None:
+        self.peers = peers  # pool name -> (decode rank, decode block size)
+        self.group = group
+        self._plan: list[tuple[int, torch.Tensor | None]] = []
+        self._inflight: list[tuple[dist.Work, torch.Tensor]] = []
+        self.bytes_sent = 0
+
+    def begin_step(self, layout: StepLayout) -> None:
+        per_pool: dict[str, tuple[list[int], list[int], list[int]]] = {}
+        for seq, n, start in zip(layout.seqs, layout.num_scheduled_tokens, layout.query_start_loc):
+            target: KVTarget | None = seq.kv_target
+            if target is None:
+                continue
+            if target.pool not in self.peers:
+                raise ValueError(f"request {seq.request_id!r}: KV pool {target.pool!r} has no peer rank")
+            rows, slots, segments = per_pool.setdefault(target.pool, ([], [], []))
+            bs, first = self.peers[target.pool][1], seq.num_computed_tokens
+            rows.extend(range(start, start + n))
+            slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(first, first + n))
+            segments.extend((target.transfer_id, first, n))
+        num_rows = layout.query_start_loc[-1]
+        self._plan = []
+        for pool, (rows, slots, segments) in per_pool.items():
+            dst = self.peers[pool][0]
+            self._send(torch.tensor([len(rows), len(segments) // 3]), dst)
+            self._send(torch.tensor(slots + segments), dst)
+            self._plan.append((dst, None if len(rows) == num_rows else torch.tensor(rows)))
+
+    def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for dst, rows in self._plan:
+            if rows is not None:
+                k, v = k.index_select(0, rows), v.index_select(0, rows)
+            kv = torch.stack((k, v))  # [2, num_rows, kv_heads, head_dim]
+            self._send(kv, dst)
+            self.bytes_sent += kv.numel() * kv.element_size()
+
+    def end_step(self) -> None:
+        for work, _ in self._inflight:
+            work.wait()
+        self._inflight.clear()
+        self._plan = []
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._inflight.append((dist.isend(tensor, dst, group=self.group), tensor))  # keep it alive until sent
+
+
+class CollectiveKVReceiverThread(threading.Thread):
+    """Worker half on the decode rank: receives steps from any prefill rank and writes them into
+    the KV pool; records per transfer id how far the prompt has landed in every layer."""
+
+    def __init__(self, pool: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(daemon=True, name="kv-receiver")
+        self.pool = pool  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
+        self.group = group
+        self.landed: dict[int, int] = {}  # live transfer id -> positions [0, landed) are in every layer
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.bytes_received = 0
+
+    def run(self) -> None:
+        layers, _, _, _, heads, dim = self.pool.shape
+        flat = [(self.pool[layer, 0].view(-1, heads, dim), self.pool[layer, 1].view(-1, heads, dim))
+                for layer in range(layers)]
+        try:
+            while True:
+                header = torch.empty(2, dtype=torch.int64)
+                src = dist.recv(header, group=self.group)  # from any prefill rank
+                num_rows, num_segments = header.tolist()
+                index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64)
+                dist.recv(index, src, group=self.group)
+                segments = index[num_rows:].view(-1, 3).tolist()
+                keep = self._live_rows(segments)  # rows of aborted transfers must not touch reused blocks
+                slots = index[:num_rows] if keep is None else index[:num_rows][keep]
+                buf = torch.empty(2, num_rows, heads, dim, dtype=self.pool.dtype)
+                for k_flat, v_flat in flat:
+                    dist.recv(buf, src, group=self.group)
+                    k_rows, v_rows = (buf[0], buf[1]) if keep is None else (buf[0][keep], buf[1][keep])
+                    k_flat.index_copy_(0, slots, k_rows)
+                    v_flat.index_copy_(0, slots, v_rows)
+                    self.bytes_received += buf.numel() * buf.element_size()
+                with self.cond:
+                    for tid, first, n in segments:
+                        if tid in self.landed:
+                            self.landed[tid] = max(self.landed[tid], first + n)
+                    self.cond.notify_all()
+        except BaseException as e:  # the peer died or the group was torn down
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def _live_rows(self, segments: list[list[int]]) -> torch.Tensor | None:
+        with self.cond:
+            if all(tid in self.landed for tid, _, _ in segments):
+                return None
+            return torch.tensor([tid in self.landed for tid, _, n in segments for _ in range(n)])
+
+    def expect(self, transfer_id: int) -> None:
+        with self.cond:
+            self.landed[transfer_id] = 0
+
+    def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
+        """True once positions [0, num_tokens) of the transfer are in every layer."""
+        with self.cond:
+            return self.cond.wait_for(
+                lambda: self.landed.get(transfer_id, 0) >= num_tokens or self.error is not None, timeout) \
+                and self.landed.get(transfer_id, 0) >= num_tokens
+
+    def forget(self, transfer_id: int) -> None:
+        with self.cond:
+            self.landed.pop(transfer_id, None)

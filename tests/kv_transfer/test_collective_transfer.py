@@ -1,0 +1,95 @@
+"""The collective backend across two processes (gloo on loopback): a prefill rank streams each
+layer's K/V to a decode rank, whose continuation equals one engine doing both."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+
+from engine import LLMEngine, SamplingParams
+from kv_transfer import KVReceiver, KVSender, KVTransferError
+from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver
+from tests.kv_transfer.test_shm_transfer import generate_on, prompts_of
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on loopback only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budget: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+    engine = LLMEngine.from_model(model, num_kv_blocks=64, max_num_batched_tokens=budget)
+    sender = KVSender(engine, CollectiveKVSaver(jobs.get()))
+    while (job := jobs.get()) is not None:
+        for prompt, params, target in job:
+            sender.add(prompt, params, target)
+        while engine.has_unfinished():
+            results.put(sender.step())
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def pair(tiny_checkpoints):
+    """(decode engine, receiver, receiver thread, jobs, results, child process), decode is this process."""
+    model = str(tiny_checkpoints["llama"])
+    ctx = mp.get_context("spawn")
+    jobs, results, port = ctx.Queue(), ctx.Queue(), _free_port()
+    child = ctx.Process(target=_prefill_rank, args=(model, port, jobs, results, 16), daemon=True)
+    child.start()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8)
+    thread = CollectiveKVReceiverThread(decode.runner.kv_cache)
+    thread.start()
+    receiver = KVReceiver(decode, "d0", landing=thread, commit_timeout_s=20)
+    jobs.put({"d0": (1, 8)})
+    yield decode, receiver, thread, jobs, results, child
+    if child.is_alive():
+        jobs.put(None)
+        child.join(30)
+    dist.destroy_process_group()
+
+
+def test_collective_transfer_equals_one_engine(pair) -> None:
+    decode, receiver, thread, jobs, results, _ = pair
+    prompts = prompts_of([1, 9, 40, 77])
+    free = decode.block_manager.num_free_blocks
+    want = generate_on(decode, prompts, GREEDY)
+    targets = [receiver.reserve(p, GREEDY, f"r{i}") for i, p in enumerate(prompts)]
+    jobs.put([(p, GREEDY, t) for p, t in zip(prompts, targets)])
+    committed = 0
+    while committed < len(prompts):
+        for done in results.get(timeout=60):
+            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+            committed += 1
+    outputs = {}
+    while decode.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    assert [outputs[f"r{i}"] for i in range(len(prompts))] == want
+    assert thread.bytes_received > 0 and thread.error is None
+    assert decode.block_manager.num_free_blocks == free
+
+
+def test_sender_killed_mid_transfer_frees_the_reservation(pair) -> None:
+    decode, receiver, thread, jobs, results, child = pair
+    free = decode.block_manager.num_free_blocks
+    prompt = prompts_of([120])[0]
+    jobs.put([(prompt, GREEDY, receiver.reserve(prompt, GREEDY, "doomed"))])
+    results.get(timeout=60)  # the first 16-token chunk has been sent
+    child.kill()
+    child.join(10)
+    with pytest.raises(KVTransferError, match="doomed"):
+        receiver.commit("doomed", 1)  # the sender claims done, but the KV never landed
+    assert decode.block_manager.num_free_blocks == free
+    assert not decode.has_unfinished()
