@@ -52,9 +52,8 @@ class CollectiveKVSaver(KVSaver):
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for dst, rows in self._plan:
-            if rows is not None:
-                k, v = k.index_select(0, rows), v.index_select(0, rows)
-            kv = torch.stack((k, v))  # [2, num_rows, kv_heads, head_dim]
+            k_rows, v_rows = (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
+            kv = torch.stack((k_rows, v_rows))  # [2, num_rows, kv_heads, head_dim]
             self._send(kv, dst)
             self.bytes_sent += kv.numel() * kv.element_size()
 
