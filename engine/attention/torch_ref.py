@@ -39,7 +39,7 @@ class TorchAttention(AttentionBackend):
         for i in range(meta.num_decodes, len(lens)):
             start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
             n = end - start
-            qi = q[start:end].transpose(0, 1)  # [heads, n, head_dim]
+            qi = q[start:end].transpose(0, 1)[None]  # [1, heads, n, head_dim]: 4-D takes the fused CPU kernel
             if n == seq_len:  # nothing cached before this chunk: attend to the fresh K/V
                 ki, vi, mask, causal = k[start:end], v[start:end], None, True
             else:
@@ -49,6 +49,6 @@ class TorchAttention(AttentionBackend):
                 # query j sits at position seq_len - n + j and sees keys up to there
                 mask = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril_(seq_len - n)
                 causal = False
-            oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1), vi.transpose(0, 1), attn_mask=mask,
-                                                is_causal=causal, scale=scale, enable_gqa=True)
-            out[start:end] = oi.transpose(0, 1)
+            oi = F.scaled_dot_product_attention(qi, ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
+                                                attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+            out[start:end] = oi[0].transpose(0, 1)
