@@ -35,6 +35,9 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(prev_dtype)
         self.model.load_weights(weights)
+        for module in self.model.modules():
+            if hasattr(module, "post_load"):
+                module.post_load()
         self.model.eval()
         self.block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._blocks_that_fit(config.cache.kv_cache_bytes)

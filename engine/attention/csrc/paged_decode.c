@@ -2,6 +2,7 @@
  * sequence, keys and values read in place through the block table (no gather copy).
  * Work is split over (sequence, kv head) pairs with OpenMP; loaded after torch, this
  * shares torch's libgomp. Two passes per pair: scores -> softmax -> weighted sum of V. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -50,7 +51,7 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                 for (int64_t g = 0; g < group; g++) scores[g * len + t] = dot(qs + g * head_dim, k, head_dim) * scale;
             }
             for (int64_t g = 0; g < group; g++) {
-                float *sc = scores + g * len, m = -INFINITY, sum = 0.f;
+                float *sc = scores + g * len, m = -FLT_MAX, sum = 0.f;  /* finite: built with -ffast-math */
                 for (int64_t t = 0; t < len; t++) m = sc[t] > m ? sc[t] : m;
                 for (int64_t t = 0; t < len; t++) sum += (sc[t] = expf(sc[t] - m));
                 for (int64_t t = 0; t < len; t++) sc[t] /= sum;
