@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.kv_connector import KVSaver, StepLayout
-from kv_transfer.metadata import KVTarget
+from kv_transfer.plan import plan_step
 
 
 class CollectiveKVSaver(KVSaver):
@@ -30,25 +30,14 @@ class CollectiveKVSaver(KVSaver):
         self.bytes_sent = 0
 
     def begin_step(self, layout: StepLayout) -> None:
-        per_pool: dict[str, tuple[list[int], list[int], list[int]]] = {}
-        for seq, n, start in zip(layout.seqs, layout.num_scheduled_tokens, layout.query_start_loc):
-            target: KVTarget | None = seq.kv_target
-            if target is None:
-                continue
-            if target.pool not in self.peers:
-                raise ValueError(f"request {seq.request_id!r}: KV pool {target.pool!r} has no peer rank")
-            rows, slots, segments = per_pool.setdefault(target.pool, ([], [], []))
-            bs, first = self.peers[target.pool][1], seq.num_computed_tokens
-            rows.extend(range(start, start + n))
-            slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(first, first + n))
-            segments.extend((target.transfer_id, first, n))
+        plans = plan_step(layout, lambda name: self.peers[name][1] if name in self.peers else None)
         num_rows = layout.query_start_loc[-1]
         self._plan = []
-        for pool, (rows, slots, segments) in per_pool.items():
-            dst = self.peers[pool][0]
-            self._send(torch.tensor([len(rows), len(segments) // 3]), dst)
-            self._send(torch.tensor(slots + segments), dst)
-            self._plan.append((dst, None if len(rows) == num_rows else torch.tensor(rows)))
+        for name, p in plans.items():
+            dst = self.peers[name][0]
+            self._send(torch.tensor([len(p.rows), len(p.segments) // 3]), dst)
+            self._send(torch.tensor(p.slots + p.segments), dst)
+            self._plan.append((dst, None if len(p.rows) == num_rows else torch.tensor(p.rows)))
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for dst, rows in self._plan:

@@ -10,7 +10,8 @@ import torch
 
 from engine.kv_connector import KVSaver, StepLayout
 from engine.model_runner import KVAllocator
-from kv_transfer.metadata import KVTarget, PoolHandle
+from kv_transfer.metadata import PoolHandle
+from kv_transfer.plan import plan_step
 
 SHM_DIR = Path("/dev/shm")
 
@@ -64,23 +65,11 @@ class ShmKVSaver(KVSaver):
             self.pools[handle.name] = attach_pool(handle)
 
     def begin_step(self, layout: StepLayout) -> None:
-        rows: dict[str, list[int]] = {}
-        slots: dict[str, list[int]] = {}
+        plans = plan_step(layout, lambda name: self.pools[name].shape[3] if name in self.pools else None)
         num_rows = layout.query_start_loc[-1]
-        for seq, n, start in zip(layout.seqs, layout.num_scheduled_tokens, layout.query_start_loc):
-            target: KVTarget | None = seq.kv_target
-            if target is None:
-                continue
-            if target.pool not in self.pools:
-                raise ValueError(f"request {seq.request_id!r}: KV pool {target.pool!r} is not attached")
-            bs = self.pools[target.pool].shape[3]
-            rows.setdefault(target.pool, []).extend(range(start, start + n))
-            first = seq.num_computed_tokens
-            slots.setdefault(target.pool, []).extend(
-                target.block_ids[p // bs] * bs + p % bs for p in range(first, first + n))
         self._plan = [
-            (self.pools[name], None if len(r) == num_rows else torch.tensor(r), torch.tensor(slots[name]))
-            for name, r in rows.items()]
+            (self.pools[name], None if len(p.rows) == num_rows else torch.tensor(p.rows), torch.tensor(p.slots))
+            for name, p in plans.items()]
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for pool, rows, slots in self._plan:
