@@ -112,15 +112,10 @@ class ModelRunner:
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
         seq_of_token = torch.repeat_interleave(torch.arange(len(pairs), device=dev), qsl_t.diff())
         slot_mapping = block_tables[seq_of_token, positions_t // bs].long() * bs + positions_t % bs
-        decode_mask, max_decode_len = None, max(seq_lens[:num_decodes], default=0)
-        if num_decodes:
-            width = -(-max_decode_len // bs) * bs
-            decode_mask = (torch.arange(width, device=dev) < seq_lens_t[:num_decodes, None])[:, None, None, :]
         meta = AttentionMetadata(
             num_decodes=num_decodes, slot_mapping=slot_mapping, query_start_loc=qsl_t, seq_lens=seq_lens_t,
             block_tables=block_tables, max_query_len=max(n for _, n in pairs), max_seq_len=max(seq_lens),
-            query_start_loc_list=qsl, seq_lens_list=seq_lens, max_decode_len=max_decode_len,
-            decode_mask=decode_mask)
+            query_start_loc_list=qsl, seq_lens_list=seq_lens, max_decode_len=max(seq_lens[:num_decodes], default=0))
         input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         layout = StepLayout([s for s, _ in pairs], [n for _, n in pairs], qsl)
         return input_ids_t, positions_t, meta, torch.tensor(sample_idx, device=dev), sampling, layout

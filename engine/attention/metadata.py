@@ -23,7 +23,8 @@ class AttentionMetadata:
     query_start_loc_list: list[int]
     seq_lens_list: list[int]
     max_decode_len: int = 0  # longest context among the decodes
-    # [num_decodes, 1, 1, padded max_decode_len] bool: the key slots each decode may attend
+    # [num_decodes, 1, 1, padded max_decode_len] bool: the key slots each decode may attend;
+    # built on first use by a backend that needs it (the torch one), once per step
     decode_mask: torch.Tensor | None = None
 
 

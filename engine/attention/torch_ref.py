@@ -25,6 +25,9 @@ class TorchAttention(AttentionBackend):
         """All decodes in one SDPA call: gather each one's blocks, mask the padding."""
         nd = meta.num_decodes
         _, block_size, num_kv_heads, head_dim = k_cache.shape
+        if meta.decode_mask is None:
+            width = -(-meta.max_decode_len // block_size) * block_size
+            meta.decode_mask = (torch.arange(width, device=q.device) < meta.seq_lens[:nd, None])[:, None, None, :]
         tables = meta.block_tables[:nd, : meta.decode_mask.shape[-1] // block_size]
         kd = k_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)  # [nd, kv_heads, len, head_dim]
         vd = v_cache[tables].view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)

@@ -91,3 +91,16 @@ def test_backend_matches_dense_attention(backend, query_lens, context_lens) -> N
 def test_unknown_backend_names_the_choices() -> None:
     with pytest.raises(ValueError, match="torch"):
         get_backend("nope", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_engine_greedy_is_the_same_on_every_cpu_backend(tiny_checkpoints, backend) -> None:
+    from engine import LLM, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 7, 40, 130)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = LLM(str(tiny_checkpoints["llama"]), attention_backend=backend, max_num_batched_tokens=32,
+               num_kv_blocks=16).generate(prompts, params)
+    ref = LLM(str(tiny_checkpoints["llama"]), attention_backend="torch", num_kv_blocks=64).generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
