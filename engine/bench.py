@@ -122,7 +122,7 @@ def _machine_child(quick: bool, conn) -> None:
             return
         try:
             conn.send(("ok", measure_machine(quick) if cmd == "full" else probe_machine()))
-        except Exception:  # noqa: BLE001 (any failure goes back to the parent as text)
+        except Exception:
             conn.send(("error", traceback.format_exc()))
 
 
@@ -261,7 +261,7 @@ def _hf_child(path: str, conn) -> None:
     try:
         engine = HFEngine(path)
         conn.send(("ok", {"load_s": engine.load_s, "attn_impl": engine.attn_impl}))
-    except Exception:  # noqa: BLE001 (any failure goes back to the parent as text)
+    except Exception:
         conn.send(("error", traceback.format_exc()))
         return
     while True:
@@ -271,7 +271,7 @@ def _hf_child(path: str, conn) -> None:
             return
         try:
             conn.send(("ok", engine.generate(*args)))
-        except Exception:  # noqa: BLE001 (any failure goes back to the parent as text)
+        except Exception:
             conn.send(("error", traceback.format_exc()))
 
 

@@ -40,6 +40,8 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._finished: list[RequestOutput] = []  # finished outside step(), handed out by the next one
         self._stop_ids = frozenset(config.model_config.eos_token_ids)
+        self.num_tokens_computed = 0  # tokens run through the model since start (prompt and generated)
+        self.sampled: list[Sequence] = []  # the sequences that got a token in the last step, for streaming
 
     @classmethod
     def from_model(cls, model: str | None = "default", dtype: str | torch.dtype = "float32", *,
@@ -47,9 +49,11 @@ class LLMEngine:
                    max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                    max_prefill_chunk: int | None = None, tensor_parallel_size: int = 1,
                    attention_backend: str = "auto", num_threads: int | None = None,
-                   max_model_len: int = 0, device: str = "cpu", kv_allocator: KVAllocator | None = None
-                   ) -> LLMEngine:
-        source = open_model(model)
+                   max_model_len: int = 0, device: str = "cpu", kv_allocator: KVAllocator | None = None,
+                   load_tokenizer: bool = True) -> LLMEngine:
+        """load_tokenizer=False: prompts must be token ids and stop strings are left to the caller
+        (the router detokenizes and applies them for the cluster's workers)."""
+        source = open_model(model, load_tokenizer)
         config = EngineConfig(
             model=source.path, model_config=ModelConfig.from_hf(source.hf_config), dtype=resolve_dtype(dtype),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes),
@@ -148,8 +152,11 @@ class LLMEngine:
         finished, self._finished = self._finished, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self.sampled = []
             return finished
         sampled, tokens, logprobs = self.runner.execute(sched)
+        self.sampled = sampled
+        self.num_tokens_computed += sched.total_num_scheduled_tokens
         for seq, n in zip(sched.seqs, sched.num_scheduled_tokens):
             seq.num_computed_tokens += n
         for seq, token, lp in zip(sampled, tokens, logprobs):

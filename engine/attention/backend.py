@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -40,8 +40,8 @@ def register_backend(name: str):
 
 
 def _register_all() -> None:
-    import engine.attention.flash  # noqa: F401
-    import engine.attention.paged_cpu  # noqa: F401
+    import engine.attention.flash
+    import engine.attention.paged_cpu
     import engine.attention.torch_ref  # noqa: F401
 
 

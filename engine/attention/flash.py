@@ -2,8 +2,8 @@
 whichever imports with the installed torch. Checked on a lent GPU by tests/gpu/."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
-from typing import Callable
 
 import torch
 

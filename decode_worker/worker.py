@@ -1,0 +1,155 @@
+"""The decode replica: an engine in the decode role behind a Ray actor. It reserves KV blocks
+for prompts prefilled elsewhere (their KV lands straight in its shared-memory pool), admits them
+into its continuously batched decode, and streams each sampled token back to the router.
+
+Ray runs the public methods on the actor's event loop; the engine runs on its own thread
+(EngineLoop) and is touched only there. The engine is imported inside the actor, so the process
+that starts the cluster (and hosts the router) never imports torch."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+# What crosses to the router is plain data (it must unpickle without the engine, hence torch):
+# a reservation as KVTarget fields, logprobs as (token_id, logprob, {token_id: logprob}), and
+# stream items ("token", token_id, logprobs | None) then, last, ("finish", reason).
+Item = tuple
+
+
+class DecodeWorker:
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0) -> None:
+        import torch
+
+        from engine import LLMEngine, SamplingParams
+        from engine.loop import EngineLoop
+        from kv_transfer import KVReceiver
+        from kv_transfer.shm import shared_pool_allocator
+
+        torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
+        self._params = SamplingParams
+        handles = []
+        self.pool_name = pool_name
+        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
+                                           kv_allocator=shared_pool_allocator(pool_name, handles))
+        self.handle = handles[0]
+        self.receiver = KVReceiver(self.engine, pool_name, lease_s)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self.tokens_generated = 0
+        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire)
+
+    # -- called by the router -------------------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        mc = self.engine.config.model_config
+        return dict(pid=os.getpid(), pool=dataclasses.asdict(self.handle), vocab_size=mc.vocab_size,
+                    max_model_len=self.engine.config.max_model_len, num_kv_blocks=self.engine.block_manager.num_blocks,
+                    block_size=self.engine.config.cache.block_size, model=self.engine.config.model)
+
+    def unlink_pool(self) -> None:
+        """Every prefill replica has mapped the pool: drop its name so nothing outlives the actors."""
+        from kv_transfer.shm import unlink_pool
+
+        unlink_pool(self.pool_name)
+
+    def tokenizer_files(self) -> dict[str, str] | None:
+        from engine.loader import tokenizer_files
+
+        return tokenizer_files(self.engine.config.model)
+
+    async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str
+                      ) -> dict[str, Any] | None:
+        """Hold blocks for a prompt a prefill replica will write; None when they are not free now.
+        A request the engine cannot take at all raises ValueError. params: SamplingParams fields."""
+        params = self._params(**params)
+        self._open(request_id)
+        target = await self._call(self.receiver.reserve, prompt_token_ids, params, request_id)
+        if target is None:
+            self._streams.pop(request_id, None)
+            return None
+        return dataclasses.asdict(target)
+
+    async def commit(self, request_id: str, first_token: int, logprobs: tuple | None) -> None:
+        """The prompt's KV has landed and the prefill side sampled the first token: start decoding."""
+        from engine.sequence import TokenLogprobs
+
+        lp = TokenLogprobs(*logprobs) if logprobs is not None else None
+        await self._call(self.receiver.commit, request_id, first_token, lp)
+
+    async def add_local(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str) -> None:
+        """Prefill here too (a short prompt): the stream then starts with the first token."""
+        params = self._params(**params)
+        self._open(request_id)
+        try:
+            await self._call(self.engine.add_request, prompt_token_ids, params, request_id)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+
+    async def abort(self, request_id: str) -> bool:
+        found = await self._call(self.receiver.abort, request_id)
+        self._push([(request_id, ("finish", "abort"))])  # ends a consumer's stream, if there is one
+        self._streams.pop(request_id, None)
+        return found
+
+    async def stream(self, request_id: str) -> AsyncIterator[list[Item]]:
+        """The request's tokens as they are sampled, in batches of whatever arrived since the last."""
+        q = self._streams.get(request_id)
+        if q is None:
+            raise ValueError(f"request {request_id!r} has no reservation or local prefill on this replica")
+        try:
+            while True:
+                items = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                yield items
+                if items[-1][0] == "finish":
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(self._stats)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.unlink_pool()
+
+    # -- on the engine thread --------------------------------------------------------------------
+    def _on_step(self, finished) -> None:
+        items = [(seq.request_id, ("token", seq.token_ids[-1], dataclasses.astuple(seq.logprobs[-1])
+                                   if seq.params.logprobs is not None else None)) for seq in self.engine.sampled]
+        self.tokens_generated += len(items)
+        items += [(out.request_id, ("finish", out.finish_reason)) for out in finished]
+        if items:
+            self._aloop.call_soon_threadsafe(self._push, items)
+
+    def _expire(self) -> None:
+        if expired := self.receiver.expire():
+            self._aloop.call_soon_threadsafe(self._push, [(e.request_id, ("finish", "abort")) for e in expired])
+
+    def _stats(self) -> dict[str, Any]:
+        bm, sched = self.engine.block_manager, self.engine.scheduler
+        return dict(running=len(sched.running), waiting=len(sched.waiting) + len(self.receiver.reservations),
+                    waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting),
+                    kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
+                    busy_fraction=self.loop.busy_fraction(), tokens_processed=self.tokens_generated,
+                    num_preemptions=sched.num_preemptions, leases_expired=self.receiver.num_leases_expired)
+
+    # -- on the actor's event loop --------------------------------------------------------------
+    def _open(self, request_id: str) -> None:
+        self._aloop = self._aloop or asyncio.get_running_loop()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running on this replica")
+        self._streams[request_id] = asyncio.Queue()
+
+    def _push(self, items: list[tuple[str, Item]]) -> None:
+        for rid, item in items:
+            if (q := self._streams.get(rid)) is not None:
+                q.put_nowait(item)
+
+    async def _call(self, fn, *args):
+        self._aloop = self._aloop or asyncio.get_running_loop()
+        return await asyncio.wrap_future(self.loop.call(fn, *args))

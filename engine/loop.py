@@ -1,0 +1,95 @@
+"""An engine's steps on one thread. The engine is single-threaded; a worker's other threads
+(a Ray actor's event loop) hand it work as calls that run between steps."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+_STOP = object()
+
+
+class EngineLoop:
+    """Between steps: run the queued calls, then `tick()`; then, while `has_work()`, one `step()`
+    whose result goes to `on_step`. Idle, it sleeps on the inbox (waking every `idle_tick_s`
+    for `tick`, e.g. to expire leases)."""
+
+    def __init__(self, step: Callable[[], Any], has_work: Callable[[], bool], on_step: Callable[[Any], None],
+                 tick: Callable[[], None] | None = None, idle_tick_s: float = 0.1, window_s: float = 5.0) -> None:
+        self._step, self._has_work, self._on_step, self._tick = step, has_work, on_step, tick
+        self._idle_tick_s = idle_tick_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._window_s = window_s
+        self._recent: deque[tuple[float, float]] = deque()  # (end, duration) of the steps in the window
+        self.num_steps = 0
+        self.error: BaseException | None = None  # set if a step raised: the loop is dead
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn(*args) on the loop thread before the next step; its result or exception lands in the future."""
+        fut: Future = Future()
+        if self.error is not None:
+            fut.set_exception(RuntimeError(f"the engine loop died: {self.error!r}"))
+        else:
+            self._inbox.put((fn, args, fut))
+        return fut
+
+    def busy_fraction(self) -> float:
+        """Share of the last `window_s` seconds spent in steps."""
+        now = time.monotonic()
+        return min(1.0, sum(d for end, d in self._recent if end > now - self._window_s) / self._window_s)
+
+    def stop(self) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._inbox.get(timeout=self._idle_tick_s) if not self._has_work() else self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+                while item is not None:
+                    if item is _STOP:
+                        return
+                    self._run_call(*item)
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        item = None
+                if self._tick is not None:
+                    self._tick()
+                if self._has_work():
+                    t0 = time.monotonic()
+                    out = self._step()
+                    t1 = time.monotonic()
+                    self.num_steps += 1
+                    self._recent.append((t1, t1 - t0))
+                    while self._recent and self._recent[0][0] < t1 - self._window_s:
+                        self._recent.popleft()
+                    self._on_step(out)
+        except BaseException as e:  # a failed step: fail every waiting call rather than hang it
+            self.error = e
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    item[2].set_exception(RuntimeError(f"the engine loop died: {e!r}"))
+            raise
+
+    @staticmethod
+    def _run_call(fn, args, fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:
+            fut.set_exception(e)

@@ -1,0 +1,198 @@
+"""The `pdserve` command: serve a cluster, talk to one, or watch it.
+
+    pdserve serve [--config cluster.yaml] [--model M] [--port 50051] [--prefill-tp 1] ...
+    pdserve generate "The capital of France is" --max-tokens 16
+    pdserve chat                      # interactive, streaming
+    pdserve status                    # per-pool utilization
+    pdserve demo "What is the capital of France?"   # start, answer through the SDK, stop
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+# flag -> dotted ClusterConfig key
+SERVE_FLAGS = {
+    "model": "model", "address": "ray_address", "kv_backend": "kv_backend", "host": "router.host",
+    "port": "router.port", "prefill_tp": "prefill.tensor_parallel_size", "decode_tp": "decode.tensor_parallel_size",
+    "prefill_replicas": "prefill.replicas", "decode_replicas": "decode.replicas",
+    "local_prefill_threshold": "router.local_prefill_threshold",
+}
+
+
+def _cluster_config(args):
+    from pdserve.config import ClusterConfig
+
+    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    return config.replace(**{key: getattr(args, flag) for flag, key in SERVE_FLAGS.items()
+                             if getattr(args, flag, None) is not None})
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="cluster config YAML (see README: configuration)")
+    p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
+    p.add_argument("--address", help="Ray cluster to join ('auto' for the running one); default: a local Ray")
+    p.add_argument("--host", help="router bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="router port (default 50051; 0 picks a free one)")
+    p.add_argument("--prefill-tp", type=int, help="tensor-parallel degree of each prefill replica")
+    p.add_argument("--decode-tp", type=int, help="tensor-parallel degree of each decode replica")
+    p.add_argument("--prefill-replicas", type=int)
+    p.add_argument("--decode-replicas", type=int)
+    p.add_argument("--kv-backend", choices=["ipc"], help="how prefill KV reaches the decode pool")
+    p.add_argument("--local-prefill-threshold", type=int,
+                   help="prompts shorter than this many tokens are prefilled on the decode replica")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def cmd_serve(args) -> int:
+    from pdserve.launch import start_cluster
+
+    cluster = start_cluster(_cluster_config(args))
+    print(f"pdserve is ready: call it at {cluster.address}  (pdserve generate --address {cluster.address} ...)",
+          flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("stopping", flush=True)
+    cluster.stop()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pdserve import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        for chunk in client.stream(args.prompt, **_sampling(args)):
+            print(chunk.text, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from pdserve import Client
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    with Client(args.address, timeout=args.timeout) as client:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            print("assistant> ", end="", flush=True)
+            reply = []
+            for chunk in client.stream(messages=messages, **_sampling(args)):
+                print(chunk.text, end="", flush=True)
+                reply.append(chunk.text)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_status(args) -> int:
+    from pdserve import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        print(format_status(client.status()))
+    return 0
+
+
+def format_status(s) -> str:
+    head = ("pool", "replica", "tp", "healthy", "busy", "running", "waiting", "waiting_tok", "kv_used", "tokens")
+    rows = [head]
+    for pool in s.pools:
+        for r in pool.replicas:
+            kv = f"{r.kv_blocks_used}/{r.kv_blocks_total}" + (
+                f" ({r.kv_blocks_used / r.kv_blocks_total:.0%})" if r.kv_blocks_total else "")
+            rows.append((pool.role, str(r.index), str(r.tensor_parallel_size), "yes" if r.healthy else "NO",
+                         f"{r.busy_fraction:.0%}", str(r.running), str(r.waiting), str(r.waiting_prefill_tokens), kv,
+                         str(r.tokens_processed)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"model {s.model}  kv_backend {s.kv_backend}  in flight {s.requests_in_flight}  "
+             f"queued {s.requests_queued}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    """Start a cluster on a free port, ask one chat question through the SDK, stop."""
+    from pdserve import Client
+    from pdserve.launch import start_cluster
+
+    args.port = 0 if args.port is None else args.port
+    with start_cluster(_cluster_config(args)) as cluster, Client(cluster.address, timeout=120) as client:
+        print(f"user> {args.question}\nassistant> ", end="", flush=True)
+        last = None
+        for chunk in client.stream(messages=[{"role": "user", "content": args.question}], **_sampling(args)):
+            print(chunk.text, end="", flush=True)
+            last = chunk
+        t = last.timings
+        print(f"\n[{t['path']} prefill on {t['prefill_replica']}, decode on {t['decode_replica']}; "
+              f"ttft {t['ttft_ms']:.0f} ms, total {t['total_ms']:.0f} ms, {last.usage.completion_tokens} tokens]")
+        print(format_status(client.status()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start a cluster and serve until interrupted")
+    _add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="start a cluster, answer one chat question through the SDK, stop")
+    p.add_argument("question", nargs="?", default="What is the capital of France?")
+    _add_serve_flags(p)
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    for name, func, helptext in (("generate", cmd_generate, "complete a prompt (streams the text)"),
+                                 ("chat", cmd_chat, "chat interactively (streams the replies)"),
+                                 ("status", cmd_status, "per-pool utilization of a running cluster")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"router address (default {DEFAULT_ADDRESS})")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up on a call")
+        if name == "generate":
+            p.add_argument("prompt")
+        if name == "chat":
+            p.add_argument("--system", help="system prompt")
+        if name != "status":
+            _add_sampling_flags(p)
+        p.set_defaults(func=func)
+
+    args = parser.parse_args(argv)
+    from pdserve.client import RequestError
+
+    try:
+        return args.func(args)
+    except RequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

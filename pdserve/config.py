@@ -1,0 +1,114 @@
+"""Cluster configuration: one model, two pools, one router. Plain dataclasses (no torch), read
+from YAML and overridden by command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+KV_BACKENDS = ("ipc",)  # "collective" joins when the pools run as separate hosts
+PREFILL_POLICIES = ("least_tokens", "round_robin")
+DECODE_POLICIES = ("most_free_blocks", "round_robin")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool's replicas and batching policy. Each replica is `tensor_parallel_size` Ray actors."""
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    num_cpus: float = 1.0  # Ray CPUs per rank
+    num_threads: int = 1  # torch threads per rank: keep it <= num_cpus so ranks don't oversubscribe cores
+    max_num_batched_tokens: int = 512  # token budget per step
+    max_prefill_chunk: int | None = None  # longest prompt piece per step (None: the budget)
+    max_num_seqs: int = 64  # most sequences in one step
+    num_kv_blocks: int = 256
+    block_size: int = 16
+    attention_backend: str = "auto"
+    resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "tensor_parallel_size", "num_threads", "max_num_batched_tokens", "max_num_seqs",
+                     "num_kv_blocks", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus={self.num_cpus} must be positive")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                    max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+                    max_prefill_chunk=self.max_prefill_chunk, tensor_parallel_size=self.tensor_parallel_size,
+                    attention_backend=self.attention_backend, num_threads=self.num_threads)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    max_ongoing_requests: int = 64  # requests placed on the pools at once; the rest wait in the queue
+    max_queued_requests: int = 256  # past this, RESOURCE_EXHAUSTED
+    local_prefill_threshold: int = 16  # prompts shorter than this many tokens prefill on the decode replica
+    prefill_policy: str = "least_tokens"
+    decode_policy: str = "most_free_blocks"
+    max_request_bytes: int = 1 << 20  # a request larger than this is refused with INVALID_ARGUMENT
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+
+    def __post_init__(self) -> None:
+        if self.prefill_policy not in PREFILL_POLICIES:
+            raise ValueError(f"prefill_policy={self.prefill_policy!r}; choose one of {PREFILL_POLICIES}")
+        if self.decode_policy not in DECODE_POLICIES:
+            raise ValueError(f"decode_policy={self.decode_policy!r}; choose one of {DECODE_POLICIES}")
+        if self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
+            raise ValueError("max_ongoing_requests must be >= 1 and max_queued_requests >= 0")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct), a Hugging Face folder, or a .gguf file
+    name: str = "pdserve"  # Ray namespace and the prefix of actor and KV pool names
+    ray_address: str | None = None  # None: start a local Ray bound to 127.0.0.1; "auto": join the running one
+    kv_backend: str = "ipc"
+    kv_lease_s: float = 30.0  # a decode reservation that gets no KV this long is freed
+    prefill: PoolConfig = PoolConfig(max_num_batched_tokens=512, num_kv_blocks=256)
+    decode: PoolConfig = PoolConfig(max_num_batched_tokens=256, num_kv_blocks=512)
+    router: RouterConfig = RouterConfig()
+
+    def __post_init__(self) -> None:
+        if self.kv_backend not in KV_BACKENDS:
+            raise ValueError(f"kv_backend={self.kv_backend!r}; available: {KV_BACKENDS}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        if unknown := set(d) - known:
+            raise ValueError(f"unknown cluster config keys {sorted(unknown)}; known: {sorted(known)}")
+        for key, kind in (("prefill", PoolConfig), ("decode", PoolConfig), ("router", RouterConfig)):
+            if key in d:
+                d[key] = _sub(kind, d[key], key, getattr(cls(), key))
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> ClusterConfig:
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def replace(self, **changes: Any) -> ClusterConfig:
+        """Dotted keys reach into the pools and the router: replace(**{"prefill.replicas": 2})."""
+        top = {k: v for k, v in changes.items() if "." not in k}
+        for k, v in changes.items():
+            if "." in k:
+                part, key = k.split(".", 1)
+                top[part] = dataclasses.replace(top.get(part, getattr(self, part)), **{key: v})
+        return dataclasses.replace(self, **top)
+
+
+def _sub(kind, value: dict[str, Any], where: str, base):
+    known = {f.name for f in fields(kind)}
+    if unknown := set(value) - known:
+        raise ValueError(f"unknown keys {sorted(unknown)} under {where!r}; known: {sorted(known)}")
+    return dataclasses.replace(base, **value)

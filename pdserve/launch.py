@@ -1,0 +1,156 @@
+"""Start a cluster: Ray (local and bound to 127.0.0.1, or an existing one), the decode and
+prefill pools as Ray actors in placement groups, then the router's gRPC server. No torch here:
+the engines are imported inside the actors."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdserve.config import ClusterConfig, PoolConfig
+
+PLACEMENT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Cluster:
+    """A running cluster. `address` is what clients dial; `stop()` tears it all down."""
+    config: ClusterConfig
+    server: Any  # router.server.RouterServer
+    prefill: list[Any]  # rank-0 actor handle per replica
+    decode: list[Any]
+    pool_names: list[str]
+    placement_groups: list[Any] = field(default_factory=list)
+    owns_ray: bool = False
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def router(self):
+        return self.server.router
+
+    def stop(self) -> None:
+        """Router first (no new work), then the actors, their placement groups and KV pool files."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if self.server is not None:
+            self.server.stop()
+        actors = [*self.prefill, *self.decode]
+        for actor in actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=10)
+            except Exception:
+                pass  # already dead: killing it below is all that is left
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        for name in self.pool_names:  # normally unlinked at start-up; this covers a failed start
+            Path("/dev/shm", f"pdserve-kv-{name}").unlink(missing_ok=True)
+        if self.owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def init_ray(config: ClusterConfig, num_cpus: float | None = None) -> bool:
+    """Connect to Ray; returns True when this call started a local Ray (then stop() shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray binds 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if config.ray_address:
+        ray.init(address=config.ray_address, namespace=config.name, log_to_driver=True)
+        return False
+    need = sum(p.replicas * p.tensor_parallel_size * p.num_cpus for p in (config.prefill, config.decode))
+    ray.init(num_cpus=max(num_cpus or os.cpu_count() or 1, need), include_dashboard=False,
+             namespace=config.name, _node_ip_address="127.0.0.1")
+    return True
+
+
+def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None = print) -> Cluster:
+    import ray
+
+    from decode_worker import DecodeWorker
+    from prefill_worker import PrefillWorker
+    from router.router import Replica, Router
+    from router.server import RouterServer
+    from router.tokenizer import Tokenizer
+    from router.validate import Limits
+
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(f"[{time.monotonic() - t0:5.1f}s] {msg}")
+
+    owns_ray = init_ray(config)
+    say(f"Ray {'started on 127.0.0.1' if owns_ray else 'connected'}: "
+        f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
+    tag = uuid.uuid4().hex[:8]
+    pool_names = [f"{config.name}-{tag}-decode{i}" for i in range(config.decode.replicas)]
+    pgs: list[Any] = []
+    decode = [_spawn(DecodeWorker, config.decode, pgs, config.model, config.decode.engine_kwargs(), name,
+                     config.kv_lease_s) for name in pool_names]
+    prefill = [_spawn(PrefillWorker, config.prefill, pgs, config.model, config.prefill.engine_kwargs())
+               for _ in range(config.prefill.replicas)]
+    cluster = Cluster(config, None, prefill, decode, pool_names, pgs, owns_ray)
+    try:
+        say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
+        d_info = ray.get([a.info.remote() for a in decode])
+        ray.get([a.info.remote() for a in prefill])
+        say("pools up; connecting the prefill pool to the decode pool's KV")
+        ray.get([a.attach.remote([i["pool"] for i in d_info]) for a in prefill])
+        ray.get([a.unlink_pool.remote() for a in decode])  # all mapped: the name is no longer needed
+        tok = ray.get((prefill or decode)[0].tokenizer_files.remote())
+        name = "default" if config.model in (None, "default") else Path(config.model).name
+        limits = Limits(vocab_size=d_info[0]["vocab_size"], max_model_len=d_info[0]["max_model_len"],
+                        max_request_bytes=config.router.max_request_bytes, max_logprobs=config.router.max_logprobs,
+                        max_stop_strings=config.router.max_stop_strings, model_names=(name,))
+
+        def make_router() -> Router:
+            return Router(
+                [Replica("prefill", i, a, config.prefill.tensor_parallel_size) for i, a in enumerate(prefill)],
+                [Replica("decode", i, a, config.decode.tensor_parallel_size, free_blocks=info["num_kv_blocks"])
+                 for i, (a, info) in enumerate(zip(decode, d_info))],
+                Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name)
+
+        r = config.router
+        cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes).start()
+    except BaseException:
+        cluster.stop()
+        raise
+    say(f"serving {name!r} on {cluster.address}")
+    return cluster
+
+
+def _spawn(cls, pool: PoolConfig, pgs: list[Any], *args):
+    """One replica: a placement group with a bundle per TP rank, and its rank-0 actor."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": pool.num_cpus, **pool.resources}
+    pg = placement_group([bundle] * pool.tensor_parallel_size, strategy="PACK")
+    pgs.append(pg)
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        raise RuntimeError(
+            f"the Ray cluster cannot place a {cls.__name__} replica: {pool.tensor_parallel_size} x {bundle} "
+            f"needed, {ray.available_resources()} available; lower replicas, tensor_parallel_size or num_cpus")
+    return ray.remote(cls).options(
+        num_cpus=pool.num_cpus, resources=pool.resources or None,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+    ).remote(*args)

@@ -1,0 +1,97 @@
+"""The prefill replica: an engine in the prefill role behind a Ray actor. It runs prompts in
+chunked-prefill batches and, layer by layer, writes their KV straight into the blocks a decode
+replica reserved; `prefill()` returns the first token once all of a prompt's KV is there.
+
+Ray runs the public methods on the actor's event loop; the engine runs on its own thread
+(EngineLoop) and is touched only there. The engine is imported inside the actor, so the process
+that starts the cluster (and hosts the router) never imports torch."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from concurrent.futures import Future
+from typing import Any
+
+
+class PrefillWorker:
+    def __init__(self, model: str, engine_kwargs: dict[str, Any]) -> None:
+        import torch
+
+        from engine import LLMEngine, SamplingParams
+        from engine.loop import EngineLoop
+        from kv_transfer import KVSender
+        from kv_transfer.shm import ShmKVSaver
+
+        torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
+        self._params = SamplingParams
+        self.model = model
+        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False)
+        self.sender = KVSender(self.engine, ShmKVSaver())
+        self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
+        self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step)
+
+    async def info(self) -> dict[str, Any]:
+        mc = self.engine.config.model_config
+        return dict(pid=os.getpid(), vocab_size=mc.vocab_size, max_model_len=self.engine.config.max_model_len,
+                    num_kv_blocks=self.engine.block_manager.num_blocks, eos_token_ids=list(mc.eos_token_ids),
+                    model=self.engine.config.model)
+
+    def tokenizer_files(self) -> dict[str, str] | None:
+        from engine.loader import tokenizer_files
+
+        return tokenizer_files(self.model)
+
+    async def attach(self, handles: list[dict[str, Any]]) -> None:
+        """Map the decode replicas' KV pools (PoolHandle fields, one dict each)."""
+        from kv_transfer.metadata import PoolHandle
+
+        for h in handles:
+            await self._call(self.sender.saver.attach, PoolHandle(**h))
+
+    async def prefill(self, prompt_token_ids: list[int], params: dict[str, Any], target: dict[str, Any]
+                      ) -> tuple[int, tuple | None]:
+        """Prefill the prompt into the blocks of `target` (KVTarget fields); return the first token
+        and its logprobs as (token_id, logprob, {token_id: logprob}). params: SamplingParams fields."""
+        from kv_transfer.metadata import KVTarget
+
+        params, target = self._params(**params), KVTarget(**target)
+        done: Future = Future()
+        self._pending[target.request_id] = done
+        try:
+            await self._call(self.sender.add, prompt_token_ids, params, target)
+            return await asyncio.wrap_future(done)
+        finally:
+            self._pending.pop(target.request_id, None)
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop prefilling the request: once this returns, nothing more is written to its blocks."""
+        found = await self._call(self.sender.abort, request_id)
+        if (fut := self._pending.pop(request_id, None)) is not None and not fut.done():
+            from kv_transfer import KVTransferError
+
+            fut.set_exception(KVTransferError(request_id, "aborted"))
+        return found
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(self._stats)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+
+    def _on_step(self, done) -> None:
+        for d in done:
+            if (fut := self._pending.get(d.target.request_id)) is not None and not fut.done():
+                fut.set_result((d.first_token, dataclasses.astuple(d.logprobs) if d.logprobs is not None else None))
+
+    def _stats(self) -> dict[str, Any]:
+        bm, sched = self.engine.block_manager, self.engine.scheduler
+        return dict(running=len(sched.running), waiting=len(sched.waiting),
+                    waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in (*sched.waiting,
+                                                                                               *sched.running)),
+                    kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
+                    busy_fraction=self.loop.busy_fraction(), tokens_processed=self.engine.num_tokens_computed,
+                    num_preemptions=sched.num_preemptions)
+
+    async def _call(self, fn, *args):
+        return await asyncio.wrap_future(self.loop.call(fn, *args))

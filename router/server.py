@@ -1,0 +1,83 @@
+"""The router's gRPC server: the Generation service, the standard health service and server
+reflection, on its own asyncio loop (a thread of the process that started the cluster)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.pdserve.v1 import pdserve_pb2 as pb
+from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
+from router.router import Router
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class RouterServer:
+    """Runs `make_router()` and its grpc.aio server on a background thread; `port` is the bound one."""
+
+    def __init__(self, make_router, host: str, port: int, max_message_bytes: int) -> None:
+        self._make_router, self.host, self._want_port = make_router, host, port
+        self._max_message_bytes = max_message_bytes
+        self.port: int | None = None
+        self.router: Router | None = None
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pdserve-router", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> RouterServer:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError("the router did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout=15)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self.router = self._make_router()
+        # gRPC refuses only what is far past the router's own limit, so the router can name the problem
+        limit = 4 * self._max_message_bytes
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", limit)])
+        pb_grpc.add_GenerationServicer_to_server(self.router, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{self.host}:{self._want_port}")
+        if not self.port:
+            raise OSError(f"could not bind the router to {self.host}:{self._want_port}")
+        await self.server.start()
+        self.router.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _shutdown(self) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.router.stop()
+        await self.server.stop(grace=2)

@@ -1,0 +1,115 @@
+"""Turn a GenerateRequest into prompt token ids and sampling parameters, or refuse it with a
+message that names the field and the allowed range."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from protos.pdserve.v1 import pdserve_pb2 as pb
+from router.tokenizer import Tokenizer
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+DEFAULT_MAX_TOKENS = 16
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_model_len: int
+    max_request_bytes: int
+    max_logprobs: int
+    max_stop_strings: int
+    model_names: tuple[str, ...]
+
+
+@dataclass
+class Validated:
+    prompt_token_ids: list[int]
+    params: dict[str, Any]  # engine SamplingParams fields (the router cannot import the engine: no torch)
+    stop: tuple[str, ...]  # stop strings, applied by the router to the detokenized text
+
+
+def validate(req: pb.GenerateRequest, tokenizer: Tokenizer | None, limits: Limits) -> Validated:
+    size = req.ByteSize()
+    if size > limits.max_request_bytes:
+        raise InvalidRequest(f"request is {size} bytes; the limit is {limits.max_request_bytes} (max_request_bytes)")
+    if req.model and req.model not in limits.model_names:
+        raise InvalidRequest(f"model {req.model!r} is not served here; served: {list(limits.model_names)}")
+    if len(req.request_id) > 256:
+        raise InvalidRequest(f"request_id is {len(req.request_id)} characters; at most 256")
+    ids = _prompt_ids(req, tokenizer, limits.vocab_size)
+    if not ids:
+        raise InvalidRequest("prompt is empty: it must have at least one token")
+    room = limits.max_model_len - len(ids)
+    if room < 1:
+        raise InvalidRequest(f"prompt has {len(ids)} tokens; the context length is {limits.max_model_len}, "
+                             f"so a prompt may have at most {limits.max_model_len - 1}")
+    return Validated(ids, *_sampling(req.sampling, room, limits, tokenizer))
+
+
+def _prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer | None, vocab: int) -> list[int]:
+    given = [f for f in ("text", "chat", "token_ids") if req.HasField(f)]
+    if len(given) != 1:
+        raise InvalidRequest(f"prompt: give exactly one of text, chat or token_ids (got {given or 'none'})")
+    if req.HasField("token_ids"):
+        ids = list(req.token_ids.ids)
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise InvalidRequest(f"token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+        return ids
+    if tokenizer is None:
+        raise InvalidRequest("this model has no tokenizer: give the prompt as token_ids")
+    if req.HasField("text"):
+        return tokenizer.encode(req.text)
+    if not req.chat.messages:
+        raise InvalidRequest("chat.messages is empty: give at least one message")
+    for i, m in enumerate(req.chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidRequest(f"chat.messages[{i}].role={m.role!r}; allowed: {', '.join(CHAT_ROLES)}")
+    try:
+        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.chat.messages])
+    except Exception as e:  # a template's own raise_exception, or a template error
+        raise InvalidRequest(f"chat: the chat template refused the messages: {e}") from None
+
+
+def _sampling(s: pb.SamplingParams, room: int, limits: Limits, tokenizer) -> tuple[dict[str, Any], tuple[str, ...]]:
+    p: dict[str, Any] = {}
+    if s.HasField("temperature"):
+        if not (math.isfinite(s.temperature) and s.temperature >= 0):
+            raise InvalidRequest(f"sampling.temperature={s.temperature}: must be >= 0 (0 means greedy)")
+        p["temperature"] = s.temperature
+    if s.top_k < -1:
+        raise InvalidRequest(f"sampling.top_k={s.top_k}: must be >= 0 (0 means all tokens)")
+    p["top_k"] = max(s.top_k, 0)
+    if s.HasField("top_p"):
+        if not 0 < s.top_p <= 1:
+            raise InvalidRequest(f"sampling.top_p={s.top_p}: must be in (0, 1]")
+        p["top_p"] = s.top_p
+    if s.HasField("seed"):
+        p["seed"] = s.seed
+    if s.HasField("max_tokens"):
+        if not 1 <= s.max_tokens <= room:
+            raise InvalidRequest(f"sampling.max_tokens={s.max_tokens}: must be in [1, {room}] "
+                                 f"(the context length {limits.max_model_len} minus the prompt)")
+        p["max_tokens"] = s.max_tokens
+    else:
+        p["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
+    if len(s.stop) > limits.max_stop_strings:
+        raise InvalidRequest(f"sampling.stop has {len(s.stop)} strings; at most {limits.max_stop_strings}")
+    if any(not x for x in s.stop):
+        raise InvalidRequest("sampling.stop: stop strings must not be empty")
+    if s.stop and tokenizer is None:
+        raise InvalidRequest("sampling.stop: this model has no tokenizer, so stop strings cannot apply")
+    if bad := [t for t in s.stop_token_ids if not 0 <= t < limits.vocab_size]:
+        raise InvalidRequest(f"sampling.stop_token_ids: {bad[:5]} outside the vocabulary [0, {limits.vocab_size})")
+    p["stop_token_ids"] = tuple(s.stop_token_ids)
+    p["ignore_eos"] = s.ignore_eos
+    if s.HasField("logprobs"):
+        if s.logprobs > limits.max_logprobs:
+            raise InvalidRequest(f"sampling.logprobs={s.logprobs}: must be in [0, {limits.max_logprobs}]")
+        p["logprobs"] = s.logprobs
+    return p, tuple(s.stop)
