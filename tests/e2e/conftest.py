@@ -1,0 +1,53 @@
+"""The real cluster: a local Ray on 127.0.0.1, the pools as Ray actors, the router's gRPC server,
+called through the SDK. One Ray for the session; clusters per module."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from pdserve import Client
+from pdserve.config import ClusterConfig, PoolConfig, RouterConfig
+from pdserve.launch import init_ray, start_cluster
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    # logical CPUs: several small clusters share the 2 real cores in this session
+    init_ray(ClusterConfig(), num_cpus=8)
+    yield
+    ray.shutdown()
+
+
+def small_cluster(model: str, **router) -> ClusterConfig:
+    """One prefill and one decode replica, one core and one torch thread each, KV pools sized for tests."""
+    return ClusterConfig(
+        model=model, name=f"test{os.getpid()}",
+        prefill=PoolConfig(max_num_batched_tokens=128, num_kv_blocks=128),
+        decode=PoolConfig(max_num_batched_tokens=128, num_kv_blocks=256),
+        router=RouterConfig(port=0, **router))
+
+
+@pytest.fixture(scope="module")
+def default_cluster(ray_local):
+    with start_cluster(small_cluster("default", max_ongoing_requests=8, max_queued_requests=64), progress=None) as c:
+        yield c
+
+
+def kv_in_use(client: Client) -> dict[str, int]:
+    return {f"{p.role}/{r.index}": r.kv_blocks_used for p in client.status().pools for r in p.replicas}
+
+
+def wait_idle(client: Client, timeout_s: float = 20.0) -> dict[str, int]:
+    """Poll until no request is in flight and no KV block is held; returns the last block counts."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = client.status()
+        used = {f"{p.role}/{r.index}": r.kv_blocks_used for p in s.pools for r in p.replicas}
+        if (s.requests_in_flight == 0 and s.requests_queued == 0 and not any(used.values())) \
+                or time.monotonic() > deadline:
+            return used
+        time.sleep(0.1)

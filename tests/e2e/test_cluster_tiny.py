@@ -1,0 +1,83 @@
+"""The cluster on a tiny random model (no tokenizer: prompts are token ids): admission under
+overload, logprobs through the split, and a router process that never imports torch."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engine import LLM, SamplingParams
+from pdserve import AsyncClient, Client, RequestError
+from pdserve.launch import start_cluster
+from tests.e2e.conftest import small_cluster, wait_idle
+from tests.kv_transfer.test_shm_transfer import prompts_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoints) -> str:
+    return str(tiny_checkpoints["llama"])
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster(ray_local, tiny_model):
+    config = small_cluster(tiny_model, max_ongoing_requests=2, max_queued_requests=3, local_prefill_threshold=8)
+    with start_cluster(config, progress=None) as c:
+        yield c
+
+
+def test_overload_refuses_the_excess_and_serves_every_admitted_request(tiny_cluster) -> None:
+    prompts = prompts_of([100] * 10, seed=1)  # 2 running + 3 queued fit; 5 are refused
+
+    async def run():
+        async with AsyncClient(tiny_cluster.address, timeout=120) as client:
+            return await asyncio.gather(*(client.generate(p, max_tokens=200, ignore_eos=True, temperature=0)
+                                          for p in prompts), return_exceptions=True)
+
+    results = asyncio.run(run())
+    refused = [r for r in results if isinstance(r, RequestError)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert len(refused) == 5 and len(served) == 5, results
+    assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_requests" in r.details for r in refused)
+    assert all(len(r.token_ids) == 200 and r.finish_reason == "length" for r in served)
+    with Client(tiny_cluster.address) as client:
+        assert not any(wait_idle(client).values())
+
+
+def test_logprobs_and_text_rules_through_the_split(tiny_cluster, tiny_model) -> None:
+    prompts = prompts_of([3, 40, 130], seed=2)  # local, then disaggregated (chunked: budget 128)
+    params = SamplingParams(temperature=0.7, seed=9, max_tokens=12, logprobs=3, ignore_eos=True)
+    want = LLM(tiny_model, num_kv_blocks=64).generate(prompts, params)
+    with Client(tiny_cluster.address, timeout=60) as client:
+        for prompt, w in zip(prompts, want):
+            got = client.generate(prompt, temperature=0.7, seed=9, max_tokens=12, logprobs=3, ignore_eos=True)
+            assert got.token_ids == w.token_ids
+            for g, lp in zip(got.logprobs, w.logprobs):
+                assert g.token_id == lp.token_id and abs(g.logprob - lp.logprob) < 1e-4
+                assert [t for t, _ in g.top] == list(lp.top)
+        with pytest.raises(RequestError, match="no tokenizer"):
+            client.generate("text needs a tokenizer", max_tokens=4)
+        assert client.list_models()[0].vocab_size == 512
+
+
+def test_the_process_that_runs_the_router_never_imports_torch(tiny_model) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        import pdserve
+        from pdserve.config import ClusterConfig, RouterConfig
+        config = ClusterConfig(model={tiny_model!r}, name="notorch", router=RouterConfig(port=0))
+        with pdserve.start_cluster(config, progress=None) as cluster:
+            out = pdserve.Client(cluster.address).generate([1, 2, 3, 4, 5] * 5, max_tokens=4, temperature=0)
+            assert len(out.token_ids) == 4 and out.timings["path"] == "disaggregated"
+            heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "engine", "kv_transfer"))
+            print("heavy:", heavy)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "heavy: []" in run.stdout

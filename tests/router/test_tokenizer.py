@@ -1,0 +1,56 @@
+"""The router tokenizes and detokenizes without transformers, exactly as the engine does with it."""
+from __future__ import annotations
+
+import pytest
+
+from engine.loader import tokenizer_files
+from engine.loader.gguf import default_model_path, load_gguf_tokenizer
+from router.router import _Output
+from router.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEXTS = ["Hello world", "naïve café, 日本語のテキスト 🎉🎉 done", "  spaces\tand\nnewlines  ", "<|im_start|>user\nhi"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return Tokenizer(tokenizer_files("default")), load_gguf_tokenizer(default_model_path())
+
+
+def test_encode_chat_template_and_decode_equal_transformers(tokenizers) -> None:
+    ours, hf = tokenizers
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text)
+        assert ours.decode(hf.encode(text)) == hf.decode(hf.encode(text), skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🎉"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"}]
+    for messages in (chat, chat[1:2]):
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(messages) == hf.encode(text, add_special_tokens=False)
+
+
+def test_streamed_text_never_splits_a_character(tokenizers) -> None:
+    ours, _ = tokenizers
+    for text in TEXTS:
+        ids = ours.encode(text)
+        detok = IncrementalDetokenizer(ours)
+        deltas = [detok.push([i]) for i in ids] + [detok.flush()]
+        assert not any("\ufffd" in d for d in deltas)
+        assert "".join(deltas) == ours.decode(ids)
+    assert any(len(ours.encode(c)) > 1 for c in "日本語🎉")  # the case above is real: multi-token characters
+
+
+def test_stop_string_split_across_tokens_is_held_back_and_cut(tokenizers) -> None:
+    ours, _ = tokenizers
+    ids = ours.encode("The answer is 42. END of story")
+    out = _Output("r", ours, stop=("END of",))
+    sent = ""
+    for i in ids:
+        if chunk := out.add([(i, None)]):
+            sent += chunk.text
+            assert "END" not in sent  # never streamed, not even its first part
+        if out.stopped:
+            break
+    from protos.pdserve.v1 import pdserve_pb2 as pb
+
+    sent += out.finish("length", pb.Usage(), pb.Timings()).text
+    assert sent == "The answer is 42. " and out.stopped
