@@ -124,11 +124,29 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # ranks per replica
+    expert_parallel: bool = False  # MoE: experts partitioned over the ranks (else each expert is TP-sharded)
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported so far")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Raise, naming the valid degrees, when the model cannot be cut this many ways."""
+        from engine.distributed import valid_tp_degrees
+
+        n = self.tensor_parallel_size
+        width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
+        valid = valid_tp_degrees(cfg.num_attention_heads, cfg.num_key_value_heads, width)
+        if self.expert_parallel:
+            if not cfg.num_experts:
+                raise ValueError("expert_parallel needs an MoE model; this one is dense")
+            valid = valid_tp_degrees(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_experts)
+        if n not in valid:
+            split = f"{cfg.num_experts} experts" if self.expert_parallel else f"MLP width {width}"
+            raise ValueError(
+                f"tensor_parallel_size={n} does not fit this model ({cfg.num_attention_heads} attention heads, "
+                f"{cfg.num_key_value_heads} KV heads, {split}); valid degrees: {', '.join(map(str, valid))}")
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
+        self.parallel.check(self.model_config)
         limit = self.model_config.max_position_embeddings
         if self.max_model_len == 0:
             object.__setattr__(self, "max_model_len", limit)

@@ -16,10 +16,21 @@ Message = dict[str, str]
 class LLM:
     """LLM(model="default" | HF folder | .gguf, dtype="float32", **engine options).
     Options: block_size, num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs,
-    max_prefill_chunk, attention_backend, num_threads, max_model_len, device."""
+    max_prefill_chunk, attention_backend, num_threads, max_model_len, device, and
+    tensor_parallel_size / expert_parallel: ranks 1..n-1 start as Ray actors (a local Ray on
+    127.0.0.1 unless this process is connected to one); call shutdown() to release them."""
 
     def __init__(self, model: str | None = "default", dtype: str | torch.dtype = "float32", **engine_config: Any):
         self.engine = LLMEngine.from_model(model, dtype, **engine_config)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import operator
 import random
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -11,11 +12,16 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
+from engine.distributed import destroy_tp_group, free_port, init_tp_group
 from engine.loader import open_model
 from engine.model_runner import KVAllocator, ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprobs
+
+# (engine config, init_method, device) -> ranks 1..n-1, started and joining init_method's group;
+# the result has .actors and .stop()
+RankLauncher = Callable[[EngineConfig, str, str], Any]
 
 
 @dataclass
@@ -38,6 +44,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.requests: dict[str, Sequence] = {}
+        self.followers: Any = None  # ranks 1..n-1 of a tensor-parallel replica (see RankLauncher)
         self._finished: list[RequestOutput] = []  # finished outside step(), handed out by the next one
         self._stop_ids = frozenset(config.model_config.eos_token_ids)
         self.num_tokens_computed = 0  # tokens run through the model since start (prompt and generated)
@@ -50,17 +57,47 @@ class LLMEngine:
                    max_prefill_chunk: int | None = None, tensor_parallel_size: int = 1,
                    attention_backend: str = "auto", num_threads: int | None = None,
                    max_model_len: int = 0, device: str = "cpu", kv_allocator: KVAllocator | None = None,
-                   load_tokenizer: bool = True) -> LLMEngine:
+                   load_tokenizer: bool = True, expert_parallel: bool = False,
+                   rank_launcher: RankLauncher | None = None) -> LLMEngine:
         """load_tokenizer=False: prompts must be token ids and stop strings are left to the caller
-        (the router detokenizes and applies them for the cluster's workers)."""
+        (the router detokenizes and applies them for the cluster's workers).
+        tensor_parallel_size > 1: this process is rank 0; `rank_launcher(config, init_method, device)`
+        starts the others (default: Ray actors, executor.start_followers)."""
         source = open_model(model, load_tokenizer)
         config = EngineConfig(
             model=source.path, model_config=ModelConfig.from_hf(source.hf_config), dtype=resolve_dtype(dtype),
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_prefill_chunk),
-            parallel=ParallelConfig(tensor_parallel_size), attention_backend=attention_backend,
+            parallel=ParallelConfig(tensor_parallel_size, expert_parallel), attention_backend=attention_backend,
             num_threads=num_threads, max_model_len=max_model_len)
-        return cls(config, source.weights, source.tokenizer, device, kv_allocator)
+        followers = None
+        if tensor_parallel_size > 1:
+            if rank_launcher is None:
+                from executor import start_followers as rank_launcher  # Ray, only when asked for ranks
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            followers = rank_launcher(config, init_method, device)
+            init_tp_group(0, tensor_parallel_size, init_method, device)
+        try:
+            engine = cls(config, source.weights, source.tokenizer, device, kv_allocator)
+        except BaseException:
+            destroy_tp_group()
+            if followers is not None:
+                followers.stop()
+            raise
+        engine.followers = followers
+        return engine
+
+    def shutdown(self) -> None:
+        """Release the other ranks of a tensor-parallel replica (a no-op at TP 1)."""
+        if self.followers is None:
+            return
+        try:
+            self.runner.stop_followers()
+        except RuntimeError:
+            pass  # a rank is already gone: the group is broken either way
+        destroy_tp_group()
+        self.followers.stop()
+        self.followers = None
 
     # -- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:

@@ -3,12 +3,14 @@ computes logits only where a sequence samples, and samples."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
 from engine.attention.backend import get_backend
 from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
+from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
 from engine.models import build_model
 from engine.sampler import Sampler
@@ -17,6 +19,18 @@ from engine.sequence import Sequence, TokenLogprobs
 
 # (shape, dtype, device) -> the KV pool tensor; lets a connector put the pool in shared memory
 KVAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+@dataclass
+class StepPlan:
+    """One step's flat batch as plain lists: what rank 0 sends the other ranks of its replica."""
+    input_ids: list[int]
+    positions: list[int]
+    query_start_loc: list[int]  # cu_seqlens of the new tokens
+    seq_lens: list[int]  # tokens in context after this step, per sequence
+    block_tables: list[list[int]]  # padded to the longest
+    num_decodes: int  # the first num_decodes sequences have one new token
+    sample_idx: list[int]  # rows whose logits are sampled
 
 
 class ModelRunner:
@@ -31,7 +45,7 @@ class ModelRunner:
         torch.set_default_dtype(config.dtype)
         try:
             with self.device:
-                self.model = build_model(cfg)
+                self.model = build_model(cfg, config.parallel)
         finally:
             torch.set_default_dtype(prev_dtype)
         self.model.load_weights(weights)
@@ -39,9 +53,12 @@ class ModelRunner:
             if hasattr(module, "post_load"):
                 module.post_load()
         self.model.eval()
+        self.tp = get_tp_group()
+        kv_start, kv_end = kv_head_range(cfg.num_key_value_heads, self.tp.rank, self.tp.world_size)
+        self.num_kv_heads = kv_end - kv_start  # this rank's
         self.block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._blocks_that_fit(config.cache.kv_cache_bytes)
-        shape = (cfg.num_hidden_layers, 2, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         # [layers, k|v, num_blocks, block_size, kv_heads, head_dim], zero-filled now so no page is
         # first touched on the hot path; a connector may place it in memory another process maps
         self.kv_cache = (kv_allocator or _zeros)(shape, config.dtype, self.device)
@@ -59,7 +76,7 @@ class ModelRunner:
 
     def _blocks_that_fit(self, num_bytes: int) -> int:
         cfg = self.config.model_config
-        per_block = (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads * cfg.head_dim
+        per_block = (2 * cfg.num_hidden_layers * self.block_size * self.num_kv_heads * cfg.head_dim
                      * self.config.dtype.itemsize)
         if num_bytes < per_block:
             raise ValueError(f"kv_cache_bytes={num_bytes} holds no KV block ({per_block} bytes each); raise it")
@@ -68,21 +85,47 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput
                 ) -> tuple[list[Sequence], list[int], list[TokenLogprobs | None]]:
-        """Run one step; return the sequences that sampled, their tokens and logprobs."""
-        input_ids, positions, meta, sample_idx, sampling, layout = self._prepare(sched)
-        if self.kv_saver is not None:
-            self.kv_saver.begin_step(layout)
-        with attention_metadata(meta):
-            hidden = self.model(input_ids, positions)
-        if self.kv_saver is not None:
-            self.kv_saver.end_step()
+        """Run one step (rank 0 of the replica); return the sequences that sampled, their tokens
+        and logprobs."""
+        plan, sampling, layout = self._plan(sched)
+        if self.tp.world_size > 1:
+            if self.kv_saver is not None:
+                raise NotImplementedError("sending KV from a tensor-parallel prefill replica is not supported yet")
+            try:
+                self.tp.broadcast_object(plan)
+                logits = self._forward(plan)
+            except RuntimeError as e:  # a peer died or hung: the replica cannot step again
+                raise RuntimeError(f"tensor-parallel replica lost a rank during a step; restart it ({e})") from e
+        else:
+            if self.kv_saver is not None:
+                self.kv_saver.begin_step(layout)
+            logits = self._forward(plan)
+            if self.kv_saver is not None:
+                self.kv_saver.end_step()
         if not sampling:
             return [], [], []
-        logits = self.model.compute_logits(hidden[sample_idx])
         tokens, logprobs = self.sampler(logits, sampling)
         return sampling, tokens, logprobs
 
-    def _prepare(self, sched: SchedulerOutput):
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Ranks 1..n-1: run the steps rank 0 plans, until it sends None."""
+        while (plan := self.tp.broadcast_object()) is not None:
+            self._forward(plan)
+
+    def stop_followers(self) -> None:
+        if self.tp.world_size > 1:
+            self.tp.broadcast_object(None)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """The model on the step's flat batch; logits of the sampled rows (every rank takes part
+        in the vocab gather; only rank 0 samples)."""
+        input_ids, positions, meta, sample_idx = self._tensors(plan)
+        with attention_metadata(meta):
+            hidden = self.model(input_ids, positions)
+        return self.model.compute_logits(hidden[sample_idx]) if plan.sample_idx else None
+
+    def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[Sequence], StepLayout]:
         # decodes (one query token) first, so attention can batch them in one call
         pairs = sorted(zip(sched.seqs, sched.num_scheduled_tokens), key=lambda p: p[1] != 1)
         num_decodes = sum(1 for _, n in pairs if n == 1)
@@ -103,22 +146,26 @@ class ModelRunner:
                 sampling.append(seq)
         max_blocks = max(len(s.block_table) for s, _ in pairs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s, _ in pairs]
+        layout = StepLayout([s for s, _ in pairs], [n for _, n in pairs], qsl)
+        return StepPlan(input_ids, positions, qsl, seq_lens, tables, num_decodes, sample_idx), sampling, layout
 
+    def _tensors(self, plan: StepPlan):
         dev = self.device
         bs = self.block_size
-        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+        qsl, seq_lens = plan.query_start_loc, plan.seq_lens
+        positions_t = torch.tensor(plan.positions, dtype=torch.int64, device=dev)
+        block_tables = torch.tensor(plan.block_tables, dtype=torch.int32, device=dev)
         qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(pairs), device=dev), qsl_t.diff())
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), qsl_t.diff())
         slot_mapping = block_tables[seq_of_token, positions_t // bs].long() * bs + positions_t % bs
         meta = AttentionMetadata(
-            num_decodes=num_decodes, slot_mapping=slot_mapping, query_start_loc=qsl_t, seq_lens=seq_lens_t,
-            block_tables=block_tables, max_query_len=max(n for _, n in pairs), max_seq_len=max(seq_lens),
-            query_start_loc_list=qsl, seq_lens_list=seq_lens, max_decode_len=max(seq_lens[:num_decodes], default=0))
-        input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        layout = StepLayout([s for s, _ in pairs], [n for _, n in pairs], qsl)
-        return input_ids_t, positions_t, meta, torch.tensor(sample_idx, device=dev), sampling, layout
+            num_decodes=plan.num_decodes, slot_mapping=slot_mapping, query_start_loc=qsl_t, seq_lens=seq_lens_t,
+            block_tables=block_tables, max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens), query_start_loc_list=qsl, seq_lens_list=seq_lens,
+            max_decode_len=max(seq_lens[:plan.num_decodes], default=0))
+        input_ids_t = torch.tensor(plan.input_ids, dtype=torch.int64, device=dev)
+        return input_ids_t, positions_t, meta, torch.tensor(plan.sample_idx, device=dev)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -16,3 +16,17 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     """arch -> folder of a tiny random float32 HF checkpoint (no tokenizer), one per arch in ARCHS."""
     root = tmp_path_factory.mktemp("tiny_ckpts")
     return {arch: make_tiny_checkpoint(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray on 127.0.0.1 for the session; 8 logical CPUs so that several small clusters
+    and tensor-parallel replicas can share the 2 real cores (each rank runs one torch thread)."""
+    import ray
+
+    from pdserve.config import ClusterConfig
+    from pdserve.launch import init_ray
+
+    init_ray(ClusterConfig(), num_cpus=8)
+    yield
+    ray.shutdown()

@@ -1,27 +1,37 @@
-"""Linear layers in their tensor-parallel shape: column-parallel (outputs split across
-ranks) and row-parallel (inputs split, one all-reduce after). Single rank for now."""
+"""Linear layers in their tensor-parallel shape, the two dual cuts of a dense block:
+column-parallel (each rank computes a slice of the outputs; no communication) then
+row-parallel (each rank holds a slice of the inputs and computes a partial sum; one
+all-reduce). Weight loaders take the full checkpoint tensor and keep the rank's slice."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine.distributed import get_tp_group
+
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's rows (outputs) split across ranks. Several logical outputs may be
-    merged into one matmul (q|k|v, gate|up); each loads into its own slice of rows."""
+    merged into one matmul (q|k|v, gate|up); each loads its slice into its own rows.
+    shards: per logical output, (first row, rows) this rank keeps of the full tensor; the
+    default is an even split by rank (KV heads replicated across ranks pass their own)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 shards: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
-        self.output_sizes = output_sizes
-        self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
-        self.weight = nn.Parameter(torch.empty(sum(output_sizes), input_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(sum(output_sizes)), requires_grad=False) if bias else None
+        tp = get_tp_group()
+        self.full_sizes = output_sizes
+        self.shards = shards or [(tp.rank * (s // tp.world_size), s // tp.world_size) for s in output_sizes]
+        self.output_sizes = [size for _, size in self.shards]  # this rank's
+        self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        self.weight = nn.Parameter(torch.empty(sum(self.output_sizes), input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.output_sizes)), requires_grad=False) if bias else None
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
-        start, size = self.offsets[shard], self.output_sizes[shard]
-        if loaded.shape[0] != size:
-            raise ValueError(f"weight shard {shard} has {loaded.shape[0]} rows, expected {size}")
-        param.data[start:start + size].copy_(loaded)
+        if loaded.shape[0] != self.full_sizes[shard]:
+            raise ValueError(f"weight shard {shard} has {loaded.shape[0]} rows, expected {self.full_sizes[shard]}")
+        start, size = self.shards[shard]
+        param.data[self.offsets[shard]:self.offsets[shard] + size].copy_(loaded[start:start + size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.weight_t, self.bias)
@@ -31,20 +41,30 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T with W's columns (inputs) split across ranks; partial sums all-reduced."""
+    """y = x W^T with W's columns (inputs) split across ranks: each rank's partial product is
+    summed by one all-reduce; the bias is added once, after it."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.tp = get_tp_group()
+        self.full_input_size = input_size
+        self.input_size = input_size // self.tp.world_size
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
-        if param.shape != loaded.shape:
-            raise ValueError(f"weight has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
-        param.data.copy_(loaded)
+        if param is self.bias:
+            param.data.copy_(loaded)
+            return
+        if loaded.shape != (param.shape[0], self.full_input_size):
+            raise ValueError(f"weight has shape {tuple(loaded.shape)}, "
+                             f"expected {(param.shape[0], self.full_input_size)}")
+        start = self.tp.rank * self.input_size
+        param.data.copy_(loaded[:, start:start + self.input_size])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight_t, self.bias)
+        y = self.tp.all_reduce(torch.mm(x, self.weight_t))
+        return y + self.bias if self.bias is not None else y
 
     def post_load(self) -> None:
         _store_transposed(self)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, ParallelConfig
 from engine.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -13,7 +13,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, parallel: ParallelConfig | None = None) -> nn.Module:
+    """The model for this rank of the current tensor-parallel group (engine.distributed)."""
     if cfg.architecture not in MODEL_REGISTRY:
         raise ValueError(f"architecture {cfg.architecture!r} is not supported; supported: {sorted(MODEL_REGISTRY)}")
-    return MODEL_REGISTRY[cfg.architecture](cfg)
+    return MODEL_REGISTRY[cfg.architecture](cfg, parallel)

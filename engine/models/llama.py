@@ -11,25 +11,35 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import get_attention_metadata
-from engine.config import ModelConfig
+from engine.config import ModelConfig, ParallelConfig
+from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoE
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
 class Attention(nn.Module):
+    """Heads split across the ranks: q|k|v column-parallel (each rank its own heads, KV heads
+    replicated when the ranks outnumber them), attention local, o_proj row-parallel."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                             bias=cfg.attention_bias)
-        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size)
+        tp = get_tp_group()
+        self.head_dim = d = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads // tp.world_size  # this rank's
+        kv_start, kv_end = kv_head_range(cfg.num_key_value_heads, tp.rank, tp.world_size)
+        self.num_kv_heads = kv_end - kv_start
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.scale = d ** -0.5
+        kv_full = cfg.num_key_value_heads * d
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, [cfg.num_attention_heads * d, kv_full, kv_full], bias=cfg.attention_bias,
+            shards=[(tp.rank * self.q_size, self.q_size), (kv_start * d, self.kv_size), (kv_start * d, self.kv_size)])
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         # set by the ModelRunner once the paged cache exists
@@ -55,13 +65,13 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = (MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                        cfg.norm_topk_prob)
+                        cfg.norm_topk_prob, parallel.expert_parallel)
                     if cfg.num_experts else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
@@ -76,10 +86,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, parallel) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
@@ -93,20 +103,20 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = LlamaModel(cfg, parallel or ParallelConfig())
         self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
-                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+                        else ParallelLMHead(cfg.vocab_size, cfg.hidden_size))
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Only the rows that sample: [num_sampled, hidden] -> [num_sampled, vocab]."""
-        return torch.nn.functional.linear(hidden, self.lm_head.weight)
+        """Only the rows that sample: [num_sampled, hidden] -> [num_sampled, vocab] (on every rank)."""
+        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take Hugging Face names; merge q/k/v, gate/up and per-expert weights as they come."""
@@ -132,17 +142,12 @@ _EXPERT_HALF = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1}
 
 
 def _route(name: str, model: LlamaForCausalLM):
-    """Map a Hugging Face tensor name to (our parameter name, a function that loads it)."""
+    """Map a Hugging Face tensor name to (our parameter name, a function that loads this rank's part)."""
     if m := _EXPERT.fullmatch(name):
         prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
-        if kind in _EXPERT_HALF:
-            half = _EXPERT_HALF[kind]
-
-            def load(p, t):
-                rows = p.shape[1] // 2
-                p.data[e, half * rows:(half + 1) * rows].copy_(t)
-            return f"{prefix}.mlp.w13", load
-        return f"{prefix}.mlp.w2", lambda p, t: p.data[e].copy_(t)
+        moe = model.get_submodule(f"{prefix}.mlp")
+        half = _EXPERT_HALF.get(kind)
+        return f"{prefix}.mlp.{'w2' if half is None else 'w13'}", lambda p, t: moe.load_expert(p, t, e, half)
     name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
     module_name, _, leaf = name.rpartition(".")
     parent, _, proj = module_name.rpartition(".")
@@ -150,6 +155,12 @@ def _route(name: str, model: LlamaForCausalLM):
         merged, shard = _MERGED[proj]
         layer = model.get_submodule(f"{parent}.{merged}")
         return f"{parent}.{merged}.{leaf}", lambda p, t: layer.load_shard(p, t, shard)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None  # not ours: load_weights names it
+    if hasattr(module, "load_shard"):  # tensor-parallel layers keep their rank's slice
+        return name, module.load_shard
     return name, _copy_checked(name)
 
 

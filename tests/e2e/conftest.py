@@ -9,17 +9,7 @@ import pytest
 
 from pdserve import Client
 from pdserve.config import ClusterConfig, PoolConfig, RouterConfig
-from pdserve.launch import init_ray, start_cluster
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    # logical CPUs: several small clusters share the 2 real cores in this session
-    init_ray(ClusterConfig(), num_cpus=8)
-    yield
-    ray.shutdown()
+from pdserve.launch import start_cluster
 
 
 def small_cluster(model: str, **router) -> ClusterConfig:
