@@ -21,20 +21,27 @@ Item = tuple
 
 class DecodeWorker:
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0) -> None:
+        import functools
+
         import torch
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
+        from executor import start_followers
         from kv_transfer import KVReceiver
-        from kv_transfer.shm import shared_pool_allocator
+        from kv_transfer.shm import ShmDecodeRanks, rank_pool_handles, shared_pool_allocator
 
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self._params = SamplingParams
         handles = []
         self.pool_name = pool_name
-        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
-                                           kv_allocator=shared_pool_allocator(pool_name, handles))
-        self.handle = handles[0]
+        # each rank keeps its slice of the KV heads in its own shared-memory file
+        self.engine = LLMEngine.from_model(
+            model, **engine_kwargs, load_tokenizer=False, kv_allocator=shared_pool_allocator(pool_name, handles),
+            rank_launcher=functools.partial(start_followers, role=ShmDecodeRanks(pool_name)))
+        tp = self.engine.config.parallel.tensor_parallel_size
+        self.handles = rank_pool_handles(pool_name, handles[0], self.engine.config.model_config.num_key_value_heads,
+                                         tp)
         self.receiver = KVReceiver(self.engine, pool_name, lease_s)
         self._streams: dict[str, asyncio.Queue] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
@@ -44,15 +51,16 @@ class DecodeWorker:
     # -- called by the router -------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         mc = self.engine.config.model_config
-        return dict(pid=os.getpid(), pool=dataclasses.asdict(self.handle), vocab_size=mc.vocab_size,
+        return dict(pid=os.getpid(), pools=[dataclasses.asdict(h) for h in self.handles], vocab_size=mc.vocab_size,
                     max_model_len=self.engine.config.max_model_len, num_kv_blocks=self.engine.block_manager.num_blocks,
                     block_size=self.engine.config.cache.block_size, model=self.engine.config.model)
 
     def unlink_pool(self) -> None:
-        """Every prefill replica has mapped the pool: drop its name so nothing outlives the actors."""
+        """Every prefill replica has mapped the pool: drop its names so nothing outlives the actors."""
         from kv_transfer.shm import unlink_pool
 
-        unlink_pool(self.pool_name)
+        for h in self.handles:
+            unlink_pool(h.name)
 
     def tokenizer_files(self) -> dict[str, str] | None:
         from engine.loader import tokenizer_files
@@ -115,6 +123,7 @@ class DecodeWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.engine.shutdown()
         self.unlink_pool()
 
     # -- on the engine thread --------------------------------------------------------------------

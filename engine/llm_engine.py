@@ -20,7 +20,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 
 # (engine config, init_method, device) -> ranks 1..n-1, started and joining init_method's group;
-# the result has .actors and .stop()
+# the result has .actors, .wait_ready(), .call(method, *args) and .stop()
 RankLauncher = Callable[[EngineConfig, str, str], Any]
 
 
@@ -85,6 +85,12 @@ class LLMEngine:
                 followers.stop()
             raise
         engine.followers = followers
+        if followers is not None:
+            try:
+                followers.wait_ready()
+            except BaseException:
+                engine.shutdown()
+                raise
         return engine
 
     def shutdown(self) -> None:

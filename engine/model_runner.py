@@ -88,20 +88,20 @@ class ModelRunner:
         """Run one step (rank 0 of the replica); return the sequences that sampled, their tokens
         and logprobs."""
         plan, sampling, layout = self._plan(sched)
+        saver = self.kv_saver
         if self.tp.world_size > 1:
-            if self.kv_saver is not None:
-                raise NotImplementedError("sending KV from a tensor-parallel prefill replica is not supported yet")
+            if saver is not None and not hasattr(saver, "plan"):
+                raise NotImplementedError(f"{type(saver).__name__} cannot send from a tensor-parallel replica")
+            sends = saver.plan(layout) if saver is not None else None
             try:
-                self.tp.broadcast_object(plan)
-                logits = self._forward(plan)
+                self.tp.broadcast_object((plan, sends))
+                logits = self._forward(plan, sends)
             except RuntimeError as e:  # a peer died or hung: the replica cannot step again
                 raise RuntimeError(f"tensor-parallel replica lost a rank during a step; restart it ({e})") from e
         else:
-            if self.kv_saver is not None:
-                self.kv_saver.begin_step(layout)
+            if saver is not None:
+                saver.begin_step(layout)
             logits = self._forward(plan)
-            if self.kv_saver is not None:
-                self.kv_saver.end_step()
         if not sampling:
             return [], [], []
         tokens, logprobs = self.sampler(logits, sampling)
@@ -110,19 +110,23 @@ class ModelRunner:
     @torch.inference_mode()
     def follow(self) -> None:
         """Ranks 1..n-1: run the steps rank 0 plans, until it sends None."""
-        while (plan := self.tp.broadcast_object()) is not None:
-            self._forward(plan)
+        while (step := self.tp.broadcast_object()) is not None:
+            self._forward(*step)
 
     def stop_followers(self) -> None:
         if self.tp.world_size > 1:
             self.tp.broadcast_object(None)
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
-        """The model on the step's flat batch; logits of the sampled rows (every rank takes part
-        in the vocab gather; only rank 0 samples)."""
+    def _forward(self, plan: StepPlan, sends=None) -> torch.Tensor | None:
+        """The model on the step's flat batch, the KV saver's sends (planned by rank 0) on the way;
+        logits of the sampled rows (every rank takes part in the vocab gather; rank 0 samples)."""
         input_ids, positions, meta, sample_idx = self._tensors(plan)
+        if sends is not None and self.kv_saver is not None:
+            self.kv_saver.begin_planned(sends)
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
+        if self.kv_saver is not None:
+            self.kv_saver.end_step()
         return self.model.compute_logits(hidden[sample_idx]) if plan.sample_idx else None
 
     def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[Sequence], StepLayout]:

@@ -12,8 +12,12 @@ FOLLOWER_TIMEOUT_S = 3600.0  # a follower waits this long for rank 0's next step
 
 
 class RankWorker:
+    """role (optional): what the replica's connector needs on every rank, with
+    kv_allocator(rank) and kv_saver(num_kv_heads, rank, world_size), either may return None
+    (kv_transfer.shm.ShmDecodeRanks, ShmPrefillRanks)."""
+
     def __init__(self, config, rank: int, world_size: int, init_method: str, device: str = "cpu",
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, role: Any = None) -> None:
         import torch
 
         from engine.distributed import init_tp_group
@@ -23,7 +27,11 @@ class RankWorker:
         torch.set_num_threads(num_threads)
         self.rank = rank
         init_tp_group(rank, world_size, init_method, device, timeout_s=FOLLOWER_TIMEOUT_S)
-        self.runner = ModelRunner(config, open_model(config.model, load_tokenizer=False).weights, device)
+        allocator = role.kv_allocator(rank) if role is not None else None
+        self.runner = ModelRunner(config, open_model(config.model, load_tokenizer=False).weights, device, allocator)
+        if role is not None and (saver := role.kv_saver(config.model_config.num_key_value_heads, rank,
+                                                        world_size)) is not None:
+            self.runner.set_kv_saver(saver)
         self.error: str | None = None
         self._thread = threading.Thread(target=self._follow, name=f"rank{rank}", daemon=True)
         self._thread.start()
@@ -40,6 +48,14 @@ class RankWorker:
 
     def status(self) -> dict[str, Any]:
         return dict(rank=self.rank, pid=os.getpid(), running=self._thread.is_alive(), error=self.error)
+
+    def attach(self, handles: list[dict[str, Any]]) -> None:
+        """Map decode pools (PoolHandle fields) for this rank's KV saver. Called before any step
+        that sends to them, so the runner thread never sees the saver's pools change mid-step."""
+        from kv_transfer.metadata import PoolHandle
+
+        for h in handles:
+            self.runner.kv_saver.attach(PoolHandle(**h))
 
 
 def ensure_ray() -> None:
@@ -59,6 +75,20 @@ class Followers:
         self.actors = actors
         self._pg = own_placement_group
 
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until every rank has built its model and KV cache; raise if one failed."""
+        import ray
+
+        for status in ray.get([a.status.remote() for a in self.actors], timeout=timeout_s):
+            if status["error"]:
+                raise RuntimeError(f"rank {status['rank']} failed: {status['error']}")
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Call a method on every rank and wait for the results."""
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
     def stop(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -71,7 +101,7 @@ class Followers:
 
 
 def start_followers(config, init_method: str, device: str = "cpu", num_cpus: float = 1.0,
-                    num_threads: int | None = None) -> Followers:
+                    num_threads: int | None = None, role: Any = None) -> Followers:
     """Start ranks 1..n-1 for `config` (an EngineConfig with tensor_parallel_size n). Inside a
     placement group (a pool's replica) they take its bundles 1..n-1; else they get their own.
     Raises ValueError when the Ray cluster cannot place them."""
@@ -99,5 +129,5 @@ def start_followers(config, init_method: str, device: str = "cpu", num_cpus: flo
         offset, own = 1, None  # bundle 0 is rank 0's
     actor = ray.remote(RankWorker)
     return Followers([actor.options(num_cpus=num_cpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-        pg, placement_group_bundle_index=offset + r - 1)).remote(config, r, n, init_method, device, num_threads)
+        pg, placement_group_bundle_index=offset + r - 1)).remote(config, r, n, init_method, device, num_threads, role)
         for r in range(1, n)], own)

@@ -39,7 +39,18 @@ class LeaseExpired(KVTransferError):
 
 @dataclass(frozen=True)
 class PoolHandle:
-    """How a sender finds a decode replica's KV pool. Filled by the decode side at start-up."""
-    name: str  # unique per decode replica (and rank)
+    """How a sender finds one rank's slice of a decode replica's KV pool. Filled by the decode
+    side at start-up. A replica at TP n has n handles: one pool, n slices of its KV heads."""
+    name: str  # unique per decode replica and rank
     shape: tuple[int, ...]  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
     dtype: str  # torch dtype name, e.g. "float32"
+    pool: str = ""  # the replica's pool, as KVTarget.pool names it ("": the same as name)
+    kv_heads: tuple[int, int] | None = None  # the model's KV heads this slice holds, [start, end) (None: all)
+
+    @property
+    def pool_name(self) -> str:
+        return self.pool or self.name
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        return self.kv_heads or (0, self.shape[4])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from engine.distributed import kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
 from engine.model_runner import KVAllocator
 from kv_transfer.metadata import PoolHandle
@@ -52,32 +54,101 @@ def unlink_pool(name: str) -> None:
         pass
 
 
-class ShmKVSaver(KVSaver):
-    """Worker half on the prefill side: per layer, one gather + one scatter per decode pool."""
+def rank_pool_name(pool: str, rank: int) -> str:
+    """The shared-memory name of one rank's slice of a decode replica's pool."""
+    return pool if rank == 0 else f"{pool}.r{rank}"
 
-    def __init__(self, pools: dict[str, torch.Tensor] | None = None) -> None:
-        self.pools: dict[str, torch.Tensor] = dict(pools or {})
-        self._plan: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+
+def rank_pool_handles(pool: str, first: PoolHandle, num_kv_heads: int, world_size: int) -> list[PoolHandle]:
+    """Every rank's handle of a decode replica at TP world_size, from rank 0's."""
+    return [PoolHandle(rank_pool_name(pool, r), first.shape, first.dtype, pool,
+                       kv_head_range(num_kv_heads, r, world_size)) for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class ShmDecodeRanks:
+    """What ranks 1..n-1 of a decode replica need: their KV pool slice in shared memory."""
+    pool: str
+
+    def kv_allocator(self, rank: int) -> KVAllocator | None:
+        return shared_pool_allocator(rank_pool_name(self.pool, rank))
+
+    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
+        return None
+
+
+@dataclass(frozen=True)
+class ShmPrefillRanks:
+    """What ranks 1..n-1 of a prefill replica need: a saver that writes their heads."""
+
+    def kv_allocator(self, rank: int) -> KVAllocator | None:
+        return None
+
+    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
+        return ShmKVSaver.for_rank(num_kv_heads, rank, world_size)
+
+
+class ShmKVSaver(KVSaver):
+    """Worker half on a prefill rank: per layer, each of its KV heads goes straight into every
+    decode rank's slice that holds that head (re-sharding between any two TP degrees: one gather
+    of the step's rows, one scatter into the reserved slots, per destination slice)."""
+
+    def __init__(self, pools: dict[str, torch.Tensor] | None = None, heads: tuple[int, int] | None = None,
+                 writes: bool = True) -> None:
+        self.heads = heads  # the model's KV heads this rank holds, [start, end); None: all of them
+        self.writes = writes  # False for a rank whose (replicated) heads another rank already sends
+        self.pools: dict[str, list[tuple[torch.Tensor, tuple[int, int] | None]]] = {
+            name: [(t, None)] for name, t in (pools or {}).items()}
+        self._sends: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, slice, slice]] = []
+        self._attached: set[str] = set()
         self.bytes_sent = 0
 
+    @classmethod
+    def for_rank(cls, num_kv_heads: int, rank: int, world_size: int) -> ShmKVSaver:
+        replicas = max(1, world_size // num_kv_heads)  # ranks holding each head
+        return cls(heads=kv_head_range(num_kv_heads, rank, world_size), writes=rank % replicas == 0)
+
     def attach(self, handle: PoolHandle) -> None:
-        if handle.name not in self.pools:
-            self.pools[handle.name] = attach_pool(handle)
+        """Map one decode rank's slice (attaching it again is a no-op)."""
+        if handle.name not in self._attached:
+            self.pools.setdefault(handle.pool_name, []).append((attach_pool(handle), handle.head_range))
+            self._attached.add(handle.name)
+
+    def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int]]]:
+        """Rank 0: per destination pool, the rows of the flat batch (None: all) and their slots."""
+        plans = plan_step(layout, lambda name: self.pools[name][0][0].shape[3] if name in self.pools else None)
+        num_rows = layout.query_start_loc[-1]
+        return {name: (None if len(p.rows) == num_rows else p.rows, p.slots) for name, p in plans.items()}
+
+    def begin_planned(self, sends: dict[str, tuple[list[int] | None, list[int]]]) -> None:
+        """Every rank: turn rank 0's plan into this rank's copies (its heads into each slice that holds them)."""
+        self._sends = []
+        if not self.writes:
+            return
+        for name, (rows, slots) in sends.items():
+            rows_t, slots_t = (None if rows is None else torch.tensor(rows)), torch.tensor(slots)
+            for pool, dst_heads in self.pools[name]:
+                a, b = dst_heads or (0, pool.shape[4])
+                c, d = self.heads or (a, b)
+                lo, hi = max(a, c), min(b, d)
+                if lo < hi:
+                    self._sends.append((pool, rows_t, slots_t, slice(lo - c, hi - c), slice(lo - a, hi - a)))
 
     def begin_step(self, layout: StepLayout) -> None:
-        plans = plan_step(layout, lambda name: self.pools[name].shape[3] if name in self.pools else None)
-        num_rows = layout.query_start_loc[-1]
-        self._plan = [
-            (self.pools[name], None if len(p.rows) == num_rows else torch.tensor(p.rows), torch.tensor(p.slots))
-            for name, p in plans.items()]
+        self.begin_planned(self.plan(layout))
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for pool, rows, slots in self._plan:
+        for pool, rows, slots, src_heads, dst_heads in self._sends:
             heads, dim = pool.shape[4:]
             for kv, src in ((0, k), (1, v)):
                 src = src if rows is None else src.index_select(0, rows)
-                pool[layer, kv].view(-1, heads, dim).index_copy_(0, slots, src)
+                if src_heads.stop - src_heads.start != src.shape[1]:
+                    src = src[:, src_heads]
+                dst = pool[layer, kv].view(-1, heads, dim)
+                if dst_heads.stop - dst_heads.start != heads:
+                    dst = dst[:, dst_heads]
+                dst.index_copy_(0, slots, src)
                 self.bytes_sent += src.numel() * src.element_size()
 
     def end_step(self) -> None:
-        self._plan = []
+        self._sends = []

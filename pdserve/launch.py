@@ -52,7 +52,8 @@ class Cluster:
         for pg in self.placement_groups:
             remove_placement_group(pg)
         for name in self.pool_names:  # normally unlinked at start-up; this covers a failed start
-            Path("/dev/shm", f"pdserve-kv-{name}").unlink(missing_ok=True)
+            for path in Path("/dev/shm").glob(f"pdserve-kv-{name}*"):
+                path.unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
 
@@ -112,7 +113,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         d_info = ray.get([a.info.remote() for a in decode])
         ray.get([a.info.remote() for a in prefill])
         say("pools up; connecting the prefill pool to the decode pool's KV")
-        ray.get([a.attach.remote([i["pool"] for i in d_info]) for a in prefill])
+        ray.get([a.attach.remote([h for i in d_info for h in i["pools"]]) for a in prefill])
         ray.get([a.unlink_pool.remote() for a in decode])  # all mapped: the name is no longer needed
         tok = ray.get((prefill or decode)[0].tokenizer_files.remote())
         name = "default" if config.model in (None, "default") else Path(config.model).name

@@ -16,18 +16,24 @@ from typing import Any
 
 class PrefillWorker:
     def __init__(self, model: str, engine_kwargs: dict[str, Any]) -> None:
+        import functools
+
         import torch
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
+        from executor import start_followers
         from kv_transfer import KVSender
-        from kv_transfer.shm import ShmKVSaver
+        from kv_transfer.shm import ShmKVSaver, ShmPrefillRanks
 
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self._params = SamplingParams
         self.model = model
-        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False)
-        self.sender = KVSender(self.engine, ShmKVSaver())
+        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
+                                           rank_launcher=functools.partial(start_followers, role=ShmPrefillRanks()))
+        tp = self.engine.config.parallel.tensor_parallel_size
+        saver = ShmKVSaver.for_rank(self.engine.config.model_config.num_key_value_heads, 0, tp)
+        self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
         self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step)
 
@@ -46,6 +52,8 @@ class PrefillWorker:
         """Map the decode replicas' KV pools (PoolHandle fields, one dict each)."""
         from kv_transfer.metadata import PoolHandle
 
+        if self.engine.followers is not None:  # before any step sends there
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.followers.call, "attach", handles)
         for h in handles:
             await self._call(self.sender.saver.attach, PoolHandle(**h))
 
@@ -78,6 +86,7 @@ class PrefillWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        self.engine.shutdown()
 
     def _on_step(self, done) -> None:
         for d in done:

@@ -18,6 +18,7 @@ from tests.e2e.conftest import small_cluster, wait_idle
 from tests.kv_transfer.test_shm_transfer import prompts_of
 
 ROOT = Path(__file__).resolve().parents[2]
+GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,26 @@ def test_the_process_that_runs_the_router_never_imports_torch(tiny_model) -> Non
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "heavy: []" in run.stdout
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1), (2, 2), (1, 4)])
+def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, prefill_tp, decode_tp) -> None:
+    """The tiny model has 2 KV heads: at TP 4 each is held by two ranks (replicated)."""
+    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(
+        **{"prefill.tensor_parallel_size": prefill_tp, "decode.tensor_parallel_size": decode_tp})
+    prompts = prompts_of([5, 60, 200, 300], seed=3)  # the long ones take several 128-token chunks
+    want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
+
+    async def run(address):
+        async with AsyncClient(address, timeout=120) as client:
+            return await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=48, ignore_eos=True)
+                                          for p in prompts))
+
+    with start_cluster(config, progress=None) as cluster:
+        got = asyncio.run(run(cluster.address))
+        assert [g.token_ids for g in got] == want
+        assert {g.timings["path"] for g in got} == {"disaggregated"}
+        with Client(cluster.address) as client:
+            status = client.status()
+            assert [r.tensor_parallel_size for p in status.pools for r in p.replicas] == [prefill_tp, decode_tp]
+            assert not any(wait_idle(client).values())
