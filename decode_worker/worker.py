@@ -46,7 +46,8 @@ class DecodeWorker:
         self._streams: dict[str, asyncio.Queue] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.tokens_generated = 0
-        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire)
+        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
+                               on_error=self._on_error)
 
     # -- called by the router -------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -135,6 +136,11 @@ class DecodeWorker:
         if items:
             self._aloop.call_soon_threadsafe(self._push, items)
 
+    def _on_error(self, e: BaseException) -> None:
+        """The replica is dead: end every stream with the reason instead of leaving it waiting."""
+        if self._aloop is not None:
+            self._aloop.call_soon_threadsafe(self._fail_all, f"error: {e}")
+
     def _expire(self) -> None:
         if expired := self.receiver.expire():
             self._aloop.call_soon_threadsafe(self._push, [(e.request_id, ("finish", "abort")) for e in expired])
@@ -153,6 +159,9 @@ class DecodeWorker:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running on this replica")
         self._streams[request_id] = asyncio.Queue()
+
+    def _fail_all(self, reason: str) -> None:
+        self._push([(rid, ("finish", reason)) for rid in self._streams])
 
     def _push(self, items: list[tuple[str, Item]]) -> None:
         for rid, item in items:

@@ -13,14 +13,20 @@ from typing import Any
 _STOP = object()
 
 
+class ReplicaDead(RuntimeError):
+    """The engine loop stopped on an error (e.g. a tensor-parallel rank died): nothing more runs here."""
+
+
 class EngineLoop:
     """Between steps: run the queued calls, then `tick()`; then, while `has_work()`, one `step()`
     whose result goes to `on_step`. Idle, it sleeps on the inbox (waking every `idle_tick_s`
     for `tick`, e.g. to expire leases)."""
 
     def __init__(self, step: Callable[[], Any], has_work: Callable[[], bool], on_step: Callable[[Any], None],
-                 tick: Callable[[], None] | None = None, idle_tick_s: float = 0.1, window_s: float = 5.0) -> None:
+                 tick: Callable[[], None] | None = None, on_error: Callable[[BaseException], None] | None = None,
+                 idle_tick_s: float = 0.1, window_s: float = 5.0) -> None:
         self._step, self._has_work, self._on_step, self._tick = step, has_work, on_step, tick
+        self._on_error = on_error
         self._idle_tick_s = idle_tick_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._window_s = window_s
@@ -34,7 +40,7 @@ class EngineLoop:
         """Run fn(*args) on the loop thread before the next step; its result or exception lands in the future."""
         fut: Future = Future()
         if self.error is not None:
-            fut.set_exception(RuntimeError(f"the engine loop died: {self.error!r}"))
+            fut.set_exception(ReplicaDead(f"the engine loop died: {self.error!r}"))
         else:
             self._inbox.put((fn, args, fut))
         return fut
@@ -51,8 +57,8 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while True:
-                try:
-                    item = self._inbox.get(timeout=self._idle_tick_s) if not self._has_work() else self._inbox.get_nowait()
+                try:  # idle: sleep on the inbox; busy: only take what is already there
+                    item = self._inbox.get_nowait() if self._has_work() else self._inbox.get(timeout=self._idle_tick_s)
                 except queue.Empty:
                     item = None
                 while item is not None:
@@ -74,7 +80,7 @@ class EngineLoop:
                     while self._recent and self._recent[0][0] < t1 - self._window_s:
                         self._recent.popleft()
                     self._on_step(out)
-        except BaseException as e:  # a failed step: fail every waiting call rather than hang it
+        except BaseException as e:  # a failed step: fail every waiting call and request rather than hang them
             self.error = e
             while True:
                 try:
@@ -82,7 +88,9 @@ class EngineLoop:
                 except queue.Empty:
                     break
                 if item is not _STOP:
-                    item[2].set_exception(RuntimeError(f"the engine loop died: {e!r}"))
+                    item[2].set_exception(ReplicaDead(f"the engine loop died: {e!r}"))
+            if self._on_error is not None:
+                self._on_error(e)
             raise
 
     @staticmethod

@@ -47,15 +47,21 @@ class WorkerError(Exception):
         self.code = code
 
 
-def worker_error(e: BaseException, replica: Replica) -> WorkerError:
-    """Map what a Ray call raised to a gRPC status: the engine's ValueError is the caller's fault."""
+DEAD = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaDead")
+
+
+def worker_error(e: BaseException, replica: Replica, rid: str) -> WorkerError:
+    """Map what a Ray call raised to a gRPC status: the engine's ValueError is the caller's fault,
+    a dead replica is UNAVAILABLE (and left out of placement)."""
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, ValueError):
         return WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-    if type(e).__name__ in ("RayActorError", "ActorDiedError", "ActorUnavailableError"):
+    if type(e).__name__ in DEAD or type(cause).__name__ in DEAD:
         replica.healthy = False
-        return WorkerError(grpc.StatusCode.UNAVAILABLE, f"replica {replica.name} is down: {type(e).__name__}")
-    return WorkerError(grpc.StatusCode.INTERNAL, f"replica {replica.name}: {type(cause).__name__}: {cause}")
+        return WorkerError(grpc.StatusCode.UNAVAILABLE,
+                           f"request {rid!r}: replica {replica.name} is down ({type(cause).__name__})")
+    return WorkerError(grpc.StatusCode.INTERNAL, f"request {rid!r}: replica {replica.name}: "
+                                                 f"{type(cause).__name__}: {cause}")
 
 
 @dataclass
@@ -248,14 +254,17 @@ class Router(pb_grpc.GenerationServicer):
         t_placed = await self._place_decode(req, ids, params, local)
         t_first = t_prefilled = t_committed = None
         if not local:
-            req.prefill = self._pick_prefill()
-            req.prefill.queued_tokens += len(ids)
-            req.prefilling = True
             try:
-                first, lp = await self._call(req.prefill, req.prefill.actor.prefill.remote(ids, params, req.target))
-            finally:
-                req.prefill.queued_tokens -= len(ids)
-            req.prefilling = False
+                first, lp = await self._prefill(req, ids, params)
+            except WorkerError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # no prefill replica could do it: drop the reservation, prefill on the decode replica
+                log.warning("%s; prefilling on %s instead", e, req.decode.name)
+                await self._call(req, req.decode, req.decode.actor.abort.remote(req.rid))
+                req.prefill, local = None, True
+                await self._call(req, req.decode, req.decode.actor.add_local.remote(ids, params, req.rid))
+        if not local:
             t_prefilled = t_first = time.monotonic()
             if chunk := out.add([(first, lp)]):
                 yield chunk
@@ -263,10 +272,10 @@ class Router(pb_grpc.GenerationServicer):
                 yield out.finish("stop", self._usage(ids, out), self._timings(
                     req, local, t0, t_placed, t_prefilled, t_prefilled, t_first))
                 return
-            await self._call(req.decode, req.decode.actor.commit.remote(req.rid, first, lp))
+            await self._call(req, req.decode, req.decode.actor.commit.remote(req.rid, first, lp))
             t_committed = time.monotonic()
         async for ref in req.decode.actor.stream.remote(req.rid):
-            items = await self._call(req.decode, ref)
+            items = await self._call(req, req.decode, ref)
             tokens = [(it[1], it[2]) for it in items if it[0] == "token"]
             if tokens:
                 t_first = t_first or time.monotonic()
@@ -277,6 +286,10 @@ class Router(pb_grpc.GenerationServicer):
                 if end is not None and end[1] == "abort":
                     raise WorkerError(grpc.StatusCode.ABORTED, f"request {req.rid!r} was aborted on "
                                                                f"{req.decode.name} (its KV lease ran out)")
+                if end is not None and end[1].startswith("error"):
+                    req.decode.healthy = req.decoding = False
+                    raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"request {req.rid!r}: replica "
+                                                                   f"{req.decode.name} failed ({end[1]})")
                 req.decoding = end is None  # a stop string ended it here: the replica is still running it
                 t_prefilled = t_prefilled or t_first
                 yield out.finish(end[1] if end else "stop", self._usage(ids, out), self._timings(
@@ -288,10 +301,10 @@ class Router(pb_grpc.GenerationServicer):
         while True:
             for d in self._decode_order():
                 if local:
-                    await self._call(d, d.actor.add_local.remote(ids, params, req.rid))
+                    await self._call(req, d, d.actor.add_local.remote(ids, params, req.rid))
                     req.decode, req.decoding = d, True
                     return time.monotonic()
-                target = await self._call(d, d.actor.reserve.remote(ids, params, req.rid))
+                target = await self._call(req, d, d.actor.reserve.remote(ids, params, req.rid))
                 if target is not None:
                     d.free_blocks -= len(target["block_ids"])
                     req.decode, req.decoding, req.target = d, True, target
@@ -308,14 +321,33 @@ class Router(pb_grpc.GenerationServicer):
                 except Exception as e:
                     log.warning("abort of %s on %s failed: %r", req.rid, replica.name, e)
 
+    async def _prefill(self, req: _Request, ids: list[int], params: dict) -> tuple[int, Any]:
+        """Prefill into the reservation on a live prefill replica; when one dies mid-way, the next
+        rewrites the same blocks (the dead one writes nothing more)."""
+        while (replica := self._pick_prefill()) is not None:
+            req.prefill, req.prefilling = replica, True
+            replica.queued_tokens += len(ids)
+            try:
+                result = await self._call(req, replica, replica.actor.prefill.remote(ids, params, req.target))
+                req.prefilling = False
+                return result
+            except WorkerError as e:
+                req.prefilling = False  # it never started, or its replica is gone
+                if e.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("%s; trying another prefill replica", e)
+            finally:
+                replica.queued_tokens -= len(ids)
+        raise WorkerError(grpc.StatusCode.UNAVAILABLE, f"request {req.rid!r}: no prefill replica is up")
+
     @staticmethod
-    async def _call(replica: Replica, ref):
+    async def _call(req: _Request, replica: Replica, ref):
         try:
             return await ref
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            raise worker_error(e, replica) from e
+            raise worker_error(e, replica, req.rid) from e
 
     @staticmethod
     def _usage(ids: list[int], out: _Output) -> pb.Usage:
