@@ -13,7 +13,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +25,24 @@ import torch.distributed as dist
 
 @dataclass
 class CollectiveCounter:
-    """Calls and bytes per collective (on in tests; the benchmark reads it too)."""
+    """Calls, bytes and seconds per collective on this rank (on in tests and the benchmark; off,
+    the layers pay one attribute check). Seconds include waiting for the slowest rank."""
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)
 
-    def record(self, op: str, t: torch.Tensor) -> None:
+    @contextmanager
+    def record(self, op: str, t: torch.Tensor):
+        start = time.perf_counter()
+        yield
+        self.seconds[op] += time.perf_counter() - start
         self.calls[op] += 1
         self.bytes[op] += t.numel() * t.element_size()
 
     def reset(self) -> None:
         self.calls.clear()
         self.bytes.clear()
+        self.seconds.clear()
 
 
 class TPGroup:
@@ -46,25 +55,25 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place."""
         if self.world_size > 1:
-            self._count("all_reduce", x)
-            dist.all_reduce(x)
+            with self._count("all_reduce", x):
+                dist.all_reduce(x)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's x (all of one shape) along `dim`."""
         if self.world_size == 1:
             return x
-        self._count("all_gather", x)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        with self._count("all_gather", x):
+            dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=dim)
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         """Rows [sum(send_counts[:j]), +send_counts[j]) of x go to rank j; rank j's rows for us come back
         in rank order."""
         out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-        self._count("all_to_all", x)
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+        with self._count("all_to_all", x):
+            dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
         return out
 
     def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
@@ -81,9 +90,8 @@ class TPGroup:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _count(self, op: str, x: torch.Tensor) -> None:
-        if self.counter is not None:
-            self.counter.record(op, x)
+    def _count(self, op: str, x: torch.Tensor):
+        return self.counter.record(op, x) if self.counter is not None else nullcontext()
 
 
 _group = TPGroup()

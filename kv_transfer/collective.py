@@ -65,6 +65,7 @@ class CollectiveKVReceiverThread(threading.Thread):
         self.pool = pool  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
         self.group = group
         self.landed: dict[int, int] = {}  # live transfer id -> positions [0, landed) are in every layer
+        self.layer_landed: dict[int, list[int]] = {}  # live transfer id -> per layer, positions [0, n) there
         self.cond = threading.Condition()
         self.error: BaseException | None = None
         self.bytes_received = 0
@@ -84,12 +85,17 @@ class CollectiveKVReceiverThread(threading.Thread):
                 keep = self._live_rows(segments)  # rows of aborted transfers must not touch reused blocks
                 slots = index[:num_rows] if keep is None else index[:num_rows][keep]
                 buf = torch.empty(2, num_rows, heads, dim, dtype=self.pool.dtype)
-                for k_flat, v_flat in flat:
+                for layer, (k_flat, v_flat) in enumerate(flat):
                     dist.recv(buf, src, group=self.group)
                     k_rows, v_rows = (buf[0], buf[1]) if keep is None else (buf[0][keep], buf[1][keep])
                     k_flat.index_copy_(0, slots, k_rows)
                     v_flat.index_copy_(0, slots, v_rows)
                     self.bytes_received += buf.numel() * buf.element_size()
+                    with self.cond:
+                        for tid, first, n in segments:
+                            if (per_layer := self.layer_landed.get(tid)) is not None:
+                                per_layer[layer] = max(per_layer[layer], first + n)
+                        self.cond.notify_all()
                 with self.cond:
                     for tid, first, n in segments:
                         if tid in self.landed:
@@ -109,6 +115,16 @@ class CollectiveKVReceiverThread(threading.Thread):
     def expect(self, transfer_id: int) -> None:
         with self.cond:
             self.landed[transfer_id] = 0
+            self.layer_landed[transfer_id] = [0] * self.pool.shape[0]
+
+    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool:
+        """True once positions [0, num_tokens) of the transfer are in `layer` (a consumer may
+        start on layer l while later layers are still arriving)."""
+        def landed() -> bool:
+            per_layer = self.layer_landed.get(transfer_id)
+            return per_layer is not None and per_layer[layer] >= num_tokens
+        with self.cond:
+            return self.cond.wait_for(lambda: landed() or self.error is not None, timeout) and landed()
 
     def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
         """True once positions [0, num_tokens) of the transfer are in every layer."""
@@ -120,3 +136,4 @@ class CollectiveKVReceiverThread(threading.Thread):
     def forget(self, transfer_id: int) -> None:
         with self.cond:
             self.landed.pop(transfer_id, None)
+            self.layer_landed.pop(transfer_id, None)

@@ -12,6 +12,7 @@ class KVTarget:
     request_id: str  # the request's id on the decode side
     block_ids: tuple[int, ...]  # decode-side blocks reserved for the prompt, in order
     transfer_id: int = 0  # the receiver's number for this transfer (unique per decode pool)
+    deadline: float = float("inf")  # time.time() after which the sender must not write (the lease's end)
 
 
 @dataclass(frozen=True)

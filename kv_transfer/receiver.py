@@ -16,6 +16,7 @@ class KVLanding(Protocol):
     """How a backend's worker half tells the receiver that a transfer's bytes have landed."""
 
     def expect(self, transfer_id: int) -> None: ...
+    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool: ...
     def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool: ...
     def forget(self, transfer_id: int) -> None: ...
 
@@ -27,6 +28,9 @@ class WrittenInPlace:
     def expect(self, transfer_id: int) -> None:
         pass
 
+    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool:
+        return True
+
     def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
         return True
 
@@ -36,12 +40,15 @@ class WrittenInPlace:
 
 class KVReceiver:
     def __init__(self, engine: LLMEngine, pool: str, lease_s: float = 30.0, landing: KVLanding | None = None,
-                 commit_timeout_s: float = 10.0) -> None:
+                 commit_timeout_s: float = 10.0, grace_s: float = 5.0) -> None:
+        """A sender stops writing at the lease's end (KVTarget.deadline); the blocks are freed
+        grace_s later, so a step that was mid-write at the deadline cannot touch reused blocks."""
         if lease_s <= 0:
             raise ValueError(f"lease_s={lease_s} must be positive")
         self.engine = engine
         self.pool = pool
         self.lease_s = lease_s
+        self.grace_s = grace_s
         self.landing = landing or WrittenInPlace()
         self.commit_timeout_s = commit_timeout_s
         self.reservations: dict[str, Reservation] = {}
@@ -55,9 +62,9 @@ class KVReceiver:
             return None
         blocks, tid = tuple(seq.block_table), next(self._transfer_ids)
         self.reservations[request_id] = Reservation(request_id, tid, seq.num_prompt_tokens,
-                                                    time.monotonic() + self.lease_s)
+                                                    time.monotonic() + self.lease_s + self.grace_s)
         self.landing.expect(tid)
-        return KVTarget(self.pool, request_id, blocks, tid)
+        return KVTarget(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s)
 
     def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None) -> None:
         """The sender is done: once every layer of every chunk has landed, the request joins the

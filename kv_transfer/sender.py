@@ -2,13 +2,14 @@
 replica, and report each one's first token once all of its KV has been written there."""
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
 from engine import LLMEngine, SamplingParams
 from engine.kv_connector import KVSaver
 from engine.sequence import TokenLogprobs
-from kv_transfer.metadata import KVTarget
+from kv_transfer.metadata import KVTarget, LeaseExpired
 
 
 @dataclass
@@ -35,6 +36,15 @@ class KVSender:
     def abort(self, request_id: str) -> bool:
         self.targets.pop(request_id, None)
         return self.engine.abort(request_id)
+
+    def expire(self, now: float | None = None) -> list[LeaseExpired]:
+        """Abort every prompt whose decode-side lease has ended: its blocks there may be freed now,
+        so not one more byte is written. Call it before each step."""
+        now = time.time() if now is None else now
+        dead = [t for t in self.targets.values() if t.deadline <= now]
+        for t in dead:
+            self.abort(t.request_id)
+        return [LeaseExpired(t.request_id, "the decode side's lease ended before the prefill did") for t in dead]
 
     def step(self) -> list[PrefillDone]:
         done = []

@@ -35,7 +35,8 @@ class PrefillWorker:
         saver = ShmKVSaver.for_rank(self.engine.config.model_config.num_key_value_heads, 0, tp)
         self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
-        self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, on_error=self._on_error)
+        self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
+                               on_error=self._on_error)
 
     async def info(self) -> dict[str, Any]:
         mc = self.engine.config.model_config
@@ -92,6 +93,11 @@ class PrefillWorker:
         for d in done:
             if (fut := self._pending.get(d.target.request_id)) is not None and not fut.done():
                 fut.set_result((d.first_token, dataclasses.astuple(d.logprobs) if d.logprobs is not None else None))
+
+    def _expire(self) -> None:
+        for e in self.sender.expire():
+            if (fut := self._pending.get(e.request_id)) is not None and not fut.done():
+                fut.set_exception(e)
 
     def _on_error(self, e: BaseException) -> None:
         from engine.loop import ReplicaDead

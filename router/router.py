@@ -56,6 +56,8 @@ def worker_error(e: BaseException, replica: Replica, rid: str) -> WorkerError:
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, ValueError):
         return WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
+    if type(cause).__name__ == "LeaseExpired":
+        return WorkerError(grpc.StatusCode.ABORTED, str(cause))
     if type(e).__name__ in DEAD or type(cause).__name__ in DEAD:
         replica.healthy = False
         return WorkerError(grpc.StatusCode.UNAVAILABLE,

@@ -85,10 +85,18 @@ def test_sender_killed_mid_transfer_frees_the_reservation(pair) -> None:
     decode, receiver, thread, jobs, results, child = pair
     free = decode.block_manager.num_free_blocks
     prompt = prompts_of([120])[0]
-    jobs.put([(prompt, GREEDY, receiver.reserve(prompt, GREEDY, "doomed"))])
+    target = receiver.reserve(prompt, GREEDY, "doomed")
+    jobs.put([(prompt, GREEDY, target)])
     results.get(timeout=60)  # the first 16-token chunk has been sent
     child.kill()
     child.join(10)
+    layers = decode.runner.kv_cache.shape[0]
+    # per layer: the first chunk is in every layer; layers land in order; the prompt never completes
+    assert all(thread.wait_for_layer(target.transfer_id, layer, 16, timeout=10) for layer in range(layers))
+    with thread.cond:
+        landed = list(thread.layer_landed[target.transfer_id])
+    assert landed == sorted(landed, reverse=True) and all(n % 16 == 0 for n in landed)
+    assert not thread.wait_for_layer(target.transfer_id, layers - 1, len(prompt), timeout=0.2)
     with pytest.raises(KVTransferError, match="doomed"):
         receiver.commit("doomed", 1)  # the sender claims done, but the KV never landed
     assert decode.block_manager.num_free_blocks == free

@@ -3,6 +3,7 @@ continuation equals one engine doing both, and no failure leaks a block on eithe
 from __future__ import annotations
 
 import random
+import time
 import uuid
 
 import pytest
@@ -140,3 +141,21 @@ def test_pool_is_in_shared_memory_and_visible_to_a_mapping(tiny_checkpoints, poo
 def test_missing_pool_names_it() -> None:
     with pytest.raises(ValueError, match="nope"):
         attach_pool(PoolHandle("nope", (1,), "float32"))
+
+
+def test_a_sender_stops_writing_at_the_lease_end_before_the_receiver_frees(tiny_checkpoints, pool_name) -> None:
+    sender, receiver, prefill, decode = make_pair(str(tiny_checkpoints["llama"]), pool_name, lease_s=5,
+                                                  max_num_batched_tokens=16)
+    free_p, free_d = prefill.block_manager.num_free_blocks, decode.block_manager.num_free_blocks
+    prompt = prompts_of([100])[0]
+    target = receiver.reserve(prompt, GREEDY, "slow")
+    sender.add(prompt, GREEDY, target)
+    sender.step()  # one chunk written
+    assert sender.expire(now=target.deadline - 1) == []
+    expired = sender.expire(now=target.deadline)  # the lease is over: stop before the next step
+    assert [e.request_id for e in expired] == ["slow"] and isinstance(expired[0], LeaseExpired)
+    assert prefill.block_manager.num_free_blocks == free_p and not prefill.has_unfinished()
+    # the decode side keeps the blocks for a grace period past the deadline, then frees them
+    assert receiver.expire(now=time.monotonic() + 5 + receiver.grace_s / 2) == []
+    assert [e.request_id for e in receiver.expire(now=time.monotonic() + 5 + receiver.grace_s + 1)] == ["slow"]
+    assert decode.block_manager.num_free_blocks == free_d
