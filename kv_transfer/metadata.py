@@ -47,6 +47,7 @@ class PoolHandle:
     dtype: str  # torch dtype name, e.g. "float32"
     pool: str = ""  # the replica's pool, as KVTarget.pool names it ("": the same as name)
     kv_heads: tuple[int, int] | None = None  # the model's KV heads this slice holds, [start, end) (None: all)
+    cuda_ipc: tuple | None = None  # on CUDA: the pool's IPC handle (torch's rebuild_cuda_tensor arguments)
 
     @property
     def pool_name(self) -> str:

@@ -1,5 +1,7 @@
-"""The `ipc` backend on CPU: the decode replica's KV pool lives in a shared-memory file; the
-prefill replica maps it and writes each layer's new K/V straight into the reserved blocks."""
+"""The `ipc` backend: the decode replica's KV pool is memory the prefill replica on the same host
+maps, and each layer's new K/V is written straight into the reserved blocks. On CPU the pool is
+a shared-memory file; on CUDA it is device memory opened through a CUDA IPC handle (two
+processes on one GPU, or GPUs with peer access)."""
 from __future__ import annotations
 
 import math
@@ -23,11 +25,18 @@ def pool_path(name: str) -> Path:
 
 
 def shared_pool_allocator(name: str, handles: list[PoolHandle] | None = None) -> KVAllocator:
-    """An engine KVAllocator that puts the pool in /dev/shm under `name` (appending its handle
-    to `handles` so the caller can publish it)."""
+    """An engine KVAllocator that puts the pool where another process can map it: /dev/shm under
+    `name` on CPU, a CUDA IPC handle on CUDA (appending its handle to `handles` so the caller
+    can publish it)."""
     def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if device.type != "cpu":
-            raise ValueError("the shared-memory KV pool is for CPU engines; on CUDA use CUDA IPC")
+        if device.type == "cuda":
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            pool = torch.zeros(shape, dtype=dtype, device=device)
+            if handles is not None:
+                handles.append(PoolHandle(name, tuple(shape), str(dtype).removeprefix("torch."),
+                                          cuda_ipc=reduce_tensor(pool)[1]))
+            return pool
         path = pool_path(name)
         with open(path, "wb") as f:
             f.truncate(math.prod(shape) * dtype.itemsize)
@@ -40,6 +49,10 @@ def shared_pool_allocator(name: str, handles: list[PoolHandle] | None = None) ->
 
 
 def attach_pool(handle: PoolHandle) -> torch.Tensor:
+    if handle.cuda_ipc is not None:
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        return rebuild_cuda_tensor(*handle.cuda_ipc)
     path = pool_path(handle.name)
     if not path.exists():
         raise ValueError(f"KV pool {handle.name!r} is not in shared memory ({path}); is its decode replica up?")
@@ -61,6 +74,9 @@ def rank_pool_name(pool: str, rank: int) -> str:
 
 def rank_pool_handles(pool: str, first: PoolHandle, num_kv_heads: int, world_size: int) -> list[PoolHandle]:
     """Every rank's handle of a decode replica at TP world_size, from rank 0's."""
+    if first.cuda_ipc is not None and world_size > 1:
+        raise NotImplementedError("a tensor-parallel decode replica on CUDA: its ranks' IPC handles are not "
+                                  "collected yet; run the decode pool at TP 1 on CUDA")
     return [PoolHandle(rank_pool_name(pool, r), first.shape, first.dtype, pool,
                        kv_head_range(num_kv_heads, r, world_size)) for r in range(world_size)]
 
