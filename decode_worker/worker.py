@@ -20,13 +20,16 @@ Item = tuple
 
 
 class DecodeWorker:
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0) -> None:
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
+                 peaks: dict[str, float] | None = None) -> None:
+        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given."""
         import functools
 
         import torch
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
+        from engine.metrics import measure_peaks
         from executor import start_followers
         from kv_transfer import KVReceiver
         from kv_transfer.shm import ShmDecodeRanks, rank_pool_handles, shared_pool_allocator
@@ -46,8 +49,9 @@ class DecodeWorker:
         self._streams: dict[str, asyncio.Queue] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
         self.tokens_generated = 0
+        self.peaks = peaks or {k: v * tp for k, v in measure_peaks(self.engine.runner.device.type).items()}
         self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
-                               on_error=self._on_error)
+                               on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
     # -- called by the router -------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -146,12 +150,12 @@ class DecodeWorker:
             self._aloop.call_soon_threadsafe(self._push, [(e.request_id, ("finish", "abort")) for e in expired])
 
     def _stats(self) -> dict[str, Any]:
-        bm, sched = self.engine.block_manager, self.engine.scheduler
-        return dict(running=len(sched.running), waiting=len(sched.waiting) + len(self.receiver.reservations),
-                    waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting),
-                    kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
-                    busy_fraction=self.loop.busy_fraction(), tokens_processed=self.tokens_generated,
-                    num_preemptions=sched.num_preemptions, leases_expired=self.receiver.num_leases_expired)
+        from engine.metrics import engine_stats
+
+        stats = engine_stats(self.engine, self.loop.metrics, self.peaks)
+        stats.update(reserved=len(self.receiver.reservations), tokens_processed=self.tokens_generated,
+                     leases_expired=self.receiver.num_leases_expired)
+        return stats
 
     # -- on the actor's event loop --------------------------------------------------------------
     def _open(self, request_id: str) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
+
+from engine.metrics import StepMetrics
 
 _STOP = object()
 
@@ -24,13 +25,14 @@ class EngineLoop:
 
     def __init__(self, step: Callable[[], Any], has_work: Callable[[], bool], on_step: Callable[[Any], None],
                  tick: Callable[[], None] | None = None, on_error: Callable[[BaseException], None] | None = None,
-                 idle_tick_s: float = 0.1, window_s: float = 5.0) -> None:
+                 cost: Callable[[], tuple[int, float, float]] | None = None, idle_tick_s: float = 0.1,
+                 window_s: float = 5.0) -> None:
+        """cost(): (tokens, FLOPs, bytes read) of the step just run, for `metrics`."""
         self._step, self._has_work, self._on_step, self._tick = step, has_work, on_step, tick
-        self._on_error = on_error
+        self._on_error, self._cost = on_error, cost
+        self.metrics = StepMetrics(window_s)
         self._idle_tick_s = idle_tick_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._window_s = window_s
-        self._recent: deque[tuple[float, float]] = deque()  # (end, duration) of the steps in the window
         self.num_steps = 0
         self.error: BaseException | None = None  # set if a step raised: the loop is dead
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -44,11 +46,6 @@ class EngineLoop:
         else:
             self._inbox.put((fn, args, fut))
         return fut
-
-    def busy_fraction(self) -> float:
-        """Share of the last `window_s` seconds spent in steps."""
-        now = time.monotonic()
-        return min(1.0, sum(d for end, d in self._recent if end > now - self._window_s) / self._window_s)
 
     def stop(self) -> None:
         self._inbox.put(_STOP)
@@ -76,9 +73,7 @@ class EngineLoop:
                     out = self._step()
                     t1 = time.monotonic()
                     self.num_steps += 1
-                    self._recent.append((t1, t1 - t0))
-                    while self._recent and self._recent[0][0] < t1 - self._window_s:
-                        self._recent.popleft()
+                    self.metrics.record(t1 - t0, *(self._cost() if self._cost is not None else (0, 0.0, 0.0)))
                     self._on_step(out)
         except BaseException as e:  # a failed step: fail every waiting call and request rather than hang them
             self.error = e

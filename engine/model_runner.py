@@ -11,6 +11,7 @@ from engine.attention.backend import get_backend
 from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
 from engine.distributed import get_tp_group, kv_head_range
+from engine.metrics import ModelCost
 from engine.kv_connector import KVSaver, StepLayout
 from engine.models import build_model
 from engine.sampler import Sampler
@@ -68,6 +69,8 @@ class ModelRunner:
             attn.backend, attn.k_cache, attn.v_cache = backend, self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.sampler = Sampler()
         self.kv_saver: KVSaver | None = None
+        self.cost = ModelCost.of(cfg, config.dtype.itemsize)
+        self.step_cost: tuple[int, float, float] = (0, 0.0, 0.0)  # (tokens, FLOPs, bytes read) of the last step
 
     def set_kv_saver(self, saver: KVSaver | None) -> None:
         self.kv_saver = saver
@@ -151,6 +154,7 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s, _ in pairs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s, _ in pairs]
         layout = StepLayout([s for s, _ in pairs], [n for _, n in pairs], qsl)
+        self.step_cost = self.cost.step(qsl, seq_lens, len(sample_idx))
         return StepPlan(input_ids, positions, qsl, seq_lens, tables, num_decodes, sample_idx), sampling, layout
 
     def _tensors(self, plan: StepPlan):

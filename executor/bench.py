@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     from engine.bench import measure_machine
     from executor.ray_ranks import ensure_ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     machine = measure_machine(quick=True)
     prefill_len, batch, steps = (128, 8, 8) if args.quick else (512, 32, 32)
     ensure_ray()

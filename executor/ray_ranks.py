@@ -58,13 +58,23 @@ class RankWorker:
             self.runner.kv_saver.attach(PoolHandle(**h))
 
 
+def loopback_ray() -> None:
+    """Make a local Ray started from this process bind 127.0.0.1 only. Ray reads the switch at
+    import, so the module constant is set too, in case ray was imported before this ran; the
+    environment carries it to the processes Ray starts."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def ensure_ray() -> None:
     """A local Ray bound to 127.0.0.1 unless this process is already connected to one."""
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        loopback_ray()
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
 
 

@@ -25,7 +25,11 @@ class PoolConfig:
     num_kv_blocks: int = 256
     block_size: int = 16
     attention_backend: str = "auto"
+    device: str = "cpu"  # "cpu" or "cuda"
+    num_gpus: float = 0.0  # Ray GPUs per rank (1 on GPU nodes)
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}
+    peak_flops: float | None = None  # per replica, the MFU denominator (None: measured at start-up)
+    peak_bandwidth: float | None = None  # bytes/s per replica, the MBU denominator (None: measured at start-up)
 
     def __post_init__(self) -> None:
         for name in ("replicas", "tensor_parallel_size", "num_threads", "max_num_batched_tokens", "max_num_seqs",
@@ -34,12 +38,21 @@ class PoolConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus={self.num_cpus} must be positive")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}; choose 'cpu' or 'cuda'")
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("device='cuda' needs num_gpus > 0 (Ray GPUs per rank)")
+
+    def peaks(self) -> dict[str, float] | None:
+        if self.peak_flops is None or self.peak_bandwidth is None:
+            return None
+        return {"peak_flops": self.peak_flops, "peak_bandwidth": self.peak_bandwidth}
 
     def engine_kwargs(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
                     max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                     max_prefill_chunk=self.max_prefill_chunk, tensor_parallel_size=self.tensor_parallel_size,
-                    attention_backend=self.attention_backend, num_threads=self.num_threads)
+                    attention_backend=self.attention_backend, num_threads=self.num_threads, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,9 @@ class RouterConfig:
     max_request_bytes: int = 1 << 20  # a request larger than this is refused with INVALID_ARGUMENT
     max_logprobs: int = 20
     max_stop_strings: int = 16
+    metrics_port: int | None = 9400  # Prometheus /metrics on host:metrics_port (0: a free port; None: off)
+    ttft_slo_s: float = 1.0  # the SLO targets that pdserve_slo_* metrics count against
+    tpot_slo_s: float = 0.2
 
     def __post_init__(self) -> None:
         if self.prefill_policy not in PREFILL_POLICIES:

@@ -14,6 +14,8 @@ from typing import Any
 from pdserve.config import ClusterConfig, PoolConfig
 
 PLACEMENT_TIMEOUT_S = 60.0
+# where Prometheus finds each running cluster's /metrics (deploy/prometheus/prometheus.yml reads it)
+PROMETHEUS_SD_DIR = Path(os.environ.get("PDSERVE_PROMETHEUS_SD_DIR", "/tmp/pdserve/prometheus"))
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Cluster:
     pool_names: list[str]
     placement_groups: list[Any] = field(default_factory=list)
     owns_ray: bool = False
+    sd_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -40,6 +43,8 @@ class Cluster:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if self.sd_file is not None:
+            self.sd_file.unlink(missing_ok=True)
         if self.server is not None:
             self.server.stop()
         actors = [*self.prefill, *self.decode]
@@ -68,14 +73,15 @@ def init_ray(config: ClusterConfig, num_cpus: float | None = None) -> bool:
     """Connect to Ray; returns True when this call started a local Ray (then stop() shuts it down)."""
     import ray
 
+    from executor.ray_ranks import loopback_ray
+
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray binds 127.0.0.1
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if config.ray_address:
         ray.init(address=config.ray_address, namespace=config.name, log_to_driver=True)
         return False
     need = sum(p.replicas * p.tensor_parallel_size * p.num_cpus for p in (config.prefill, config.decode))
+    loopback_ray()
     ray.init(num_cpus=max(num_cpus or os.cpu_count() or 1, need), include_dashboard=False,
              namespace=config.name, _node_ip_address="127.0.0.1")
     return True
@@ -104,9 +110,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     pool_names = [f"{config.name}-{tag}-decode{i}" for i in range(config.decode.replicas)]
     pgs: list[Any] = []
     decode = [_spawn(DecodeWorker, config.decode, pgs, config.model, config.decode.engine_kwargs(), name,
-                     config.kv_lease_s) for name in pool_names]
-    prefill = [_spawn(PrefillWorker, config.prefill, pgs, config.model, config.prefill.engine_kwargs())
-               for _ in range(config.prefill.replicas)]
+                     config.kv_lease_s, config.decode.peaks()) for name in pool_names]
+    prefill = [_spawn(PrefillWorker, config.prefill, pgs, config.model, config.prefill.engine_kwargs(),
+                      config.prefill.peaks()) for _ in range(config.prefill.replicas)]
     cluster = Cluster(config, None, prefill, decode, pool_names, pgs, owns_ray)
     try:
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
@@ -129,12 +135,32 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                 Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name)
 
         r = config.router
-        cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes).start()
+        cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes, r.metrics_port).start()
     except BaseException:
         cluster.stop()
         raise
-    say(f"serving {name!r} on {cluster.address}")
+    metrics = ""
+    if cluster.server.metrics_port:
+        cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
+        metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
+    say(f"serving {name!r} on {cluster.address}{metrics}")
     return cluster
+
+
+def _publish_metrics_target(config: ClusterConfig, tag: str, host: str, port: int) -> Path:
+    """A Prometheus file_sd entry for this cluster's /metrics."""
+    import json
+
+    import ray
+
+    if host in ("0.0.0.0", "::"):  # reachable on the node's own address
+        host = ray.util.get_node_ip_address()
+    PROMETHEUS_SD_DIR.mkdir(parents=True, exist_ok=True)
+    path = PROMETHEUS_SD_DIR / f"{config.name}-{tag}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"cluster": config.name}}]))
+    tmp.rename(path)  # Prometheus never reads half a file
+    return path
 
 
 def _spawn(cls, pool: PoolConfig, pgs: list[Any], *args):
@@ -143,7 +169,7 @@ def _spawn(cls, pool: PoolConfig, pgs: list[Any], *args):
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = {"CPU": pool.num_cpus, **pool.resources}
+    bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
     pg = placement_group([bundle] * pool.tensor_parallel_size, strategy="PACK")
     pgs.append(pg)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -152,6 +178,6 @@ def _spawn(cls, pool: PoolConfig, pgs: list[Any], *args):
             f"the Ray cluster cannot place a {cls.__name__} replica: {pool.tensor_parallel_size} x {bundle} "
             f"needed, {ray.available_resources()} available; lower replicas, tensor_parallel_size or num_cpus")
     return ray.remote(cls).options(
-        num_cpus=pool.num_cpus, resources=pool.resources or None,
+        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=pool.resources or None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
     ).remote(*args)

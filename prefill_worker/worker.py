@@ -15,13 +15,15 @@ from typing import Any
 
 
 class PrefillWorker:
-    def __init__(self, model: str, engine_kwargs: dict[str, Any]) -> None:
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None) -> None:
+        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given."""
         import functools
 
         import torch
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
+        from engine.metrics import measure_peaks
         from executor import start_followers
         from kv_transfer import KVSender
         from kv_transfer.shm import ShmKVSaver, ShmPrefillRanks
@@ -35,8 +37,10 @@ class PrefillWorker:
         saver = ShmKVSaver.for_rank(self.engine.config.model_config.num_key_value_heads, 0, tp)
         self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
+        self.leases_expired = 0
+        self.peaks = peaks or {k: v * tp for k, v in measure_peaks(self.engine.runner.device.type).items()}
         self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
-                               on_error=self._on_error)
+                               on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
     async def info(self) -> dict[str, Any]:
         mc = self.engine.config.model_config
@@ -96,6 +100,7 @@ class PrefillWorker:
 
     def _expire(self) -> None:
         for e in self.sender.expire():
+            self.leases_expired += 1
             if (fut := self._pending.get(e.request_id)) is not None and not fut.done():
                 fut.set_exception(e)
 
@@ -107,13 +112,12 @@ class PrefillWorker:
                 fut.set_exception(ReplicaDead(f"the prefill replica failed: {e}"))
 
     def _stats(self) -> dict[str, Any]:
-        bm, sched = self.engine.block_manager, self.engine.scheduler
-        return dict(running=len(sched.running), waiting=len(sched.waiting),
-                    waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in (*sched.waiting,
-                                                                                               *sched.running)),
-                    kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
-                    busy_fraction=self.loop.busy_fraction(), tokens_processed=self.engine.num_tokens_computed,
-                    num_preemptions=sched.num_preemptions)
+        from engine.metrics import engine_stats
+
+        stats = engine_stats(self.engine, self.loop.metrics, self.peaks)
+        stats.update(tokens_processed=self.engine.num_tokens_computed, kv_bytes_sent=self.sender.saver.bytes_sent,
+                     leases_expired=self.leases_expired)
+        return stats
 
     async def _call(self, fn, *args):
         return await asyncio.wrap_future(self.loop.call(fn, *args))

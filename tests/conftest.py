@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.tiny_models import ARCHS, make_tiny_checkpoint
+from executor.ray_ranks import loopback_ray
+
+loopback_ray()  # before any test module imports ray: a local Ray must bind 127.0.0.1 only
+
+from tests.engine.tiny_models import ARCHS, make_tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 

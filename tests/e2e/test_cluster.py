@@ -193,3 +193,15 @@ def test_cli_generate_and_status(default_cluster) -> None:
     assert lines[2].startswith("prefill") and lines[3].startswith("decode") and "/256" in lines[3]
     bad = run("generate", "Hi", "--max-tokens", "0")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
+
+
+def test_every_listening_socket_of_the_cluster_is_on_loopback(default_cluster) -> None:
+    import psutil
+
+    me = psutil.Process()
+    pids = {me.pid} | {p.pid for p in me.children(recursive=True)}  # Ray's daemons and workers, the router
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert len(listening) >= 3  # at least the router, Ray's GCS and the raylet
+    exposed = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening
+               if c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"

@@ -184,7 +184,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed")
+    __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,8 @@ class ReplicaStatus(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    MFU_FIELD_NUMBER: _ClassVar[int]
+    MBU_FIELD_NUMBER: _ClassVar[int]
     index: int
     tensor_parallel_size: int
     healthy: bool
@@ -205,7 +207,9 @@ class ReplicaStatus(_message.Message):
     kv_blocks_total: int
     busy_fraction: float
     tokens_processed: int
-    def __init__(self, index: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ...) -> None: ...
+    mfu: float
+    mbu: float
+    def __init__(self, index: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "replicas")

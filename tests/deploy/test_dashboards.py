@@ -1,0 +1,128 @@
+"""Observability against the real thing: a real Prometheus (Debian's package, started here on
+127.0.0.1) scrapes a running cluster under load through the shipped scrape configuration, and
+every query of every Grafana panel returns data."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pdserve.launch
+from engine.distributed import free_port
+from pdserve import AsyncClient
+from pdserve.launch import start_cluster
+from tests.e2e.conftest import small_cluster
+from tests.kv_transfer.test_shm_transfer import prompts_of
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None,
+                                      reason="no prometheus binary (scripts/setup.sh installs Debian's package)")
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel, PromQL) with Grafana's placeholders filled in as Grafana would."""
+    out = []
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "10s").replace("$replica", ".*")
+                out.append((path.stem, panel["title"], expr))
+    return out
+
+
+def test_dashboards_are_built_from_build_py() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build", ROOT / "deploy" / "grafana" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert {p.name: p.read_text() for p in DASHBOARDS} == build.build()
+    assert len(DASHBOARDS) == 4 and len(panel_queries()) >= 30
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (scripts/setup.sh installs Debian's package)")
+def test_promtool_accepts_the_shipped_configuration() -> None:
+    run = subprocess.run(["promtool", "check", "config", str(SHIPPED)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _get(port: int, path: str, **params) -> dict:
+    url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def prometheus(tmp_path, monkeypatch):
+    """Prometheus on 127.0.0.1 with the shipped config, scraping every second, its service
+    discovery reading this test's directory (where the cluster publishes its /metrics)."""
+    sd_dir = tmp_path / "sd"
+    monkeypatch.setattr(pdserve.launch, "PROMETHEUS_SD_DIR", sd_dir)
+    config = yaml.safe_load(SHIPPED.read_text())
+    config["global"]["scrape_interval"] = "1s"
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "pdserve"]
+    job["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _get(port, "/api/v1/status/buildinfo")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@needs_prometheus
+def test_every_panel_query_returns_data_from_a_loaded_cluster(ray_local, tiny_checkpoints, prometheus) -> None:
+    config = small_cluster(str(tiny_checkpoints["llama"]), local_prefill_threshold=8)
+    prompts = prompts_of([3, 20, 60, 150] * 4, seed=5)  # both prefill paths
+
+    async def load(address):
+        async with AsyncClient(address, timeout=120) as client:
+            for _ in range(3):
+                await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=24, ignore_eos=True)
+                                       for p in prompts))
+                await asyncio.sleep(1.5)
+
+    with start_cluster(config, progress=None) as cluster:
+        target = f"127.0.0.1:{cluster.server.metrics_port}"
+        deadline = time.monotonic() + 30
+        while not any(t["labels"]["instance"] == target and t["health"] == "up"
+                      for t in _get(prometheus, "/api/v1/targets")["data"]["activeTargets"]):
+            assert time.monotonic() < deadline, "Prometheus never scraped the cluster"
+            time.sleep(0.5)
+        asyncio.run(load(cluster.address))
+        time.sleep(3)  # a few more scrapes after the load
+        empty = []
+        for board, panel, expr in panel_queries():
+            answer = _get(prometheus, "/api/v1/query", query=expr)
+            assert answer["status"] == "success", (board, panel, expr, answer)
+            if not answer["data"]["result"]:
+                empty.append(f"{board} / {panel}: {expr}")
+        assert not empty, "panels with no data:\n" + "\n".join(empty)
+        # and the figures mean something: both pools did work that Prometheus saw
+        tokens = _get(prometheus, "/api/v1/query", query="pdserve_tokens_processed_total")["data"]["result"]
+        assert {r["metric"]["pool"] for r in tokens if float(r["value"][1]) > 0} == {"prefill", "decode"}
