@@ -21,8 +21,10 @@ Item = tuple
 
 class DecodeWorker:
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
-                 peaks: dict[str, float] | None = None) -> None:
-        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given."""
+                 peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
+        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
+        kv_backend "ipc": the KV pool in shared memory (or CUDA IPC) that prefill replicas on this host
+        write into; "collective": a receiver thread takes KV from the cluster's KV group (join_kv_group)."""
         import functools
 
         import torch
@@ -38,13 +40,20 @@ class DecodeWorker:
         self._params = SamplingParams
         handles = []
         self.pool_name = pool_name
-        # each rank keeps its slice of the KV heads in its own shared-memory file
-        self.engine = LLMEngine.from_model(
-            model, **engine_kwargs, load_tokenizer=False, kv_allocator=shared_pool_allocator(pool_name, handles),
-            rank_launcher=functools.partial(start_followers, role=ShmDecodeRanks(pool_name)))
-        tp = self.engine.config.parallel.tensor_parallel_size
-        self.handles = rank_pool_handles(pool_name, handles[0], self.engine.config.model_config.num_key_value_heads,
-                                         tp)
+        self.kv_backend = kv_backend
+        if kv_backend == "ipc":  # each rank keeps its slice of the KV heads in its own shared-memory file
+            self.engine = LLMEngine.from_model(
+                model, **engine_kwargs, load_tokenizer=False, kv_allocator=shared_pool_allocator(pool_name, handles),
+                rank_launcher=functools.partial(start_followers, role=ShmDecodeRanks(pool_name)))
+            tp = self.engine.config.parallel.tensor_parallel_size
+            self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
+                pool_name, handles[0], self.engine.config.model_config.num_key_value_heads, tp)]
+        else:
+            self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False)
+            tp = 1
+            self.handles = [{"collective": True, "name": pool_name, "kv_rank": None,
+                             "block_size": self.engine.config.cache.block_size}]
+        self._kv_store = None
         self.receiver = KVReceiver(self.engine, pool_name, lease_s)
         self._streams: dict[str, asyncio.Queue] = {}
         self._aloop: asyncio.AbstractEventLoop | None = None
@@ -56,7 +65,7 @@ class DecodeWorker:
     # -- called by the router -------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         mc = self.engine.config.model_config
-        return dict(pid=os.getpid(), pools=[dataclasses.asdict(h) for h in self.handles], vocab_size=mc.vocab_size,
+        return dict(pid=os.getpid(), pools=self.handles, vocab_size=mc.vocab_size,
                     max_model_len=self.engine.config.max_model_len, num_kv_blocks=self.engine.block_manager.num_blocks,
                     block_size=self.engine.config.cache.block_size, model=self.engine.config.model)
 
@@ -65,7 +74,26 @@ class DecodeWorker:
         from kv_transfer.shm import unlink_pool
 
         for h in self.handles:
-            unlink_pool(h.name)
+            if not h.get("collective"):
+                unlink_pool(h["name"])
+
+    def start_kv_store(self) -> tuple[str, int]:
+        """Host the rendezvous store of the cluster's KV group (collective backend) on this node."""
+        import ray
+        import torch.distributed as dist
+
+        self._kv_store = dist.TCPStore(ray.util.get_node_ip_address(), 0, is_master=True, wait_for_workers=False)
+        return ray.util.get_node_ip_address(), self._kv_store.port
+
+    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
+        """Join the KV group (blocks until every member has) and start receiving into the pool."""
+        from kv_transfer.collective import CollectiveKVReceiverThread, kv_group
+
+        group = kv_group(host, port, rank, world_size, prefix)
+        thread = CollectiveKVReceiverThread(self.engine.runner.kv_cache, group)
+        thread.start()
+        self.receiver.landing = thread
+        self.handles[0]["kv_rank"] = rank
 
     def tokenizer_files(self) -> dict[str, str] | None:
         from engine.loader import tokenizer_files
@@ -89,6 +117,9 @@ class DecodeWorker:
         from engine.sequence import TokenLogprobs
 
         lp = TokenLogprobs(*logprobs) if logprobs is not None else None
+        if (r := self.receiver.reservations.get(request_id)) is not None:  # wait off the engine thread
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.receiver.landing.wait_for_request, r.transfer_id, r.num_tokens, self.receiver.commit_timeout_s)
         await self._call(self.receiver.commit, request_id, first_token, lp)
 
     async def add_local(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str) -> None:

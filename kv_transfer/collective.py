@@ -19,8 +19,33 @@ from engine.kv_connector import KVSaver, StepLayout
 from kv_transfer.plan import plan_step
 
 
+def _isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None) -> dist.Work:
+    return dist.isend(tensor, dst) if group is None else group.send([tensor], dst, 0)
+
+
+def _recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup | None) -> int:
+    """Receive into tensor from src (None: any source); returns the source rank."""
+    if group is None:
+        return dist.recv(tensor, src)
+    work = group.recv_anysource([tensor], 0) if src is None else group.recv([tensor], src, 0)
+    work.wait()
+    return work.source_rank() if src is None else src
+
+
+def kv_group(store_host: str, store_port: int, rank: int, world_size: int, prefix: str,
+             timeout_s: float = 600.0) -> dist.ProcessGroup:
+    """A gloo group of its own for KV transfer (prefill and decode ranks of a cluster), apart from
+    the default group a tensor-parallel replica uses; the store is the launcher's TCPStore."""
+    import datetime
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, timeout)
+
+
 class CollectiveKVSaver(KVSaver):
-    """Worker half on the prefill rank."""
+    """Worker half on the prefill rank. group: the default torch.distributed group (None), or a
+    group object of its own (kv_group)."""
 
     def __init__(self, peers: dict[str, tuple[int, int]], group: dist.ProcessGroup | None = None) -> None:
         self.peers = peers  # pool name -> (decode rank, decode block size)
@@ -53,7 +78,7 @@ class CollectiveKVSaver(KVSaver):
         self._plan = []
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        self._inflight.append((dist.isend(tensor, dst, group=self.group), tensor))  # keep it alive until sent
+        self._inflight.append((_isend(tensor, dst, self.group), tensor))  # keep it alive until sent
 
 
 class CollectiveKVReceiverThread(threading.Thread):
@@ -77,16 +102,16 @@ class CollectiveKVReceiverThread(threading.Thread):
         try:
             while True:
                 header = torch.empty(2, dtype=torch.int64)
-                src = dist.recv(header, group=self.group)  # from any prefill rank
+                src = _recv(header, None, self.group)  # from any prefill rank
                 num_rows, num_segments = header.tolist()
                 index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64)
-                dist.recv(index, src, group=self.group)
+                _recv(index, src, self.group)
                 segments = index[num_rows:].view(-1, 3).tolist()
                 keep = self._live_rows(segments)  # rows of aborted transfers must not touch reused blocks
                 slots = index[:num_rows] if keep is None else index[:num_rows][keep]
                 buf = torch.empty(2, num_rows, heads, dim, dtype=self.pool.dtype)
                 for layer, (k_flat, v_flat) in enumerate(flat):
-                    dist.recv(buf, src, group=self.group)
+                    _recv(buf, src, self.group)
                     k_rows, v_rows = (buf[0], buf[1]) if keep is None else (buf[0][keep], buf[1][keep])
                     k_flat.index_copy_(0, slots, k_rows)
                     v_flat.index_copy_(0, slots, v_rows)

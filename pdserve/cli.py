@@ -5,6 +5,7 @@
     pdserve chat                      # interactive, streaming
     pdserve status                    # per-pool utilization
     pdserve demo "What is the capital of France?"   # start, answer through the SDK, stop
+    pdserve bench --workload longtail --rate 2 --num-requests 100   # load, latency, SLO attainment
 """
 from __future__ import annotations
 
@@ -155,8 +156,14 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: pdserve bench --help
+        from pdserve.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="serving benchmark against a running cluster (pdserve bench --help)")
 
     p = sub.add_parser("serve", help="start a cluster and serve until interrupted")
     _add_serve_flags(p)

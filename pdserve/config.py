@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-KV_BACKENDS = ("ipc",)  # "collective" joins when the pools run as separate hosts
+KV_BACKENDS = ("ipc", "collective")  # same host (shared memory / CUDA IPC), or any host (gloo / NCCL)
 PREFILL_POLICIES = ("least_tokens", "round_robin")
 DECODE_POLICIES = ("most_free_blocks", "round_robin")
 
@@ -32,7 +32,9 @@ class PoolConfig:
     peak_bandwidth: float | None = None  # bytes/s per replica, the MBU denominator (None: measured at start-up)
 
     def __post_init__(self) -> None:
-        for name in ("replicas", "tensor_parallel_size", "num_threads", "max_num_batched_tokens", "max_num_seqs",
+        if self.replicas < 0:
+            raise ValueError(f"replicas={self.replicas} must be >= 0")
+        for name in ("tensor_parallel_size", "num_threads", "max_num_batched_tokens", "max_num_seqs",
                      "num_kv_blocks", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
@@ -92,8 +94,15 @@ class ClusterConfig:
     router: RouterConfig = RouterConfig()
 
     def __post_init__(self) -> None:
+        if self.decode.replicas < 1:
+            raise ValueError("decode.replicas must be at least 1 (with prefill.replicas 0 the decode replicas "
+                             "prefill too: a colocated cluster)")
         if self.kv_backend not in KV_BACKENDS:
             raise ValueError(f"kv_backend={self.kv_backend!r}; available: {KV_BACKENDS}")
+        if self.kv_backend == "collective" and (self.prefill.tensor_parallel_size, self.decode.tensor_parallel_size) \
+                != (1, 1):
+            raise ValueError("kv_backend='collective' pairs one prefill rank with one decode rank: set both pools' "
+                             "tensor_parallel_size to 1, or use kv_backend='ipc' (any TP degrees, one host)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:

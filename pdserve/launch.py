@@ -110,15 +110,21 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     pool_names = [f"{config.name}-{tag}-decode{i}" for i in range(config.decode.replicas)]
     pgs: list[Any] = []
     decode = [_spawn(DecodeWorker, config.decode, pgs, config.model, config.decode.engine_kwargs(), name,
-                     config.kv_lease_s, config.decode.peaks()) for name in pool_names]
+                     config.kv_lease_s, config.decode.peaks(), config.kv_backend) for name in pool_names]
     prefill = [_spawn(PrefillWorker, config.prefill, pgs, config.model, config.prefill.engine_kwargs(),
-                      config.prefill.peaks()) for _ in range(config.prefill.replicas)]
+                      config.prefill.peaks(), config.kv_backend) for _ in range(config.prefill.replicas)]
     cluster = Cluster(config, None, prefill, decode, pool_names, pgs, owns_ray)
     try:
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
         d_info = ray.get([a.info.remote() for a in decode])
         ray.get([a.info.remote() for a in prefill])
         say("pools up; connecting the prefill pool to the decode pool's KV")
+        if config.kv_backend == "collective":  # one gloo group: decode replicas are ranks 0.., prefill after
+            host, port = ray.get(decode[0].start_kv_store.remote())
+            members = [*decode, *prefill]
+            ray.get([a.join_kv_group.remote(host, port, rank, len(members), f"{config.name}-{tag}/kv")
+                     for rank, a in enumerate(members)])
+            d_info = ray.get([a.info.remote() for a in decode])
         ray.get([a.attach.remote([h for i in d_info for h in i["pools"]]) for a in prefill])
         ray.get([a.unlink_pool.remote() for a in decode])  # all mapped: the name is no longer needed
         tok = ray.get((prefill or decode)[0].tokenizer_files.remote())

