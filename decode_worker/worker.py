@@ -155,7 +155,13 @@ class DecodeWorker:
             self._streams.pop(request_id, None)
 
     async def stats(self) -> dict[str, Any]:
-        return await self._call(self._stats)
+        """Load and utilization, read on the actor's thread: a long step never delays the answer, so
+        a replica that does not answer is really down."""
+        if self.loop.error is not None:
+            from engine.loop import ReplicaDead
+
+            raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
+        return self._stats()
 
     def shutdown(self) -> None:
         self.loop.stop()

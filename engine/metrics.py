@@ -127,13 +127,15 @@ def measure_peaks(device: str = "cpu", seconds: float = 0.5) -> dict[str, float]
 
 
 def engine_stats(engine, metrics: StepMetrics, peaks: dict[str, float]) -> dict:
-    """A replica's load and utilization as plain data (call on the engine's thread). peaks: the
-    replica's peak_flops and peak_bandwidth (all its ranks together)."""
+    """A replica's load and utilization as plain data. Safe from another thread than the engine's:
+    the scheduler's queues are copied first (list() of a list or deque holds the GIL throughout).
+    peaks: the replica's peak_flops and peak_bandwidth (all its ranks together)."""
     bm, sched = engine.block_manager, engine.scheduler
+    waiting, running = list(sched.waiting), list(sched.running)
     snap = metrics.snapshot()
     return dict(
-        snap, running=len(sched.running), waiting=len(sched.waiting),
-        waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in (*sched.waiting, *sched.running)
+        snap, running=len(running), waiting=len(waiting),
+        waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in (*waiting, *running)
                                    if s.num_computed_tokens < s.num_prompt_tokens),
         kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
         num_preemptions=sched.num_preemptions, **peaks,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from executor.ray_ranks import loopback_ray
 from pdserve.config import ClusterConfig, PoolConfig
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -69,11 +70,21 @@ class Cluster:
         self.stop()
 
 
+def _ray_settings(config: ClusterConfig) -> None:
+    """Settings Ray reads when it is imported, so: before anything imports it."""
+    if config.ray_address:
+        # Ray turns token auth on for the clusters it starts; a client joining one needs it on too
+        if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
+                                                  or (Path.home() / ".ray" / "auth_token").exists()):
+            os.environ["RAY_AUTH_MODE"] = "token"
+        if config.ray_address.startswith("127."):  # a cluster on this machine's loopback: keep it there
+            loopback_ray()
+
+
 def init_ray(config: ClusterConfig, num_cpus: float | None = None) -> bool:
     """Connect to Ray; returns True when this call started a local Ray (then stop() shuts it down)."""
+    _ray_settings(config)
     import ray
-
-    from executor.ray_ranks import loopback_ray
 
     if ray.is_initialized():
         return False
@@ -88,6 +99,7 @@ def init_ray(config: ClusterConfig, num_cpus: float | None = None) -> bool:
 
 
 def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None = print) -> Cluster:
+    _ray_settings(config)
     import ray
 
     from decode_worker import DecodeWorker

@@ -205,3 +205,12 @@ def test_every_listening_socket_of_the_cluster_is_on_loopback(default_cluster) -
     exposed = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening
                if c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_cli_chat_streams_a_conversation(default_cluster) -> None:
+    chat = subprocess.run([sys.executable, "-m", "pdserve", "chat", "--address", default_cluster.address,
+                           "--max-tokens", "24"], input="What is the capital of France?\nAnd of Italy?\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    replies = [line for line in chat.stdout.split("you> ") if "assistant> " in line]
+    assert len(replies) == 2 and "Paris" in replies[0]  # two turns; the second sees the first as history
