@@ -322,11 +322,16 @@ class Router(pb_grpc.GenerationServicer):
         """Reserve blocks (or queue a local prefill) on a decode replica, waiting while all are full."""
         while True:
             for d in self._decode_order():
-                if local:
-                    await self._call(req, d, d.actor.add_local.remote(ids, params, req.rid))
-                    req.decode, req.decoding = d, True
-                    return time.monotonic()
-                target = await self._call(req, d, d.actor.reserve.remote(ids, params, req.rid))
+                try:
+                    if local:
+                        await self._call(req, d, d.actor.add_local.remote(ids, params, req.rid))
+                        req.decode, req.decoding = d, True
+                        return time.monotonic()
+                    target = await self._call(req, d, d.actor.reserve.remote(ids, params, req.rid))
+                except WorkerError as e:
+                    if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.healthy for r in self.decode):
+                        raise
+                    continue  # that replica is gone (and now marked so): the next one
                 if target is not None:
                     d.free_blocks -= len(target["block_ids"])
                     req.decode, req.decoding, req.target = d, True, target
