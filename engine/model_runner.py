@@ -70,7 +70,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_saver: KVSaver | None = None
         self.cost = ModelCost.of(cfg, config.dtype.itemsize)
-        self.step_cost: tuple[int, float, float] = (0, 0.0, 0.0)  # (tokens, FLOPs, bytes read) of the last step
+        self._last_plan: StepPlan | None = None
 
     def set_kv_saver(self, saver: KVSaver | None) -> None:
         self.kv_saver = saver
@@ -154,8 +154,14 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s, _ in pairs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s, _ in pairs]
         layout = StepLayout([s for s, _ in pairs], [n for _, n in pairs], qsl)
-        self.step_cost = self.cost.step(qsl, seq_lens, len(sample_idx))
-        return StepPlan(input_ids, positions, qsl, seq_lens, tables, num_decodes, sample_idx), sampling, layout
+        self._last_plan = plan = StepPlan(input_ids, positions, qsl, seq_lens, tables, num_decodes, sample_idx)
+        return plan, sampling, layout
+
+    @property
+    def step_cost(self) -> tuple[int, float, float]:
+        """(tokens, FLOPs, bytes read) of the last step; computed only when asked (for metrics)."""
+        p = self._last_plan
+        return self.cost.step(p.query_start_loc, p.seq_lens, len(p.sample_idx)) if p else (0, 0.0, 0.0)
 
     def _tensors(self, plan: StepPlan):
         dev = self.device

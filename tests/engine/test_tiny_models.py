@@ -68,3 +68,19 @@ def test_hub_style_config_and_tied(tmp_path: Path) -> None:
     with safe_open(str(t / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())
     assert len(set(hf_greedy(t, PROMPTS[:1], 16)[0])) >= 3
+
+
+def test_step_cost_counts_the_flat_batch(tiny_checkpoints) -> None:
+    """Metrics' FLOPs and bytes per step follow the model's shape and the step's batch."""
+    from engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine.from_model(str(tiny_checkpoints["llama"]), num_kv_blocks=32)
+    engine.add_request([1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=2))
+    engine.step()  # prefill of 4 tokens, one sampled row
+    tokens, flops, bytes_read = engine.runner.step_cost
+    c = engine.runner.cost
+    assert tokens == 4
+    assert flops == 4 * c.matmul_flops_per_token + c.lm_head_flops + c.attention_flops_per_context * (1 + 2 + 3 + 4)
+    assert bytes_read == c.weight_bytes + 4 * c.kv_bytes_per_token
+    engine.step()  # one decode token over a context of 5
+    assert engine.runner.step_cost[0] == 1 and engine.runner.step_cost[2] == c.weight_bytes + 5 * c.kv_bytes_per_token
