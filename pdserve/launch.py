@@ -15,8 +15,9 @@ from executor.ray_ranks import loopback_ray
 from pdserve.config import ClusterConfig, PoolConfig
 
 PLACEMENT_TIMEOUT_S = 60.0
-# where Prometheus finds each running cluster's /metrics (deploy/prometheus/prometheus.yml reads it)
-PROMETHEUS_SD_DIR = Path(os.environ.get("PDSERVE_PROMETHEUS_SD_DIR", "/tmp/pdserve/prometheus"))
+# where Prometheus finds each running cluster's /metrics (deploy/prometheus/prometheus.yml reads it);
+# not /tmp/pdserve/...: a directory named like the package would shadow it for scripts run from /tmp
+PROMETHEUS_SD_DIR = Path(os.environ.get("PDSERVE_PROMETHEUS_SD_DIR", "/tmp/pdserve-prometheus"))
 
 
 @dataclass
