@@ -154,6 +154,10 @@ class DecodeWorker:
         finally:
             self._streams.pop(request_id, None)
 
+    def rank_actors(self) -> list:
+        """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
+        return list(self.engine.followers.actors) if self.engine.followers is not None else []
+
     async def stats(self) -> dict[str, Any]:
         """Load and utilization, read on the actor's thread: a long step never delays the answer, so
         a replica that does not answer is really down."""

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -138,3 +139,22 @@ def test_the_collective_backend_in_the_cluster(ray_local, tiny_model) -> None:
         with Client(cluster.address) as client:
             assert client.status().kv_backend == "collective"
             assert not any(wait_idle(client).values())
+
+
+def test_a_dead_tensor_parallel_rank_fails_the_replica_fast(ray_local, tiny_model) -> None:
+    """Rank 1 of the decode replica dies: the next step fails at once, the request gets UNAVAILABLE
+    naming it, and the replica reports itself down instead of hanging."""
+    import ray
+
+    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(**{"decode.tensor_parallel_size": 2})
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=60) as client:
+        assert len(client.generate([1, 2, 3], max_tokens=4, temperature=0).token_ids) == 4
+        (rank1,) = ray.get(cluster.decode[0].rank_actors.remote())
+        ray.kill(rank1)
+        start = time.monotonic()
+        with pytest.raises(RequestError) as err:
+            client.generate([1, 2, 3], request_id="after", max_tokens=400, ignore_eos=True, temperature=0)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "after" in err.value.details
+        assert time.monotonic() - start < 10
+        decode = [r for p in client.status().pools if p.role == "decode" for r in p.replicas]
+        assert [r.healthy for r in decode] == [False]
