@@ -13,13 +13,15 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from executor.shell import ReplicaShell
+
 # What crosses to the router is plain data (it must unpickle without the engine, hence torch):
 # a reservation as KVTarget fields, logprobs as (token_id, logprob, {token_id: logprob}), and
 # stream items ("token", token_id, logprobs | None) then, last, ("finish", reason).
 Item = tuple
 
 
-class DecodeWorker:
+class DecodeWorker(ReplicaShell):
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
                  peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
@@ -31,7 +33,6 @@ class DecodeWorker:
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
-        from engine.metrics import measure_peaks
         from executor import start_followers
         from kv_transfer import KVReceiver
         from kv_transfer.shm import ShmDecodeRanks, rank_pool_handles, shared_pool_allocator
@@ -56,9 +57,8 @@ class DecodeWorker:
         self._kv_store = None
         self.receiver = KVReceiver(self.engine, pool_name, lease_s)
         self._streams: dict[str, asyncio.Queue] = {}
-        self._aloop: asyncio.AbstractEventLoop | None = None
         self.tokens_generated = 0
-        self.peaks = peaks or {k: v * tp for k, v in measure_peaks(self.engine.runner.device.type).items()}
+        self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
         self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
@@ -118,8 +118,9 @@ class DecodeWorker:
 
         lp = TokenLogprobs(*logprobs) if logprobs is not None else None
         if (r := self.receiver.reservations.get(request_id)) is not None:  # wait off the engine thread
+            wait = self.receiver.landing.wait_for_request
             await asyncio.get_running_loop().run_in_executor(
-                None, self.receiver.landing.wait_for_request, r.transfer_id, r.num_tokens, self.receiver.commit_timeout_s)
+                None, wait, r.transfer_id, r.num_tokens, self.receiver.commit_timeout_s)
         await self._call(self.receiver.commit, request_id, first_token, lp)
 
     async def add_local(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str) -> None:
@@ -153,19 +154,6 @@ class DecodeWorker:
                     return
         finally:
             self._streams.pop(request_id, None)
-
-    def rank_actors(self) -> list:
-        """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
-        return list(self.engine.followers.actors) if self.engine.followers is not None else []
-
-    async def stats(self) -> dict[str, Any]:
-        """Load and utilization, read on the actor's thread: a long step never delays the answer, so
-        a replica that does not answer is really down."""
-        if self.loop.error is not None:
-            from engine.loop import ReplicaDead
-
-            raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
-        return self._stats()
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -212,7 +200,3 @@ class DecodeWorker:
         for rid, item in items:
             if (q := self._streams.get(rid)) is not None:
                 q.put_nowait(item)
-
-    async def _call(self, fn, *args):
-        self._aloop = self._aloop or asyncio.get_running_loop()
-        return await asyncio.wrap_future(self.loop.call(fn, *args))

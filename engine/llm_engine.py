@@ -47,7 +47,6 @@ class LLMEngine:
         self.followers: Any = None  # ranks 1..n-1 of a tensor-parallel replica (see RankLauncher)
         self._finished: list[RequestOutput] = []  # finished outside step(), handed out by the next one
         self._stop_ids = frozenset(config.model_config.eos_token_ids)
-        self.num_tokens_computed = 0  # tokens run through the model since start (prompt and generated)
         self.sampled: list[Sequence] = []  # the sequences that got a token in the last step, for streaming
 
     @classmethod
@@ -199,7 +198,6 @@ class LLMEngine:
             return finished
         sampled, tokens, logprobs = self.runner.execute(sched)
         self.sampled = sampled
-        self.num_tokens_computed += sched.total_num_scheduled_tokens
         for seq, n in zip(sched.seqs, sched.num_scheduled_tokens):
             seq.num_computed_tokens += n
         for seq, token, lp in zip(sampled, tokens, logprobs):

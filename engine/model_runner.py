@@ -11,8 +11,8 @@ from engine.attention.backend import get_backend
 from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
 from engine.distributed import get_tp_group, kv_head_range
-from engine.metrics import ModelCost
 from engine.kv_connector import KVSaver, StepLayout
+from engine.metrics import ModelCost
 from engine.models import build_model
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput

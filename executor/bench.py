@@ -32,7 +32,8 @@ def write_random_llama(path: Path, seed: int = 0, **shape) -> Path:
     kv = s["num_key_value_heads"] * d
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
-    tensors = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h), "lm_head.weight": rand(v, h)}
+    tensors = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h),
+               "lm_head.weight": rand(v, h)}
     for layer in range(s["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors |= {p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),

@@ -139,6 +139,7 @@ def start_followers(config, init_method: str, device: str = "cpu", num_cpus: flo
         offset, own = 1, None  # bundle 0 is rank 0's
     # on CUDA each rank gets a GPU of its own from Ray (it then sees it as cuda:0)
     actor, gpus = ray.remote(RankWorker), 1 if device.startswith("cuda") else 0
-    return Followers([actor.options(num_cpus=num_cpus, num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-        pg, placement_group_bundle_index=offset + r - 1)).remote(config, r, n, init_method, device, num_threads, role)
-        for r in range(1, n)], own)
+    return Followers([actor.options(
+        num_cpus=num_cpus, num_gpus=gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + r - 1),
+    ).remote(config, r, n, init_method, device, num_threads, role) for r in range(1, n)], own)

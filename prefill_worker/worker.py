@@ -13,8 +13,10 @@ import os
 from concurrent.futures import Future
 from typing import Any
 
+from executor.shell import ReplicaShell
 
-class PrefillWorker:
+
+class PrefillWorker(ReplicaShell):
     def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None,
                  kv_backend: str = "ipc") -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
@@ -26,7 +28,6 @@ class PrefillWorker:
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
-        from engine.metrics import measure_peaks
         from executor import start_followers
         from kv_transfer import KVSender
         from kv_transfer.shm import ShmKVSaver, ShmPrefillRanks
@@ -46,7 +47,7 @@ class PrefillWorker:
         self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
         self.leases_expired = 0
-        self.peaks = peaks or {k: v * tp for k, v in measure_peaks(self.engine.runner.device.type).items()}
+        self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
         self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
@@ -106,19 +107,6 @@ class PrefillWorker:
             fut.set_exception(KVTransferError(request_id, "aborted"))
         return found
 
-    def rank_actors(self) -> list:
-        """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
-        return list(self.engine.followers.actors) if self.engine.followers is not None else []
-
-    async def stats(self) -> dict[str, Any]:
-        """Load and utilization, read on the actor's thread: a long step never delays the answer, so
-        a replica that does not answer is really down."""
-        if self.loop.error is not None:
-            from engine.loop import ReplicaDead
-
-            raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
-        return self._stats()
-
     def shutdown(self) -> None:
         self.loop.stop()
         self.engine.shutdown()
@@ -145,9 +133,6 @@ class PrefillWorker:
         from engine.metrics import engine_stats
 
         stats = engine_stats(self.engine, self.loop.metrics, self.peaks)
-        stats.update(tokens_processed=self.engine.num_tokens_computed, kv_bytes_sent=self.sender.saver.bytes_sent,
+        stats.update(tokens_processed=stats["tokens"], kv_bytes_sent=self.sender.saver.bytes_sent,
                      leases_expired=self.leases_expired)
         return stats
-
-    async def _call(self, fn, *args):
-        return await asyncio.wrap_future(self.loop.call(fn, *args))

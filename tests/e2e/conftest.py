@@ -27,10 +27,6 @@ def default_cluster(ray_local):
         yield c
 
 
-def kv_in_use(client: Client) -> dict[str, int]:
-    return {f"{p.role}/{r.index}": r.kv_blocks_used for p in client.status().pools for r in p.replicas}
-
-
 def wait_idle(client: Client, timeout_s: float = 20.0) -> dict[str, int]:
     """Poll until no request is in flight and no KV block is held; returns the last block counts."""
     deadline = time.monotonic() + timeout_s

@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
+def generate_all(address: str, prompts) -> list:
+    """Every prompt at once through the async SDK, greedy, 48 tokens (as GREEDY)."""
+    async def run():
+        async with AsyncClient(address, timeout=120) as client:
+            return await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=48, ignore_eos=True)
+                                          for p in prompts))
+    return asyncio.run(run())
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoints) -> str:
     return str(tiny_checkpoints["llama"])
@@ -93,13 +102,8 @@ def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, 
     prompts = prompts_of([5, 60, 200, 300], seed=3)  # the long ones take several 128-token chunks
     want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
 
-    async def run(address):
-        async with AsyncClient(address, timeout=120) as client:
-            return await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=48, ignore_eos=True)
-                                          for p in prompts))
-
     with start_cluster(config, progress=None) as cluster:
-        got = asyncio.run(run(cluster.address))
+        got = generate_all(cluster.address, prompts)
         assert [g.token_ids for g in got] == want
         assert {g.timings["path"] for g in got} == {"disaggregated"}
         with Client(cluster.address) as client:
@@ -127,13 +131,8 @@ def test_the_collective_backend_in_the_cluster(ray_local, tiny_model) -> None:
     prompts = prompts_of([5, 60, 200, 300], seed=6)
     want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
 
-    async def run(address):
-        async with AsyncClient(address, timeout=120) as client:
-            return await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=48, ignore_eos=True)
-                                          for p in prompts))
-
     with start_cluster(config, progress=None) as cluster:
-        got = asyncio.run(run(cluster.address))
+        got = generate_all(cluster.address, prompts)
         assert [g.token_ids for g in got] == want
         assert {g.timings["decode_replica"] for g in got} == {"decode/0", "decode/1"}
         with Client(cluster.address) as client:

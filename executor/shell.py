@@ -1,0 +1,38 @@
+"""What the prefill and decode workers share as Ray actors around an engine: calls handed to
+the engine's thread, load and utilization answered on the actor's own thread, and the ranks
+of the replica."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class ReplicaShell:
+    """Subclasses set self.engine, self.loop (an EngineLoop) and self.peaks, and define _stats()."""
+
+    _aloop: asyncio.AbstractEventLoop | None = None
+
+    @staticmethod
+    def measure_peaks(device: str, tensor_parallel_size: int, given: dict[str, float] | None) -> dict[str, float]:
+        """The replica's peak_flops and peak_bandwidth: given, or this rank's measured times the ranks."""
+        from engine.metrics import measure_peaks
+
+        return given or {k: v * tensor_parallel_size for k, v in measure_peaks(device).items()}
+
+    def rank_actors(self) -> list:
+        """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
+        return list(self.engine.followers.actors) if self.engine.followers is not None else []
+
+    async def stats(self) -> dict[str, Any]:
+        """Load and utilization, read on the actor's thread: a long step never delays the answer, so
+        a replica that does not answer is really down."""
+        if self.loop.error is not None:
+            from engine.loop import ReplicaDead
+
+            raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
+        return self._stats()
+
+    async def _call(self, fn, *args):
+        """fn(*args) on the engine's thread, between steps."""
+        self._aloop = self._aloop or asyncio.get_running_loop()
+        return await asyncio.wrap_future(self.loop.call(fn, *args))
