@@ -516,7 +516,8 @@ class StepProfiler:
             return call
 
         self._patch(eng.scheduler, "schedule", lambda fn: schedule_and_classify(timed(fn, "schedule")))
-        self._patch(runner, "_prepare", lambda fn: timed(fn, "prepare"))
+        self._patch(runner, "_plan", lambda fn: timed(fn, "prepare"))
+        self._patch(runner, "_tensors", lambda fn: timed(fn, "prepare"))
         self._patch(runner, "sampler", lambda fn: timed(fn, "sample"))
         self._patch(model, "forward", lambda fn: timed(fn, "forward"))
         self._patch(model, "compute_logits", lambda fn: timed(fn, "logits"))

@@ -42,7 +42,8 @@ def _kernel() -> ctypes.CDLL | None:
             os.replace(out, lib)  # atomic: concurrent builders agree on the result
     dll = ctypes.CDLL(str(lib))
     fn = dll.paged_decode_attention_f32
-    fn.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _i64]
+    fn.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64,
+                   _i64, _f32, _i64]
     fn.restype = ctypes.c_int
     return dll
 
@@ -56,15 +57,42 @@ class PagedCPUAttention(TorchAttention):
     def __init__(self) -> None:
         self._fn = _kernel().paged_decode_attention_f32
 
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-        if q.dtype != torch.float32:
-            return super().decode(q, k_cache, v_cache, meta, scale, out)
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """The decodes' K/V are written by the kernel that attends over them; only the prefill
+        chunks' K/V go through index_copy_."""
         nd = meta.num_decodes
-        _, block_size, num_kv_heads, head_dim = k_cache.shape
-        qd, od = q[:nd].contiguous(), out[:nd]
+        if not nd or not all(_rows(t) for t in (q, k, v)) or q.dtype != torch.float32:
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        num_kv_heads, head_dim = k_cache.shape[2:]
+        if nd < q.shape[0]:
+            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], k[nd:])
+            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], v[nd:])
+        out = q.new_empty(q.shape)  # contiguous even when q is a view into q|k|v
         tables = meta.block_tables
-        failed = self._fn(qd.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-                          meta.seq_lens.data_ptr(), od.data_ptr(), nd, q.shape[1], num_kv_heads, head_dim,
-                          block_size, scale, meta.max_decode_len)
+        failed = self._fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                          meta.slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                          tables.shape[1], meta.seq_lens.data_ptr(), out.data_ptr(), nd, q.shape[1], num_kv_heads,
+                          head_dim, k_cache.shape[1], scale, meta.max_decode_len)
         if failed:
             raise MemoryError("paged decode attention could not allocate its score buffer")
+        if nd < len(meta.seq_lens_list):
+            self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+        return out
+
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+        """Decodes over a cache that already holds their K/V (the kernel writes none)."""
+        if q.dtype != torch.float32 or not _rows(q):
+            return super().decode(q, k_cache, v_cache, meta, scale, out)
+        _, block_size, num_kv_heads, head_dim = k_cache.shape
+        tables = meta.block_tables
+        failed = self._fn(q.data_ptr(), q.stride(0), None, 0, None, 0, None, k_cache.data_ptr(), v_cache.data_ptr(),
+                          tables.data_ptr(), tables.shape[1], meta.seq_lens.data_ptr(), out.data_ptr(),
+                          meta.num_decodes, q.shape[1], num_kv_heads, head_dim, block_size, scale,
+                          meta.max_decode_len)
+        if failed:
+            raise MemoryError("paged decode attention could not allocate its score buffer")
+
+
+def _rows(t: torch.Tensor) -> bool:
+    """[tokens, heads, head_dim] with heads packed in each token's row (tokens may be strided)."""
+    return t.stride(2) == 1 and t.stride(1) == t.shape[2]

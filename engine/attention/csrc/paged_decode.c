@@ -1,68 +1,199 @@
 /* Decode attention straight over the paged KV cache, for CPUs: one query token per
  * sequence, keys and values read in place through the block table (no gather copy).
- * Work is split over (sequence, kv head) pairs with OpenMP; loaded after torch, this
- * shares torch's libgomp. Two passes per pair: scores -> softmax -> weighted sum of V. */
+ * The step's new K/V rows are written into their cache slots here too, so a decode-only
+ * step costs one call per layer. Work is split over (sequence, kv head) pairs with OpenMP;
+ * loaded after torch, this shares torch's libgomp. Per pair, two passes over the context:
+ * scores -> softmax -> weighted sum of V; the query heads that share the kv head (the GQA
+ * group) are served by the same pass, so each K/V row is read from memory once. */
 #include <float.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-#define LANES 16
+#define TOKENS 16 /* keys scored together: one vector of scores */
 
 static inline float dot(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
     float s = 0.f;
-    for (int j = 0; j < LANES; j++) s += acc[j];
-    for (; i < n; i++) s += a[i] * b[i];
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
-static inline void axpy(float *y, float a, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+#if defined(__AVX512F__)
+/* The 16 lane sums of v[0..15], in order, as one vector: a transpose-and-add tree
+ * (15 shuffles + 15 adds for 16 sums) instead of 16 horizontal reductions. */
+static inline __m512 sum16(__m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per 128-bit lane: the lane's sum of 4 vectors */
+        __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)  /* lanes 0+1 and 2+3 of two such vectors */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-/* q, out: [n, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
- * block_tables: [n, max_blocks]; seq_lens: [n]. Query head h reads kv head h / (num_heads / num_kv_heads). */
-int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
-                               const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
-                               float *out, int64_t n, int64_t num_heads, int64_t num_kv_heads,
-                               int64_t head_dim, int64_t block_size, float scale, int64_t max_seq_len) {
+/* scores[t] = q . k[t] for 16 keys at rows[t] + off; head_dim a multiple of 16 */
+static inline void score16(const float *q, const float *const rows[TOKENS], int64_t off, int64_t head_dim,
+                           float *scores) {
+    __m512 acc[TOKENS];
+#pragma GCC unroll 16
+    for (int t = 0; t < TOKENS; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(q + d);
+#pragma GCC unroll 16
+        for (int t = 0; t < TOKENS; t++) acc[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows[t] + off + d), acc[t]);
+    }
+    _mm512_storeu_ps(scores, sum16(acc));
+}
+
+/* out[g] += sum_t p[g][t] * v[t] for n <= 16 tokens at rows[t] + off, num_g <= 4 heads (p rows
+ * p_stride apart, out rows out_stride apart) and nc <= 4 vectors of dims; always inlined with
+ * constant num_g and nc (see weighted_sum) so the sums stay in registers. */
+static inline __attribute__((always_inline)) void weighted_sum_fixed(
+        const float *p, int64_t p_stride, int64_t n, const int num_g, const int nc, const float *const rows[TOKENS],
+        int64_t off, float *out, int64_t out_stride) {
+    __m512 acc[4][4];
+    for (int g = 0; g < num_g; g++)
+        for (int c = 0; c < nc; c++) acc[g][c] = _mm512_loadu_ps(out + g * out_stride + 16 * c);
+    for (int64_t t = 0; t < n; t++) {
+        __m512 vv[4];
+        for (int c = 0; c < nc; c++) vv[c] = _mm512_loadu_ps(rows[t] + off + 16 * c);
+        for (int g = 0; g < num_g; g++) {
+            const __m512 pg = _mm512_set1_ps(p[g * p_stride + t]);
+            for (int c = 0; c < nc; c++) acc[g][c] = _mm512_fmadd_ps(pg, vv[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < num_g; g++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(out + g * out_stride + 16 * c, acc[g][c]);
+}
+
+static void weighted_sum(const float *p, int64_t p_stride, int64_t n, int num_g, int nc,
+                         const float *const rows[TOKENS], int64_t off, float *out, int64_t out_stride) {
+#define CASE(G, C) \
+    case 4 * (G - 1) + C - 1: weighted_sum_fixed(p, p_stride, n, G, C, rows, off, out, out_stride); break;
+    switch (4 * (num_g - 1) + nc - 1) {
+        CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+        CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
+    }
+#undef CASE
+}
+#endif
+
+/* rows[t] = the cache row of token t0 + t for t < n; past n, the last one repeated */
+static inline void token_rows(const float *cache, const int32_t *table, int64_t t0, int64_t n, int64_t block_size,
+                              int64_t token_stride, const float *rows[TOKENS]) {
+    int64_t b = t0 / block_size, o = t0 % block_size;
+    for (int t = 0; t < TOKENS; t++) {
+        rows[t] = t < n ? cache + ((int64_t)table[b] * block_size + o) * token_stride : rows[t - 1];
+        if (++o == block_size) o = 0, b++;
+    }
+}
+
+/* One work item: kv heads [kh0, kh1) of one sequence, each with its `group` query heads (at q
+ * and out, head_dim apart, starting at kv head kh0's first query head). The context is walked
+ * 16 tokens at a time across all the item's kv heads, so a block's rows are read together. */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int32_t *table, int64_t len,
+                   int64_t kh0, int64_t kh1, int64_t group, int64_t head_dim, int64_t block_size,
+                   int64_t token_stride, float scale, float *scores, float *out) {
+    const int64_t heads = (kh1 - kh0) * group;
+    const float *rows[TOKENS];
+    float s[TOKENS];
+#if defined(__AVX512F__)
+    const int vec = head_dim % 16 == 0;
+#else
+    const int vec = 0;
+#endif
+    for (int64_t t0 = 0; t0 < len; t0 += TOKENS) {
+        const int64_t n = len - t0 < TOKENS ? len - t0 : TOKENS;
+        token_rows(k_cache, table, t0, n, block_size, token_stride, rows);
+        for (int64_t kvh = kh0; kvh < kh1; kvh++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t h = (kvh - kh0) * group + g;
+#if defined(__AVX512F__)
+                if (vec) score16(q + h * head_dim, rows, kvh * head_dim, head_dim, s);
+#endif
+                if (!vec)
+                    for (int64_t t = 0; t < n; t++) s[t] = dot(q + h * head_dim, rows[t] + kvh * head_dim, head_dim);
+                for (int64_t t = 0; t < n; t++) scores[h * len + t0 + t] = s[t] * scale;
+            }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *sc = scores + h * len, m = -FLT_MAX, sum = 0.f;  /* finite: built with -ffast-math */
+        for (int64_t t = 0; t < len; t++) m = sc[t] > m ? sc[t] : m;
+        for (int64_t t = 0; t < len; t++) sum += (sc[t] = expf(sc[t] - m));
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; t++) sc[t] *= inv;
+    }
+    memset(out, 0, sizeof(float) * heads * head_dim);
+    for (int64_t t0 = 0; t0 < len; t0 += TOKENS) {
+        const int64_t n = len - t0 < TOKENS ? len - t0 : TOKENS;
+        token_rows(v_cache, table, t0, n, block_size, token_stride, rows);
+        for (int64_t kvh = kh0; kvh < kh1; kvh++) {
+            const int64_t h0 = (kvh - kh0) * group;
+#if defined(__AVX512F__)
+            if (vec) {
+                for (int64_t g0 = 0; g0 < group; g0 += 4)
+                    for (int64_t d0 = 0; d0 < head_dim; d0 += 64)
+                        weighted_sum(scores + (h0 + g0) * len + t0, len, n, group - g0 < 4 ? (int)(group - g0) : 4,
+                                     head_dim - d0 < 64 ? (int)(head_dim - d0) / 16 : 4, rows, kvh * head_dim + d0,
+                                     out + (h0 + g0) * head_dim + d0, head_dim);
+                continue;
+            }
+#endif
+            for (int64_t t = 0; t < n; t++) {
+                const float *v = rows[t] + kvh * head_dim;
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = scores[(h0 + g) * len + t0 + t];
+                    float *o = out + (h0 + g) * head_dim;
+                    for (int64_t i = 0; i < head_dim; i++) o[i] += p * v[i];
+                }
+            }
+        }
+    }
+}
+
+/* q: [n, num_heads, head_dim] with rows q_stride apart; k_new, v_new: [n, num_kv_heads, head_dim]
+ * with rows k_stride, v_stride apart, written to the cache at slots[i] first (skipped when k_new
+ * is NULL); out: [n, num_heads, head_dim] contiguous; k_cache, v_cache: [num_blocks, block_size,
+ * num_kv_heads, head_dim]; block_tables: [n, max_blocks]; seq_lens: [n]. Query head h reads kv
+ * head h / (num_heads / num_kv_heads). Returns nonzero when a score buffer could not be allocated. */
+int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_new, int64_t k_stride,
+                               const float *v_new, int64_t v_stride, const int64_t *slots, float *k_cache,
+                               float *v_cache, const int32_t *block_tables, int64_t max_blocks,
+                               const int32_t *seq_lens, float *out, int64_t n, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                               int64_t max_seq_len) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t token_stride = num_kv_heads * head_dim;
+    /* a whole sequence per item when there are enough to share out; else one kv head each */
+    const int64_t parts = n >= 2 * omp_get_max_threads() ? 1 : num_kv_heads;
+    const int64_t part_heads = num_kv_heads / parts;
     int failed = 0;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * group * (max_seq_len > 0 ? max_seq_len : 1));
+        float *scores = malloc(sizeof(float) * part_heads * group * (max_seq_len > 0 ? max_seq_len : 1));
         if (!scores) failed = 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < n * num_kv_heads; item++) {
+        for (int64_t item = 0; item < n * parts; item++) {
             if (!scores) continue;
-            const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
-            const int64_t len = seq_lens[s];
-            const int32_t *table = block_tables + s * max_blocks;
-            const float *qs = q + (s * num_heads + kvh * group) * head_dim;
-            for (int64_t t = 0; t < len; t++) {
-                const float *k = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride
-                                 + kvh * head_dim;
-                for (int64_t g = 0; g < group; g++) scores[g * len + t] = dot(qs + g * head_dim, k, head_dim) * scale;
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float *sc = scores + g * len, m = -FLT_MAX, sum = 0.f;  /* finite: built with -ffast-math */
-                for (int64_t t = 0; t < len; t++) m = sc[t] > m ? sc[t] : m;
-                for (int64_t t = 0; t < len; t++) sum += (sc[t] = expf(sc[t] - m));
-                for (int64_t t = 0; t < len; t++) sc[t] /= sum;
-            }
-            float *os = out + (s * num_heads + kvh * group) * head_dim;
-            memset(os, 0, sizeof(float) * group * head_dim);
-            for (int64_t t = 0; t < len; t++) {
-                const float *v = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride
-                                 + kvh * head_dim;
-                for (int64_t g = 0; g < group; g++) axpy(os + g * head_dim, scores[g * len + t], v, head_dim);
-            }
+            const int64_t s = item / parts, kh0 = item % parts * part_heads, kh1 = kh0 + part_heads;
+            if (k_new)  /* this item's own new rows; no other item reads them */
+                for (int64_t kvh = kh0; kvh < kh1; kvh++) {
+                    const int64_t dst = slots[s] * token_stride + kvh * head_dim;
+                    memcpy(k_cache + dst, k_new + s * k_stride + kvh * head_dim, sizeof(float) * head_dim);
+                    memcpy(v_cache + dst, v_new + s * v_stride + kvh * head_dim, sizeof(float) * head_dim);
+                }
+            attend(q + s * q_stride + kh0 * group * head_dim, k_cache, v_cache, block_tables + s * max_blocks,
+                   seq_lens[s], kh0, kh1, group, head_dim, block_size, token_stride, scale, scores,
+                   out + (s * num_heads + kh0 * group) * head_dim);
         }
         free(scores);
     }
