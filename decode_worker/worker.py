@@ -21,6 +21,49 @@ from executor.shell import ReplicaShell
 Item = tuple
 
 
+class RanksLanding:
+    """KVLanding of a tensor-parallel decode replica on the collective backend: every rank receives
+    its own heads, so a transfer has landed when it has on each of them (rank 0's receiver thread
+    here, the followers' over Ray)."""
+
+    def __init__(self, local, followers: list) -> None:
+        self.local, self.followers = local, followers
+        self._everywhere: set[int] = set()  # transfers seen landed on every rank
+
+    def expect(self, transfer_id: int) -> None:
+        pass
+
+    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool:
+        return self._wait(transfer_id, num_tokens, timeout, layer)
+
+    def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
+        if transfer_id in self._everywhere:
+            return True
+        if landed := self._wait(transfer_id, num_tokens, timeout, None):
+            self._everywhere.add(transfer_id)
+        return landed
+
+    def _wait(self, transfer_id: int, num_tokens: int, timeout: float, layer: int | None) -> bool:
+        import ray
+
+        waits = [a.kv_wait.remote(transfer_id, num_tokens, timeout, layer) for a in self.followers]
+        here = (self.local.wait_for_request(transfer_id, num_tokens, timeout) if layer is None
+                else self.local.wait_for_layer(transfer_id, layer, num_tokens, timeout))
+        return all(ray.get(waits, timeout=timeout + 10)) and here
+
+    def forget(self, transfer_id: int) -> None:
+        """After a commit the followers may forget at leisure; after an abort they must have before
+        the blocks are reused, so then this waits."""
+        import ray
+
+        self.local.forget(transfer_id)
+        refs = [a.kv_forget.remote(transfer_id) for a in self.followers]
+        if transfer_id in self._everywhere:
+            self._everywhere.discard(transfer_id)
+        else:
+            ray.get(refs, timeout=30)
+
+
 class DecodeWorker(ReplicaShell):
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
                  peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
@@ -35,6 +78,7 @@ class DecodeWorker(ReplicaShell):
         from engine.loop import EngineLoop
         from executor import start_followers
         from kv_transfer import KVReceiver
+        from kv_transfer.metadata import PoolHandle
         from kv_transfer.shm import ShmDecodeRanks, rank_pool_handles, shared_pool_allocator
 
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
@@ -46,14 +90,13 @@ class DecodeWorker(ReplicaShell):
             self.engine = LLMEngine.from_model(
                 model, **engine_kwargs, load_tokenizer=False, kv_allocator=shared_pool_allocator(pool_name, handles),
                 rank_launcher=functools.partial(start_followers, role=ShmDecodeRanks(pool_name)))
-            tp = self.engine.config.parallel.tensor_parallel_size
-            self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
-                pool_name, handles[0], self.engine.config.model_config.num_key_value_heads, tp)]
-        else:
+        else:  # each rank receives its slice of the KV heads over the KV group (join_kv_group)
             self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False)
-            tp = 1
-            self.handles = [{"collective": True, "name": pool_name, "kv_rank": None,
-                             "block_size": self.engine.config.cache.block_size}]
+            kv = self.engine.runner.kv_cache
+            handles.append(PoolHandle(pool_name, tuple(kv.shape), str(kv.dtype).removeprefix("torch.")))
+        tp = self.engine.config.parallel.tensor_parallel_size
+        self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
+            pool_name, handles[0], self.engine.config.model_config.num_key_value_heads, tp)]
         self._kv_store = None
         self.receiver = KVReceiver(self.engine, pool_name, lease_s)
         self._streams: dict[str, asyncio.Queue] = {}
@@ -73,8 +116,8 @@ class DecodeWorker(ReplicaShell):
         """Every prefill replica has mapped the pool: drop its names so nothing outlives the actors."""
         from kv_transfer.shm import unlink_pool
 
-        for h in self.handles:
-            if not h.get("collective"):
+        if self.kv_backend == "ipc":
+            for h in self.handles:
                 unlink_pool(h["name"])
 
     def start_kv_store(self) -> tuple[str, int]:
@@ -86,14 +129,20 @@ class DecodeWorker(ReplicaShell):
         return ray.util.get_node_ip_address(), self._kv_store.port
 
     def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the KV group (blocks until every member has) and start receiving into the pool."""
-        from kv_transfer.collective import CollectiveKVReceiverThread, kv_group
+        """Join the KV group as ranks rank.. rank+TP-1 (blocks until every member has); each rank
+        then receives its slice of the KV heads."""
+        import ray
 
-        group = kv_group(host, port, rank, world_size, prefix)
-        thread = CollectiveKVReceiverThread(self.engine.runner.kv_cache, group)
-        thread.start()
-        self.receiver.landing = thread
-        self.handles[0]["kv_rank"] = rank
+        from kv_transfer.collective import join_kv_group
+
+        followers = self.engine.followers
+        joins = [] if followers is None else [a.join_kv_group.remote(host, port, rank + i, world_size, prefix)
+                                              for i, a in enumerate(followers.actors, 1)]
+        thread = join_kv_group(self.engine.runner, host, port, rank, world_size, prefix)
+        ray.get(joins)
+        self.receiver.landing = thread if followers is None else RanksLanding(thread, followers.actors)
+        for i, h in enumerate(self.handles):
+            h["kv_rank"] = rank + i
 
     def tokenizer_files(self) -> dict[str, str] | None:
         from engine.loader import tokenizer_files
@@ -121,7 +170,7 @@ class DecodeWorker(ReplicaShell):
             wait = self.receiver.landing.wait_for_request
             await asyncio.get_running_loop().run_in_executor(
                 None, wait, r.transfer_id, r.num_tokens, self.receiver.commit_timeout_s)
-        await self._call(self.receiver.commit, request_id, first_token, lp)
+        await self._call(self.receiver.commit, request_id, first_token, lp, 0.0)  # landed, or it never will
 
     async def add_local(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str) -> None:
         """Prefill here too (a short prompt): the stream then starts with the first token."""

@@ -33,6 +33,7 @@ class RankWorker:
                                                         world_size)) is not None:
             self.runner.set_kv_saver(saver)
         self.error: str | None = None
+        self.kv_receiver = None
         self._thread = threading.Thread(target=self._follow, name=f"rank{rank}", daemon=True)
         self._thread.start()
 
@@ -56,6 +57,24 @@ class RankWorker:
 
         for h in handles:
             self.runner.kv_saver.attach(PoolHandle(**h))
+
+    # -- the collective KV backend (kv_transfer.collective) --------------------------------------
+    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
+        """Join the cluster's KV group: a prefill rank sends its heads from then on, a decode rank
+        receives its slice of the KV heads."""
+        from kv_transfer.collective import join_kv_group
+
+        self.kv_receiver = join_kv_group(self.runner, host, port, rank, world_size, prefix)
+
+    def kv_wait(self, transfer_id: int, num_tokens: int, timeout: float, layer: int | None = None) -> bool:
+        """Decode rank: True once positions [0, num_tokens) of the transfer are in `layer` (None: all)."""
+        if layer is None:
+            return self.kv_receiver.wait_for_request(transfer_id, num_tokens, timeout)
+        return self.kv_receiver.wait_for_layer(transfer_id, layer, num_tokens, timeout)
+
+    def kv_forget(self, transfer_id: int) -> None:
+        """Decode rank: the transfer is committed or aborted; once this returns nothing more of it lands."""
+        self.kv_receiver.forget(transfer_id)
 
 
 def loopback_ray() -> None:
@@ -139,7 +158,8 @@ def start_followers(config, init_method: str, device: str = "cpu", num_cpus: flo
         offset, own = 1, None  # bundle 0 is rank 0's
     # on CUDA each rank gets a GPU of its own from Ray (it then sees it as cuda:0)
     actor, gpus = ray.remote(RankWorker), 1 if device.startswith("cuda") else 0
+    # threaded: a decode rank's kv_wait blocks while kv_forget and status must still answer
     return Followers([actor.options(
-        num_cpus=num_cpus, num_gpus=gpus,
+        num_cpus=num_cpus, num_gpus=gpus, max_concurrency=4,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + r - 1),
     ).remote(config, r, n, init_method, device, num_threads, role) for r in range(1, n)], own)

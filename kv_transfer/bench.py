@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import time
 import uuid
 
@@ -61,10 +60,9 @@ def _collective_receiver(port: int, shape, num_tokens: int, ready: mp.Queue, out
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 2, is_master=False), rank=1,
+                            world_size=2)
     thread = CollectiveKVReceiverThread(torch.zeros(shape))
-    for tid in range(1, REPS + 2):
-        thread.expect(tid)
     thread.start()
     ready.put(True)
     times = []
@@ -80,16 +78,16 @@ def bench_collective(shape, kv, num_tokens) -> float:
     from kv_transfer.collective import CollectiveKVSaver
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # a port of the OS's choosing
+    port = store.port
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_collective_receiver, args=(port, shape, num_tokens, ready, out), daemon=True)
     child.start()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=2)
     ready.get(timeout=120)
-    saver = CollectiveKVSaver({"d": (1, shape[3])})
+    saver = CollectiveKVSaver(shape[4])
+    saver.attach(PoolHandle("d", tuple(shape), "float32", kv_rank=1))
     blocks = tuple(range(shape[2]))
     starts = []
     for tid in range(1, REPS + 2):

@@ -40,14 +40,16 @@ class LeaseExpired(KVTransferError):
 
 @dataclass(frozen=True)
 class PoolHandle:
-    """How a sender finds one rank's slice of a decode replica's KV pool. Filled by the decode
-    side at start-up. A replica at TP n has n handles: one pool, n slices of its KV heads."""
+    """How a sender finds one rank's slice of a decode replica's KV pool: its memory (ipc) or its
+    rank in the KV group (collective). Filled by the decode side at start-up. A replica at TP n
+    has n handles: one pool, n slices of its KV heads."""
     name: str  # unique per decode replica and rank
     shape: tuple[int, ...]  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
     dtype: str  # torch dtype name, e.g. "float32"
     pool: str = ""  # the replica's pool, as KVTarget.pool names it ("": the same as name)
     kv_heads: tuple[int, int] | None = None  # the model's KV heads this slice holds, [start, end) (None: all)
     cuda_ipc: tuple | None = None  # on CUDA: the pool's IPC handle (torch's rebuild_cuda_tensor arguments)
+    kv_rank: int | None = None  # collective backend: the rank in the KV group that receives into this slice
 
     @property
     def pool_name(self) -> str:

@@ -66,13 +66,16 @@ class KVReceiver:
         self.landing.expect(tid)
         return KVTarget(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s)
 
-    def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None) -> None:
-        """The sender is done: once every layer of every chunk has landed, the request joins the
-        decode batch. Raises KVTransferError (blocks freed) if that does not happen in time."""
+    def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None,
+               timeout: float | None = None) -> None:
+        """The sender is done: once every layer of every chunk has landed (waiting up to timeout,
+        default commit_timeout_s), the request joins the decode batch. Raises KVTransferError
+        (blocks freed) if that does not happen in time."""
         r = self.reservations.get(request_id)
         if r is None:
             raise KVTransferError(request_id, "no live reservation (expired or aborted)")
-        if not self.landing.wait_for_request(r.transfer_id, r.num_tokens, self.commit_timeout_s):
+        if not self.landing.wait_for_request(r.transfer_id, r.num_tokens, self.commit_timeout_s
+                                             if timeout is None else timeout):
             self.abort(request_id)
             raise KVTransferError(request_id, f"its KV did not land within {self.commit_timeout_s:g} s")
         del self.reservations[request_id]

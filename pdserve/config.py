@@ -99,10 +99,6 @@ class ClusterConfig:
                              "prefill too: a colocated cluster)")
         if self.kv_backend not in KV_BACKENDS:
             raise ValueError(f"kv_backend={self.kv_backend!r}; available: {KV_BACKENDS}")
-        if self.kv_backend == "collective" and (self.prefill.tensor_parallel_size, self.decode.tensor_parallel_size) \
-                != (1, 1):
-            raise ValueError("kv_backend='collective' pairs one prefill rank with one decode rank: set both pools' "
-                             "tensor_parallel_size to 1, or use kv_backend='ipc' (any TP degrees, one host)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:

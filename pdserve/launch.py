@@ -132,11 +132,14 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         d_info = ray.get([a.info.remote() for a in decode])
         ray.get([a.info.remote() for a in prefill])
         say("pools up; connecting the prefill pool to the decode pool's KV")
-        if config.kv_backend == "collective":  # one gloo group: decode replicas are ranks 0.., prefill after
+        if config.kv_backend == "collective":  # one gloo group: every rank of the decode replicas, then prefill's
             host, port = ray.get(decode[0].start_kv_store.remote())
-            members = [*decode, *prefill]
-            ray.get([a.join_kv_group.remote(host, port, rank, len(members), f"{config.name}-{tag}/kv")
-                     for rank, a in enumerate(members)])
+            members = [(a, config.decode.tensor_parallel_size) for a in decode] + \
+                      [(a, config.prefill.tensor_parallel_size) for a in prefill]
+            firsts = [sum(n for _, n in members[:i]) for i in range(len(members))]
+            world = sum(n for _, n in members)
+            ray.get([a.join_kv_group.remote(host, port, first, world, f"{config.name}-{tag}/kv")
+                     for (a, _), first in zip(members, firsts)])
             d_info = ray.get([a.info.remote() for a in decode])
         ray.get([a.attach.remote([h for i in d_info for h in i["pools"]]) for a in prefill])
         ray.get([a.unlink_pool.remote() for a in decode])  # all mapped: the name is no longer needed

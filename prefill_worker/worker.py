@@ -35,15 +35,16 @@ class PrefillWorker(ReplicaShell):
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self._params = SamplingParams
         self.model = model
-        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
-                                           rank_launcher=functools.partial(start_followers, role=ShmPrefillRanks()))
-        tp = self.engine.config.parallel.tensor_parallel_size
         if kv_backend == "ipc":
-            saver = ShmKVSaver.for_rank(self.engine.config.model_config.num_key_value_heads, 0, tp)
+            saver_class, role = ShmKVSaver.for_rank, ShmPrefillRanks()
         else:
-            from kv_transfer.collective import CollectiveKVSaver
+            from kv_transfer.collective import CollectiveKVSaver, CollectivePrefillRanks
 
-            saver = CollectiveKVSaver({})
+            saver_class, role = CollectiveKVSaver, CollectivePrefillRanks()
+        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
+                                           rank_launcher=functools.partial(start_followers, role=role))
+        tp = self.engine.config.parallel.tensor_parallel_size
+        saver = saver_class(self.engine.config.model_config.num_key_value_heads, 0, tp)
         self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
         self.leases_expired = 0
@@ -63,20 +64,22 @@ class PrefillWorker(ReplicaShell):
         return tokenizer_files(self.model)
 
     def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the cluster's KV group (collective backend; blocks until every member has)."""
-        from kv_transfer.collective import kv_group
+        """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; blocks until
+        every member has)."""
+        import ray
 
-        self.sender.saver.group = kv_group(host, port, rank, world_size, prefix)
+        from kv_transfer.collective import join_kv_group
+
+        followers = self.engine.followers
+        joins = [] if followers is None else [a.join_kv_group.remote(host, port, rank + i, world_size, prefix)
+                                              for i, a in enumerate(followers.actors, 1)]
+        join_kv_group(self.engine.runner, host, port, rank, world_size, prefix)
+        ray.get(joins)
 
     async def attach(self, handles: list[dict[str, Any]]) -> None:
-        """Reach the decode replicas' KV pools: PoolHandle fields (ipc), or their rank in the KV
-        group (collective), one dict each."""
+        """Reach the decode replicas' KV pools (PoolHandle fields, one per decode rank): map them
+        (ipc) or learn their ranks in the KV group (collective), on every rank of this replica."""
         from kv_transfer.metadata import PoolHandle
-
-        if handles and handles[0].get("collective"):
-            for h in handles:
-                self.sender.saver.peers[h["name"]] = (h["kv_rank"], h["block_size"])
-            return
 
         if self.engine.followers is not None:  # before any step sends there
             await asyncio.get_running_loop().run_in_executor(None, self.engine.followers.call, "attach", handles)

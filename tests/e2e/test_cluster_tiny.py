@@ -94,11 +94,15 @@ def test_the_process_that_runs_the_router_never_imports_torch(tiny_model) -> Non
     assert "heavy: []" in run.stdout
 
 
-@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1), (2, 2), (1, 4)])
-def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, prefill_tp, decode_tp) -> None:
-    """The tiny model has 2 KV heads: at TP 4 each is held by two ranks (replicated)."""
-    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(
-        **{"prefill.tensor_parallel_size": prefill_tp, "decode.tensor_parallel_size": decode_tp})
+@pytest.mark.parametrize("backend,prefill_tp,decode_tp", [
+    ("ipc", 1, 2), ("ipc", 2, 1), ("ipc", 2, 2), ("ipc", 1, 4),
+    ("collective", 1, 2), ("collective", 2, 1), ("collective", 2, 2), ("collective", 4, 2)])
+def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, backend, prefill_tp,
+                                                         decode_tp) -> None:
+    """The tiny model has 2 KV heads: at TP 4 each is held by two ranks (replicated; on the prefill
+    side only one of them sends it)."""
+    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(kv_backend=backend, **{
+        "prefill.tensor_parallel_size": prefill_tp, "decode.tensor_parallel_size": decode_tp})
     prompts = prompts_of([5, 60, 200, 300], seed=3)  # the long ones take several 128-token chunks
     want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
 
@@ -109,7 +113,33 @@ def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, 
         with Client(cluster.address) as client:
             status = client.status()
             assert [r.tensor_parallel_size for p in status.pools for r in p.replicas] == [prefill_tp, decode_tp]
+            assert status.kv_backend == backend
             assert not any(wait_idle(client).values())
+
+
+def test_collective_aborts_free_every_rank_and_never_touch_reused_blocks(ray_local, tiny_model) -> None:
+    """Collective backend, both pools at TP 2: requests whose deadlines pass mid-prefill or
+    mid-decode free their blocks on both pools (every decode rank forgets the transfer before its
+    blocks are reused), and the requests around them, and after them in those blocks, stay exact."""
+    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(kv_backend="collective", **{
+        "prefill.tensor_parallel_size": 2, "decode.tensor_parallel_size": 2})
+    prompts = prompts_of([300, 250, 200, 150, 280, 60], seed=8)
+    want = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(prompts, GREEDY)]
+
+    async def run(address: str):
+        async with AsyncClient(address, timeout=120) as client:
+            doomed = [client.generate(p, max_tokens=400, ignore_eos=True, timeout=0.1 + 0.3 * i)
+                      for i, p in enumerate(prompts)]
+            kept = [client.generate(p, temperature=0, max_tokens=48, ignore_eos=True) for p in prompts]
+            return await asyncio.gather(*doomed, *kept, return_exceptions=True)
+
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address) as client:
+        results = asyncio.run(run(cluster.address))
+        assert all(isinstance(r, RequestError) and r.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                   for r in results[:len(prompts)]), results
+        assert [r.token_ids for r in results[len(prompts):]] == want
+        assert not any(wait_idle(client).values())
+        assert [g.token_ids for g in generate_all(cluster.address, prompts)] == want  # in the freed blocks
 
 
 def test_a_colocated_cluster_prefills_on_the_decode_replica(ray_local, tiny_model) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
+import time
 
 import pytest
 import torch.distributed as dist
@@ -12,26 +12,24 @@ import torch.distributed as dist
 from engine import LLMEngine, SamplingParams
 from kv_transfer import KVReceiver, KVSender, KVTransferError
 from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver
+from kv_transfer.metadata import PoolHandle
 from tests.kv_transfer.test_shm_transfer import generate_on, prompts_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on loopback only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budget: int) -> None:
+def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budget: int, device: str) -> None:
     import torch
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
-    engine = LLMEngine.from_model(model, num_kv_blocks=64, max_num_batched_tokens=budget)
-    sender = KVSender(engine, CollectiveKVSaver(jobs.get()))
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=2)
+    engine = LLMEngine.from_model(model, num_kv_blocks=64, max_num_batched_tokens=budget, device=device)
+    saver = CollectiveKVSaver(engine.config.model_config.num_key_value_heads)
+    saver.attach(PoolHandle(**jobs.get()))
+    sender = KVSender(engine, saver)
     while (job := jobs.get()) is not None:
         for prompt, params, target in job:
             sender.add(prompt, params, target)
@@ -40,28 +38,40 @@ def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budg
     dist.destroy_process_group()
 
 
-@pytest.fixture
-def pair(tiny_checkpoints):
-    """(decode engine, receiver, receiver thread, jobs, results, child process), decode is this process."""
-    model = str(tiny_checkpoints["llama"])
+def start_pair(model: str, device: str = "cpu"):
+    """(decode engine, receiver, receiver thread, jobs, results, child process): the decode engine in
+    this process, a prefill engine sending to it from a child, both on `device`."""
     ctx = mp.get_context("spawn")
-    jobs, results, port = ctx.Queue(), ctx.Queue(), _free_port()
-    child = ctx.Process(target=_prefill_rank, args=(model, port, jobs, results, 16), daemon=True)
+    # the store binds a port of the OS's choosing here, so no other process can take it first
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    jobs, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_prefill_rank, args=(model, store.port, jobs, results, 16, device), daemon=True)
     child.start()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=2)
-    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8)
+    dist.init_process_group("gloo", store=store, rank=1, world_size=2)
+    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8, device=device)
     thread = CollectiveKVReceiverThread(decode.runner.kv_cache)
     thread.start()
     receiver = KVReceiver(decode, "d0", landing=thread, commit_timeout_s=20)
-    jobs.put({"d0": (1, 8)})
-    yield decode, receiver, thread, jobs, results, child
+    kv = decode.runner.kv_cache
+    jobs.put(dict(name="d0", shape=tuple(kv.shape), dtype="float32", kv_rank=1))
+    return decode, receiver, thread, jobs, results, child
+
+
+def stop_pair(jobs: mp.Queue, child) -> None:
     if child.is_alive():
         jobs.put(None)
         child.join(30)
     dist.destroy_process_group()
 
 
-def test_collective_transfer_equals_one_engine(pair) -> None:
+@pytest.fixture
+def pair(tiny_checkpoints):
+    decode, receiver, thread, jobs, results, child = start_pair(str(tiny_checkpoints["llama"]))
+    yield decode, receiver, thread, jobs, results, child
+    stop_pair(jobs, child)
+
+
+def check_transfer_equals_one_engine(pair) -> None:
     decode, receiver, thread, jobs, results, _ = pair
     prompts = prompts_of([1, 9, 40, 77])
     free = decode.block_manager.num_free_blocks
@@ -81,6 +91,10 @@ def test_collective_transfer_equals_one_engine(pair) -> None:
     assert decode.block_manager.num_free_blocks == free
 
 
+def test_collective_transfer_equals_one_engine(pair) -> None:
+    check_transfer_equals_one_engine(pair)
+
+
 def test_sender_killed_mid_transfer_frees_the_reservation(pair) -> None:
     decode, receiver, thread, jobs, results, child = pair
     free = decode.block_manager.num_free_blocks
@@ -93,11 +107,29 @@ def test_sender_killed_mid_transfer_frees_the_reservation(pair) -> None:
     layers = decode.runner.kv_cache.shape[0]
     # per layer: the first chunk is in every layer; layers land in order; the prompt never completes
     assert all(thread.wait_for_layer(target.transfer_id, layer, 16, timeout=10) for layer in range(layers))
-    with thread.cond:
-        landed = list(thread.layer_landed[target.transfer_id])
+    landed = thread.landed(target.transfer_id)
     assert landed == sorted(landed, reverse=True) and all(n % 16 == 0 for n in landed)
     assert not thread.wait_for_layer(target.transfer_id, layers - 1, len(prompt), timeout=0.2)
     with pytest.raises(KVTransferError, match="doomed"):
         receiver.commit("doomed", 1)  # the sender claims done, but the KV never landed
     assert decode.block_manager.num_free_blocks == free
     assert not decode.has_unfinished()
+
+
+def test_rows_of_an_aborted_transfer_never_land(pair) -> None:
+    """Abort on the decode side first, then the sender (which has not heard) sends the whole prompt:
+    its rows arrive and are dropped, so blocks freed by the abort are never written."""
+    decode, receiver, thread, jobs, results, _ = pair
+    prompt = prompts_of([40])[0]
+    target = receiver.reserve(prompt, GREEDY, "gone")
+    assert receiver.abort("gone")
+    jobs.put([(prompt, GREEDY, target)])
+    assert [len(results.get(timeout=60)) for _ in range(3)] == [0, 0, 1]  # chunks of 16, 16, 8
+    layers, _, _, _, heads, dim = decode.runner.kv_cache.shape
+    every_row = len(prompt) * layers * 2 * heads * dim * 4
+    deadline = time.monotonic() + 30
+    while thread.bytes_received < every_row and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert thread.bytes_received == every_row and thread.error is None
+    assert thread.landed(target.transfer_id) == [0] * layers
+    assert decode.runner.kv_cache[:, :, list(target.block_ids)].abs().sum() == 0
