@@ -133,3 +133,12 @@ def test_rows_of_an_aborted_transfer_never_land(pair) -> None:
     assert thread.bytes_received == every_row and thread.error is None
     assert thread.landed(target.transfer_id) == [0] * layers
     assert decode.runner.kv_cache[:, :, list(target.block_ids)].abs().sum() == 0
+
+
+def test_default_model_over_the_collective() -> None:
+    """SmolLM2 at TP 1 on both sides, chunked prefill (16-token chunks) on the sending side."""
+    pair = start_pair("default")
+    try:
+        check_transfer_equals_one_engine(pair)
+    finally:
+        stop_pair(pair[3], pair[5])
