@@ -4,11 +4,6 @@ use the torch reference path."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +12,7 @@ import torch
 from engine.attention.backend import register_backend
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import TorchAttention
+from engine.native import build
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-lm"]  # fast-math: vector expf
@@ -25,22 +21,9 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 @cache
 def _kernel() -> ctypes.CDLL | None:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
+    dll = build(_SOURCE, _FLAGS)
+    if dll is None:
         return None
-    src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
-    lib = cache_dir / f"paged_decode-{tag}.so"
-    if not lib.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            out = Path(tmp) / lib.name
-            done = subprocess.run([cc, str(_SOURCE), "-o", str(out), *_FLAGS], capture_output=True)
-            if done.returncode != 0:
-                return None
-            os.replace(out, lib)  # atomic: concurrent builders agree on the result
-    dll = ctypes.CDLL(str(lib))
     fn = dll.paged_decode_attention_f32
     fn.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64,
                    _i64, _f32, _i64]

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.layers.fused import add_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -13,8 +14,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """With residual: add it first and return (normed, new residual), saving a pass."""
-        if residual is not None:
-            x = residual = x + residual
-        out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        """With residual: add it first and return (normed, new residual), saving a pass; x and
+        residual may be overwritten (the callers never read them again)."""
+        out, residual = add_rms_norm(x, residual, self.weight, self.eps)
         return out if residual is None else (out, residual)

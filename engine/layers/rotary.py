@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from engine.layers.fused import rotary_inplace
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -26,6 +28,15 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> to
     return torch.where(medium, blended, scaled)
 
 
+class Rope(NamedTuple):
+    """One step's rotary inputs, made once and used by every layer."""
+    positions: torch.Tensor  # [num_tokens] int64
+    cos: torch.Tensor  # [num_tokens, 1, head_dim]
+    sin: torch.Tensor  # [num_tokens, 1, head_dim], rotate-half sign folded in
+    cos_table: torch.Tensor  # [max_positions, head_dim]: what the C path reads through positions
+    sin_table: torch.Tensor
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None = None) -> None:
@@ -36,12 +47,17 @@ class RotaryEmbedding(nn.Module):
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin): the sign is folded in here, once
         self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [num_tokens, 1, head_dim]; computed once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def forward(self, positions: torch.Tensor) -> Rope:
+        return Rope(positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, num_heads, head_dim]; sin carries the rotate-half sign (see above)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
+
+
+def rotate_(x: torch.Tensor, rope: Rope) -> None:
+    """apply_rotary in place on x: [num_tokens, num_heads, head_dim], a view into q|k|v."""
+    if not rotary_inplace(x, rope.positions, rope.cos_table, rope.sin_table):
+        x.copy_(apply_rotary(x, rope.cos, rope.sin))

@@ -18,7 +18,7 @@ from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoE
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import Rope, RotaryEmbedding, apply_rotary, rotate_
 from engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
@@ -48,15 +48,15 @@ class Attention(nn.Module):
         self.kv_saver: KVSaver | None = None  # set on the prefill side of a disaggregated pair
         self.layer_idx = 0
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         h, kvh = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(-1, h + 2 * kvh, self.head_dim)  # [num_tokens, q|k|v heads, head_dim]
         if self.q_norm is None:
-            qk = apply_rotary(qkv[:, :h + kvh], cos, sin)  # q and k heads rotate in one pass
-            q, k = qk[:, :h], qk[:, h:]
+            rotate_(qkv[:, :h + kvh], rope)  # q and k heads rotate in one pass, in place
+            q, k = qkv[:, :h], qkv[:, h:h + kvh]
         else:
-            q = apply_rotary(self.q_norm(qkv[:, :h]), cos, sin)
-            k = apply_rotary(self.k_norm(qkv[:, h:h + kvh]), cos, sin)
+            q = apply_rotary(self.q_norm(qkv[:, :h]), rope.cos, rope.sin)
+            k = apply_rotary(self.k_norm(qkv[:, h:h + kvh]), rope.cos, rope.sin)
         v = qkv[:, h + kvh:]
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
         if self.kv_saver is not None:  # this layer's K/V leave now, while later layers compute
@@ -74,13 +74,12 @@ class DecoderLayer(nn.Module):
                         cfg.norm_topk_prob, parallel.expert_parallel)
                     if cfg.num_experts else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin)
+        x = self.self_attn(x, rope)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -94,10 +93,10 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary(positions)
+        rope = self.rotary(positions)
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
+            x, residual = layer(x, residual, rope)
         x, _ = self.norm(x, residual)
         return x  # [num_tokens, hidden]
 

@@ -1,0 +1,65 @@
+"""The decoder layer's elementwise steps as single C passes on CPU fp32 tensors (csrc/fused.c),
+with the torch expressions they replace as the fallback (other devices and dtypes, strided
+inputs, no C compiler)."""
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.native import build
+
+_SOURCE = Path(__file__).parent / "csrc" / "fused.c"
+# no FMA contraction: products and sums round as torch's separate ops round them
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    dll = build(_SOURCE, _FLAGS)
+    if dll is None:
+        return None
+    dll.add_rms_norm_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+    dll.add_rms_norm_f32.restype = None
+    dll.rotary_f32.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+    dll.rotary_f32.restype = None
+    return dll
+
+
+def _native(x: torch.Tensor) -> bool:
+    return x.dtype is torch.float32 and x.is_cpu and _lib() is not None
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rms_norm(x + residual) * weight, x + residual), or (rms_norm(x) * weight, None) without a
+    residual. With a residual, both buffers are reused: the sum lands in residual, the normed
+    output in x (neither is read again by the caller)."""
+    if (_native(x) and weight.dtype is torch.float32 and x.is_contiguous()
+            and (residual is None or residual.is_contiguous())):
+        cols = weight.numel()
+        out = x if residual is not None else torch.empty_like(x)
+        _lib().add_rms_norm_f32(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                                weight.data_ptr(), out.data_ptr(), x.numel() // cols, cols, eps)
+        return out, residual
+    if residual is not None:
+        x = residual = x + residual
+    return F.rms_norm(x, weight.shape, weight, eps), residual
+
+
+def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor
+                   ) -> bool:
+    """The rotary embedding in place on x: [num_tokens, heads, head_dim] (a view into q|k|v is fine)
+    with cos/sin table rows [max_positions, head_dim] picked by positions; False where only the
+    torch path can (see rotary.rotate_)."""
+    if not (_native(x) and cos_table.dtype is torch.float32 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+            and positions.dtype == torch.int64 and positions.is_contiguous() and cos_table.is_contiguous()
+            and sin_table.is_contiguous()):
+        return False
+    _lib().rotary_f32(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], positions.data_ptr(),
+                      cos_table.data_ptr(), sin_table.data_ptr())
+    return True
