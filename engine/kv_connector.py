@@ -32,3 +32,8 @@ class KVSaver(ABC):
 
     def end_step(self) -> None:
         """Called after the step's forward: every layer's K/V for the step has been handed over."""
+
+    def unreachable(self) -> dict[str, str]:
+        """Destination pools this saver can no longer send to, with why (a peer died): requests
+        bound there are lost, the rest go on."""
+        return {}

@@ -4,7 +4,10 @@ of the replica."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from typing import Any
+
+from executor.errors import ReplicaDead, plain
 
 
 class ReplicaShell:
@@ -27,12 +30,18 @@ class ReplicaShell:
         """Load and utilization, read on the actor's thread: a long step never delays the answer, so
         a replica that does not answer is really down."""
         if self.loop.error is not None:
-            from engine.loop import ReplicaDead
-
             raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
         return self._stats()
 
     async def _call(self, fn, *args):
         """fn(*args) on the engine's thread, between steps."""
         self._aloop = self._aloop or asyncio.get_running_loop()
-        return await asyncio.wrap_future(self.loop.call(fn, *args))
+        return await self._plain(self.loop.call(fn, *args))
+
+    @staticmethod
+    async def _plain(fut: Future):
+        """Await a future of the engine's thread; its error as the router can read it (errors.plain)."""
+        try:
+            return await asyncio.wrap_future(fut)
+        except Exception as e:
+            raise plain(e) from None

@@ -47,14 +47,17 @@ def _recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup | None
 
 
 def kv_group(store_host: str, store_port: int, rank: int, world_size: int, prefix: str,
-             timeout_s: float = 600.0) -> dist.ProcessGroup:
+             rendezvous_timeout_s: float = 600.0) -> dist.ProcessGroup:
     """A gloo group of its own for KV transfer (every rank of every replica of a cluster), apart
-    from the default group a tensor-parallel replica uses; the store is a decode replica's TCPStore."""
+    from the default group a tensor-parallel replica uses; the store is a decode replica's TCPStore.
+    Its operations never time out: a gloo receive that times out closes the group's connections,
+    and a decode rank's receiver waits for as long as the cluster is idle (a dead peer fails a
+    send or receive at once)."""
     import datetime
 
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
-    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, timeout)
+    store = dist.TCPStore(store_host, store_port, is_master=False,
+                          timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, datetime.timedelta(days=3650))
 
 
 def join_kv_group(runner, host: str, port: int, rank: int, world_size: int, prefix: str
@@ -98,8 +101,9 @@ class CollectiveKVSaver(KVSaver):
         self.group, self.kv_rank = group, kv_rank  # group None: the default torch.distributed group
         # pool name -> per decode rank: (its rank in the group, its heads [start, end), block size)
         self.peers: dict[str, list[tuple[int, tuple[int, int], int]]] = {}
-        self._dsts: list[tuple[int, torch.Tensor | None, slice | None]] = []
-        self._inflight: list[tuple[dist.Work, torch.Tensor]] = []
+        self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None]] = []
+        self._inflight: list[tuple[dist.Work, torch.Tensor, str]] = []
+        self._unreachable: dict[str, str] = {}  # pool name -> why (a send to one of its ranks failed)
         self.bytes_sent = 0
 
     def join(self, group: dist.ProcessGroup, kv_rank: int) -> None:
@@ -134,37 +138,51 @@ class CollectiveKVSaver(KVSaver):
             return
         source_group = self.kv_rank - self.tp_rank
         for name, (rows, slots, segments) in sends.items():
+            if name in self._unreachable:
+                continue
             rows_t, index = (None if rows is None else torch.tensor(rows)), torch.tensor(slots + segments)
             for dst, heads, _ in self.peers[name]:
                 lo, hi = _overlap(heads, self.heads)
                 if lo >= hi:
                     continue
                 self._send(torch.tensor([len(slots), len(segments) // 3, lo - heads[0], hi - heads[0],
-                                         source_group, self._senders_of(heads)]), dst)
-                self._send(index, dst)
+                                         source_group, self._senders_of(heads)]), dst, name)
+                self._send(index, dst, name)
                 mine = None if (lo, hi) == self.heads else slice(lo - self.heads[0], hi - self.heads[0])
-                self._dsts.append((dst, rows_t, mine))
+                self._dsts.append((dst, name, rows_t, mine))
 
     def begin_step(self, layout: StepLayout) -> None:
         self.begin_planned(self.plan(layout))
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for dst, rows, heads in self._dsts:
+        for dst, name, rows, heads in self._dsts:
             k_rows, v_rows = (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
             if heads is not None:
                 k_rows, v_rows = k_rows[:, heads], v_rows[:, heads]
             kv = torch.stack((k_rows, v_rows))  # [2, num_rows, heads, head_dim], contiguous
-            self._send(kv.cpu(), dst)  # gloo sends host memory: a CUDA layer is staged through it
+            self._send(kv.cpu(), dst, name)  # gloo sends host memory: a CUDA layer is staged through it
             self.bytes_sent += kv.numel() * kv.element_size()
 
     def end_step(self) -> None:
-        for work, _ in self._inflight:
-            work.wait()
+        for work, _, name in self._inflight:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                self._unreachable.setdefault(name, str(e).splitlines()[0][:200])
         self._inflight.clear()
         self._dsts = []
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        self._inflight.append((_isend(tensor, dst, self.group), tensor))  # keep it alive until sent
+    def unreachable(self) -> dict[str, str]:
+        return self._unreachable
+
+    def _send(self, tensor: torch.Tensor, dst: int, pool: str) -> None:
+        """Send asynchronously; a peer that died makes its pool unreachable, not this replica fail."""
+        if pool in self._unreachable:
+            return
+        try:
+            self._inflight.append((_isend(tensor, dst, self.group), tensor, pool))  # keep it alive until sent
+        except RuntimeError as e:
+            self._unreachable[pool] = str(e).splitlines()[0][:200]
 
 
 @dataclass
@@ -191,47 +209,54 @@ class CollectiveKVReceiverThread(threading.Thread):
         self.transfers: dict[int, _Landed] = {}
         self.forgotten: dict[int, float] = {}  # transfer id -> when
         self.cond = threading.Condition()
-        self.error: BaseException | None = None
+        self.num_errors = 0  # receives that failed (a sender died mid-step)
+        self.last_error: BaseException | None = None
         self.bytes_received = 0
 
     def run(self) -> None:
+        """Receive steps until the process ends. A sender that dies loses only what it had not
+        finished sending; the other senders go on."""
         layers, _, _, _, heads, dim = self.pool.shape
         flat = [(self.pool[layer, 0].view(-1, heads, dim), self.pool[layer, 1].view(-1, heads, dim))
                 for layer in range(layers)]
-        try:
-            while True:
-                header = torch.empty(HEADER, dtype=torch.int64)
+        header = torch.empty(HEADER, dtype=torch.int64)
+        while True:
+            try:
                 src = _recv(header, None, self.group)  # from any prefill rank
-                num_rows, num_segments, lo, hi, source_group, senders = header.tolist()
-                index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64)
-                _recv(index, src, self.group)
-                slots, segments = index[:num_rows].to(self.pool.device), index[num_rows:].view(-1, 3).tolist()
-                buf = torch.empty(2, num_rows, hi - lo, dim, dtype=self.pool.dtype)  # host memory, for gloo
-                for layer, (k_flat, v_flat) in enumerate(flat):
-                    _recv(buf, src, self.group)
-                    rows = buf.to(self.pool.device)  # no copy on CPU
-                    if (lo, hi) != (0, heads):
-                        k_flat, v_flat = k_flat[:, lo:hi], v_flat[:, lo:hi]
-                    # under the lock: once forget() returns, not one more row of that transfer is written
-                    with self.cond:
-                        landed = [self._landed(tid, source_group, senders, src) for tid, _, _ in segments]
-                        if all(x is not None for x in landed):
-                            k_flat.index_copy_(0, slots, rows[0])
-                            v_flat.index_copy_(0, slots, rows[1])
-                        else:  # rows of forgotten transfers must not touch blocks that may be reused
-                            keep = torch.tensor([x is not None for x, (_, _, n) in zip(landed, segments)
-                                                 for _ in range(n)], device=self.pool.device)
-                            k_flat.index_copy_(0, slots[keep], rows[0][keep])
-                            v_flat.index_copy_(0, slots[keep], rows[1][keep])
-                        for per_layer, (_, first, n) in zip(landed, segments):
-                            if per_layer is not None:
-                                per_layer[layer] = max(per_layer[layer], first + n)
-                        self.cond.notify_all()
-                    self.bytes_received += buf.numel() * buf.element_size()
-        except BaseException as e:  # the peer died or the group was torn down
+                self._receive_step(src, header.tolist(), flat)
+            except RuntimeError as e:  # the sender died mid-step: what it sent of the step is dropped
+                self.num_errors += 1
+                self.last_error = e
+                time.sleep(0.01)
+
+    def _receive_step(self, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        num_rows, num_segments, lo, hi, source_group, senders = header
+        heads, dim = self.pool.shape[4:]
+        index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64)
+        _recv(index, src, self.group)
+        slots, segments = index[:num_rows].to(self.pool.device), index[num_rows:].view(-1, 3).tolist()
+        buf = torch.empty(2, num_rows, hi - lo, dim, dtype=self.pool.dtype)  # host memory, for gloo
+        for layer, (k_flat, v_flat) in enumerate(flat):
+            _recv(buf, src, self.group)
+            rows = buf.to(self.pool.device)  # no copy on CPU
+            if (lo, hi) != (0, heads):
+                k_flat, v_flat = k_flat[:, lo:hi], v_flat[:, lo:hi]
+            # under the lock: once forget() returns, not one more row of that transfer is written
             with self.cond:
-                self.error = e
+                landed = [self._landed(tid, source_group, senders, src) for tid, _, _ in segments]
+                if all(x is not None for x in landed):
+                    k_flat.index_copy_(0, slots, rows[0])
+                    v_flat.index_copy_(0, slots, rows[1])
+                else:  # rows of forgotten transfers must not touch blocks that may be reused
+                    keep = torch.tensor([x is not None for x, (_, _, n) in zip(landed, segments)
+                                         for _ in range(n)], device=self.pool.device)
+                    k_flat.index_copy_(0, slots[keep], rows[0][keep])
+                    v_flat.index_copy_(0, slots[keep], rows[1][keep])
+                for per_layer, (_, first, n) in zip(landed, segments):
+                    if per_layer is not None:
+                        per_layer[layer] = max(per_layer[layer], first + n)
                 self.cond.notify_all()
+            self.bytes_received += buf.numel() * buf.element_size()
 
     def _landed(self, tid: int, source_group: int, senders: int, src: int) -> list[int] | None:
         """The per-layer counts of (transfer, sending rank); None for a forgotten transfer."""
@@ -265,7 +290,7 @@ class CollectiveKVReceiverThread(threading.Thread):
             t = self.transfers.get(transfer_id)
             return t is not None and t.layer(layer) >= num_tokens
         with self.cond:
-            return self.cond.wait_for(lambda: done() or self.error is not None, timeout) and done()
+            return self.cond.wait_for(done, timeout)
 
     def forget(self, transfer_id: int) -> None:
         """The transfer is committed or aborted: drop its counts, and any row of it still to come."""

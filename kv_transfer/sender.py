@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from engine import LLMEngine, SamplingParams
 from engine.kv_connector import KVSaver
 from engine.sequence import TokenLogprobs
-from kv_transfer.metadata import KVTarget, LeaseExpired
+from kv_transfer.metadata import KVTarget, KVTransferError, LeaseExpired
 
 
 @dataclass
@@ -26,6 +26,7 @@ class KVSender:
         self.saver = saver
         engine.runner.set_kv_saver(saver)
         self.targets: dict[str, KVTarget] = {}
+        self._lost: list[KVTransferError] = []  # finished prompts whose KV could not all be sent
 
     def add(self, prompt_token_ids: Seq[int], params: SamplingParams, target: KVTarget) -> None:
         # the prefill side samples only the first token; the decode side owns the rest
@@ -37,18 +38,30 @@ class KVSender:
         self.targets.pop(request_id, None)
         return self.engine.abort(request_id)
 
-    def expire(self, now: float | None = None) -> list[LeaseExpired]:
-        """Abort every prompt whose decode-side lease has ended: its blocks there may be freed now,
-        so not one more byte is written. Call it before each step."""
+    def expire(self, now: float | None = None) -> list[KVTransferError]:
+        """Give up on every prompt whose decode-side lease has ended (its blocks there may be freed
+        now, so not one more byte is written: LeaseExpired) or whose decode pool can no longer be
+        reached (KVTransferError). Call it before each step."""
         now = time.time() if now is None else now
-        dead = [t for t in self.targets.values() if t.deadline <= now]
-        for t in dead:
+        lost, self._lost = self._lost, []
+        unreachable = self.saver.unreachable()
+        for t in [t for t in self.targets.values() if t.deadline <= now or t.pool in unreachable]:
             self.abort(t.request_id)
-        return [LeaseExpired(t.request_id, "the decode side's lease ended before the prefill did") for t in dead]
+            lost.append(LeaseExpired(t.request_id, "the decode side's lease ended before the prefill did")
+                        if t.deadline <= now else self._unreachable(t, unreachable))
+        return lost
 
     def step(self) -> list[PrefillDone]:
         done = []
         for out in self.engine.step():
             target = self.targets.pop(out.request_id)
+            if target.pool in (unreachable := self.saver.unreachable()):
+                self._lost.append(self._unreachable(target, unreachable))
+                continue
             done.append(PrefillDone(target, out.token_ids[0], out.logprobs[0] if out.logprobs else None))
         return done
+
+    @staticmethod
+    def _unreachable(target: KVTarget, unreachable: dict[str, str]) -> KVTransferError:
+        return KVTransferError(target.request_id, f"its decode pool {target.pool!r} is unreachable "
+                                                  f"({unreachable[target.pool]})")

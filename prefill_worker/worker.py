@@ -97,7 +97,7 @@ class PrefillWorker(ReplicaShell):
         self._pending[target.request_id] = done
         try:
             await self._call(self.sender.add, prompt_token_ids, params, target)
-            return await asyncio.wrap_future(done)
+            return await self._plain(done)
         finally:
             self._pending.pop(target.request_id, None)
 
@@ -120,8 +120,10 @@ class PrefillWorker(ReplicaShell):
                 fut.set_result((d.first_token, dataclasses.astuple(d.logprobs) if d.logprobs is not None else None))
 
     def _expire(self) -> None:
+        from kv_transfer import LeaseExpired
+
         for e in self.sender.expire():
-            self.leases_expired += 1
+            self.leases_expired += isinstance(e, LeaseExpired)
             if (fut := self._pending.get(e.request_id)) is not None and not fut.done():
                 fut.set_exception(e)
 

@@ -43,12 +43,13 @@ class Replica:
 
 
 class WorkerError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, kv_lost: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.kv_lost = kv_lost  # the KV could not reach the decode replica: no use prefilling elsewhere
 
 
-DEAD = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaDead")
+DEAD = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaDead")  # ReplicaDead: executor/errors.py
 
 
 def worker_error(e: BaseException, replica: Replica, rid: str) -> WorkerError:
@@ -57,8 +58,10 @@ def worker_error(e: BaseException, replica: Replica, rid: str) -> WorkerError:
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, ValueError):
         return WorkerError(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
-    if type(cause).__name__ == "LeaseExpired":
+    if type(cause).__name__ == "LeaseEnded":  # executor/errors.py
         return WorkerError(grpc.StatusCode.ABORTED, str(cause))
+    if type(cause).__name__ == "KVLost":
+        return WorkerError(grpc.StatusCode.UNAVAILABLE, str(cause), kv_lost=True)
     if type(e).__name__ in DEAD or type(cause).__name__ in DEAD:
         replica.healthy = False
         return WorkerError(grpc.StatusCode.UNAVAILABLE,
@@ -361,7 +364,7 @@ class Router(pb_grpc.GenerationServicer):
             except WorkerError as e:
                 req.prefilling = False  # it never started, or its replica is gone
                 self.metrics.kv_failures.inc()
-                if e.code != grpc.StatusCode.UNAVAILABLE:
+                if e.code != grpc.StatusCode.UNAVAILABLE or e.kv_lost:  # kv_lost: the decode side decides
                     raise
                 log.warning("%s; trying another prefill replica", e)
             finally:

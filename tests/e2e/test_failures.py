@@ -1,7 +1,8 @@
-"""Replicas that die mid-request, on the default model: a dead prefill replica's request is
-prefilled again elsewhere (another prefill replica, then the decode replica itself) with the
-same tokens; a dead decode replica fails its requests at once with UNAVAILABLE naming them.
-Either way no KV block stays held on the replicas still alive."""
+"""Replicas that die mid-request, on the default model, for both KV backends: a dead prefill
+replica's request is prefilled again elsewhere (another prefill replica, then the decode replica
+itself) with the same tokens; a dead decode replica fails its requests at once with UNAVAILABLE
+naming them, and the prefill replica that was sending to it goes on serving the others. Either
+way no KV block stays held on the replicas still alive."""
 from __future__ import annotations
 
 import threading
@@ -20,10 +21,11 @@ LONG = "The history of the river valley, told slowly. " * 120  # ~1300 tokens: a
 PARAMS = dict(temperature=0, max_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def cluster(ray_local):
-    config = small_cluster("default").replace(**{"prefill.replicas": 2, "decode.replicas": 2,
-                                                 "decode.num_kv_blocks": 512})
+@pytest.fixture(scope="module", params=["ipc", "collective"])
+def cluster(ray_local, request):
+    """Two replicas per pool; the tests below kill them one by one, in order."""
+    config = small_cluster("default").replace(kv_backend=request.param, **{
+        "prefill.replicas": 2, "decode.replicas": 2, "decode.num_kv_blocks": 512})
     with start_cluster(config, progress=None) as c:
         yield c
 
@@ -80,6 +82,7 @@ def test_a_decode_replica_dying_mid_transfer_fails_the_request_and_frees_the_pre
         time.sleep(0.5)  # the prefill replica finishes the step it was in
         status = pools(client)
         assert sum(r.healthy for name, r in status.items() if name.startswith("decode")) == 1
+        assert sum(r.healthy for name, r in status.items() if name.startswith("prefill")) == 1  # still serving
         assert not any(r.kv_blocks_used for r in status.values() if r.healthy)
 
 
