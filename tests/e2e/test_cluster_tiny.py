@@ -96,7 +96,7 @@ def test_the_process_that_runs_the_router_never_imports_torch(tiny_model) -> Non
 
 @pytest.mark.parametrize("backend,prefill_tp,decode_tp", [
     ("ipc", 1, 2), ("ipc", 2, 1), ("ipc", 2, 2), ("ipc", 1, 4),
-    ("collective", 1, 2), ("collective", 2, 1), ("collective", 2, 2), ("collective", 4, 2)])
+    ("collective", 1, 2), ("collective", 2, 1), ("collective", 2, 2), ("collective", 2, 4), ("collective", 4, 2)])
 def test_kv_is_resharded_between_tensor_parallel_degrees(ray_local, tiny_model, backend, prefill_tp,
                                                          decode_tp) -> None:
     """The tiny model has 2 KV heads: at TP 4 each is held by two ranks (replicated; on the prefill
