@@ -97,6 +97,17 @@ static inline void token_rows(const float *cache, const int32_t *table, int64_t 
     }
 }
 
+/* Asks for the rows of tokens [t0, t0 + 16) (those below len), bytes [from, from + bytes) of each,
+ * ahead of their use: the walk through the blocks is too irregular for the hardware prefetcher. */
+static inline void prefetch_rows(const float *cache, const int32_t *table, int64_t t0, int64_t len,
+                                 int64_t block_size, int64_t token_stride, int64_t from, int64_t bytes) {
+    for (int64_t t = t0; t < t0 + TOKENS && t < len; t++) {
+        const char *r = (const char *)(cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * token_stride
+                                       + from);
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 3);
+    }
+}
+
 /* One work item: kv heads [kh0, kh1) of one sequence, each with its `group` query heads (at q
  * and out, head_dim apart, starting at kv head kh0's first query head). The context is walked
  * 16 tokens at a time across all the item's kv heads, so a block's rows are read together. */
@@ -114,6 +125,11 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     for (int64_t t0 = 0; t0 < len; t0 += TOKENS) {
         const int64_t n = len - t0 < TOKENS ? len - t0 : TOKENS;
         token_rows(k_cache, table, t0, n, block_size, token_stride, rows);
+        if (t0 + TOKENS < len)  /* the next keys; at the last, the first values */
+            prefetch_rows(k_cache, table, t0 + TOKENS, len, block_size, token_stride, kh0 * head_dim,
+                          (kh1 - kh0) * head_dim * 4);
+        else
+            prefetch_rows(v_cache, table, 0, len, block_size, token_stride, kh0 * head_dim, (kh1 - kh0) * head_dim * 4);
         for (int64_t kvh = kh0; kvh < kh1; kvh++)
             for (int64_t g = 0; g < group; g++) {
                 const int64_t h = (kvh - kh0) * group + g;
@@ -136,6 +152,8 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     for (int64_t t0 = 0; t0 < len; t0 += TOKENS) {
         const int64_t n = len - t0 < TOKENS ? len - t0 : TOKENS;
         token_rows(v_cache, table, t0, n, block_size, token_stride, rows);
+        prefetch_rows(v_cache, table, t0 + TOKENS, len, block_size, token_stride, kh0 * head_dim,
+                      (kh1 - kh0) * head_dim * 4);
         for (int64_t kvh = kh0; kvh < kh1; kvh++) {
             const int64_t h0 = (kvh - kh0) * group;
 #if defined(__AVX512F__)
