@@ -33,14 +33,12 @@ HEADER = 6
 FORGOTTEN_KEEP_S = 600.0  # how long rows of a forgotten transfer are still recognised (and dropped)
 
 
-def _isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None) -> dist.Work:
-    return dist.isend(tensor, dst) if group is None else group.send([tensor], dst, 0)
+def _isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup) -> dist.Work:
+    return group.send([tensor], dst, 0)
 
 
-def _recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup | None) -> int:
+def _recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup) -> int:
     """Receive into tensor from src (None: any source); returns the source rank."""
-    if group is None:
-        return dist.recv(tensor, src)
     work = group.recv_anysource([tensor], 0) if src is None else group.recv([tensor], src, 0)
     work.wait()
     return work.source_rank() if src is None else src
@@ -98,7 +96,7 @@ class CollectiveKVSaver(KVSaver):
         self.num_kv_heads, self.tp_rank, self.tp_size = num_kv_heads, rank, world_size
         self.heads = kv_head_range(num_kv_heads, rank, world_size)
         self.writes = rank % max(1, world_size // num_kv_heads) == 0
-        self.group, self.kv_rank = group, kv_rank  # group None: the default torch.distributed group
+        self.group, self.kv_rank = group, kv_rank  # group None: the default torch.distributed group (tests)
         # pool name -> per decode rank: (its rank in the group, its heads [start, end), block size)
         self.peers: dict[str, list[tuple[int, tuple[int, int], int]]] = {}
         self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None]] = []
@@ -179,8 +177,8 @@ class CollectiveKVSaver(KVSaver):
         """Send asynchronously; a peer that died makes its pool unreachable, not this replica fail."""
         if pool in self._unreachable:
             return
-        try:
-            self._inflight.append((_isend(tensor, dst, self.group), tensor, pool))  # keep it alive until sent
+        try:  # keep the tensor alive until sent
+            self._inflight.append((_isend(tensor, dst, self.group or dist.group.WORLD), tensor, pool))
         except RuntimeError as e:
             self._unreachable[pool] = str(e).splitlines()[0][:200]
 
@@ -205,10 +203,11 @@ class CollectiveKVReceiverThread(threading.Thread):
     def __init__(self, pool: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(daemon=True, name="kv-receiver")
         self.pool = pool  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
-        self.group = group
+        self.group = group or dist.group.WORLD  # None: the default group, as it is now (tests)
         self.transfers: dict[int, _Landed] = {}
         self.forgotten: dict[int, float] = {}  # transfer id -> when
         self.cond = threading.Condition()
+        self._stopped = False
         self.num_errors = 0  # receives that failed (a sender died mid-step)
         self.last_error: BaseException | None = None
         self.bytes_received = 0
@@ -220,14 +219,23 @@ class CollectiveKVReceiverThread(threading.Thread):
         flat = [(self.pool[layer, 0].view(-1, heads, dim), self.pool[layer, 1].view(-1, heads, dim))
                 for layer in range(layers)]
         header = torch.empty(HEADER, dtype=torch.int64)
+        failing = 0  # receives failed in a row
         while True:
             try:
                 src = _recv(header, None, self.group)  # from any prefill rank
                 self._receive_step(src, header.tolist(), flat)
+                failing = 0
             except RuntimeError as e:  # the sender died mid-step: what it sent of the step is dropped
+                if self._stopped:
+                    return
                 self.num_errors += 1
                 self.last_error = e
-                time.sleep(0.01)
+                failing += 1
+                time.sleep(min(1.0, 0.01 * 2 ** failing))  # a group that stays broken is not polled hot
+
+    def stop(self) -> None:
+        """End the thread when its group is torn down (a receive pending until then stays so)."""
+        self._stopped = True
 
     def _receive_step(self, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         num_rows, num_segments, lo, hi, source_group, senders = header

@@ -17,4 +17,4 @@ def test_collective_on_cuda_equals_one_engine(tiny_checkpoints) -> None:
         assert pair[0].runner.kv_cache.is_cuda
         check_transfer_equals_one_engine(pair)
     finally:
-        stop_pair(pair[3], pair[5])
+        stop_pair(pair)

@@ -57,18 +57,20 @@ def start_pair(model: str, device: str = "cpu"):
     return decode, receiver, thread, jobs, results, child
 
 
-def stop_pair(jobs: mp.Queue, child) -> None:
+def stop_pair(pair) -> None:
+    _, _, thread, jobs, _, child = pair
     if child.is_alive():
         jobs.put(None)
         child.join(30)
+    thread.stop()
     dist.destroy_process_group()
 
 
 @pytest.fixture
 def pair(tiny_checkpoints):
-    decode, receiver, thread, jobs, results, child = start_pair(str(tiny_checkpoints["llama"]))
-    yield decode, receiver, thread, jobs, results, child
-    stop_pair(jobs, child)
+    pair = start_pair(str(tiny_checkpoints["llama"]))
+    yield pair
+    stop_pair(pair)
 
 
 def check_transfer_equals_one_engine(pair) -> None:
@@ -141,4 +143,4 @@ def test_default_model_over_the_collective() -> None:
     try:
         check_transfer_equals_one_engine(pair)
     finally:
-        stop_pair(pair[3], pair[5])
+        stop_pair(pair)
