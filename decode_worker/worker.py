@@ -128,18 +128,11 @@ class DecodeWorker(ReplicaShell):
         self._kv_store = dist.TCPStore(ray.util.get_node_ip_address(), 0, is_master=True, wait_for_workers=False)
         return ray.util.get_node_ip_address(), self._kv_store.port
 
-    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the KV group as ranks rank.. rank+TP-1 (blocks until every member has); each rank
+    async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
+        """Join the KV group as ranks rank.. rank+TP-1 (returns once every member has); each rank
         then receives its slice of the KV heads."""
-        import ray
-
-        from kv_transfer.collective import join_kv_group
-
+        thread = await self._join_kv_group(host, port, rank, world_size, prefix)
         followers = self.engine.followers
-        joins = [] if followers is None else [a.join_kv_group.remote(host, port, rank + i, world_size, prefix)
-                                              for i, a in enumerate(followers.actors, 1)]
-        thread = join_kv_group(self.engine.runner, host, port, rank, world_size, prefix)
-        ray.get(joins)
         self.receiver.landing = thread if followers is None else RanksLanding(thread, followers.actors)
         for i, h in enumerate(self.handles):
             h["kv_rank"] = rank + i

@@ -26,6 +26,18 @@ class ReplicaShell:
         """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
         return list(self.engine.followers.actors) if self.engine.followers is not None else []
 
+    async def _join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str):
+        """This rank and its followers join the cluster's KV group as ranks rank.. rank+TP-1 (the
+        collective backend); returns this rank's receiver thread on a decode replica, else None."""
+        from kv_transfer.collective import join_kv_group
+
+        followers = self.rank_actors()
+        joins = [a.join_kv_group.remote(host, port, rank + i, world_size, prefix) for i, a in enumerate(followers, 1)]
+        thread = await asyncio.get_running_loop().run_in_executor(
+            None, join_kv_group, self.engine.runner, host, port, rank, world_size, prefix)
+        await asyncio.gather(*joins)
+        return thread
+
     async def stats(self) -> dict[str, Any]:
         """Load and utilization, read on the actor's thread: a long step never delays the answer, so
         a replica that does not answer is really down."""

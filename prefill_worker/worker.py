@@ -63,18 +63,10 @@ class PrefillWorker(ReplicaShell):
 
         return tokenizer_files(self.model)
 
-    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; blocks until
+    async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
+        """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; returns once
         every member has)."""
-        import ray
-
-        from kv_transfer.collective import join_kv_group
-
-        followers = self.engine.followers
-        joins = [] if followers is None else [a.join_kv_group.remote(host, port, rank + i, world_size, prefix)
-                                              for i, a in enumerate(followers.actors, 1)]
-        join_kv_group(self.engine.runner, host, port, rank, world_size, prefix)
-        ray.get(joins)
+        await self._join_kv_group(host, port, rank, world_size, prefix)
 
     async def attach(self, handles: list[dict[str, Any]]) -> None:
         """Reach the decode replicas' KV pools (PoolHandle fields, one per decode rank): map them
