@@ -30,26 +30,16 @@ class RanksLanding:
         self.local, self.followers = local, followers
         self._everywhere: set[int] = set()  # transfers seen landed on every rank
 
-    def expect(self, transfer_id: int) -> None:
-        pass
-
-    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool:
-        return self._wait(transfer_id, num_tokens, timeout, layer)
-
     def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
-        if transfer_id in self._everywhere:
-            return True
-        if landed := self._wait(transfer_id, num_tokens, timeout, None):
-            self._everywhere.add(transfer_id)
-        return landed
-
-    def _wait(self, transfer_id: int, num_tokens: int, timeout: float, layer: int | None) -> bool:
         import ray
 
-        waits = [a.kv_wait.remote(transfer_id, num_tokens, timeout, layer) for a in self.followers]
-        here = (self.local.wait_for_request(transfer_id, num_tokens, timeout) if layer is None
-                else self.local.wait_for_layer(transfer_id, layer, num_tokens, timeout))
-        return all(ray.get(waits, timeout=timeout + 10)) and here
+        if transfer_id in self._everywhere:
+            return True
+        waits = [a.kv_wait.remote(transfer_id, num_tokens, timeout) for a in self.followers]
+        here = self.local.wait_for_request(transfer_id, num_tokens, timeout)
+        if landed := all(ray.get(waits, timeout=timeout + 10)) and here:
+            self._everywhere.add(transfer_id)
+        return landed
 
     def forget(self, transfer_id: int) -> None:
         """After a commit the followers may forget at leisure; after an abort they must have before

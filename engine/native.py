@@ -12,6 +12,16 @@ import tempfile
 from pathlib import Path
 
 
+def load(source: Path, flags: list[str], functions: dict[str, tuple[list, type | None]]) -> ctypes.CDLL | None:
+    """build() and declare each function's (argtypes, restype)."""
+    dll = build(source, flags)
+    if dll is not None:
+        for name, (argtypes, restype) in functions.items():
+            fn = getattr(dll, name)
+            fn.argtypes, fn.restype = argtypes, restype
+    return dll
+
+
 def build(source: Path, flags: list[str]) -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:

@@ -14,7 +14,7 @@ FOLLOWER_TIMEOUT_S = 3600.0  # a follower waits this long for rank 0's next step
 class RankWorker:
     """role (optional): what the replica's connector needs on every rank, with
     kv_allocator(rank) and kv_saver(num_kv_heads, rank, world_size), either may return None
-    (kv_transfer.shm.ShmDecodeRanks, ShmPrefillRanks)."""
+    (kv_transfer.shm.ShmDecodeRanks, kv_transfer.plan.PrefillRanks)."""
 
     def __init__(self, config, rank: int, world_size: int, init_method: str, device: str = "cpu",
                  num_threads: int = 1, role: Any = None) -> None:
@@ -66,11 +66,9 @@ class RankWorker:
 
         self.kv_receiver = join_kv_group(self.runner, host, port, rank, world_size, prefix)
 
-    def kv_wait(self, transfer_id: int, num_tokens: int, timeout: float, layer: int | None = None) -> bool:
-        """Decode rank: True once positions [0, num_tokens) of the transfer are in `layer` (None: all)."""
-        if layer is None:
-            return self.kv_receiver.wait_for_request(transfer_id, num_tokens, timeout)
-        return self.kv_receiver.wait_for_layer(transfer_id, layer, num_tokens, timeout)
+    def kv_wait(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
+        """Decode rank: True once positions [0, num_tokens) of the transfer are in every layer."""
+        return self.kv_receiver.wait_for_request(transfer_id, num_tokens, timeout)
 
     def kv_forget(self, transfer_id: int) -> None:
         """Decode rank: the transfer is committed or aborted; once this returns nothing more of it lands."""

@@ -75,17 +75,6 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     return max(a[0], b[0]), min(a[1], b[1])
 
 
-@dataclass(frozen=True)
-class CollectivePrefillRanks:
-    """What ranks 1..n-1 of a prefill replica need: a saver that sends their heads."""
-
-    def kv_allocator(self, rank: int):
-        return None
-
-    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
-        return CollectiveKVSaver(num_kv_heads, rank, world_size)
-
-
 class CollectiveKVSaver(KVSaver):
     """Worker half on prefill rank `rank` of a replica at TP `world_size`. Each step it sends every
     decode rank that holds some of its KV heads those heads' rows (a rank whose heads are
@@ -97,8 +86,9 @@ class CollectiveKVSaver(KVSaver):
         self.heads = kv_head_range(num_kv_heads, rank, world_size)
         self.writes = rank % max(1, world_size // num_kv_heads) == 0
         self.group, self.kv_rank = group, kv_rank  # group None: the default torch.distributed group (tests)
-        # pool name -> per decode rank: (its rank in the group, its heads [start, end), block size)
-        self.peers: dict[str, list[tuple[int, tuple[int, int], int]]] = {}
+        # pool name -> per decode rank: (its rank in the group, its heads [start, end), block size,
+        # how many ranks of this replica send it heads)
+        self.peers: dict[str, list[tuple[int, tuple[int, int], int, int]]] = {}
         self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None]] = []
         self._inflight: list[tuple[dist.Work, torch.Tensor, str]] = []
         self._unreachable: dict[str, str] = {}  # pool name -> why (a send to one of its ranks failed)
@@ -111,7 +101,7 @@ class CollectiveKVSaver(KVSaver):
         """Learn one decode rank of a decode replica (attaching it again is a no-op)."""
         if handle.kv_rank is None:
             raise ValueError(f"KV pool {handle.name!r} has no rank in the KV group; was the group joined?")
-        peer = (handle.kv_rank, handle.head_range, handle.shape[3])
+        peer = (handle.kv_rank, handle.head_range, handle.shape[3], self._senders_of(handle.head_range))
         if peer not in (peers := self.peers.setdefault(handle.pool_name, [])):
             peers.append(peer)
 
@@ -139,12 +129,12 @@ class CollectiveKVSaver(KVSaver):
             if name in self._unreachable:
                 continue
             rows_t, index = (None if rows is None else torch.tensor(rows)), torch.tensor(slots + segments)
-            for dst, heads, _ in self.peers[name]:
+            for dst, heads, _, senders in self.peers[name]:
                 lo, hi = _overlap(heads, self.heads)
                 if lo >= hi:
                     continue
                 self._send(torch.tensor([len(slots), len(segments) // 3, lo - heads[0], hi - heads[0],
-                                         source_group, self._senders_of(heads)]), dst, name)
+                                         source_group, senders]), dst, name)
                 self._send(index, dst, name)
                 mine = None if (lo, hi) == self.heads else slice(lo - self.heads[0], hi - self.heads[0])
                 self._dsts.append((dst, name, rows_t, mine))
@@ -209,7 +199,6 @@ class CollectiveKVReceiverThread(threading.Thread):
         self.cond = threading.Condition()
         self._stopped = False
         self.num_errors = 0  # receives that failed (a sender died mid-step)
-        self.last_error: BaseException | None = None
         self.bytes_received = 0
 
     def run(self) -> None:
@@ -225,11 +214,10 @@ class CollectiveKVReceiverThread(threading.Thread):
                 src = _recv(header, None, self.group)  # from any prefill rank
                 self._receive_step(src, header.tolist(), flat)
                 failing = 0
-            except RuntimeError as e:  # the sender died mid-step: what it sent of the step is dropped
+            except RuntimeError:  # the sender died mid-step: what it sent of the step is dropped
                 if self._stopped:
                     return
                 self.num_errors += 1
-                self.last_error = e
                 failing += 1
                 time.sleep(min(1.0, 0.01 * 2 ** failing))  # a group that stays broken is not polled hot
 

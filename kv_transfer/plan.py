@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.kv_connector import StepLayout
+from engine.kv_connector import KVSaver, StepLayout
 from kv_transfer.metadata import KVTarget
 
 
@@ -14,6 +14,19 @@ class PoolPlan:
     rows: list[int] = field(default_factory=list)  # rows of the flat batch to send
     slots: list[int] = field(default_factory=list)  # decode-side cache slot of each row
     segments: list[int] = field(default_factory=list)  # flat (transfer id, first position, num rows) per request
+
+
+@dataclass(frozen=True)
+class PrefillRanks:
+    """What ranks 1..n-1 of a prefill replica need (executor's role): a saver for their heads,
+    made by make_saver(num_kv_heads, rank, world_size) (ShmKVSaver.for_rank, CollectiveKVSaver)."""
+    make_saver: Callable[[int, int, int], KVSaver]
+
+    def kv_allocator(self, rank: int) -> None:
+        return None
+
+    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver:
+        return self.make_saver(num_kv_heads, rank, world_size)
 
 
 def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None]) -> dict[str, PoolPlan]:

@@ -15,8 +15,6 @@ from kv_transfer.metadata import KVTarget, KVTransferError, LeaseExpired, Reserv
 class KVLanding(Protocol):
     """How a backend's worker half tells the receiver that a transfer's bytes have landed."""
 
-    def expect(self, transfer_id: int) -> None: ...
-    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool: ...
     def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool: ...
     def forget(self, transfer_id: int) -> None: ...
 
@@ -24,12 +22,6 @@ class KVLanding(Protocol):
 class WrittenInPlace:
     """Backends whose sender writes straight into the pool (shared memory, CUDA IPC): by the time
     the sender reports a prefill done, its bytes are there."""
-
-    def expect(self, transfer_id: int) -> None:
-        pass
-
-    def wait_for_layer(self, transfer_id: int, layer: int, num_tokens: int, timeout: float) -> bool:
-        return True
 
     def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
         return True
@@ -63,7 +55,6 @@ class KVReceiver:
         blocks, tid = tuple(seq.block_table), next(self._transfer_ids)
         self.reservations[request_id] = Reservation(request_id, tid, seq.num_prompt_tokens,
                                                     time.monotonic() + self.lease_s + self.grace_s)
-        self.landing.expect(tid)
         return KVTarget(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s)
 
     def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None,

@@ -93,17 +93,6 @@ class ShmDecodeRanks:
         return None
 
 
-@dataclass(frozen=True)
-class ShmPrefillRanks:
-    """What ranks 1..n-1 of a prefill replica need: a saver that writes their heads."""
-
-    def kv_allocator(self, rank: int) -> KVAllocator | None:
-        return None
-
-    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
-        return ShmKVSaver.for_rank(num_kv_heads, rank, world_size)
-
-
 class ShmKVSaver(KVSaver):
     """Worker half on a prefill rank: per layer, each of its KV heads goes straight into every
     decode rank's slice that holds that head (re-sharding between any two TP degrees: one gather

@@ -30,21 +30,20 @@ class PrefillWorker(ReplicaShell):
         from engine.loop import EngineLoop
         from executor import start_followers
         from kv_transfer import KVSender
-        from kv_transfer.shm import ShmKVSaver, ShmPrefillRanks
+        from kv_transfer.plan import PrefillRanks
+        from kv_transfer.shm import ShmKVSaver
 
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self._params = SamplingParams
         self.model = model
         if kv_backend == "ipc":
-            saver_class, role = ShmKVSaver.for_rank, ShmPrefillRanks()
+            make_saver = ShmKVSaver.for_rank
         else:
-            from kv_transfer.collective import CollectiveKVSaver, CollectivePrefillRanks
-
-            saver_class, role = CollectiveKVSaver, CollectivePrefillRanks()
-        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
-                                           rank_launcher=functools.partial(start_followers, role=role))
+            from kv_transfer.collective import CollectiveKVSaver as make_saver
+        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False, rank_launcher=functools.partial(
+            start_followers, role=PrefillRanks(make_saver)))
         tp = self.engine.config.parallel.tensor_parallel_size
-        saver = saver_class(self.engine.config.model_config.num_key_value_heads, 0, tp)
+        saver = make_saver(self.engine.config.model_config.num_key_value_heads, 0, tp)
         self.sender = KVSender(self.engine, saver)
         self._pending: dict[str, Future] = {}  # request id -> (first token, logprobs), set on the engine thread
         self.leases_expired = 0

@@ -12,7 +12,7 @@ import torch
 from engine.attention.backend import register_backend
 from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import TorchAttention
-from engine.native import build
+from engine.native import load
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-lm"]  # fast-math: vector expf
@@ -21,14 +21,9 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 @cache
 def _kernel() -> ctypes.CDLL | None:
-    dll = build(_SOURCE, _FLAGS)
-    if dll is None:
-        return None
-    fn = dll.paged_decode_attention_f32
-    fn.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64,
-                   _i64, _f32, _i64]
-    fn.restype = ctypes.c_int
-    return dll
+    return load(_SOURCE, _FLAGS, {"paged_decode_attention_f32": (
+        [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32,
+         _i64], ctypes.c_int)})
 
 
 @register_backend("cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.native import build
+from engine.native import load
 
 _SOURCE = Path(__file__).parent / "csrc" / "fused.c"
 # no FMA contraction: products and sums round as torch's separate ops round them
@@ -20,14 +20,8 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    dll = build(_SOURCE, _FLAGS)
-    if dll is None:
-        return None
-    dll.add_rms_norm_f32.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
-    dll.add_rms_norm_f32.restype = None
-    dll.rotary_f32.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
-    dll.rotary_f32.restype = None
-    return dll
+    return load(_SOURCE, _FLAGS, {"add_rms_norm_f32": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32], None),
+                                  "rotary_f32": ([_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr], None)})
 
 
 def _native(x: torch.Tensor) -> bool:

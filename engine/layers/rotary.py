@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,13 +29,21 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> to
     return torch.where(medium, blended, scaled)
 
 
-class Rope(NamedTuple):
-    """One step's rotary inputs, made once and used by every layer."""
-    positions: torch.Tensor  # [num_tokens] int64
-    cos: torch.Tensor  # [num_tokens, 1, head_dim]
-    sin: torch.Tensor  # [num_tokens, 1, head_dim], rotate-half sign folded in
-    cos_table: torch.Tensor  # [max_positions, head_dim]: what the C path reads through positions
-    sin_table: torch.Tensor
+class Rope:
+    """One step's rotary inputs, made once and used by every layer: the C pass reads the tables
+    through positions; the per-token cos/sin rows are gathered only if the torch path needs them."""
+
+    def __init__(self, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor) -> None:
+        self.positions = positions  # [num_tokens] int64
+        self.cos_table, self.sin_table = cos_table, sin_table  # [max_positions, head_dim]
+
+    @cached_property
+    def cos(self) -> torch.Tensor:
+        return self.cos_table[self.positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
+
+    @cached_property
+    def sin(self) -> torch.Tensor:
+        return self.sin_table[self.positions].unsqueeze(1)  # rotate-half sign folded in
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,7 +57,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> Rope:
-        return Rope(positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), self.cos, self.sin)
+        return Rope(positions, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,6 +67,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def rotate_(x: torch.Tensor, rope: Rope) -> None:
-    """apply_rotary in place on x: [num_tokens, num_heads, head_dim], a view into q|k|v."""
+    """apply_rotary in place on x: [num_tokens, num_heads, head_dim] (a view into q|k|v is fine)."""
     if not rotary_inplace(x, rope.positions, rope.cos_table, rope.sin_table):
         x.copy_(apply_rotary(x, rope.cos, rope.sin))

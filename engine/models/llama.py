@@ -18,7 +18,7 @@ from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoE
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import Rope, RotaryEmbedding, apply_rotary, rotate_
+from engine.layers.rotary import Rope, RotaryEmbedding, rotate_
 from engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
@@ -55,8 +55,9 @@ class Attention(nn.Module):
             rotate_(qkv[:, :h + kvh], rope)  # q and k heads rotate in one pass, in place
             q, k = qkv[:, :h], qkv[:, h:h + kvh]
         else:
-            q = apply_rotary(self.q_norm(qkv[:, :h]), rope.cos, rope.sin)
-            k = apply_rotary(self.k_norm(qkv[:, h:h + kvh]), rope.cos, rope.sin)
+            q, k = self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + kvh])  # fresh tensors: rotate in place
+            rotate_(q, rope)
+            rotate_(k, rope)
         v = qkv[:, h + kvh:]
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(), self.scale)
         if self.kv_saver is not None:  # this layer's K/V leave now, while later layers compute
