@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.layers.fused import argmax_rows
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, TokenLogprobs
 
@@ -40,7 +41,7 @@ class Sampler:
         """logits: [num_seqs, vocab], one row per sampling sequence; position = seq.num_tokens."""
         logits = logits.float()
         if all(s.params.greedy for s in seqs):
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = argmax_rows(logits).tolist()
         else:
             tokens = [sample_row(logits[i], s.params, s.seed, s.num_tokens) for i, s in enumerate(seqs)]
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from engine.native import load
 
-_SOURCE = Path(__file__).parent / "csrc" / "fused.c"
+_CSRC = Path(__file__).parent / "csrc"
 # no FMA contraction: products and sums round as torch's separate ops round them
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -20,8 +20,15 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    return load(_SOURCE, _FLAGS, {"add_rms_norm_f32": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32], None),
-                                  "rotary_f32": ([_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr], None)})
+    return load(_CSRC / "fused.c", _FLAGS, {
+        "add_rms_norm_f32": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32], None),
+        "rotary_f32": ([_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr], None),
+        "argmax_rows_f32": ([_ptr, _i64, _i64, _ptr], None)})
+
+
+@cache
+def _activation_lib() -> ctypes.CDLL | None:  # libmvec: glibc's vector expf
+    return load(_CSRC / "activation.c", [*_FLAGS, "-lmvec"], {"silu_mul_f32": ([_ptr, _i64, _i64, _ptr], None)})
 
 
 def _native(x: torch.Tensor) -> bool:
@@ -57,3 +64,24 @@ def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Te
     _lib().rotary_f32(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], x.shape[2], positions.data_ptr(),
                       cos_table.data_ptr(), sin_table.data_ptr())
     return True
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate|up [rows, 2 * inter] -> a new [rows, inter]."""
+    if _native(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and _activation_lib() is not None:
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter)
+        _activation_lib().silu_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr())
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)  # silu's fresh output takes the product
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, cols] -> int64 [rows]: torch's argmax(dim=-1) (first of equals; NaN the largest),
+    in one multithreaded pass (torch's CPU argmax over a 32 x 49152 batch of logits: ~2.4 ms)."""
+    if _native(x) and x.dim() == 2 and x.is_contiguous() and x.shape[1] > 0:
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        _lib().argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        return out
+    return x.argmax(dim=-1)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
+from engine.layers import gemm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -19,6 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp.rank * self.rows
         self.end = min(vocab_size, self.start + self.rows)
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
+        self.weight_panels: torch.Tensor | None = None  # the LM head's decode layout (post_load)
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
         if loaded.shape != (self.vocab_size, param.shape[1]):
@@ -33,10 +35,15 @@ class VocabParallelEmbedding(nn.Module):
         x.masked_fill_(outside.unsqueeze(1), 0)
         return self.tp.all_reduce(x)
 
+    def post_load(self) -> None:
+        self.weight_panels = gemm.pack(self.weight.data.t())
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """As the LM head (its own weight, or the embedding's when tied):
         [num_rows, hidden] -> [num_rows, vocab]."""
-        logits = self.tp.all_gather(F.linear(hidden, self.weight))
+        local = (gemm.linear(hidden, self.weight_panels, self.rows, None) if gemm.usable(hidden, self.weight_panels)
+                 else F.linear(hidden, self.weight))
+        logits = self.tp.all_gather(local)
         return logits[:, :self.vocab_size] if logits.shape[1] != self.vocab_size else logits
 
 

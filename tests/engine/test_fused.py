@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers.fused import _lib, add_rms_norm
+from engine.layers.fused import _lib, add_rms_norm, argmax_rows, silu_mul
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, rotate_
 
 pytestmark = pytest.mark.skipif(_lib() is None, reason="no C compiler here")
@@ -36,3 +36,26 @@ def test_rotary_in_place_is_bitwise_torch_on_a_qkv_view() -> None:
     rotate_(qkv[:, :heads + kv_heads], rope)
     assert torch.equal(qkv[:, :heads + kv_heads], want)
     assert torch.equal(qkv[:, heads + kv_heads:], v)  # the v heads are not touched
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # 40 x 1000 takes the threaded path
+def test_silu_mul_matches_torch(rows: int) -> None:
+    gate_up = torch.randn(rows, 2 * 500, generator=torch.Generator().manual_seed(rows)) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    # exp differs from torch's (Sleef) in the last bit now and then
+    torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=1e-6)
+
+
+def test_argmax_rows_is_torchs_argmax() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 49152, generator=gen)
+    x[1, 100] = x[1, 40000] = 50.0  # ties: the first wins
+    x[2, 7], x[2, 9000] = float("nan"), float("nan")  # NaN is the largest, the first of them
+    x[3] = float("-inf")
+    x[4, -1] = 99.0  # in the tail past the last full vector
+    x[5, 49151], x[5, 3] = float("nan"), 1e9  # a NaN in the tail beats an earlier maximum
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    for cols in (1, 15, 16, 17, 33):
+        y = torch.randn(5, cols, generator=gen)
+        y[0, -1] = y[0, 0] = 9.0
+        assert torch.equal(argmax_rows(y), y.argmax(dim=-1))

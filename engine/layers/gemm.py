@@ -1,0 +1,56 @@
+"""x @ W^T for decode-sized batches on CPU, over weights laid out in 48-column panels once at load
+(csrc/gemm.c). MKL, given the plain [in, out] weight, spends as long re-laying out cold weights
+as multiplying them when a step has few rows; chunked prefill steps have thousands of rows, where
+MKL's own kernels win, so layers keep both layouts and pick by row count (the panels cost a
+second copy of the linear weights in memory)."""
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.native import load
+
+_SOURCE = Path(__file__).parent / "csrc" / "gemm.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+PANEL = 48  # columns per panel, as in gemm.c
+# Row counts this kernel takes; outside them MKL on the [in, out] weight is as fast or faster
+# (measured on a 2-core Xeon: one row is a GEMV MKL streams at full bandwidth; from ~128 rows up
+# MKL's packing is paid back)
+MIN_ROWS, MAX_ROWS = 2, 128
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load(_SOURCE, _FLAGS, {"gemm_packed_supported": ([], ctypes.c_int),
+                                 "gemm_packed_f32": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64], None)})
+    return lib if lib is not None and lib.gemm_packed_supported() else None
+
+
+def pack(weight_t: torch.Tensor) -> torch.Tensor | None:
+    """[in, out] fp32 CPU weight -> panels [ceil(out/48), in, 48] (zero past out), or None where the
+    kernel cannot run (no AVX-512 or no compiler, other devices or dtypes)."""
+    if weight_t.dtype is not torch.float32 or not weight_t.is_cpu or weight_t.dim() != 2 or _lib() is None:
+        return None
+    k, n = weight_t.shape
+    panels = -(-n // PANEL)
+    padded = F.pad(weight_t, (0, panels * PANEL - n)) if n % PANEL else weight_t
+    return padded.reshape(k, panels, PANEL).permute(1, 0, 2).contiguous()
+
+
+def usable(x: torch.Tensor, panels: torch.Tensor | None) -> bool:
+    return (panels is not None and x.dim() == 2 and MIN_ROWS <= x.shape[0] <= MAX_ROWS and x.dtype is torch.float32
+            and x.is_cpu and x.stride(1) == 1 and x.shape[1] == panels.shape[1])
+
+
+def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in] (rows contiguous) @ W^T (+ bias) -> a new [rows, out_features]."""
+    y = torch.empty(x.shape[0], out_features)
+    _lib().gemm_packed_f32(x.data_ptr(), x.stride(0), panels.data_ptr(),
+                           bias.data_ptr() if bias is not None else None, y.data_ptr(), out_features,
+                           x.shape[0], out_features, x.shape[1])
+    return y
