@@ -1,6 +1,6 @@
-"""The CPU backend: decodes attend in place over the paged cache through a small C kernel
-(compiled with the system C compiler on first use, cached by source hash); prefill chunks
-use the torch reference path."""
+"""The CPU backend: decodes and prefill chunks attend in place over the paged cache through
+small C kernels (compiled with the system C compiler on first use, cached by source hash);
+the torch reference path where they cannot (other dtypes, layouts, head sizes)."""
 from __future__ import annotations
 
 import ctypes
@@ -14,16 +14,23 @@ from engine.attention.metadata import AttentionMetadata
 from engine.attention.torch_ref import TorchAttention
 from engine.native import load
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+_CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-lm"]  # fast-math: vector expf
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 @cache
 def _kernel() -> ctypes.CDLL | None:
-    return load(_SOURCE, _FLAGS, {"paged_decode_attention_f32": (
+    return load(_CSRC / "paged_decode.c", _FLAGS, {"paged_decode_attention_f32": (
         [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32,
          _i64], ctypes.c_int)})
+
+
+@cache
+def _prefill_kernel() -> ctypes.CDLL | None:
+    return load(_CSRC / "paged_prefill.c", [*_FLAGS, "-lmvec"], {"paged_prefill_attention_f32": (
+        [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
+        ctypes.c_int)})
 
 
 @register_backend("cpu")
@@ -34,27 +41,37 @@ class PagedCPUAttention(TorchAttention):
 
     def __init__(self) -> None:
         self._fn = _kernel().paged_decode_attention_f32
+        lib = _prefill_kernel()
+        self._prefill_fn = lib.paged_prefill_attention_f32 if lib is not None else None
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """The decodes' K/V are written by the kernel that attends over them; only the prefill
-        chunks' K/V go through index_copy_."""
-        nd = meta.num_decodes
-        if not nd or not all(_rows(t) for t in (q, k, v)) or q.dtype != torch.float32:
+        chunks' K/V go through index_copy_, before their kernel reads them from the cache."""
+        if not all(_rows(t) for t in (q, k, v)) or q.dtype != torch.float32:
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        nd = meta.num_decodes
         num_kv_heads, head_dim = k_cache.shape[2:]
         if nd < q.shape[0]:
             k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], k[nd:])
             v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], v[nd:])
         out = q.new_empty(q.shape)  # contiguous even when q is a view into q|k|v
         tables = meta.block_tables
-        failed = self._fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                          meta.slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                          tables.shape[1], meta.seq_lens.data_ptr(), out.data_ptr(), nd, q.shape[1], num_kv_heads,
-                          head_dim, k_cache.shape[1], scale, meta.max_decode_len)
-        if failed:
-            raise MemoryError("paged decode attention could not allocate its score buffer")
+        if nd:
+            failed = self._fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                              meta.slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                              tables.shape[1], meta.seq_lens.data_ptr(), out.data_ptr(), nd, q.shape[1], num_kv_heads,
+                              head_dim, k_cache.shape[1], scale, meta.max_decode_len)
+            if failed:
+                raise MemoryError("paged decode attention could not allocate its score buffer")
         if nd < len(meta.seq_lens_list):
-            self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+            failed = -1 if self._prefill_fn is None else self._prefill_fn(
+                q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(), nd, len(meta.seq_lens_list),
+                out.data_ptr(), out.stride(0), q.shape[1], num_kv_heads, head_dim, k_cache.shape[1], scale)
+            if failed == -2:
+                raise MemoryError("paged prefill attention could not allocate its scratch")
+            if failed:  # a shape the kernel does not take: the torch path, over the same cache
+                self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
 
     def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:

@@ -13,12 +13,13 @@ from engine.attention.metadata import AttentionMetadata
 BLOCK, KV_HEADS, HEADS, DIM = 16, 2, 6, 32
 
 
-def _batch(query_lens: list[int], context_lens: list[int], seed: int = 0):
+def _batch(query_lens: list[int], context_lens: list[int], seed: int = 0, heads: int = HEADS, kv_heads: int = KV_HEADS,
+           dim: int = DIM):
     """Random sequences on shuffled blocks; the cache already holds each context's first
     (context - query) tokens, the new ones come as k/v."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-c // BLOCK) for c in context_lens) + 3
-    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, DIM)
+    k_cache = torch.zeros(num_blocks, BLOCK, kv_heads, dim)
     v_cache = torch.zeros_like(k_cache)
     free = list(range(num_blocks))
     random.Random(seed).shuffle(free)
@@ -26,13 +27,13 @@ def _batch(query_lens: list[int], context_lens: list[int], seed: int = 0):
     for n, c in zip(query_lens, context_lens):
         table = [free.pop() for _ in range(-(-c // BLOCK))]
         tables.append(table)
-        fk, fv = torch.randn(c, KV_HEADS, DIM, generator=gen), torch.randn(c, KV_HEADS, DIM, generator=gen)
+        fk, fv = torch.randn(c, kv_heads, dim, generator=gen), torch.randn(c, kv_heads, dim, generator=gen)
         full_k.append(fk)
         full_v.append(fv)
         for p in range(c):
             slot = table[p // BLOCK] * BLOCK + p % BLOCK
             if p < c - n:
-                k_cache.view(-1, KV_HEADS, DIM)[slot], v_cache.view(-1, KV_HEADS, DIM)[slot] = fk[p], fv[p]
+                k_cache.view(-1, kv_heads, dim)[slot], v_cache.view(-1, kv_heads, dim)[slot] = fk[p], fv[p]
             else:
                 slots.append(slot)
     width = max(map(len, tables))
@@ -49,19 +50,19 @@ def _batch(query_lens: list[int], context_lens: list[int], seed: int = 0):
         max_query_len=max(query_lens), max_seq_len=max(context_lens), query_start_loc_list=qsl,
         seq_lens_list=context_lens, max_decode_len=max_decode,
         decode_mask=(torch.arange(-(-max_decode // BLOCK) * BLOCK) < seq_lens[:num_decodes, None])[:, None, None, :])
-    q = torch.randn(qsl[-1], HEADS, DIM, generator=gen)
+    q = torch.randn(qsl[-1], heads, dim, generator=gen)
     k = torch.cat([fk[c - n:] for fk, n, c in zip(full_k, query_lens, context_lens)])
     v = torch.cat([fv[c - n:] for fv, n, c in zip(full_v, query_lens, context_lens)])
     return q, k, v, k_cache, v_cache, meta, full_k, full_v
 
 
-def _dense(q, full_k, full_v, query_lens, context_lens):
+def _dense(q, full_k, full_v, query_lens, context_lens, dim: int = DIM):
     outs, start = [], 0
     for fk, fv, n, c in zip(full_k, full_v, query_lens, context_lens):
         qi = q[start:start + n].transpose(0, 1)
         mask = torch.ones(n, c, dtype=torch.bool).tril_(c - n)
         outs.append(F.scaled_dot_product_attention(qi, fk.transpose(0, 1), fv.transpose(0, 1), attn_mask=mask,
-                                                   scale=DIM ** -0.5, enable_gqa=True).transpose(0, 1))
+                                                   scale=dim ** -0.5, enable_gqa=True).transpose(0, 1))
         start += n
     return torch.cat(outs)
 
@@ -86,6 +87,21 @@ def test_backend_matches_dense_attention(backend, query_lens, context_lens) -> N
     torch.testing.assert_close(out, _dense(q, full_k, full_v, query_lens, context_lens), atol=2e-5, rtol=1e-4)
     # the new tokens' K/V landed in their slots
     torch.testing.assert_close(k_cache.view(-1, KV_HEADS, DIM)[meta.slot_mapping], k)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 32), (4, 4, 16), (8, 2, 64), (16, 2, 48)])
+@pytest.mark.parametrize("query_lens,context_lens", [
+    ([300], [300]),  # fresh, past the kernel's 256-key chunk, not a multiple of its 16 tokens
+    ([1, 37, 17], [9, 600, 17]),  # a decode, a chunk far into its context, a fresh prefill
+])
+def test_cpu_prefill_kernel_matches_dense_attention(heads, kv_heads, dim, query_lens, context_lens,
+                                                    monkeypatch) -> None:
+    # the query-head groups of 1, 3, 4 and 8 take every shape of the kernel's register tiles
+    q, k, v, k_cache, v_cache, meta, full_k, full_v = _batch(query_lens, context_lens, 1, heads, kv_heads, dim)
+    backend = get_backend("cpu", torch.device("cpu"))
+    monkeypatch.setattr(backend, "prefill", None)  # the torch path must not be what answers
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, dim ** -0.5)
+    torch.testing.assert_close(out, _dense(q, full_k, full_v, query_lens, context_lens, dim), atol=2e-5, rtol=1e-4)
 
 
 def test_unknown_backend_names_the_choices() -> None:
