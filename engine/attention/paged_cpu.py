@@ -29,8 +29,8 @@ def _kernel() -> ctypes.CDLL | None:
 @cache
 def _prefill_kernel() -> ctypes.CDLL | None:
     return load(_CSRC / "paged_prefill.c", [*_FLAGS, "-lmvec"], {"paged_prefill_attention_f32": (
-        [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
-        ctypes.c_int)})
+        [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64,
+         _i64, _i64, _f32], ctypes.c_int)})
 
 
 @register_backend("cpu")
@@ -45,15 +45,11 @@ class PagedCPUAttention(TorchAttention):
         self._prefill_fn = lib.paged_prefill_attention_f32 if lib is not None else None
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """The decodes' K/V are written by the kernel that attends over them; only the prefill
-        chunks' K/V go through index_copy_, before their kernel reads them from the cache."""
+        """Each kernel writes the K/V of its own tokens into the cache, then attends."""
         if not all(_rows(t) for t in (q, k, v)) or q.dtype != torch.float32:
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
-        nd = meta.num_decodes
+        nd, num_seqs = meta.num_decodes, len(meta.seq_lens_list)
         num_kv_heads, head_dim = k_cache.shape[2:]
-        if nd < q.shape[0]:
-            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], k[nd:])
-            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], v[nd:])
         out = q.new_empty(q.shape)  # contiguous even when q is a view into q|k|v
         tables = meta.block_tables
         if nd:
@@ -63,14 +59,17 @@ class PagedCPUAttention(TorchAttention):
                               head_dim, k_cache.shape[1], scale, meta.max_decode_len)
             if failed:
                 raise MemoryError("paged decode attention could not allocate its score buffer")
-        if nd < len(meta.seq_lens_list):
+        if nd < num_seqs:
             failed = -1 if self._prefill_fn is None else self._prefill_fn(
-                q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-                meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(), nd, len(meta.seq_lens_list),
-                out.data_ptr(), out.stride(0), q.shape[1], num_kv_heads, head_dim, k_cache.shape[1], scale)
+                q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                meta.slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                meta.query_start_loc.data_ptr(), meta.seq_lens.data_ptr(), nd, num_seqs, out.data_ptr(), out.stride(0),
+                q.shape[1], num_kv_heads, head_dim, k_cache.shape[1], scale)
             if failed == -2:
                 raise MemoryError("paged prefill attention could not allocate its scratch")
-            if failed:  # a shape the kernel does not take: the torch path, over the same cache
+            if failed:  # a shape the kernel does not take (it wrote nothing): the torch path
+                k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], k[nd:])
+                v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], v[nd:])
                 self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
 

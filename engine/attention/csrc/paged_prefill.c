@@ -113,6 +113,7 @@ static void attend_block(Scratch *w, const float *q, int64_t q_stride, const flo
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32((int)pos0), lane);  /* each lane's token position */
     const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512 lowest = _mm512_set1_ps(-87.f);  /* exp's fast path: below, libmvec calls scalar expf */
     for (int64_t t0 = 0; t0 < keys; t0 += KC) {
         const int64_t kc = keys - t0 < KC ? keys - t0 : KC;
         for (int64_t t = 0; t < kc; t++) {
@@ -138,12 +139,14 @@ static void attend_block(Scratch *w, const float *q, int64_t q_stride, const flo
                 }
                 mx = _mm512_max_ps(mx, x);
             }
-            const __m512 alpha = exp16(_mm512_mul_ps(vscale, _mm512_sub_ps(old, mx)));
+            const __m512 alpha = exp16(_mm512_max_ps(_mm512_mul_ps(vscale, _mm512_sub_ps(old, mx)), lowest));
             __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(w->l + 16 * v), alpha);
             const __m512 shift = _mm512_mul_ps(vscale, mx);
             for (int64_t t = 0; t < kc; t++) {
                 float *st = w->s + t * R + 16 * v;
-                const __m512 p = exp16(_mm512_fmsub_ps(vscale, _mm512_loadu_ps(st), shift));
+                const __m512 x = _mm512_loadu_ps(st);  /* masked keys: exactly 0 */
+                const __m512 p = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(NEG), _CMP_GT_OQ),
+                                                     exp16(_mm512_max_ps(_mm512_fmsub_ps(vscale, x, shift), lowest)));
                 _mm512_storeu_ps(st, p);
                 sum = _mm512_add_ps(sum, p);
             }
@@ -170,10 +173,14 @@ static void attend_block(Scratch *w, const float *q, int64_t q_stride, const flo
 
 /* Attention for sequences [first_seq, num_seqs): sequence i's query tokens are rows
  * [query_start[i], query_start[i + 1]) of q (row stride q_stride, heads packed) and sit at the
- * end of its seq_lens[i] tokens of context, which the cache holds (block table row i). Writes
- * out (row stride out_stride). Returns 0; -1 where this build cannot (no AVX-512, head_dim not
- * a multiple of 16, query heads not a multiple of kv heads); -2 when scratch memory runs out. */
-int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+ * end of its seq_lens[i] tokens of context (block table row i). Their own K/V rows (k, v: row
+ * strides k_stride, v_stride, kv heads packed) are first written to their cache slots
+ * (slot_mapping, indexed by token like q); the rest of the context is in the cache already.
+ * Writes out (row stride out_stride). Returns 0; -1 where this build cannot (no AVX-512,
+ * head_dim not a multiple of 16, query heads not a multiple of kv heads), having written
+ * nothing; -2 when scratch memory runs out. */
+int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                                int64_t v_stride, const int64_t *slot_mapping, float *k_cache, float *v_cache,
                                 const int32_t *block_tables, int64_t max_blocks, const int32_t *query_start,
                                 const int32_t *seq_lens, int64_t first_seq, int64_t num_seqs, float *out,
                                 int64_t out_stride, int64_t H, int64_t KVH, int64_t D, int64_t bs, float scale) {
@@ -183,9 +190,16 @@ int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k
     int64_t items = 0;
     for (int64_t i = first_seq; i < num_seqs; i++) items += (query_start[i + 1] - query_start[i] + BQ - 1) / BQ;
     items *= KVH;
+    const int64_t first_token = query_start[first_seq], tokens = query_start[num_seqs] - first_token;
     int failed = 0;
 #pragma omp parallel
     {
+#pragma omp for schedule(static)  /* then a barrier: every row is in place before any is read */
+        for (int64_t i = first_token; i < first_token + tokens; i++)
+            for (int64_t c = 0; c < KVH * D; c++) {
+                k_cache[slot_mapping[i] * KVH * D + c] = k[i * k_stride + c];
+                v_cache[slot_mapping[i] * KVH * D + c] = v[i * v_stride + c];
+            }
         Scratch w = {0};
         float *mem = malloc(sizeof(float) * (2 * D * R + KC * R + 2 * R) + 2 * sizeof(float *) * KC);
         if (!mem) {
@@ -215,7 +229,7 @@ int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k
     }
     return failed ? -2 : 0;
 #else
-    (void)q; (void)q_stride; (void)k_cache; (void)v_cache; (void)block_tables; (void)max_blocks; (void)query_start;
+    (void)q; (void)q_stride; (void)k; (void)k_stride; (void)v; (void)v_stride; (void)slot_mapping; (void)k_cache; (void)v_cache; (void)block_tables; (void)max_blocks; (void)query_start;
     (void)seq_lens; (void)first_seq; (void)num_seqs; (void)out; (void)out_stride; (void)H; (void)KVH; (void)D;
     (void)bs; (void)scale;
     return -1;
