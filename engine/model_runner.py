@@ -2,16 +2,19 @@
 computes logits only where a sequence samples, and samples."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
+from engine import hugepages
 from engine.attention.backend import get_backend
 from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
 from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
+from engine.layers import gemm
 from engine.metrics import ModelCost
 from engine.models import build_model
 from engine.sampler import Sampler
@@ -53,6 +56,7 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "post_load"):
                 module.post_load()
+        gemm.pack_model(self.model)
         self.model.eval()
         self.tp = get_tp_group()
         kv_start, kv_end = kv_head_range(cfg.num_key_value_heads, self.tp.rank, self.tp.world_size)
@@ -183,4 +187,6 @@ class ModelRunner:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":  # decodes read much of it each step: on huge pages
+        return hugepages.empty(math.prod(shape), dtype).view(shape).zero_()  # every page touched now
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from engine import hugepages
 from engine.native import load
 
 _SOURCE = Path(__file__).parent / "csrc" / "gemm.c"
@@ -31,15 +33,38 @@ def _lib() -> ctypes.CDLL | None:
     return lib if lib is not None and lib.gemm_packed_supported() else None
 
 
-def pack(weight_t: torch.Tensor) -> torch.Tensor | None:
-    """[in, out] fp32 CPU weight -> panels [ceil(out/48), in, 48] (zero past out), or None where the
-    kernel cannot run (no AVX-512 or no compiler, other devices or dtypes)."""
-    if weight_t.dtype is not torch.float32 or not weight_t.is_cpu or weight_t.dim() != 2 or _lib() is None:
+def pack(weight_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[in, out] fp32 CPU weight -> panels [ceil(out/48), in, 48] (zero past out), written into
+    `out` (numel = panel_numel(weight_t)) where given; None where the kernel cannot run (no
+    AVX-512 or no compiler, other devices or dtypes)."""
+    if not packable(weight_t):
         return None
     k, n = weight_t.shape
     panels = -(-n // PANEL)
     padded = F.pad(weight_t, (0, panels * PANEL - n)) if n % PANEL else weight_t
-    return padded.reshape(k, panels, PANEL).permute(1, 0, 2).contiguous()
+    dest = (out if out is not None else torch.empty(panel_numel(weight_t))).view(panels, k, PANEL)
+    dest.copy_(padded.reshape(k, panels, PANEL).permute(1, 0, 2))
+    return dest
+
+
+def packable(weight_t: torch.Tensor) -> bool:
+    return weight_t.dtype is torch.float32 and weight_t.is_cpu and weight_t.dim() == 2 and _lib() is not None
+
+
+def panel_numel(weight_t: torch.Tensor) -> int:
+    return -(-weight_t.shape[1] // PANEL) * PANEL * weight_t.shape[0]
+
+
+def pack_model(model: nn.Module) -> None:
+    """Give every layer that has a weight_panels slot (see panel_source) its panels, all in one
+    buffer on huge pages: together they are the bulk of what a decode step reads."""
+    layers = [m for m in model.modules() if hasattr(m, "weight_panels") and packable(m.panel_source())]
+    sizes = [panel_numel(m.panel_source()) for m in layers]
+    arena = hugepages.empty(sum(sizes))
+    offset = 0
+    for layer, size in zip(layers, sizes):
+        layer.weight_panels = pack(layer.panel_source(), arena[offset:offset + size])
+        offset += size
 
 
 def usable(x: torch.Tensor, panels: torch.Tensor | None) -> bool:

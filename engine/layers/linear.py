@@ -11,7 +11,22 @@ from engine.distributed import get_tp_group
 from engine.layers import gemm
 
 
-class ColumnParallelLinear(nn.Module):
+class _Linear(nn.Module):
+    """After loading, W is kept as a contiguous [in, out] for MKL (single rows, prefill chunks);
+    on CPU fp32, gemm.pack_model adds the panels that decode-sized steps take. The [out, in]
+    copy is dropped."""
+
+    weight_panels: torch.Tensor | None = None
+
+    def post_load(self) -> None:
+        self.weight_t = nn.Parameter(self.weight.data.t().contiguous(), requires_grad=False)
+        del self.weight
+
+    def panel_source(self) -> torch.Tensor:
+        return self.weight_t.data
+
+
+class ColumnParallelLinear(_Linear):
     """y = x W^T with W's rows (outputs) split across ranks. Several logical outputs may be
     merged into one matmul (q|k|v, gate|up); each loads its slice into its own rows.
     shards: per logical output, (first row, rows) this rank keeps of the full tensor; the
@@ -37,11 +52,8 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(x, self.weight_t, self.weight_panels, self.bias)
 
-    def post_load(self) -> None:
-        _store_transposed(self)
 
-
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """y = x W^T with W's columns (inputs) split across ranks: each rank's partial product is
     summed by one all-reduce; the bias is added once, after it."""
 
@@ -66,18 +78,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(_linear(x, self.weight_t, self.weight_panels, None))
         return y + self.bias if self.bias is not None else y
-
-    def post_load(self) -> None:
-        _store_transposed(self)
-
-
-def _store_transposed(layer: nn.Module) -> None:
-    """Keep W as a contiguous [in, out] for MKL (prefill chunks), and on CPU fp32 also in the
-    panels of gemm.pack for decode-sized steps (gemm.MAX_ROWS rows or fewer). The [out, in]
-    copy is dropped."""
-    layer.weight_t = nn.Parameter(layer.weight.data.t().contiguous(), requires_grad=False)
-    layer.weight_panels = gemm.pack(layer.weight_t.data)
-    del layer.weight
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, panels: torch.Tensor | None,

@@ -20,7 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp.rank * self.rows
         self.end = min(vocab_size, self.start + self.rows)
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
-        self.weight_panels: torch.Tensor | None = None  # the LM head's decode layout (post_load)
+        self.weight_panels: torch.Tensor | None = None  # the LM head's decode layout (gemm.pack_model)
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
         if loaded.shape != (self.vocab_size, param.shape[1]):
@@ -35,8 +35,8 @@ class VocabParallelEmbedding(nn.Module):
         x.masked_fill_(outside.unsqueeze(1), 0)
         return self.tp.all_reduce(x)
 
-    def post_load(self) -> None:
-        self.weight_panels = gemm.pack(self.weight.data.t())
+    def panel_source(self) -> torch.Tensor:
+        return self.weight.data.t()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """As the LM head (its own weight, or the embedding's when tied):

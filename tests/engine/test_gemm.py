@@ -51,6 +51,8 @@ def test_layers_take_the_panels_only_for_decode_sized_batches() -> None:
             layer.bias.data.copy_(torch.randn(n, generator=gen))
         want_w = layer.weight.data.clone()
         layer.post_load()
+        assert layer.weight_panels is None  # until the model's panels are made, all in one buffer
+        gemm.pack_model(layer)
         assert layer.weight_panels is not None
         for rows, taken in ((1, False), (2, True), (gemm.MAX_ROWS, True), (gemm.MAX_ROWS + 1, False)):
             x = torch.randn(rows, k, generator=gen)
