@@ -25,6 +25,7 @@ class PoolConfig:
     num_kv_blocks: int = 256
     block_size: int = 16
     attention_backend: str = "auto"
+    weight_panels: bool = True  # CPU: a decode-friendly second copy of the linear weights (see the README)
     device: str = "cpu"  # "cpu" or "cuda"
     num_gpus: float = 0.0  # Ray GPUs per rank (1 on GPU nodes)
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}
@@ -54,7 +55,8 @@ class PoolConfig:
         return dict(dtype=self.dtype, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
                     max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                     max_prefill_chunk=self.max_prefill_chunk, tensor_parallel_size=self.tensor_parallel_size,
-                    attention_backend=self.attention_backend, num_threads=self.num_threads, device=self.device)
+                    attention_backend=self.attention_backend, num_threads=self.num_threads, device=self.device,
+                    weight_panels=self.weight_panels)
 
 
 @dataclass(frozen=True)

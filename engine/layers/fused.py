@@ -70,7 +70,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate|up [rows, 2 * inter] -> a new [rows, inter]."""
     if _native(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and _activation_lib() is not None:
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(rows, inter)
+        out = torch.empty(rows, inter, dtype=torch.float32)
         _activation_lib().silu_mul_f32(gate_up.data_ptr(), rows, inter, out.data_ptr())
         return out
     gate, up = gate_up.chunk(2, dim=-1)

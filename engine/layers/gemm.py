@@ -74,7 +74,7 @@ def usable(x: torch.Tensor, panels: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [rows, in] (rows contiguous) @ W^T (+ bias) -> a new [rows, out_features]."""
-    y = torch.empty(x.shape[0], out_features)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     _lib().gemm_packed_f32(x.data_ptr(), x.stride(0), panels.data_ptr(),
                            bias.data_ptr() if bias is not None else None, y.data_ptr(), out_features,
                            x.shape[0], out_features, x.shape[1])

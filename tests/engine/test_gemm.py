@@ -60,3 +60,17 @@ def test_layers_take_the_panels_only_for_decode_sized_batches() -> None:
             want = x.double() @ want_w.double().t() + (layer.bias.double() if layer.bias is not None else 0)
             torch.testing.assert_close(layer(x).double(), want, atol=1e-4, rtol=1e-5)
     assert not gemm.usable(torch.randn(4, 96, dtype=torch.float64), col.weight_panels)
+
+
+def test_without_panels_the_engine_answers_the_same(tiny_checkpoints) -> None:
+    from engine import LLM, SamplingParams
+
+    prompts = [[5, 9, 200, 31], [7] * 40, [1, 2, 3]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with_panels = LLM(str(tiny_checkpoints["llama"]), num_kv_blocks=64)
+    without = LLM(str(tiny_checkpoints["llama"]), num_kv_blocks=64, weight_panels=False)
+    runner = without.engine.runner
+    assert all(getattr(m, "weight_panels", None) is None for m in runner.model.modules())
+    assert with_panels.engine.runner.model.model.layers[0].mlp.gate_up_proj.weight_panels is not None
+    want = [o.token_ids for o in with_panels.generate(prompts, params)]
+    assert [o.token_ids for o in without.generate(prompts, params)] == want
