@@ -13,12 +13,12 @@ HUGE_PAGE = 2 << 20
 
 
 def empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A 1-D CPU tensor of numel elements, 2 MiB aligned and advised onto huge pages, its pages
-    not yet touched (they read as zeros; the caller fills it, off the hot path); buffers under
-    2 MiB, or without madvise, are plain torch.zeros."""
+    """A 1-D CPU tensor of numel elements, not initialised, 2 MiB aligned and advised onto huge
+    pages with none of them touched yet (the caller fills it, off the hot path); buffers under
+    2 MiB, or without madvise, are plain torch.empty."""
     nbytes = numel * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(numel, dtype=dtype)
+        return torch.empty(numel, dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # untouched
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
     start = -raw.data_ptr() % HUGE_PAGE

@@ -68,8 +68,7 @@ class PagedCPUAttention(TorchAttention):
             if failed == -2:
                 raise MemoryError("paged prefill attention could not allocate its scratch")
             if failed:  # a shape the kernel does not take (it wrote nothing): the torch path
-                k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], k[nd:])
-                v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping[nd:], v[nd:])
+                self.store_kv(k_cache, v_cache, meta.slot_mapping[nd:], k[nd:], v[nd:])
                 self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
 

@@ -11,15 +11,20 @@ from engine.attention.metadata import AttentionMetadata
 @register_backend("torch")
 class TorchAttention(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[2:]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        self.store_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         out = q.new_empty(q.shape)  # contiguous even when q is a view into q|k|v
         if meta.num_decodes:
             self.decode(q, k_cache, v_cache, meta, scale, out)
         if meta.num_decodes < len(meta.seq_lens_list):
             self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
+
+    @staticmethod
+    def store_kv(k_cache, v_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Each token's K/V row into its cache slot."""
+        num_kv_heads, head_dim = k_cache.shape[2:]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
     def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
         """All decodes in one SDPA call: gather each one's blocks, mask the padding."""

@@ -19,9 +19,7 @@
 #define NR 48          /* panel width: three vectors of 16 floats */
 #define MR 8           /* rows per register tile */
 #define KC 128         /* k per block: a block of one panel, 24 KiB, stays in L1 across the tiles */
-#ifndef PF_AHEAD
 #define PF_AHEAD (2 * KC * NR)  /* prefetch distance, in floats of the weight stream */
-#endif
 
 int gemm_packed_supported(void) {
 #if defined(__AVX512F__)
