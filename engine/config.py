@@ -160,8 +160,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto", "torch" or "flash"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     max_model_len: int = 0  # 0: the model's max_position_embeddings
-    # CPU fp32: a second copy of the linear weights in 48-column panels, for steps of 2-128 rows
-    # (decode batches, short prompts): ~1.6x faster there, at the weights' size again in memory
+    # CPU fp32: a second copy of the linear weights laid out for steps of several rows: AMX tiles
+    # of a block-quantized checkpoint's integers (2+ rows, prefill included; half the fp32 size),
+    # else 48-column fp32 panels (2-128 rows: decode batches, short prompts; the size again)
     weight_panels: bool = True
 
     def __post_init__(self) -> None:

@@ -56,8 +56,7 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "post_load"):
                 module.post_load()
-        if config.weight_panels:
-            gemm.pack_model(self.model)
+        gemm.pack_model(self.model, config.weight_panels)
         self.model.eval()
         self.tp = get_tp_group()
         kv_start, kv_end = kv_head_range(cfg.num_key_value_heads, self.tp.rank, self.tp.world_size)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import hugepages
+from engine.layers import qgemm
 from engine.native import load
 
 _SOURCE = Path(__file__).parent / "csrc" / "gemm.c"
@@ -55,16 +56,30 @@ def panel_numel(weight_t: torch.Tensor) -> int:
     return -(-weight_t.shape[1] // PANEL) * PANEL * weight_t.shape[0]
 
 
-def pack_model(model: nn.Module) -> None:
-    """Give every layer that has a weight_panels slot (see panel_source) its panels, all in one
-    buffer on huge pages: together they are the bulk of what a decode step reads."""
-    layers = [m for m in model.modules() if hasattr(m, "weight_panels") and packable(m.panel_source())]
-    sizes = [panel_numel(m.panel_source()) for m in layers]
-    arena = hugepages.empty(sum(sizes))
-    offset = 0
-    for layer, size in zip(layers, sizes):
-        layer.weight_panels = pack(layer.panel_source(), arena[offset:offset + size])
-        offset += size
+def pack_model(model: nn.Module, enabled: bool = True) -> None:
+    """Give every layer that has a weight_panels slot (see panel_source) its layout for steps of
+    several rows, each kind in one buffer on huge pages (together they are the bulk of what a
+    decode step reads): AMX tiles for a weight that came block-quantized (qgemm), where the CPU
+    has them, else fp32 panels. The integers collected while loading are dropped either way."""
+    slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
+    if enabled:
+        tiled = [m for m in slots if qgemm.packable(m.block_quant)]
+        sizes = [qgemm.packed_numel(m.block_quant) for m in tiled]
+        bq = hugepages.empty(sum(s[0] for s in sizes), torch.bfloat16)
+        dm = hugepages.empty(sum(s[1] for s in sizes))
+        at_bq = at_dm = 0
+        for layer, (n_bq, n_dm) in zip(tiled, sizes):
+            layer.weight_amx = qgemm.pack(layer.block_quant, bq[at_bq:at_bq + n_bq], dm[at_dm:at_dm + n_dm])
+            at_bq, at_dm = at_bq + n_bq, at_dm + n_dm
+        paneled = [m for m in slots if m.weight_amx is None and packable(m.panel_source())]
+        sizes = [panel_numel(m.panel_source()) for m in paneled]
+        arena = hugepages.empty(sum(sizes))
+        offset = 0
+        for layer, size in zip(paneled, sizes):
+            layer.weight_panels = pack(layer.panel_source(), arena[offset:offset + size])
+            offset += size
+    for layer in slots:
+        layer.block_quant = None
 
 
 def usable(x: torch.Tensor, panels: torch.Tensor | None) -> bool:

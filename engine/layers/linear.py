@@ -8,22 +8,38 @@ import torch
 from torch import nn
 
 from engine.distributed import get_tp_group
-from engine.layers import gemm
+from engine.layers import gemm, qgemm
 
 
 class _Linear(nn.Module):
     """After loading, W is kept as a contiguous [in, out] for MKL (single rows, prefill chunks);
-    on CPU fp32, gemm.pack_model adds the panels that decode-sized steps take. The [out, in]
-    copy is dropped."""
+    on CPU fp32, gemm.pack_model adds the layout that steps of two rows and more take: the AMX
+    tiles where the checkpoint's weight was block-quantized (the shards' integers are collected
+    while loading), else the fp32 panels for decode-sized steps. The [out, in] copy is dropped."""
 
     weight_panels: torch.Tensor | None = None
+    weight_amx: qgemm.Packed | None = None
+    block_quant: qgemm.BlockQuant | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._quant_parts: list | None = []
 
     def post_load(self) -> None:
         self.weight_t = nn.Parameter(self.weight.data.t().contiguous(), requires_grad=False)
+        self.block_quant = qgemm.assemble(self._quant_parts, self.weight.shape[0])
+        self._quant_parts = None
         del self.weight
 
     def panel_source(self) -> torch.Tensor:
         return self.weight_t.data
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if qgemm.usable(x, self.weight_amx):
+            return qgemm.linear(x, self.weight_amx, bias)
+        if gemm.usable(x, self.weight_panels):
+            return gemm.linear(x, self.weight_panels, self.weight_t.shape[1], bias)
+        return torch.addmm(bias, x, self.weight_t) if bias is not None else torch.mm(x, self.weight_t)
 
 
 class ColumnParallelLinear(_Linear):
@@ -48,9 +64,12 @@ class ColumnParallelLinear(_Linear):
             raise ValueError(f"weight shard {shard} has {loaded.shape[0]} rows, expected {self.full_sizes[shard]}")
         start, size = self.shards[shard]
         param.data[self.offsets[shard]:self.offsets[shard] + size].copy_(loaded[start:start + size])
+        if param is self.weight:
+            self._quant_parts = qgemm.collect(self._quant_parts, loaded, slice(start, start + size), slice(None),
+                                              self.offsets[shard])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight_t, self.weight_panels, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class RowParallelLinear(_Linear):
@@ -74,14 +93,9 @@ class RowParallelLinear(_Linear):
                              f"expected {(param.shape[0], self.full_input_size)}")
         start = self.tp.rank * self.input_size
         param.data.copy_(loaded[:, start:start + self.input_size])
+        self._quant_parts = qgemm.collect(self._quant_parts, loaded, slice(None),
+                                          slice(start, start + self.input_size), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(_linear(x, self.weight_t, self.weight_panels, None))
+        y = self.tp.all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y
-
-
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, panels: torch.Tensor | None,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    if gemm.usable(x, panels):
-        return gemm.linear(x, panels, weight_t.shape[1], bias)
-    return torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)

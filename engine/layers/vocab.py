@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
-from engine.layers import gemm
+from engine.layers import gemm, qgemm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,12 +20,20 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp.rank * self.rows
         self.end = min(vocab_size, self.start + self.rows)
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
-        self.weight_panels: torch.Tensor | None = None  # the LM head's decode layout (gemm.pack_model)
+        self.weight_panels: torch.Tensor | None = None  # the LM head's layouts for steps of
+        self.weight_amx: qgemm.Packed | None = None  # several rows (gemm.pack_model)
+        self.block_quant: qgemm.BlockQuant | None = None
+        self._quant_parts: list | None = []
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int = 0) -> None:
         if loaded.shape != (self.vocab_size, param.shape[1]):
             raise ValueError(f"embedding has shape {tuple(loaded.shape)}, expected {(self.vocab_size, param.shape[1])}")
         param.data[:self.end - self.start].copy_(loaded[self.start:self.end])
+        self._quant_parts = qgemm.collect(self._quant_parts, loaded, slice(self.start, self.end), slice(None), 0)
+
+    def post_load(self) -> None:
+        self.block_quant = qgemm.assemble(self._quant_parts, self.rows)
+        self._quant_parts = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
@@ -41,8 +49,12 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """As the LM head (its own weight, or the embedding's when tied):
         [num_rows, hidden] -> [num_rows, vocab]."""
-        local = (gemm.linear(hidden, self.weight_panels, self.rows, None) if gemm.usable(hidden, self.weight_panels)
-                 else F.linear(hidden, self.weight))
+        if qgemm.usable(hidden, self.weight_amx):
+            local = qgemm.linear(hidden, self.weight_amx, None)
+        elif gemm.usable(hidden, self.weight_panels):
+            local = gemm.linear(hidden, self.weight_panels, self.rows, None)
+        else:
+            local = F.linear(hidden, self.weight)
         logits = self.tp.all_gather(local)
         return logits[:, :self.vocab_size] if logits.shape[1] != self.vocab_size else logits
 

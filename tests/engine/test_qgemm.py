@@ -1,0 +1,142 @@
+"""The AMX matmul over block-quantized weights (engine/layers/qgemm.py): exact to fp32 against a
+float64 reference, a row's result independent of the batch, the integers read from GGUF blocks
+as gguf dequantizes them, and the default model's layers on it."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine.layers import gemm, qgemm
+from engine.layers.qgemm import BlockQuant
+
+torch.set_num_threads(2)
+needs_amx = pytest.mark.skipif(not qgemm.supported(), reason="no AMX-BF16 on this CPU (or no compiler)")
+
+
+def random_quant(rows: int, cols: int, kind: str, seed: int = 0) -> BlockQuant:
+    g = torch.Generator().manual_seed(seed)
+    blocks = (rows, cols // 32)
+    if kind == "q8_0":
+        q = torch.randint(-128, 128, (rows, cols), generator=g)
+    else:
+        q = torch.randint(0, 16, (rows, cols), generator=g) - (8 if kind == "q4_0" else 0)
+    d = (torch.rand(blocks, generator=g) * 0.05).half().float()  # GGUF scales are fp16
+    m = -(torch.rand(blocks, generator=g) * 0.2).half().float() if kind == "q4_1" else torch.zeros(blocks)
+    return BlockQuant(q.to(torch.int8), d, m)
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("rows,n,k", [(2, 1, 32), (3, 17, 64), (16, 48, 96), (32, 960, 576), (33, 100, 1536),
+                                      (200, 576, 576)])
+def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
+    quant = random_quant(n, k, kind, seed=rows + n + k)
+    w = quant.dequantize()
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(n)
+    y = qgemm.linear(x, qgemm.pack(quant), bias)
+    ref = x.double() @ w.double().T + bias.double()
+    fp32_err = ((x @ w.T + bias).double() - ref).abs().max()  # what a plain fp32 matmul is off by
+    bound = 2 * fp32_err + 4 * 2.0 ** -24 * (x.abs() @ w.abs().T + bias.abs()).double()  # + a few roundings
+    assert y.shape == (rows, n) and y.dtype is torch.float32
+    assert ((y.double() - ref).abs() <= bound).all()
+    # the bound catches a kernel that multiplied x rounded to bf16 (one part of the three)
+    coarse = x.bfloat16().double() @ w.double().T + bias.double()
+    assert ((coarse - ref).abs() > bound).any()
+
+
+@needs_amx
+def test_row_does_not_depend_on_batch() -> None:
+    quant = random_quant(130, 576, "q4_1")
+    packed = qgemm.pack(quant)
+    x = torch.randn(70, 576)
+    full = qgemm.linear(x, packed, None)
+    for start, stop in ((5, 7), (0, 16), (20, 53), (40, 70)):
+        assert torch.equal(qgemm.linear(x[start:stop].contiguous(), packed, None), full[start:stop])
+
+
+@needs_amx
+def test_strided_rows_and_out_features() -> None:
+    quant = random_quant(40, 64, "q8_0")
+    packed = qgemm.pack(quant)
+    base = torch.randn(6, 100)
+    x = base[:, 10:74]  # row stride 100
+    assert not qgemm.usable(base, packed) and qgemm.usable(x, packed)
+    assert not qgemm.usable(x[:1], packed)  # one row: MKL's GEMV
+    ref = x.contiguous() @ quant.dequantize().T
+    torch.testing.assert_close(qgemm.linear(x, packed, None), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qgemm.linear(x, packed, None, out_features=33), ref[:, :33], rtol=1e-5, atol=1e-5)
+
+
+def test_take_and_assemble() -> None:
+    quant = random_quant(12, 96, "q4_1")
+    assert quant.take(slice(0, 4), slice(16, 48)) is None  # cuts a block
+    half = quant.take(slice(None), slice(32, 96))
+    assert torch.equal(half.dequantize(), quant.dequantize()[:, 32:])
+    parts = [(4, quant.take(slice(4, 12))), (0, quant.take(slice(0, 4)))]
+    whole = qgemm.assemble(parts, 14)  # rows 12-13: padding (a vocabulary slice's)
+    assert torch.equal(whole.dequantize()[:12], quant.dequantize()) and not whole.q[12:].any()
+    assert qgemm.assemble(parts + [(3, quant.take(slice(0, 2)))], 14) is None  # overlap
+    loaded = quant.dequantize()
+    assert qgemm.collect([], loaded, slice(None), slice(None), 0) is None  # came without integers
+    loaded.block_quant = quant
+    assert qgemm.collect(None, loaded, slice(None), slice(None), 0) is None  # an earlier shard had none
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_match_gguf_dequantize(tmp_path, kind: str) -> None:
+    from engine.loader.gguf import _block_quant
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    w = np.random.default_rng(0).standard_normal((24, 128)).astype(np.float32)
+    path = tmp_path / "w.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    data = gguf.quants.quantize(w, qtype)
+    writer.add_tensor("w", data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(str(path)).tensors[0]
+    quant = _block_quant(tensor)
+    expected = gguf.quants.dequantize(tensor.data, qtype).reshape(24, 128)
+    assert quant.q.dtype is torch.int8 and quant.q.shape == (24, 128)
+    assert torch.equal(quant.dequantize(), torch.from_numpy(expected))  # bit for bit
+
+
+def _layers(llm) -> list:
+    from engine.layers.linear import _Linear
+    from engine.layers.vocab import VocabParallelEmbedding
+
+    model = llm.engine.runner.model
+    return [m for m in model.modules() if isinstance(m, (_Linear, VocabParallelEmbedding))]
+
+
+@needs_amx
+def test_default_model_runs_on_the_integers() -> None:
+    from engine import LLM, SamplingParams
+
+    llm = LLM("default", max_num_batched_tokens=64)
+    layers = _layers(llm)
+    assert layers and all(m.weight_amx is not None and m.weight_panels is None for m in layers)
+    assert all(m.block_quant is None for m in layers)  # the integers are not kept twice
+    plain = LLM("default", max_num_batched_tokens=64, weight_panels=False)  # MKL on the fp32 weights
+    assert all(m.weight_amx is None and m.weight_panels is None and m.block_quant is None for m in _layers(plain))
+    prompts = [[1, 504, 3458, 314, 4649, 30], list(range(100, 190)), [7, 8, 9]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    for a, b in zip(llm.generate(prompts, params), plain.generate(prompts, params)):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert abs(la.logprob - lb.logprob) < 1e-3
+            assert la.top.keys() == lb.top.keys()
+
+
+def test_without_amx_the_panels_take_over(monkeypatch) -> None:
+    from engine import LLM
+
+    monkeypatch.setattr(qgemm, "supported", lambda: False)
+    llm = LLM("default")
+    layers = _layers(llm)
+    assert all(m.weight_amx is None and m.weight_panels is not None for m in layers if gemm.packable(m.panel_source()))
