@@ -60,7 +60,8 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
     """Give every layer that has a weight_panels slot (see panel_source) its layout for steps of
     several rows, each kind in one buffer on huge pages (together they are the bulk of what a
     decode step reads): AMX tiles for a weight that came block-quantized (qgemm), where the CPU
-    has them, else fp32 panels. The integers collected while loading are dropped either way."""
+    has them (they then take every step, and a linear layer drops its fp32 copy), else fp32
+    panels. The integers collected while loading are dropped either way."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         tiled = [m for m in slots if qgemm.packable(m.block_quant)]
@@ -71,6 +72,8 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
         for layer, (n_bq, n_dm) in zip(tiled, sizes):
             layer.weight_amx = qgemm.pack(layer.block_quant, bq[at_bq:at_bq + n_bq], dm[at_dm:at_dm + n_dm])
             at_bq, at_dm = at_bq + n_bq, at_dm + n_dm
+            if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
+                layer.drop_dense()
         paneled = [m for m in slots if m.weight_amx is None and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
         arena = hugepages.empty(sum(sizes))

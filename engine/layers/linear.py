@@ -12,10 +12,11 @@ from engine.layers import gemm, qgemm
 
 
 class _Linear(nn.Module):
-    """After loading, W is kept as a contiguous [in, out] for MKL (single rows, prefill chunks);
-    on CPU fp32, gemm.pack_model adds the layout that steps of two rows and more take: the AMX
-    tiles where the checkpoint's weight was block-quantized (the shards' integers are collected
-    while loading), else the fp32 panels for decode-sized steps. The [out, in] copy is dropped."""
+    """After loading, W is kept as a contiguous [in, out] for MKL; on CPU fp32, gemm.pack_model
+    adds a layout of its own: the AMX tiles where the checkpoint's weight was block-quantized
+    (the shards' integers are collected while loading), which then take every step and replace
+    the [in, out] copy; else the fp32 panels for steps of 2-128 rows (single rows and prefill
+    chunks stay on MKL). The [out, in] copy is dropped."""
 
     weight_panels: torch.Tensor | None = None
     weight_amx: qgemm.Packed | None = None
@@ -33,6 +34,11 @@ class _Linear(nn.Module):
 
     def panel_source(self) -> torch.Tensor:
         return self.weight_t.data
+
+    def drop_dense(self) -> None:
+        """The tiles take every fp32 step (gemm.pack_model gave them): the [in, out] copy goes."""
+        if self.weight_t.dtype is torch.float32:
+            self.weight_t = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if qgemm.usable(x, self.weight_amx):

@@ -3,7 +3,8 @@ Q8_0: W = d * q + m per 32 weights along a row, q a small integer), exact to fp3
 csrc/qgemm.c). The loader hands such weights over as fp32 tensors that also carry their
 integers (`block_quant`); layers collect their shard's rows of it while loading, and
 gemm.pack_model lays it out for the tile unit in place of the fp32 panels (half their size).
-Used for two rows and more, prefill chunks included; a single row stays on MKL's GEMV."""
+Used for every row count: a single decode row streams 2 bytes a weight instead of MKL's 4
+(SmolLM2's matmul chain at one row 17 against MKL's 25 ms), so the layer drops its fp32 copy."""
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +21,6 @@ _SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 32  # weights per quant block along k, as in qgemm.c
 GROUP = 16  # output columns per B tile
-MIN_ROWS = 2
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -127,8 +127,8 @@ def pack(quant: BlockQuant, bq_out: torch.Tensor | None = None, dm_out: torch.Te
 
 
 def usable(x: torch.Tensor, packed: Packed | None) -> bool:
-    return (packed is not None and x.dim() == 2 and x.shape[0] >= MIN_ROWS and x.dtype is torch.float32
-            and x.is_cpu and x.stride(1) == 1 and x.shape[1] == packed.bq.shape[1] * BLOCK)
+    return (packed is not None and x.dim() == 2 and x.dtype is torch.float32 and x.is_cpu
+            and x.shape[1] == packed.bq.shape[1] * BLOCK)
 
 
 _scratch: dict[torch.dtype, torch.Tensor] = {}
@@ -144,8 +144,10 @@ def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, out_features: int | None = None
            ) -> torch.Tensor:
-    """x [rows, in] (rows contiguous) @ W^T (+ bias) -> a new [rows, out_features] (default: all
-    of the packed weight's rows)."""
+    """x [rows, in] @ W^T (+ bias) -> a new [rows, out_features] (default: all of the packed
+    weight's rows)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
     rows, k = x.shape
     n = packed.out_features if out_features is None else out_features
     padded = -(-rows // GROUP) * GROUP

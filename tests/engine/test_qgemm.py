@@ -29,7 +29,7 @@ def random_quant(rows: int, cols: int, kind: str, seed: int = 0) -> BlockQuant:
 
 @needs_amx
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
-@pytest.mark.parametrize("rows,n,k", [(2, 1, 32), (3, 17, 64), (16, 48, 96), (32, 960, 576), (33, 100, 1536),
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (16, 48, 96), (32, 960, 576), (33, 100, 1536),
                                       (200, 576, 576)])
 def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
     quant = random_quant(n, k, kind, seed=rows + n + k)
@@ -53,7 +53,7 @@ def test_row_does_not_depend_on_batch() -> None:
     packed = qgemm.pack(quant)
     x = torch.randn(70, 576)
     full = qgemm.linear(x, packed, None)
-    for start, stop in ((5, 7), (0, 16), (20, 53), (40, 70)):
+    for start, stop in ((5, 6), (5, 7), (0, 16), (20, 53), (40, 70)):
         assert torch.equal(qgemm.linear(x[start:stop].contiguous(), packed, None), full[start:stop])
 
 
@@ -63,11 +63,13 @@ def test_strided_rows_and_out_features() -> None:
     packed = qgemm.pack(quant)
     base = torch.randn(6, 100)
     x = base[:, 10:74]  # row stride 100
-    assert not qgemm.usable(base, packed) and qgemm.usable(x, packed)
-    assert not qgemm.usable(x[:1], packed)  # one row: MKL's GEMV
+    assert not qgemm.usable(base, packed) and qgemm.usable(x, packed) and qgemm.usable(x[:1], packed)
+    assert not qgemm.usable(x.double(), packed)
     ref = x.contiguous() @ quant.dequantize().T
     torch.testing.assert_close(qgemm.linear(x, packed, None), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(qgemm.linear(x, packed, None, out_features=33), ref[:, :33], rtol=1e-5, atol=1e-5)
+    columns = x.t().contiguous().t()  # column-major: copied to rows first
+    assert columns.stride(1) != 1 and torch.equal(qgemm.linear(columns, packed, None), qgemm.linear(x, packed, None))
 
 
 def test_take_and_assemble() -> None:
@@ -121,6 +123,7 @@ def test_default_model_runs_on_the_integers() -> None:
     llm = LLM("default", max_num_batched_tokens=64)
     layers = _layers(llm)
     assert layers and all(m.weight_amx is not None and m.weight_panels is None for m in layers)
+    assert all(getattr(m, "weight_t", None) is None for m in layers)  # the tiles take every row count
     assert all(m.block_quant is None for m in layers)  # the integers are not kept twice
     plain = LLM("default", max_num_batched_tokens=64, weight_panels=False)  # MKL on the fp32 weights
     assert all(m.weight_amx is None and m.weight_panels is None and m.block_quant is None for m in _layers(plain))

@@ -55,12 +55,15 @@ typedef struct {
     uint8_t rows[16];
 } tilecfg;
 
-static void configure(void) {
+/* Tiles 0-5, 64 bytes a row: the weights' 16 rows (k pairs), and the parts' and accumulator's
+ * `rows` rows (16, or fewer when the whole call has fewer: a tile product's time goes with its
+ * rows). */
+static void configure(int rows) {
     tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int i = 0; i < 6; i++) {  /* tiles 0-5, each 16 rows x 64 bytes */
-        cfg.rows[i] = 16;
+    for (int i = 0; i < 6; i++) {
+        cfg.rows[i] = i < 2 ? 16 : rows;
         cfg.colsb[i] = 64;
     }
     _tile_loadconfig(&cfg);
@@ -88,12 +91,12 @@ static void split_row(const float *x, int64_t ldx, int64_t rows, int64_t nb, int
     }
 }
 
-/* acc[16 rows][32] (row stride 32) += d * T + m * S for one accumulator tile stored in t. */
+/* acc[rows][32] (row stride 32) += d * T + m * S for one accumulator tile stored in t. */
 static inline __attribute__((always_inline)) void scale_into(
-    float *acc, const float *t, const float *dm, const float *xs, int64_t nb) {
+    float *acc, const float *t, const float *dm, const float *xs, int64_t nb, const int rows) {
     const __m512 d = _mm512_loadu_ps(dm), m = _mm512_loadu_ps(dm + 16);
 #pragma GCC unroll 16
-    for (int r = 0; r < 16; r++) {
+    for (int r = 0; r < rows; r++) {
         __m512 a = _mm512_fmadd_ps(_mm512_load_ps(t + 16 * r), d, _mm512_load_ps(acc + 32 * r));
         _mm512_store_ps(acc + 32 * r, _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb]), m, a));
     }
@@ -108,7 +111,8 @@ static inline __attribute__((always_inline)) void scale_into(
  * weights are prefetched two blocks ahead: cold, they come from DRAM every decode step. */
 static inline __attribute__((always_inline)) void block(
     const int two_rows, const int two_cols, const uint16_t *a0, const uint16_t *b0, const uint16_t *b1,
-    const float *s0, const float *s1, const float *xs, int64_t nb, float acc[32 * 32], float t[4 * 256]) {
+    const float *s0, const float *s1, const float *xs, int64_t nb, float acc[32 * 32], float t[4 * 256],
+    const int rows) {
     memset(acc, 0, 32 * 32 * sizeof(float));
     for (int64_t b = 0; b < nb; b++) {
         if (b + 2 < nb) {  /* the weights two blocks ahead */
@@ -145,11 +149,11 @@ static inline __attribute__((always_inline)) void block(
             }
         }
         const int64_t o = b * 32;
-        scale_into(acc, t, s0 + o, xs + b, nb);
-        if (two_cols) scale_into(acc + 16, t + 256, s1 + o, xs + b, nb);
+        scale_into(acc, t, s0 + o, xs + b, nb, rows);
+        if (two_cols) scale_into(acc + 16, t + 256, s1 + o, xs + b, nb, rows);
         if (two_rows) {
-            scale_into(acc + 16 * 32, t + 512, s0 + o, xs + 16 * nb + b, nb);
-            if (two_cols) scale_into(acc + 16 * 32 + 16, t + 768, s1 + o, xs + 16 * nb + b, nb);
+            scale_into(acc + 16 * 32, t + 512, s0 + o, xs + 16 * nb + b, nb, 16);
+            if (two_cols) scale_into(acc + 16 * 32 + 16, t + 768, s1 + o, xs + 16 * nb + b, nb, 16);
         }
     }
 }
@@ -163,10 +167,11 @@ void qgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint1
     const int64_t nb = k / BLK, tiles = (rows + 15) / 16, pairs = (groups + 1) / 2;
 #pragma omp parallel
     {
+        const int short_rows = rows < 16 ? (int)rows : 16;  /* one row tile of fewer rows */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < tiles * 16; i++)
+        for (int64_t i = 0; i < (rows < 16 ? rows : tiles * 16); i++)
             split_row(x, ldx, rows, nb, i, ap, xs);
-        configure();
+        configure(short_rows);
         const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t p0 = pairs * me / nt, p1 = pairs * (me + 1) / nt;
         float acc[32 * 32] __attribute__((aligned(64)));
@@ -180,10 +185,10 @@ void qgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint1
                 const int two_cols = g + 1 < groups;
                 const uint16_t *b0 = bq + g * nb * TILE_ELEMS, *b1 = b0 + nb * TILE_ELEMS;
                 const float *s0 = dm + g * nb * 32, *s1 = s0 + nb * 32;
-                if (two_rows && two_cols) block(1, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t);
-                else if (two_rows) block(1, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t);
-                else if (two_cols) block(0, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t);
-                else block(0, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t);
+                if (two_rows && two_cols) block(1, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t, 16);
+                else if (two_rows) block(1, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t, 16);
+                else if (two_cols) block(0, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t, short_rows);
+                else block(0, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t, short_rows);
                 const int64_t cols = (n - g * 16) < 32 ? n - g * 16 : 32;
                 const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
                 const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
