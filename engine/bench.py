@@ -422,20 +422,19 @@ def prefill_workload(engines, prompts, warm_prompts, reps: int, **opts) -> dict[
 
 
 def model_counts(llm) -> dict[str, int]:
-    model = llm.engine.runner.model
+    """Parameter counts from the model's config (a dense Llama-family model): the useful work,
+    whatever layout the engine keeps its weights in."""
     cfg = llm.engine.config.model_config
-    seen, total = set(), 0
-    for p in model.parameters():  # a tied lm_head is the embedding: count it once
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    linear = sum(p.numel() for name, p in model.model.layers.named_parameters()
-                 if p.dim() >= 2 and not name.endswith("norm.weight"))
+    h, d, heads, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * cfg.intermediate_size  # qkv, o, gate|up, down
+    linear = cfg.num_hidden_layers * per_layer
+    embedding = cfg.vocab_size * h
+    total = (linear + cfg.num_hidden_layers * 2 * h + h + embedding  # + norms (+ an untied lm_head)
+             + (0 if cfg.tie_word_embeddings else embedding))
     return {"params": total, "weight_bytes": total * llm.engine.config.dtype.itemsize,
             "linear_params": linear,  # the decoder layers' matmul weights (embedding and lm_head excluded)
-            "lm_head_params": cfg.vocab_size * cfg.hidden_size, "layers": cfg.num_hidden_layers,
-            "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-            "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
+            "lm_head_params": embedding, "layers": cfg.num_hidden_layers,
+            "heads": heads, "kv_heads": kv, "head_dim": d, "hidden": h, "vocab": cfg.vocab_size}
 
 
 FLOPS_FORMULA = ("prefill FLOPs = 2*linear_params*tokens (q,k,v,o,gate,up,down of every layer) "
