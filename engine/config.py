@@ -160,9 +160,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto", "torch" or "flash"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     max_model_len: int = 0  # 0: the model's max_position_embeddings
-    # CPU fp32: a second copy of the linear weights laid out for steps of several rows: AMX tiles
-    # of a block-quantized checkpoint's integers (2+ rows, prefill included; half the fp32 size),
-    # else 48-column fp32 panels (2-128 rows: decode batches, short prompts; the size again)
+    # CPU fp32: the linear weights laid out once for the C matmuls: AMX tiles of a block-quantized
+    # checkpoint's integers (every step; they replace the fp32 copy, at half its size), else a
+    # second copy in 48-column fp32 panels (steps of 2-128 rows; the weights' size again)
     weight_panels: bool = True
 
     def __post_init__(self) -> None:
