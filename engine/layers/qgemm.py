@@ -8,6 +8,7 @@ Used for every row count: a single decode row streams 2 bytes a weight instead o
 from __future__ import annotations
 
 import ctypes
+import threading
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -131,14 +132,15 @@ def usable(x: torch.Tensor, packed: Packed | None) -> bool:
             and x.shape[1] == packed.bq.shape[1] * BLOCK)
 
 
-_scratch: dict[torch.dtype, torch.Tensor] = {}
+_scratch = threading.local()  # per thread: two engines in one process may step at once
 
 
 def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-call scratch, grown to the largest call so far and reused (one engine thread calls)."""
-    buf = _scratch.get(dtype)
+    """Per-call scratch, grown to the largest call so far and reused."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buf
 
 

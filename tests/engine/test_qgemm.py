@@ -143,3 +143,16 @@ def test_without_amx_the_panels_take_over(monkeypatch) -> None:
     llm = LLM("default")
     layers = _layers(llm)
     assert all(m.weight_amx is None and m.weight_panels is not None for m in layers if gemm.packable(m.panel_source()))
+
+
+@needs_amx
+def test_threads_calling_at_once_get_their_own_results() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    packed = qgemm.pack(random_quant(96, 576, "q4_1"))
+    xs = [torch.randn(24 + 8 * i, 576, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [qgemm.linear(x, packed, None) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda x: qgemm.linear(x, packed, None), xs))
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
