@@ -78,8 +78,8 @@ def collect(parts: list | None, loaded: torch.Tensor, rows: slice, cols: slice, 
 
 
 def assemble(parts: list | None, rows: int) -> BlockQuant | None:
-    """The collected parts as one BlockQuant of `rows` rows (rows no part covers are zero, as the
-    padded rows of a vocabulary slice); None unless the parts cover the weight's real rows once."""
+    """The collected parts as one BlockQuant of `rows` rows (rows no part covers are zero: the
+    padded rows of a vocabulary slice); None when parts overlap or differ in width."""
     if not parts:
         return None
     cols = parts[0][1].q.shape[1]
