@@ -7,9 +7,10 @@
  *     T[r][n] = sum_k q[n][k] x[r][k]      (3 TDPBF16PS, one per part, into one tile)
  * and y[r][n] = sum_b d[n][b] T_b[r][n] + m[n][b] S_b[r] with S_b[r] = sum of x[r][k] over the
  * block: an fp32 computation that differs from a plain fp32 matmul over the dequantized weights
- * only in the order of its roundings. The bf16 tile holds a q block as it is stored (2 bytes a
- * weight against fp32's 4), and the tile unit's rate is ~15x the AVX-512 FMAs' (~1.8 TFLOP/s a
- * core in bf16 on this machine), so three passes and the per-block scaling still leave it ahead.
+ * only in the order of its roundings (the unit flushes denormal parts: |x| below ~1e-33 loses
+ * its low bits). The bf16 tile holds a q block as it is stored (2 bytes a weight against fp32's
+ * 4), and the tile unit's rate is 8-15x the AVX-512 FMAs' (1-1.8 TFLOP/s a core in bf16 on this
+ * machine, as the host drifts), so three passes and the per-block scaling still leave it ahead.
  *
  * Layouts (made once at load, gemm.py):
  *   bq [G][nb][16 k-pairs][16 n][2] bf16: column group g (16 columns), block b, in the VNNI
