@@ -1,6 +1,6 @@
 """x @ W^T on the CPU's AMX tile unit for weights that came block-quantized (GGUF Q4_0, Q4_1,
-Q8_0: W = d * q + m per 32 weights along a row, q a small integer), exact to fp32 (how:
-csrc/qgemm.c). The loader hands such weights over as fp32 tensors that also carry their
+Q5_0, Q5_1, Q8_0: W = d * q + m per 32 weights along a row, q a small integer), exact to fp32
+(how: csrc/qgemm.c). The loader hands such weights over as fp32 tensors that also carry their
 integers (`block_quant`); layers collect their shard's rows of it while loading, and
 gemm.pack_model lays it out for the tile unit in place of the fp32 panels (half their size).
 Used for every row count: a single decode row streams 2 bytes a weight instead of MKL's 4

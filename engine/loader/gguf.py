@@ -142,25 +142,35 @@ def _hf_config(reader: Any, path: str) -> dict[str, Any]:
     return cfg
 
 
+_Q = gguf.GGMLQuantizationType
+# 32-weight block formats whose values are d * (q - offset) (+ m), q an integer: a block holds
+# d (fp16), then m (fp16) where it has one, then the q's fifth bits (a little-endian u32) where
+# it has them, then the q's: 16 bytes of nibbles (weights 0-15 low, 16-31 high), or 32 int8.
+# type: (has m, has fifth bits, offset)
+_BLOCK_FORMATS = {_Q.Q4_0: (False, False, 8), _Q.Q4_1: (True, False, 0), _Q.Q5_0: (False, True, 16),
+                  _Q.Q5_1: (True, True, 0), _Q.Q8_0: (False, False, 0)}
+
+
 def _block_quant(t: Any) -> BlockQuant | None:
-    """The integers and per-block scales of a tensor in a 32-weight block format whose values are
-    d * q (+ m): Q4_0 (d * (q - 8)), Q4_1 (d * q + m), Q8_0 (d * q); None for other types."""
-    kind = t.tensor_type
-    if kind not in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+    """The integers and per-block scales of a tensor in one of _BLOCK_FORMATS, as
+    W = d * q + m (the offset folded into q); None for other types."""
+    if t.tensor_type not in _BLOCK_FORMATS:
         return None
+    has_m, fifth_bits, offset = _BLOCK_FORMATS[t.tensor_type]
     cols = int(t.shape[0])
-    blocks = np.asarray(t.data, dtype=np.uint8).reshape(-1, gguf.GGML_QUANT_SIZES[kind][1])
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
-    m = np.zeros_like(d)
-    if kind == gguf.GGMLQuantizationType.Q8_0:
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32) if has_m else np.zeros_like(d)
+    if t.tensor_type == _Q.Q8_0:
         q = blocks[:, 2:].copy().view(np.int8)
     else:
-        if kind == gguf.GGMLQuantizationType.Q4_1:
-            m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        packed = blocks[:, -16:]
-        q = np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.int8)  # weights 0-15, then 16-31
-        if kind == gguf.GGMLQuantizationType.Q4_0:
-            q -= 8
+        nibbles = blocks[:, -16:]
+        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.int16)
+        if fifth_bits:
+            at = 4 if has_m else 2
+            high = blocks[:, at:at + 4].copy().view("<u4")
+            q |= ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4
+        q = (q - offset).astype(np.int8)
     rows = blocks.shape[0] * 32 // cols
     return BlockQuant(torch.from_numpy(q.reshape(rows, cols)), torch.from_numpy(d.reshape(rows, cols // 32)),
                       torch.from_numpy(m.reshape(rows, cols // 32)))

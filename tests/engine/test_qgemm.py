@@ -20,17 +20,20 @@ def random_quant(rows: int, cols: int, kind: str, seed: int = 0) -> BlockQuant:
     blocks = (rows, cols // 32)
     if kind == "q8_0":
         q = torch.randint(-128, 128, (rows, cols), generator=g)
+    elif kind == "q5_1":
+        q = torch.randint(0, 32, (rows, cols), generator=g)
     else:
         q = torch.randint(0, 16, (rows, cols), generator=g) - (8 if kind == "q4_0" else 0)
     d = (torch.rand(blocks, generator=g) * 0.05).half().float()  # GGUF scales are fp16
-    m = -(torch.rand(blocks, generator=g) * 0.2).half().float() if kind == "q4_1" else torch.zeros(blocks)
+    with_m = kind in ("q4_1", "q5_1")
+    m = -(torch.rand(blocks, generator=g) * 0.2).half().float() if with_m else torch.zeros(blocks)
     return BlockQuant(q.to(torch.int8), d, m)
 
 
 @needs_amx
-@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
-@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (16, 48, 96), (32, 960, 576), (33, 100, 1536),
-                                      (200, 576, 576)])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_1", "q8_0"])
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (16, 48, 96), (32, 960, 576),
+                                      (33, 100, 1536), (200, 576, 576)])
 def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
     quant = random_quant(n, k, kind, seed=rows + n + k)
     w = quant.dequantize()
@@ -87,7 +90,7 @@ def test_take_and_assemble() -> None:
     assert qgemm.collect(None, loaded, slice(None), slice(None), 0) is None  # an earlier shard had none
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_gguf_blocks_match_gguf_dequantize(tmp_path, kind: str) -> None:
     from engine.loader.gguf import _block_quant
 

@@ -1,5 +1,5 @@
 /* y = x W^T (+ bias) on AMX for weights quantized in blocks of 32 along k (GGUF Q4_0, Q4_1,
- * Q8_0): W[n][k] = d[n][b] * q[n][k] + m[n][b] with b = k / 32 and q a small integer.
+ * Q5_0, Q5_1, Q8_0): W[n][k] = d[n][b] * q[n][k] + m[n][b] with b = k / 32 and q a small integer.
  *
  * Exact to fp32, not bf16: q (|q| <= 128) is exact in bf16, and x is split into three bf16
  * parts, x = hi + mid + lo, which hold all 24 bits of its significand. A product of a q and a
