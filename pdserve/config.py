@@ -25,7 +25,7 @@ class PoolConfig:
     num_kv_blocks: int = 256
     block_size: int = 16
     attention_backend: str = "auto"
-    weight_panels: bool = True  # CPU: a decode-friendly second copy of the linear weights (see the README)
+    weight_panels: bool = True  # CPU fp32: the linear weights laid out for the C matmuls (README: weight_panels)
     device: str = "cpu"  # "cpu" or "cuda"
     num_gpus: float = 0.0  # Ray GPUs per rank (1 on GPU nodes)
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}

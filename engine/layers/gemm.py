@@ -1,8 +1,9 @@
-"""x @ W^T for decode-sized batches on CPU, over weights laid out in 48-column panels once at load
-(csrc/gemm.c). MKL, given the plain [in, out] weight, spends as long re-laying out cold weights
-as multiplying them when a step has few rows; chunked prefill steps have thousands of rows, where
-MKL's own kernels win, so layers keep both layouts and pick by row count (the panels cost a
-second copy of the linear weights in memory)."""
+"""x @ W^T on CPU over the weight layouts made once at load, and the choice among them (matmul).
+Here: 48-column fp32 panels for decode-sized batches (csrc/gemm.c). MKL, given the plain
+[in, out] weight, spends as long re-laying out cold weights as multiplying them when a step has
+few rows; chunked prefill steps have thousands of rows, where MKL's own kernels win, so layers
+keep both layouts and pick by row count (the panels cost a second copy of the linear weights in
+memory). A block-quantized checkpoint's weights take the AMX tiles instead (qgemm.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -65,24 +66,30 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         tiled = [m for m in slots if qgemm.packable(m.block_quant)]
-        sizes = [qgemm.packed_numel(m.block_quant) for m in tiled]
-        bq = hugepages.empty(sum(s[0] for s in sizes), torch.bfloat16)
-        dm = hugepages.empty(sum(s[1] for s in sizes))
-        at_bq = at_dm = 0
-        for layer, (n_bq, n_dm) in zip(tiled, sizes):
-            layer.weight_amx = qgemm.pack(layer.block_quant, bq[at_bq:at_bq + n_bq], dm[at_dm:at_dm + n_dm])
-            at_bq, at_dm = at_bq + n_bq, at_dm + n_dm
+        n_bq, n_dm = zip(*(qgemm.packed_numel(m.block_quant) for m in tiled)) if tiled else ((), ())
+        bqs = hugepages.empty(sum(n_bq), torch.bfloat16).split(n_bq)
+        dms = hugepages.empty(sum(n_dm)).split(n_dm)
+        for layer, bq, dm in zip(tiled, bqs, dms):
+            layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
         paneled = [m for m in slots if m.weight_amx is None and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
-        arena = hugepages.empty(sum(sizes))
-        offset = 0
-        for layer, size in zip(paneled, sizes):
-            layer.weight_panels = pack(layer.panel_source(), arena[offset:offset + size])
-            offset += size
+        for layer, panels in zip(paneled, hugepages.empty(sum(sizes)).split(sizes)):
+            layer.weight_panels = pack(layer.panel_source(), panels)
     for layer in slots:
         layer.block_quant = None
+
+
+def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | None, weight_t: torch.Tensor | None,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) by the first of W's layouts that takes x: the AMX tiles, the fp32 panels,
+    else MKL on the [in, out] weight_t (None only where the tiles take every fp32 step)."""
+    if qgemm.usable(x, amx):
+        return qgemm.linear(x, amx, bias)
+    if usable(x, panels):
+        return linear(x, panels, weight_t.shape[1], bias)
+    return torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)
 
 
 def usable(x: torch.Tensor, panels: torch.Tensor | None) -> bool:

@@ -41,11 +41,7 @@ class _Linear(nn.Module):
             self.weight_t = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if qgemm.usable(x, self.weight_amx):
-            return qgemm.linear(x, self.weight_amx, bias)
-        if gemm.usable(x, self.weight_panels):
-            return gemm.linear(x, self.weight_panels, self.weight_t.shape[1], bias)
-        return torch.addmm(bias, x, self.weight_t) if bias is not None else torch.mm(x, self.weight_t)
+        return gemm.matmul(x, self.weight_amx, self.weight_panels, self.weight_t, bias)
 
 
 class ColumnParallelLinear(_Linear):

@@ -154,7 +154,7 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, out_featu
     n = packed.out_features if out_features is None else out_features
     padded = -(-rows // GROUP) * GROUP
     ap, xs = _buffer(padded * k * 3, torch.bfloat16), _buffer(padded * (k // BLOCK), torch.float32)
-    y = torch.empty(rows, n)
+    y = torch.empty(rows, n, dtype=torch.float32)
     _lib().qgemm_f32(x.data_ptr(), x.stride(0), rows, k, packed.bq.data_ptr(), packed.dm.data_ptr(),
                      packed.bq.shape[0], bias.data_ptr() if bias is not None else None, y.data_ptr(), n, n,
                      ap.data_ptr(), xs.data_ptr())

@@ -49,12 +49,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """As the LM head (its own weight, or the embedding's when tied):
         [num_rows, hidden] -> [num_rows, vocab]."""
-        if qgemm.usable(hidden, self.weight_amx):
-            local = qgemm.linear(hidden, self.weight_amx, None)
-        elif gemm.usable(hidden, self.weight_panels):
-            local = gemm.linear(hidden, self.weight_panels, self.rows, None)
-        else:
-            local = F.linear(hidden, self.weight)
+        local = gemm.matmul(hidden, self.weight_amx, self.weight_panels, self.weight.t(), None)
         logits = self.tp.all_gather(local)
         return logits[:, :self.vocab_size] if logits.shape[1] != self.vocab_size else logits
 
