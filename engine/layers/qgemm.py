@@ -47,13 +47,14 @@ class Packed(NamedTuple):
     bq: torch.Tensor  # bf16 [groups, blocks, 16 k-pairs, 16 columns, 2]
     dm: torch.Tensor  # fp32 [groups, blocks, 2, 16]: d then m
     out_features: int
+    has_m: bool = True  # False where every m is 0 (Q4_0, Q5_0, Q8_0): the kernel skips that term
 
 
 @cache
 def _lib() -> ctypes.CDLL | None:
     lib = load(_SOURCE, _FLAGS, {"qgemm_supported": ([], ctypes.c_int),
-                                 "qgemm_f32": ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64,
-                                                _ptr, _ptr], None)})
+                                 "qgemm_f32": ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, _i64,
+                                                _i64, _ptr, _ptr], None)})
     return lib if lib is not None and lib.qgemm_supported() else None
 
 
@@ -124,7 +125,7 @@ def pack(quant: BlockQuant, bq_out: torch.Tensor | None = None, dm_out: torch.Te
     bq.copy_(q.view(groups, GROUP, blocks, BLOCK // 2, 2).permute(0, 2, 3, 1, 4))
     dm = dm.view(groups, blocks, 2, GROUP)
     dm.copy_(torch.stack([d.view(groups, GROUP, blocks), m.view(groups, GROUP, blocks)], 2).permute(0, 3, 2, 1))
-    return Packed(bq, dm, rows)
+    return Packed(bq, dm, rows, bool(quant.m.any()))
 
 
 def usable(x: torch.Tensor, packed: Packed | None) -> bool:
@@ -156,6 +157,6 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, out_featu
     ap, xs = _buffer(padded * k * 3, torch.bfloat16), _buffer(padded * (k // BLOCK), torch.float32)
     y = torch.empty(rows, n, dtype=torch.float32)
     _lib().qgemm_f32(x.data_ptr(), x.stride(0), rows, k, packed.bq.data_ptr(), packed.dm.data_ptr(),
-                     packed.bq.shape[0], bias.data_ptr() if bias is not None else None, y.data_ptr(), n, n,
-                     ap.data_ptr(), xs.data_ptr())
+                     packed.bq.shape[0], packed.has_m, bias.data_ptr() if bias is not None else None, y.data_ptr(),
+                     n, n, ap.data_ptr(), xs.data_ptr())
     return y

@@ -51,6 +51,18 @@ def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
 
 
 @needs_amx
+@pytest.mark.parametrize("rows", [1, 32, 70])
+def test_formats_without_offsets_skip_the_m_term(rows: int) -> None:
+    assert qgemm.pack(random_quant(48, 96, "q4_1")).has_m
+    quant = random_quant(48, 96, "q8_0")
+    packed = qgemm.pack(quant)
+    assert not packed.has_m
+    x = torch.randn(rows, 96)
+    with_term = qgemm.linear(x, packed._replace(has_m=True), None)  # adds m * S = 0 * S
+    assert torch.equal(qgemm.linear(x, packed, None), with_term)
+
+
+@needs_amx
 def test_row_does_not_depend_on_batch() -> None:
     quant = random_quant(130, 576, "q4_1")
     packed = qgemm.pack(quant)

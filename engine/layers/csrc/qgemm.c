@@ -95,9 +95,11 @@ static void split_row(const float *x, int64_t ldx, int64_t rows, int64_t nb, int
 }
 
 /* acc[rows][32] (row stride 32) += d_u * T_u + m_u * S_u for the nu blocks' accumulator tiles
- * stored in t (TSTRIDE floats apart), block after block in registers, as one block at a time would. */
+ * stored in t (TSTRIDE floats apart), block after block in registers, as one block at a time would;
+ * without the m term for formats that have none (Q4_0, Q5_0, Q8_0: the LM head ~7% faster). */
 static inline __attribute__((always_inline)) void scale_into(
-    float *acc, const float *t, const float *dm, const float *xs, int64_t nb, const int rows, const int nu) {
+    float *acc, const float *t, const float *dm, const float *xs, int64_t nb, const int rows, const int nu,
+    const int has_m) {
     __m512 d[UNROLL], m[UNROLL];
     for (int u = 0; u < nu; u++) d[u] = _mm512_loadu_ps(dm + 32 * u), m[u] = _mm512_loadu_ps(dm + 32 * u + 16);
 #pragma GCC unroll 16
@@ -105,7 +107,7 @@ static inline __attribute__((always_inline)) void scale_into(
         __m512 a = _mm512_load_ps(acc + 32 * r);
         for (int u = 0; u < nu; u++) {
             a = _mm512_fmadd_ps(_mm512_load_ps(t + u * TSTRIDE + 16 * r), d[u], a);
-            a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb + u]), m[u], a);
+            if (has_m) a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb + u]), m[u], a);
         }
         _mm512_store_ps(acc + 32 * r, a);
     }
@@ -122,7 +124,7 @@ static inline __attribute__((always_inline)) void scale_into(
  * prefetched two blocks ahead, across the end of a pair into the next one's: cold, they come
  * from DRAM every decode step. */
 static inline __attribute__((always_inline)) void block(
-    const int two_rows, const int two_cols, const uint16_t *a0, const uint16_t *b0, const uint16_t *b1,
+    const int two_rows, const int two_cols, const int has_m, const uint16_t *a0, const uint16_t *b0, const uint16_t *b1,
     const float *s0, const float *s1, const float *xs, int64_t nb, float acc[32 * 32], float *t,
     const int rows) {
     memset(acc, 0, 32 * 32 * sizeof(float));
@@ -166,8 +168,8 @@ static inline __attribute__((always_inline)) void block(
         }
         const int64_t o = b * 32;
         float *t1 = t + UNROLL * 256, *tr = t + 2 * UNROLL * 256;
-#define SCALE(ACC, T, S, XS, ROWS) do { if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL); \
-                                        else scale_into(ACC, T, S, XS, nb, ROWS, nu); } while (0)
+#define SCALE(ACC, T, S, XS, ROWS) do { if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m); \
+                                        else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m); } while (0)
         SCALE(acc, t, s0 + o, xs + b, rows);
         if (two_cols) SCALE(acc + 16, t1, s1 + o, xs + b, rows);
         if (two_rows) {
@@ -179,10 +181,11 @@ static inline __attribute__((always_inline)) void block(
 }
 #endif
 
-/* x [rows, k] (row stride ldx) -> y [rows, n] (row stride ldy); groups = ceil(n / 16);
- * ap: rows rounded up to 16 x k x 3 bf16; xs: rows rounded up to 16 x k/32 floats. */
+/* x [rows, k] (row stride ldx) -> y [rows, n] (row stride ldy); groups = ceil(n / 16); has_m: 0
+ * where every m is 0; ap: rows rounded up to 16 x k x 3 bf16; xs: rows rounded up to 16 x k/32 floats. */
 void qgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint16_t *bq, const float *dm,
-               int64_t groups, const float *bias, float *y, int64_t ldy, int64_t n, uint16_t *ap, float *xs) {
+               int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t n, uint16_t *ap,
+               float *xs) {
 #ifdef HAVE_AMX
     const int64_t nb = k / BLK, tiles = (rows + 15) / 16, pairs = (groups + 1) / 2;
 #pragma omp parallel
@@ -205,10 +208,14 @@ void qgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint1
                 const int two_cols = g + 1 < groups;
                 const uint16_t *b0 = bq + g * nb * TILE_ELEMS, *b1 = b0 + nb * TILE_ELEMS;
                 const float *s0 = dm + g * nb * 32, *s1 = s0 + nb * 32;
-                if (two_rows && two_cols) block(1, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t, 16);
-                else if (two_rows) block(1, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t, 16);
-                else if (two_cols) block(0, 1, a0, b0, b1, s0, s1, xsr, nb, acc, t, short_rows);
-                else block(0, 0, a0, b0, b1, s0, s1, xsr, nb, acc, t, short_rows);
+#define BLOCK(M) do { \
+                    if (two_rows && two_cols) block(1, 1, M, a0, b0, b1, s0, s1, xsr, nb, acc, t, 16); \
+                    else if (two_rows) block(1, 0, M, a0, b0, b1, s0, s1, xsr, nb, acc, t, 16); \
+                    else if (two_cols) block(0, 1, M, a0, b0, b1, s0, s1, xsr, nb, acc, t, short_rows); \
+                    else block(0, 0, M, a0, b0, b1, s0, s1, xsr, nb, acc, t, short_rows); } while (0)
+                if (has_m) BLOCK(1);
+                else BLOCK(0);
+#undef BLOCK
                 const int64_t cols = (n - g * 16) < 32 ? n - g * 16 : 32;
                 const __mmask16 m0 = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
                 const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
@@ -228,7 +235,7 @@ void qgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint1
         _tile_release();
     }
 #else
-    (void)x; (void)ldx; (void)rows; (void)k; (void)bq; (void)dm; (void)groups; (void)bias;
+    (void)x; (void)ldx; (void)rows; (void)k; (void)bq; (void)dm; (void)groups; (void)has_m; (void)bias;
     (void)y; (void)ldy; (void)n; (void)ap; (void)xs;
 #endif
 }
