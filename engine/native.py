@@ -22,20 +22,29 @@ def load(source: Path, flags: list[str], functions: dict[str, tuple[list, type |
     return dll
 
 
+# Linked with any of these, gcc adds crtfastmath.o, whose constructor turns on flush-to-zero and
+# denormals-are-zero for the whole process as the library loads (torch's ops included): they
+# stay compile flags only. A kernel that wants denormals flushed sets it around its own work.
+_FAST_MATH = {"-ffast-math", "-Ofast", "-funsafe-math-optimizations"}
+_RECIPE = b"compile, then link without fast-math"  # in the cache tag: libraries built otherwise are not reused
+
+
 def build(source: Path, flags: list[str]) -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None
     src = source.read_bytes()
-    tag = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join(flags).encode() + _RECIPE).hexdigest()[:16]
     cache_dir = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
     lib = cache_dir / f"{source.stem}-{tag}.so"
     if not lib.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            out = Path(tmp) / lib.name
-            done = subprocess.run([cc, str(source), "-o", str(out), *flags], capture_output=True)
-            if done.returncode != 0:
-                return None
+            obj, out = Path(tmp) / f"{source.stem}.o", Path(tmp) / lib.name
+            compile_flags = [f for f in flags if f != "-shared" and not f.startswith("-l")]
+            link_flags = [f for f in flags if f not in _FAST_MATH]
+            for cmd in ([cc, "-c", str(source), "-o", str(obj), *compile_flags], [cc, str(obj), "-o", str(out), *link_flags]):
+                if subprocess.run(cmd, capture_output=True).returncode != 0:
+                    return None
             os.replace(out, lib)  # atomic: concurrent builders agree on the result
     return ctypes.CDLL(str(lib))

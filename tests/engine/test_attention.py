@@ -120,3 +120,26 @@ def test_engine_greedy_is_the_same_on_every_cpu_backend(tiny_checkpoints, backen
                num_kv_blocks=16).generate(prompts, params)
     ref = LLM(str(tiny_checkpoints["llama"]), attention_backend="torch", num_kv_blocks=64).generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+
+
+def test_the_c_kernels_leave_the_process_float_environment_alone() -> None:
+    """A library built with -ffast-math would flush denormals for the whole process as it loads
+    (gcc's crtfastmath.o): torch's own ops, and the caller's, would change."""
+    from engine.attention import paged_cpu
+    from engine.layers import fused, gemm, qgemm
+
+    tiny = torch.tensor([1e-40])
+    assert (tiny * 1.0).item() != 0.0
+    if paged_cpu._kernel() is None:
+        pytest.skip("no C compiler")
+    paged_cpu._prefill_kernel(), fused._lib(), fused._activation_lib(), gemm._lib(), qgemm._lib()
+    backend = paged_cpu.PagedCPUAttention()
+    k_cache, v_cache = torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64)
+    i32 = torch.int32
+    meta = AttentionMetadata(  # one decode at position 20: blocks 2 then 1, its slot in block 1
+        num_decodes=1, slot_mapping=torch.tensor([20]), query_start_loc=torch.tensor([0, 1], dtype=i32),
+        seq_lens=torch.tensor([21], dtype=i32), block_tables=torch.tensor([[2, 1]], dtype=i32), max_query_len=1,
+        max_seq_len=21, query_start_loc_list=[0, 1], seq_lens_list=[21], max_decode_len=21)
+    q, k, v = torch.randn(1, 4, 64), torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+    backend.forward(q, k, v, k_cache, v_cache, meta, 0.125)
+    assert (tiny * 1.0).item() != 0.0 and (tiny + 0.0).item() == tiny.item()

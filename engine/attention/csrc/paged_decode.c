@@ -9,6 +9,16 @@
 #include <omp.h>
 #include <math.h>
 #include <stdint.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+/* denormals flushed (DAZ | FTZ) by each thread for this kernel's own work, then put back: the
+ * library is built without crtfastmath, which would set it for the whole process (engine/native.py) */
+#define FLUSH_DENORMALS_BEGIN const unsigned saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);
+#define FLUSH_DENORMALS_END _mm_setcsr(saved_csr);
+#else
+#define FLUSH_DENORMALS_BEGIN
+#define FLUSH_DENORMALS_END
+#endif
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
@@ -197,6 +207,7 @@ int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_
     int failed = 0;
 #pragma omp parallel
     {
+        FLUSH_DENORMALS_BEGIN
         float *scores = malloc(sizeof(float) * part_heads * group * (max_seq_len > 0 ? max_seq_len : 1));
         if (!scores) failed = 1;
 #pragma omp for schedule(dynamic, 1)
@@ -214,6 +225,7 @@ int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_
                    out + (s * num_heads + kh0 * group) * head_dim);
         }
         free(scores);
+        FLUSH_DENORMALS_END
     }
     return failed;
 }

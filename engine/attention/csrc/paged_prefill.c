@@ -13,6 +13,16 @@
  * glibc's vector expf). Work items are shared out over OpenMP threads, longest (latest) first. */
 #include <omp.h>
 #include <stdint.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+/* denormals flushed (DAZ | FTZ) by each thread for this kernel's own work, then put back: the
+ * library is built without crtfastmath, which would set it for the whole process (engine/native.py) */
+#define FLUSH_DENORMALS_BEGIN const unsigned saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);
+#define FLUSH_DENORMALS_END _mm_setcsr(saved_csr);
+#else
+#define FLUSH_DENORMALS_BEGIN
+#define FLUSH_DENORMALS_END
+#endif
 #include <stdlib.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -194,6 +204,7 @@ int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k
     int failed = 0;
 #pragma omp parallel
     {
+        FLUSH_DENORMALS_BEGIN
 #pragma omp for schedule(static)  /* then a barrier: every row is in place before any is read */
         for (int64_t i = first_token; i < first_token + tokens; i++)
             for (int64_t c = 0; c < KVH * D; c++) {
@@ -226,6 +237,7 @@ int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k
                          KVH, D, bs, seq_lens[i] - n + j0, nq, scale, out + tok * out_stride, out_stride);
         }
         free(mem);
+        FLUSH_DENORMALS_END
     }
     return failed ? -2 : 0;
 #else
