@@ -33,7 +33,7 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # its headers too
     tag = hashlib.sha256(src + " ".join(flags).encode() + _RECIPE).hexdigest()[:16]
     cache_dir = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
     lib = cache_dir / f"{source.stem}-{tag}.so"

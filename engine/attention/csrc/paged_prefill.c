@@ -13,16 +13,7 @@
  * glibc's vector expf). Work items are shared out over OpenMP threads, longest (latest) first. */
 #include <omp.h>
 #include <stdint.h>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-/* denormals flushed (DAZ | FTZ) by each thread for this kernel's own work, then put back: the
- * library is built without crtfastmath, which would set it for the whole process (engine/native.py) */
-#define FLUSH_DENORMALS_BEGIN const unsigned saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);
-#define FLUSH_DENORMALS_END _mm_setcsr(saved_csr);
-#else
-#define FLUSH_DENORMALS_BEGIN
-#define FLUSH_DENORMALS_END
-#endif
+#include "denormals.h"
 #include <stdlib.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
