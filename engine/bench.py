@@ -475,12 +475,13 @@ class StepProfiler:
     """Times the parts of our engine's steps by wrapping them in timers, as instance attributes only
     (no engine file is touched; close() puts everything back). A step whose every sequence runs one
     token counts as 'decode', any other as 'prefill'. Parts: schedule, prepare (the runner's batch
-    and metadata building), linear (every Column/RowParallelLinear), attention (the backend, KV
+    and metadata building), decoder_c (the whole decoder stack where it runs as one C call,
+    models/native_decoder.py; the next three parts are then 0), linear (every Column/RowParallelLinear), attention (the backend, KV
     writes included), norm (RMSNorm, residual add included), forward_other (the rest of the model's
     forward: embedding, rotary, activations, views), logits (lm_head on the sampled rows), sample,
     engine_other (the rest of LLMEngine.step: bookkeeping, stop checks, outputs)."""
 
-    PARTS = ("schedule", "prepare", "linear", "attention", "norm", "forward_other", "logits", "sample",
+    PARTS = ("schedule", "prepare", "decoder_c", "linear", "attention", "norm", "forward_other", "logits", "sample",
              "engine_other")
 
     def __init__(self, llm) -> None:
@@ -523,6 +524,8 @@ class StepProfiler:
         backends = {id(layer.self_attn.backend): layer.self_attn.backend for layer in model.model.layers}
         for backend in backends.values():
             self._patch(backend, "forward", lambda fn: timed(fn, "attention"))
+        if model.model.native is not None:  # the decoder stack as one C call: its parts are not seen apart
+            self._patch(model.model.native, "_fn", lambda fn: timed(fn, "decoder_c"))
         for m in model.modules():
             if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
                 self._patch(m, "forward", lambda fn: timed(fn, "linear"))
@@ -544,9 +547,9 @@ class StepProfiler:
             total = time.perf_counter() - t
             a = self.acc
             row = self.rows.setdefault(self._kind, defaultdict(float))
-            for p in ("schedule", "prepare", "linear", "attention", "norm", "logits", "sample"):
+            for p in ("schedule", "prepare", "decoder_c", "linear", "attention", "norm", "logits", "sample"):
                 row[p] += a[p]
-            row["forward_other"] += a["forward"] - a["linear"] - a["attention"] - a["norm"]
+            row["forward_other"] += a["forward"] - a["decoder_c"] - a["linear"] - a["attention"] - a["norm"]
             row["engine_other"] += total - a["forward"] - a["schedule"] - a["prepare"] - a["logits"] - a["sample"]
             row["total"] += total
             self.counts[self._kind] += 1
@@ -709,6 +712,8 @@ def run(args) -> dict[str, Any]:
         "model_counts": counts,
         "engine_commit": _git_commit(),
         "attention_backend": type(ours.llm.engine.runner.model.model.layers[0].self_attn.backend).__name__,
+        "decoder_stack": ("one C call" if ours.llm.engine.runner.native_unsupported is None
+                          else f"Python ({ours.llm.engine.runner.native_unsupported})"),
         "load_s": {"pdserve": round(ours.load_s, 1), "transformers": round(hf_info["load_s"], 1) if hf_info else None},
         "hf_attn_implementation": hf_info["attn_impl"] if hf_info else None,
         "decode_method": DECODE_METHOD,
@@ -839,7 +844,8 @@ def print_table(r: dict[str, Any]) -> None:
               f"{r['batch32_frac_of_roofline_around']:.3f} hf {_fmt(r['batch32_hf_frac_of_roofline_around'], '.3f')}")
     print(f"greedy agreement with transformers: single {r['single_greedy_match_prefix']} leading tokens; "
           f"batch32 min {r['batch32_greedy_match_prefix_min']} mean {r['batch32_greedy_match_prefix_mean']}")
-    print(f"engine {r['engine_commit']}, attention backend {r['attention_backend']}")
+    print(f"engine {r['engine_commit']}, attention backend {r['attention_backend']}, "
+          f"decoder stack {r.get('decoder_stack')}")
     print(f"peak RSS: pdserve {r['peak_rss_mb']:.0f} MB (KV cache {r['kv_cache_mb']:.0f} MB), "
           f"transformers {_fmt(r['peak_rss_hf_mb'], '.0f')} MB;  load s: {r['load_s']}")
     print("targets: " + ", ".join(f"{k}: {v}" for k, v in r["targets"].items()))

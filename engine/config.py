@@ -164,6 +164,9 @@ class EngineConfig:
     # checkpoint's integers (every step; they replace the fp32 copy, at half its size), else a
     # second copy in 48-column fp32 panels (steps of 2-128 rows; the weights' size again)
     weight_panels: bool = True
+    # CPU fp32 with the weights in AMX tiles: the decoder stack as one C call per step, bit for
+    # bit the Python forward (models/native_decoder.py); False keeps the Python forward
+    native_decoder: bool = True
 
     def __post_init__(self) -> None:
         self.parallel.check(self.model_config)

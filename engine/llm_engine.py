@@ -57,7 +57,8 @@ class LLMEngine:
                    attention_backend: str = "auto", num_threads: int | None = None,
                    max_model_len: int = 0, device: str = "cpu", kv_allocator: KVAllocator | None = None,
                    load_tokenizer: bool = True, expert_parallel: bool = False,
-                   rank_launcher: RankLauncher | None = None, weight_panels: bool = True) -> LLMEngine:
+                   rank_launcher: RankLauncher | None = None, weight_panels: bool = True,
+                   native_decoder: bool = True) -> LLMEngine:
         """load_tokenizer=False: prompts must be token ids and stop strings are left to the caller
         (the router detokenizes and applies them for the cluster's workers).
         tensor_parallel_size > 1: this process is rank 0; `rank_launcher(config, init_method, device)`
@@ -68,7 +69,8 @@ class LLMEngine:
             cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_prefill_chunk),
             parallel=ParallelConfig(tensor_parallel_size, expert_parallel), attention_backend=attention_backend,
-            num_threads=num_threads, max_model_len=max_model_len, weight_panels=weight_panels)
+            num_threads=num_threads, max_model_len=max_model_len, weight_panels=weight_panels,
+            native_decoder=native_decoder)
         followers = None
         if tensor_parallel_size > 1:
             if rank_launcher is None:

@@ -16,7 +16,7 @@ from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
 from engine.layers import gemm
 from engine.metrics import ModelCost
-from engine.models import build_model
+from engine.models import build_model, native_decoder
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, TokenLogprobs
@@ -71,6 +71,11 @@ class ModelRunner:
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             attn.backend, attn.k_cache, attn.v_cache = backend, self.kv_cache[i, 0], self.kv_cache[i, 1]
+        # why the decoder stack runs in Python (None: it runs as one C call, models/native_decoder.py)
+        self.native_unsupported = (native_decoder.unsupported(self.model, self.tp.world_size, config.dtype, self.device)
+                                   if config.native_decoder else "native_decoder=False")
+        if self.native_unsupported is None:
+            self.model.model.native = native_decoder.NativeDecoder(self.model.model, cfg)
         self.sampler = Sampler()
         self.kv_saver: KVSaver | None = None
         self.cost = ModelCost.of(cfg, config.dtype.itemsize)

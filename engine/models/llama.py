@@ -20,6 +20,7 @@ from engine.layers.moe import MoE
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import Rope, RotaryEmbedding, rotate_
 from engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from engine.models.native_decoder import NativeDecoder
 
 
 class Attention(nn.Module):
@@ -93,9 +94,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
+    # set by the ModelRunner where every part of a layer runs in C (native_decoder.unsupported)
+    native: NativeDecoder | None = None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.native is not None and self.layers[0].self_attn.kv_saver is None:
+            return self.native(x, positions, get_attention_metadata())  # the same kernels, one call
         rope = self.rotary(positions)
-        x, residual = self.embed_tokens(input_ids), None
+        residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
         x, _ = self.norm(x, residual)

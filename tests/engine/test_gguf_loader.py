@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.loader.gguf import default_model_path, load_gguf_tokenizer, read_gguf
+from tests.engine.tiny_models import write_tiny_gguf
 
 torch.set_num_threads(2)
 
@@ -111,35 +112,6 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     assert str(path) in str(exc.value)
 
 
-def _write_tiny(path: Path, arch: str, tied: bool, bias: bool, qk_norm: bool, head_dim: int) -> None:
-    """Tiny random F32 GGUF (2 layers, 4 heads, 2 kv heads) in llama.cpp layout."""
-    hidden, inter, heads, kv, vocab = 64, 128, 4, 2, 300
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(2); w.add_context_length(256); w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter); w.add_head_count(heads); w.add_head_count_kv(kv)
-    w.add_key_length(head_dim); w.add_value_length(head_dim); w.add_vocab_size(vocab)
-    w.add_layer_norm_rms_eps(1e-6); w.add_rope_freq_base(1e6)
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR); w.add_rope_scaling_factor(2.0)
-    w.add_tokenizer_model("gpt2"); w.add_token_list([f"t{i}" for i in range(vocab)])
-    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
-    if not tied:
-        shapes["output.weight"] = (vocab, hidden)
-    q, k = heads * head_dim, kv * head_dim
-    for i in range(2):
-        shapes.update({f"blk.{i}.{n}": s for n, s in [
-            ("attn_norm.weight", (hidden,)), ("ffn_norm.weight", (hidden,)), ("attn_q.weight", (q, hidden)),
-            ("attn_k.weight", (k, hidden)), ("attn_v.weight", (k, hidden)), ("attn_output.weight", (hidden, q)),
-            ("ffn_gate.weight", (inter, hidden)), ("ffn_up.weight", (inter, hidden)), ("ffn_down.weight", (hidden, inter))]})
-        if bias:
-            shapes.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (k,), f"blk.{i}.attn_v.bias": (k,)})
-        if qk_norm:
-            shapes.update({f"blk.{i}.attn_q_norm.weight": (head_dim,), f"blk.{i}.attn_k_norm.weight": (head_dim,)})
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-
-
 @pytest.mark.parametrize("arch,tied,bias,qk_norm,head_dim", [
     ("llama", False, False, False, 16),  # untied: output.weight -> lm_head.weight
     ("qwen2", True, True, False, 16),  # q/k/v biases, no rope permutation
@@ -150,7 +122,7 @@ def test_tiny_architectures_match_transformers(tmp_path: Path, arch: str, tied: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = tmp_path / f"{arch}.gguf"
-    _write_tiny(path, arch, tied, bias, qk_norm, head_dim)
+    write_tiny_gguf(path, arch, tied=tied, bias=bias, qk_norm=qk_norm, head_dim=head_dim, rope_scaling=True)
     cfg, weights = read_gguf(str(path))
     ours = dict(weights)
     assert cfg["tie_word_embeddings"] == tied and cfg["head_dim"] == head_dim

@@ -169,3 +169,43 @@ def hf_logprobs(path: str | Path, prompt: list[int], continuation: list[int]) ->
     n = len(prompt)
     lp = torch.log_softmax(logits[n - 1 : n - 1 + len(continuation)], dim=-1)
     return lp.gather(-1, torch.tensor(continuation, dtype=torch.long)[:, None])[:, 0]
+
+
+def write_tiny_gguf(path: Path, arch: str, *, tied: bool = False, bias: bool = False, qk_norm: bool = False,
+                    head_dim: int = 16, quant: Any = None, rope_scaling: bool = False) -> None:
+    """A tiny random GGUF (2 layers, hidden 64, 4 heads, 2 kv heads, vocab 300) in llama.cpp's
+    layout: F32 tensors, or its matrices block-quantized as `quant` (a gguf.GGMLQuantizationType);
+    rope_scaling: linear, factor 2."""
+    import gguf
+    import numpy as np
+
+    hidden, inter, heads, kv, vocab = 64, 128, 4, 2, 300
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2); w.add_context_length(512); w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter); w.add_head_count(heads); w.add_head_count_kv(kv)
+    w.add_key_length(head_dim); w.add_value_length(head_dim); w.add_vocab_size(vocab)
+    w.add_layer_norm_rms_eps(1e-6); w.add_rope_freq_base(1e6)
+    if rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR); w.add_rope_scaling_factor(2.0)
+    w.add_tokenizer_model("gpt2"); w.add_token_list([f"t{i}" for i in range(vocab)])
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    if not tied:
+        shapes["output.weight"] = (vocab, hidden)
+    q, k = heads * head_dim, kv * head_dim
+    for i in range(2):
+        shapes.update({f"blk.{i}.{n}": s for n, s in [
+            ("attn_norm.weight", (hidden,)), ("ffn_norm.weight", (hidden,)), ("attn_q.weight", (q, hidden)),
+            ("attn_k.weight", (k, hidden)), ("attn_v.weight", (k, hidden)), ("attn_output.weight", (hidden, q)),
+            ("ffn_gate.weight", (inter, hidden)), ("ffn_up.weight", (inter, hidden)), ("ffn_down.weight", (hidden, inter))]})
+        if bias:
+            shapes.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (k,), f"blk.{i}.attn_v.bias": (k,)})
+        if qk_norm:
+            shapes.update({f"blk.{i}.attn_q_norm.weight": (head_dim,), f"blk.{i}.attn_k_norm.weight": (head_dim,)})
+    for name, shape in shapes.items():
+        data = rng.standard_normal(shape).astype(np.float32)
+        if quant is not None and len(shape) == 2:
+            w.add_tensor(name, gguf.quants.quantize(data, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
