@@ -104,6 +104,19 @@ def test_cpu_prefill_kernel_matches_dense_attention(heads, kv_heads, dim, query_
     torch.testing.assert_close(out, _dense(q, full_k, full_v, query_lens, context_lens, dim), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(6, 2, 32), (8, 2, 64), (9, 3, 64), (5, 1, 16), (4, 4, 80)])
+@pytest.mark.parametrize("num_seqs", [2, 8])
+def test_cpu_decode_kernel_matches_dense_attention(heads, kv_heads, dim, num_seqs) -> None:
+    # 8 sequences: one work item a sequence, whose next 16 keys are one run of memory and are
+    # prefetched spread over the work (groups up to 4, head_dim up to 64; a group of 5 and
+    # head_dim 80 take the other scoring); 2: one item a kv head, prefetched token by token.
+    # Contexts end on, before and after the 16-token chunks.
+    contexts = [16, 1, 15, 17, 31, 32, 33, 100][:num_seqs]
+    q, k, v, k_cache, v_cache, meta, full_k, full_v = _batch([1] * num_seqs, contexts, 2, heads, kv_heads, dim)
+    out = get_backend("cpu", torch.device("cpu")).forward(q, k, v, k_cache, v_cache, meta, dim ** -0.5)
+    torch.testing.assert_close(out, _dense(q, full_k, full_v, [1] * num_seqs, contexts, dim), atol=2e-5, rtol=1e-4)
+
+
 def test_unknown_backend_names_the_choices() -> None:
     with pytest.raises(ValueError, match="torch"):
         get_backend("nope", torch.device("cpu"))
