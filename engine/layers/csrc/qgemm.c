@@ -96,15 +96,16 @@ static void split_row(const float *x, int64_t ldx, int64_t rows, int64_t nb, int
 
 /* acc[rows][32] (row stride 32) += d_u * T_u + m_u * S_u for the nu blocks' accumulator tiles
  * stored in t (TSTRIDE floats apart), block after block in registers, as one block at a time would;
- * without the m term for formats that have none (Q4_0, Q5_0, Q8_0: the LM head ~7% faster). */
+ * without the m term for formats that have none (Q4_0, Q5_0, Q8_0: the LM head ~7% faster).
+ * first: acc starts at zero (not read; the first FMA adds +0 as a zeroed acc would). */
 static inline __attribute__((always_inline)) void scale_into(
     float *acc, const float *t, const float *dm, const float *xs, int64_t nb, const int rows, const int nu,
-    const int has_m) {
+    const int has_m, const int first) {
     __m512 d[UNROLL], m[UNROLL];
     for (int u = 0; u < nu; u++) d[u] = _mm512_loadu_ps(dm + 32 * u), m[u] = _mm512_loadu_ps(dm + 32 * u + 16);
 #pragma GCC unroll 16
     for (int r = 0; r < rows; r++) {
-        __m512 a = _mm512_load_ps(acc + 32 * r);
+        __m512 a = first ? _mm512_setzero_ps() : _mm512_load_ps(acc + 32 * r);
         for (int u = 0; u < nu; u++) {
             a = _mm512_fmadd_ps(_mm512_load_ps(t + u * TSTRIDE + 16 * r), d[u], a);
             if (has_m) a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r * nb + u]), m[u], a);
@@ -130,7 +131,6 @@ static inline __attribute__((always_inline)) void block(
     const int two_rows, const int two_cols, const int has_m, const uint16_t *a0, const uint16_t *b0, const uint16_t *b1,
     const float *s0, const float *s1, const float *xs, int64_t nb, float acc[32 * 32], float *t,
     const int rows) {
-    memset(acc, 0, 32 * 32 * sizeof(float));
     for (int64_t b = 0; b < nb; b += UNROLL) {
         const int nu = nb - b < UNROLL ? (int)(nb - b) : UNROLL;
         for (int u = 0; u < nu; u++) {
@@ -172,8 +172,11 @@ static inline __attribute__((always_inline)) void block(
         }
         const int64_t o = b * 32;
         float *t1 = t + UNROLL * 256, *tr = t + 2 * UNROLL * 256;
-#define SCALE(ACC, T, S, XS, ROWS) do { if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m); \
-                                        else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m); } while (0)
+#define SCALE(ACC, T, S, XS, ROWS) do { \
+            if (b == 0) { if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m, 1); \
+                          else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m, 1); } \
+            else if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m, 0); \
+            else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m, 0); } while (0)
         SCALE(acc, t, s0 + o, xs + b, rows);
         if (two_cols) SCALE(acc + 16, t1, s1 + o, xs + b, rows);
         if (two_rows) {
