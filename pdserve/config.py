@@ -26,6 +26,7 @@ class PoolConfig:
     block_size: int = 16
     attention_backend: str = "auto"
     weight_panels: bool = True  # CPU fp32: the linear weights laid out for the C matmuls (README: weight_panels)
+    native_decoder: bool = True  # CPU fp32, AMX tiles: the decoder stack as one C call a step (README: native_decoder)
     device: str = "cpu"  # "cpu" or "cuda"
     num_gpus: float = 0.0  # Ray GPUs per rank (1 on GPU nodes)
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}
@@ -56,7 +57,7 @@ class PoolConfig:
                     max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                     max_prefill_chunk=self.max_prefill_chunk, tensor_parallel_size=self.tensor_parallel_size,
                     attention_backend=self.attention_backend, num_threads=self.num_threads, device=self.device,
-                    weight_panels=self.weight_panels)
+                    weight_panels=self.weight_panels, native_decoder=self.native_decoder)
 
 
 @dataclass(frozen=True)
