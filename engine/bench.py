@@ -476,9 +476,10 @@ class StepProfiler:
     (no engine file is touched; close() puts everything back). A step whose every sequence runs one
     token counts as 'decode', any other as 'prefill'. Parts: schedule, prepare (the runner's batch
     and metadata building), decoder_c (the whole decoder stack where it runs as one C call,
-    models/native_decoder.py; the next three parts are then 0), linear (every Column/RowParallelLinear), attention (the backend, KV
-    writes included), norm (RMSNorm, residual add included), forward_other (the rest of the model's
-    forward: embedding, rotary, activations, views), logits (lm_head on the sampled rows), sample,
+    models/native_decoder.py; the next three parts are then 0), linear (every
+    Column/RowParallelLinear), attention (the backend, KV writes included), norm (RMSNorm, residual
+    add included), forward_other (the rest of the model's forward: embedding, rotary, activations,
+    views), logits (lm_head on the sampled rows), sample,
     engine_other (the rest of LLMEngine.step: bookkeeping, stop checks, outputs)."""
 
     PARTS = ("schedule", "prepare", "decoder_c", "linear", "attention", "norm", "forward_other", "logits", "sample",

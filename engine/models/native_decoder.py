@@ -128,13 +128,12 @@ class NativeDecoder:
 
     def _grow(self, tokens: int) -> None:
         rows = -(-tokens // qgemm.GROUP) * qgemm.GROUP
-        width = self.hidden + (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim + 3 * self.inter
-        self._ws = torch.empty(rows * width)
+        widths = (self.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, self.heads * self.head_dim,
+                  2 * self.inter, self.inter)  # x, qkv, attn, gate_up, act
+        self._ws = torch.empty(rows * sum(widths))
         self._ap = torch.empty(rows * self.max_k * 3, dtype=torch.bfloat16)
         self._xs = torch.empty(rows * (self.max_k // qgemm.BLOCK))
-        x, qkv, attn, gate_up, act = self._ws.split(
-            [rows * w for w in (self.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim,
-                                self.heads * self.head_dim, 2 * self.inter, self.inter)])
+        x, qkv, attn, gate_up, act = self._ws.split([rows * w for w in widths])
         self._x = x.view(rows, self.hidden)
         s = self._step
         s.x, s.qkv, s.attn, s.gate_up, s.act = (t.data_ptr() for t in (x, qkv, attn, gate_up, act))

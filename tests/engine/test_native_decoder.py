@@ -68,7 +68,8 @@ def test_default_model_batch_matches_the_python_forward() -> None:
 @needs_amx
 def test_the_python_forward_runs_where_a_part_is_not_in_c(tiny_checkpoints, tmp_path: Path) -> None:
     off = LLM("default", num_threads=2, native_decoder=False)
-    assert off.engine.runner.native_unsupported == "native_decoder=False" and off.engine.runner.model.model.native is None
+    assert off.engine.runner.native_unsupported == "native_decoder=False"
+    assert off.engine.runner.model.model.native is None
     dense = LLM(str(tiny_checkpoints["llama"]), num_threads=2)  # fp32 safetensors: MKL and panels, not tiles
     assert dense.engine.runner.native_unsupported == "a weight is not in AMX tiles"
     path = tmp_path / "q.gguf"

@@ -197,7 +197,8 @@ def write_tiny_gguf(path: Path, arch: str, *, tied: bool = False, bias: bool = F
         shapes.update({f"blk.{i}.{n}": s for n, s in [
             ("attn_norm.weight", (hidden,)), ("ffn_norm.weight", (hidden,)), ("attn_q.weight", (q, hidden)),
             ("attn_k.weight", (k, hidden)), ("attn_v.weight", (k, hidden)), ("attn_output.weight", (hidden, q)),
-            ("ffn_gate.weight", (inter, hidden)), ("ffn_up.weight", (inter, hidden)), ("ffn_down.weight", (hidden, inter))]})
+            ("ffn_gate.weight", (inter, hidden)), ("ffn_up.weight", (inter, hidden)),
+            ("ffn_down.weight", (hidden, inter))]})
         if bias:
             shapes.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (k,), f"blk.{i}.attn_v.bias": (k,)})
         if qk_norm:
