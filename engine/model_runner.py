@@ -2,6 +2,7 @@
 computes logits only where a sequence samples, and samples."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
 from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
-from engine.layers import gemm
+from engine.layers import gemm, qgemm
 from engine.metrics import ModelCost
 from engine.models import build_model, native_decoder
 from engine.sampler import Sampler
@@ -78,7 +79,8 @@ class ModelRunner:
             self.model.model.native = native_decoder.NativeDecoder(self.model.model, cfg)
         self.sampler = Sampler()
         self.kv_saver: KVSaver | None = None
-        self.cost = ModelCost.of(cfg, config.dtype.itemsize)
+        self.cost = _as_stored(ModelCost.of(cfg, config.dtype.itemsize), self.model, config.dtype.itemsize,
+                               self.tp.world_size)
         self._last_plan: StepPlan | None = None
 
     def set_kv_saver(self, saver: KVSaver | None) -> None:
@@ -189,6 +191,21 @@ class ModelRunner:
             max_decode_len=max(seq_lens[:plan.num_decodes], default=0))
         input_ids_t = torch.tensor(plan.input_ids, dtype=torch.int64, device=dev)
         return input_ids_t, positions_t, meta, torch.tensor(plan.sample_idx, device=dev)
+
+
+def _as_stored(cost: ModelCost, model: torch.nn.Module, itemsize: int, tp_size: int) -> ModelCost:
+    """The model's cost with the weights a step reads counted as the engine stores them: a weight
+    in AMX tiles streams its bf16 integers and fp32 scales (~2.25 bytes a weight, not fp32's 4),
+    so bandwidth figures (MBU) stay within the machine's. Ranks hold equal slices."""
+    logical = stored = 0
+    for m in model.modules():
+        tiles = getattr(m, "weight_amx", None)
+        if tiles is not None:
+            logical += tiles.out_features * tiles.bq.shape[1] * qgemm.BLOCK * itemsize
+            stored += tiles.bq.numel() * tiles.bq.element_size() + tiles.dm.numel() * tiles.dm.element_size()
+    if not logical:
+        return cost
+    return dataclasses.replace(cost, weight_bytes=cost.weight_bytes + (stored - logical) * tp_size)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -142,6 +142,9 @@ def test_default_model_runs_on_the_integers() -> None:
     assert all(m.block_quant is None for m in layers)  # the integers are not kept twice
     plain = LLM("default", max_num_batched_tokens=64, weight_panels=False)  # MKL on the fp32 weights
     assert all(m.weight_amx is None and m.weight_panels is None and m.block_quant is None for m in _layers(plain))
+    # metrics count the bytes a step reads as stored: bf16 integers + fp32 d and m a block (2.25 bytes
+    # a weight), so MBU is not overstated by the fp32 size
+    assert llm.engine.runner.cost.weight_bytes == 2.25 / 4 * plain.engine.runner.cost.weight_bytes
     prompts = [[1, 504, 3458, 314, 4649, 30], list(range(100, 190)), [7, 8, 9]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     for a, b in zip(llm.generate(prompts, params), plain.generate(prompts, params)):
