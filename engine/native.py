@@ -43,7 +43,8 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL | None:
             obj, out = Path(tmp) / f"{source.stem}.o", Path(tmp) / lib.name
             compile_flags = [f for f in flags if f != "-shared" and not f.startswith("-l")]
             link_flags = [f for f in flags if f not in _FAST_MATH]
-            for cmd in ([cc, "-c", str(source), "-o", str(obj), *compile_flags], [cc, str(obj), "-o", str(out), *link_flags]):
+            for cmd in ([cc, "-c", str(source), "-o", str(obj), *compile_flags],
+                        [cc, str(obj), "-o", str(out), *link_flags]):
                 if subprocess.run(cmd, capture_output=True).returncode != 0:
                     return None
             os.replace(out, lib)  # atomic: concurrent builders agree on the result

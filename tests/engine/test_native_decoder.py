@@ -45,7 +45,7 @@ def test_same_tokens_and_logprobs_as_the_python_forward(tmp_path: Path, arch: st
     path = tmp_path / f"{arch}.gguf"
     write_tiny_gguf(path, arch, tied=True, bias=bias, quant=qtype)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=3)
-    # chunks of 24 tokens: most steps mix decodes and prefill chunks; 12 blocks of 16 tokens for
+    # chunks of 24 tokens: most steps mix decodes and prefill chunks; 16 blocks of 16 tokens for
     # 6 sequences of up to 200: preemption by recompute
     native, python, preempted = _run_both(str(path), _prompts(6, 300, 0), params, max_num_batched_tokens=24,
                                           num_kv_blocks=16, load_tokenizer=False)

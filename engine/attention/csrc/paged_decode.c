@@ -89,17 +89,17 @@ static inline __attribute__((always_inline)) void score_group_fixed(
     for (int g = 0; g < G; g++) _mm512_storeu_ps(out + g * out_stride, _mm512_mul_ps(sum16(part[g]), sc));
 }
 
-/* score_group_fixed for a group of g <= 4 heads and head_dim = 16 * nc <= 64; 0 where it has no case. */
-static int score_group(const float *q, int64_t q_stride, int g, int nc, const float *const rows[TOKENS], int64_t off,
-                       float *out, int64_t out_stride, float scale, const char *pf, int lines) {
+/* score_group_fixed for a group of g <= 4 heads and head_dim = 16 * nc <= 64. */
+static void score_group(const float *q, int64_t q_stride, int g, int nc, const float *const rows[TOKENS],
+                        int64_t off, float *out, int64_t out_stride, float scale, const char *pf, int lines) {
 #define CASE(G, C) \
-    case 4 * (G - 1) + C - 1: score_group_fixed(q, q_stride, G, C, rows, off, out, out_stride, scale, pf, lines); return 1;
+    case 4 * (G - 1) + C - 1: \
+        score_group_fixed(q, q_stride, G, C, rows, off, out, out_stride, scale, pf, lines); break;
     switch (4 * (g - 1) + nc - 1) {
         CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
         CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
     }
 #undef CASE
-    return 0;
 }
 
 /* out[g] += sum_t p[g][t] * v[t] for n <= 16 tokens at rows[t] + off, num_g <= 4 heads (p rows
@@ -129,7 +129,8 @@ static void weighted_sum(const float *p, int64_t p_stride, int64_t n, int num_g,
                          const float *const rows[TOKENS], int64_t off, float *out, int64_t out_stride, const char *pf,
                          int lines) {
 #define CASE(G, C) \
-    case 4 * (G - 1) + C - 1: weighted_sum_fixed(p, p_stride, n, G, C, rows, off, out, out_stride, pf, lines); break;
+    case 4 * (G - 1) + C - 1: \
+        weighted_sum_fixed(p, p_stride, n, G, C, rows, off, out, out_stride, pf, lines); break;
     switch (4 * (num_g - 1) + nc - 1) {
         CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
         CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
@@ -166,6 +167,14 @@ static inline const char *chunk_start(const float *cache, const int32_t *table, 
     return (const char *)(cache + ((int64_t)table[t0 / block_size] * block_size + t0 % block_size) * token_stride);
 }
 
+/* Kv head j's part (of nkv equal parts) of the `lines` lines at pf: where it starts, and its
+ * line count in *count (0 when pf is NULL). */
+static inline const char *head_share(const char *pf, int lines, int64_t nkv, int64_t j, int *count) {
+    const int share = (int)((lines + nkv - 1) / nkv), lo = (int)j * share < lines ? (int)j * share : lines;
+    *count = pf ? (lines - lo < share ? lines - lo : share) : 0;
+    return pf ? pf + 64 * lo : 0;
+}
+
 /* One work item: kv heads [kh0, kh1) of one sequence, each with its `group` query heads (at q
  * and out, head_dim apart, starting at kv head kh0's first query head). The context is walked
  * 16 tokens at a time across all the item's kv heads, so a block's rows are read together.
@@ -194,12 +203,11 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
 #if defined(__AVX512F__)
         if (spread && n == TOKENS && group <= 4 && head_dim <= 64) {
             const char *pf = chunk_start(next, table, nt0, block_size, token_stride);
-            const int lines = (int)(nn * row_lines), share = (int)((lines + nkv - 1) / nkv);
             for (int64_t j = 0; j < nkv; j++) {
-                const int lo = (int)j * share < lines ? (int)j * share : lines;
+                int count;
+                const char *part = head_share(pf, (int)(nn * row_lines), nkv, j, &count);
                 score_group(q + j * group * head_dim, head_dim, (int)group, (int)(head_dim / 16), rows,
-                            (kh0 + j) * head_dim, scores + j * group * len + t0, len, scale, pf + 64 * lo,
-                            lines - lo < share ? lines - lo : share);
+                            (kh0 + j) * head_dim, scores + j * group * len + t0, len, scale, part, count);
             }
             continue;
         }
@@ -227,20 +235,14 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     for (int64_t t0 = 0; t0 < len; t0 += TOKENS) {
         const int64_t n = len - t0 < TOKENS ? len - t0 : TOKENS, nt0 = t0 + TOKENS;
         token_rows(v_cache, table, t0, n, block_size, token_stride, rows);
-        const char *pf = 0;
-        int lines = 0, share = 0;
-        if (spread && nt0 < len) {
-            pf = chunk_start(v_cache, table, nt0, block_size, token_stride);
-            lines = (int)((len - nt0 < TOKENS ? len - nt0 : TOKENS) * row_lines);
-            share = (int)((lines + nkv - 1) / nkv);
-        } else if (!spread) {
+        const char *pf = spread && nt0 < len ? chunk_start(v_cache, table, nt0, block_size, token_stride) : 0;
+        const int lines = pf ? (int)((len - nt0 < TOKENS ? len - nt0 : TOKENS) * row_lines) : 0;
+        if (!spread)
             prefetch_rows(v_cache, table, nt0, len, block_size, token_stride, kh0 * head_dim, nkv * head_dim * 4);
-        }
         for (int64_t kvh = kh0; kvh < kh1; kvh++) {
             const int64_t h0 = (kvh - kh0) * group;
-            const int lo = pf ? ((int)(kvh - kh0) * share < lines ? (int)(kvh - kh0) * share : lines) : 0;
-            const char *kpf = pf ? pf + 64 * lo : 0;
-            const int klines = pf ? (lines - lo < share ? lines - lo : share) : 0;
+            int klines;
+            const char *kpf = head_share(pf, lines, nkv, kvh - kh0, &klines);
 #if defined(__AVX512F__)
             if (vec) {
                 for (int64_t g0 = 0; g0 < group; g0 += 4)

@@ -172,11 +172,12 @@ static inline __attribute__((always_inline)) void block(
         }
         const int64_t o = b * 32;
         float *t1 = t + UNROLL * 256, *tr = t + 2 * UNROLL * 256;
+        /* nu and first as constants, so each form of the scaling is compiled apart */
+#define SCALE_NU(ACC, T, S, XS, ROWS, FIRST) do { \
+            if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m, FIRST); \
+            else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m, FIRST); } while (0)
 #define SCALE(ACC, T, S, XS, ROWS) do { \
-            if (b == 0) { if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m, 1); \
-                          else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m, 1); } \
-            else if (nu == UNROLL) scale_into(ACC, T, S, XS, nb, ROWS, UNROLL, has_m, 0); \
-            else scale_into(ACC, T, S, XS, nb, ROWS, nu, has_m, 0); } while (0)
+            if (b == 0) SCALE_NU(ACC, T, S, XS, ROWS, 1); else SCALE_NU(ACC, T, S, XS, ROWS, 0); } while (0)
         SCALE(acc, t, s0 + o, xs + b, rows);
         if (two_cols) SCALE(acc + 16, t1, s1 + o, xs + b, rows);
         if (two_rows) {
@@ -184,6 +185,7 @@ static inline __attribute__((always_inline)) void block(
             if (two_cols) SCALE(acc + 16 * 32 + 16, tr + UNROLL * 256, s1 + o, xs + 16 * nb + b, 16);
         }
 #undef SCALE
+#undef SCALE_NU
     }
 #undef PF
 }

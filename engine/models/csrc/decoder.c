@@ -15,14 +15,14 @@
  *   gate_up = x Wgu^T; act = silu(gate) * up; x = act Wdown^T */
 #include <stdint.h>
 
-typedef void (*qgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint16_t *bq, const float *dm,
-                         int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t n, uint16_t *ap,
-                         float *xs);
+typedef void (*qgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint16_t *bq,
+                         const float *dm, int64_t groups, int has_m, const float *bias, float *y, int64_t ldy,
+                         int64_t n, uint16_t *ap, float *xs);
 typedef int (*decode_fn)(const float *q, int64_t q_stride, const float *k_new, int64_t k_stride, const float *v_new,
                          int64_t v_stride, const int64_t *slots, float *k_cache, float *v_cache,
-                         const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, float *out, int64_t n,
-                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-                         int64_t max_seq_len);
+                         const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, float *out,
+                         int64_t n, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                         float scale, int64_t max_seq_len);
 typedef int (*prefill_fn)(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
                           int64_t v_stride, const int64_t *slot_mapping, float *k_cache, float *v_cache,
                           const int32_t *block_tables, int64_t max_blocks, const int32_t *query_start,
