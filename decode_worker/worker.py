@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from executor.shell import ReplicaShell
+from replica.actor import ReplicaShell
 
 # What crosses to the router is plain data (it must unpickle without the engine, hence torch):
 # a reservation as KVTarget fields, logprobs as (token_id, logprob, {token_id: logprob}), and
@@ -66,7 +66,7 @@ class DecodeWorker(ReplicaShell):
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
-        from executor import start_followers
+        from replica.ranks import start_followers
         from kv_transfer import KVReceiver
         from kv_transfer.metadata import PoolHandle
         from kv_transfer.shm import ShmDecodeRanks, rank_pool_handles, shared_pool_allocator

@@ -74,7 +74,7 @@ class LLMEngine:
         followers = None
         if tensor_parallel_size > 1:
             if rank_launcher is None:
-                from executor import start_followers as rank_launcher  # Ray, only when asked for ranks
+                from replica.ranks import start_followers as rank_launcher  # Ray, only when asked for ranks
             init_method = f"tcp://127.0.0.1:{free_port()}"
             followers = rank_launcher(config, init_method, device)
             init_tp_group(0, tensor_parallel_size, init_method, device)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from executor.ray_ranks import loopback_ray
+from replica.ranks import loopback_ray
 from pdserve.config import ClusterConfig, PoolConfig
 
 PLACEMENT_TIMEOUT_S = 60.0

@@ -13,7 +13,7 @@ import os
 from concurrent.futures import Future
 from typing import Any
 
-from executor.shell import ReplicaShell
+from replica.actor import ReplicaShell
 
 
 class PrefillWorker(ReplicaShell):
@@ -28,7 +28,7 @@ class PrefillWorker(ReplicaShell):
 
         from engine import LLMEngine, SamplingParams
         from engine.loop import EngineLoop
-        from executor import start_followers
+        from replica.ranks import start_followers
         from kv_transfer import KVSender
         from kv_transfer.plan import PrefillRanks
         from kv_transfer.shm import ShmKVSaver

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor.ray_ranks import loopback_ray
+from replica.ranks import loopback_ray
 
 loopback_ray()  # before any test module imports ray: a local Ray must bind 127.0.0.1 only
 

@@ -17,7 +17,7 @@ from pdserve import Client
 
 HOLD_CLUSTER = textwrap.dedent("""
     import sys, time
-    from executor.ray_ranks import loopback_ray
+    from replica.ranks import loopback_ray
     loopback_ray()
     import ray
     ray.init(num_cpus=3, resources={"prefill": 1, "decode": 1}, include_dashboard=False, _node_ip_address="127.0.0.1")

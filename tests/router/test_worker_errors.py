@@ -12,7 +12,7 @@ import grpc
 import ray
 
 from engine.loop import ReplicaDead as EngineDead
-from executor.errors import KVLost, LeaseEnded, ReplicaDead, plain
+from replica.contract import KVLost, LeaseEnded, ReplicaDead, plain
 from kv_transfer import KVTransferError, LeaseExpired
 from router.router import Replica, worker_error
 

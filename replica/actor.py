@@ -7,7 +7,7 @@ import asyncio
 from concurrent.futures import Future
 from typing import Any
 
-from executor.errors import ReplicaDead, plain
+from replica.contract import ReplicaDead, plain
 
 
 class ReplicaShell:

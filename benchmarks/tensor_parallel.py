@@ -2,7 +2,7 @@
 share of rank 0's step spent in collectives (gloo on loopback), beside the machine's matmul
 peak and memory bandwidth measured in the same run.
 
-    python -m executor.bench [--json FILE] [--quick]
+    python -m benchmarks.tensor_parallel [--json FILE] [--quick]
 
 The model is a random Llama-shaped checkpoint written at run time, large enough that the
 matmuls are not noise (hidden 1024, 16 layers, 16 heads, 8 KV heads: ~250M parameters).
@@ -84,12 +84,12 @@ def measure(model: str, tp: int, prefill_len: int, decode_batch: int, decode_ste
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m executor.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tensor_parallel", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="a smaller run")
     args = ap.parse_args(argv)
     from engine.bench import measure_machine
-    from executor.ray_ranks import ensure_ray
+    from replica.ranks import ensure_ray
 
     machine = measure_machine(quick=True)
     prefill_len, batch, steps = (128, 8, 8) if args.quick else (512, 32, 32)

@@ -1,0 +1,3 @@
+"""A replica of either pool as Ray actors: the actor shell both roles share (actor.py), the
+tensor-parallel follower ranks (ranks.py), and the torch-free router<->replica contract
+(contract.py). Nothing is imported here, so the router can import the contract alone."""
