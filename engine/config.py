@@ -1,4 +1,5 @@
-"""Frozen configuration, one dataclass per concern, validated where it is made."""
+"""Frozen configuration: the model's architecture (ModelConfig), and one engine's model and options resolved
+against each other (EngineConfig). The options themselves are declared once, in engine/options.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,16 +7,19 @@ from typing import Any
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from engine.options import DTYPES, EngineOptions
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """A dtype as EngineOptions spells it: torch.bfloat16 -> "bfloat16"; a string stays as given."""
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    name = dtype_name(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}")
+    return getattr(torch, DTYPES[name])
 
 
 @dataclass(frozen=True)
@@ -88,90 +92,46 @@ class ModelConfig:
         )
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    """The paged KV cache: allocated once, then handed out block by block."""
-    block_size: int = 16
-    num_blocks: int | None = None  # None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 1 << 30
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks={self.num_blocks} must be at least 1")
+# The scheduler and the models read their part of the options off EngineOptions itself (the
+# scheduler: max_num_batched_tokens, max_num_seqs, chunk_size; the models: expert_parallel), so there
+# is no second list of option names; these names say at their seams which part they read.
+SchedulerConfig = EngineOptions
+ParallelConfig = EngineOptions
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The per-step token budget that gives chunked prefill and continuous batching."""
-    max_num_batched_tokens: int = 2048  # the token budget of one step, prefill and decode together
-    max_num_seqs: int = 256  # sequences in the running batch
-    max_prefill_chunk: int | None = None  # most tokens one sequence gets in one step; None: the budget
+def check_parallel(options: EngineOptions, cfg: ModelConfig) -> None:
+    """Raise, naming the valid degrees, when the model cannot be cut options.tensor_parallel_size ways."""
+    from engine.distributed import valid_tp_degrees
 
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be at least 1")
-        if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
-            raise ValueError(f"max_prefill_chunk={self.max_prefill_chunk} must be at least 1 or None")
-
-    @property
-    def chunk_size(self) -> int:
-        return self.max_prefill_chunk or self.max_num_batched_tokens
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    tensor_parallel_size: int = 1  # ranks per replica
-    expert_parallel: bool = False  # MoE: experts partitioned over the ranks (else each expert is TP-sharded)
-
-    def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
-
-    def check(self, cfg: ModelConfig) -> None:
-        """Raise, naming the valid degrees, when the model cannot be cut this many ways."""
-        from engine.distributed import valid_tp_degrees
-
-        n = self.tensor_parallel_size
-        width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
-        valid = valid_tp_degrees(cfg.num_attention_heads, cfg.num_key_value_heads, width)
-        if self.expert_parallel:
-            if not cfg.num_experts:
-                raise ValueError("expert_parallel needs an MoE model; this one is dense")
-            valid = valid_tp_degrees(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_experts)
-        if n not in valid:
-            split = f"{cfg.num_experts} experts" if self.expert_parallel else f"MLP width {width}"
-            raise ValueError(
-                f"tensor_parallel_size={n} does not fit this model ({cfg.num_attention_heads} attention heads, "
-                f"{cfg.num_key_value_heads} KV heads, {split}); valid degrees: {', '.join(map(str, valid))}")
+    n = options.tensor_parallel_size
+    width = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
+    valid = valid_tp_degrees(cfg.num_attention_heads, cfg.num_key_value_heads, width)
+    if options.expert_parallel:
+        if not cfg.num_experts:
+            raise ValueError("expert_parallel needs an MoE model; this one is dense")
+        valid = valid_tp_degrees(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_experts)
+    if n not in valid:
+        split = f"{cfg.num_experts} experts" if options.expert_parallel else f"MLP width {width}"
+        raise ValueError(
+            f"tensor_parallel_size={n} does not fit this model ({cfg.num_attention_heads} attention heads, "
+            f"{cfg.num_key_value_heads} KV heads, {split}); valid degrees: {', '.join(map(str, valid))}")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """One engine's model and its options, checked against each other. `options` is what the caller
+    gave; the fields after it are what those options resolve to for this model."""
     model: str  # a Hugging Face folder, a .gguf file, or "default"
     model_config: ModelConfig
-    dtype: torch.dtype = torch.float32
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    attention_backend: str = "auto"  # "auto", "torch" or "flash"
-    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    max_model_len: int = 0  # 0: the model's max_position_embeddings
-    # CPU fp32: the linear weights laid out once for the C matmuls: AMX tiles of a block-quantized
-    # checkpoint's integers (every step; they replace the fp32 copy, at half its size), else a
-    # second copy in 48-column fp32 panels (steps of 2-128 rows; the weights' size again)
-    weight_panels: bool = True
-    # CPU fp32 with the weights in AMX tiles: the decoder stack as one C call per step, bit for
-    # bit the Python forward (models/native_decoder.py); False keeps the Python forward
-    native_decoder: bool = True
+    options: EngineOptions = EngineOptions()
+    dtype: torch.dtype = field(init=False)  # options.dtype as torch's dtype
+    max_model_len: int = field(init=False)  # options.max_model_len, or the model's limit where that is 0
 
     def __post_init__(self) -> None:
-        self.parallel.check(self.model_config)
+        check_parallel(self.options, self.model_config)
         limit = self.model_config.max_position_embeddings
-        if self.max_model_len == 0:
-            object.__setattr__(self, "max_model_len", limit)
-        elif not 0 < self.max_model_len <= limit:
-            raise ValueError(f"max_model_len={self.max_model_len} must be in [1, {limit}] for this model")
+        max_model_len = self.options.max_model_len or limit
+        if not 0 < max_model_len <= limit:
+            raise ValueError(f"max_model_len={max_model_len} must be in [1, {limit}] for this model")
+        object.__setattr__(self, "dtype", resolve_dtype(self.options.dtype))
+        object.__setattr__(self, "max_model_len", max_model_len)

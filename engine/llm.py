@@ -14,14 +14,17 @@ Message = dict[str, str]
 
 
 class LLM:
-    """LLM(model="default" | HF folder | .gguf, dtype="float32", **engine options).
-    Options: block_size, num_kv_blocks, kv_cache_bytes, max_num_batched_tokens, max_num_seqs,
-    max_prefill_chunk, attention_backend, num_threads, max_model_len, device, and
-    tensor_parallel_size / expert_parallel: ranks 1..n-1 start as Ray actors (a local Ray on
-    127.0.0.1 unless this process is connected to one); call shutdown() to release them."""
+    """LLM(model="default" | HF folder | .gguf, dtype="float32", **options).
 
-    def __init__(self, model: str | None = "default", dtype: str | torch.dtype = "float32", **engine_config: Any):
-        self.engine = LLMEngine.from_model(model, dtype, **engine_config)
+    options: EngineOptions' fields (engine/options.py: block_size, num_kv_blocks, max_num_batched_tokens,
+    max_num_seqs, tensor_parallel_size, ...); an unknown one raises ValueError naming the valid ones.
+    LLMEngine.from_model's own keywords pass through too: load_tokenizer, kv_allocator, rank_launcher.
+    tensor_parallel_size > 1 needs rank_launcher, which starts ranks 1..n-1; the engine knows no Ray,
+    so pass replica.ranks.start_followers for Ray actors (on a local Ray bound to 127.0.0.1 unless this
+    process is connected to one). Call shutdown(), or use `with`, to release them."""
+
+    def __init__(self, model: str | None = "default", dtype: str | torch.dtype = "float32", **options: Any):
+        self.engine = LLMEngine.from_model(model, dtype, **options)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, resolve_dtype
+from engine.config import EngineConfig, ModelConfig, dtype_name
 from engine.distributed import destroy_tp_group, free_port, init_tp_group
 from engine.loader import open_model
 from engine.model_runner import KVAllocator, ModelRunner
+from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprobs
@@ -36,13 +37,13 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights, tokenizer: Any | None = None, device: str = "cpu",
+    def __init__(self, config: EngineConfig, weights, tokenizer: Any | None = None,
                  kv_allocator: KVAllocator | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, weights, device, kv_allocator)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(config, weights, config.options.device, kv_allocator)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.options.block_size)
+        self.scheduler = Scheduler(config.options, self.block_manager)
         self.requests: dict[str, Sequence] = {}
         self.followers: Any = None  # ranks 1..n-1 of a tensor-parallel replica (see RankLauncher)
         self._finished: list[RequestOutput] = []  # finished outside step(), handed out by the next one
@@ -51,35 +52,27 @@ class LLMEngine:
 
     @classmethod
     def from_model(cls, model: str | None = "default", dtype: str | torch.dtype = "float32", *,
-                   block_size: int = 16, num_kv_blocks: int | None = None, kv_cache_bytes: int = 1 << 30,
-                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
-                   max_prefill_chunk: int | None = None, tensor_parallel_size: int = 1,
-                   attention_backend: str = "auto", num_threads: int | None = None,
-                   max_model_len: int = 0, device: str = "cpu", kv_allocator: KVAllocator | None = None,
-                   load_tokenizer: bool = True, expert_parallel: bool = False,
-                   rank_launcher: RankLauncher | None = None, weight_panels: bool = True,
-                   native_decoder: bool = True) -> LLMEngine:
-        """load_tokenizer=False: prompts must be token ids and stop strings are left to the caller
+                   kv_allocator: KVAllocator | None = None, load_tokenizer: bool = True,
+                   rank_launcher: RankLauncher | None = None, **options: Any) -> LLMEngine:
+        """options: EngineOptions' fields (engine/options.py); an unknown one raises ValueError.
+        load_tokenizer=False: prompts must be token ids and stop strings are left to the caller
         (the router detokenizes and applies them for the cluster's workers).
-        tensor_parallel_size > 1: this process is rank 0; `rank_launcher(config, init_method, device)`
-        starts the others (default: Ray actors, executor.start_followers)."""
+        tensor_parallel_size > 1: this process is rank 0 and `rank_launcher(config, init_method, device)`
+        starts the others; the engine knows no Ray, so pass one, e.g. replica.ranks.start_followers."""
+        opts = EngineOptions.from_kwargs(dtype=dtype_name(dtype), **options)
         source = open_model(model, load_tokenizer)
-        config = EngineConfig(
-            model=source.path, model_config=ModelConfig.from_hf(source.hf_config), dtype=resolve_dtype(dtype),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes),
-            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_prefill_chunk),
-            parallel=ParallelConfig(tensor_parallel_size, expert_parallel), attention_backend=attention_backend,
-            num_threads=num_threads, max_model_len=max_model_len, weight_panels=weight_panels,
-            native_decoder=native_decoder)
+        config = EngineConfig(source.path, ModelConfig.from_hf(source.hf_config), opts)
+        n = opts.tensor_parallel_size
+        if n > 1 and rank_launcher is None:
+            raise ValueError(f"tensor_parallel_size={n} needs a rank launcher to start ranks 1..{n - 1}; pass "
+                             "rank_launcher=replica.ranks.start_followers (Ray actors), or use tensor_parallel_size=1")
         followers = None
-        if tensor_parallel_size > 1:
-            if rank_launcher is None:
-                from replica.ranks import start_followers as rank_launcher  # Ray, only when asked for ranks
+        if n > 1:
             init_method = f"tcp://127.0.0.1:{free_port()}"
-            followers = rank_launcher(config, init_method, device)
-            init_tp_group(0, tensor_parallel_size, init_method, device)
+            followers = rank_launcher(config, init_method, opts.device)
+            init_tp_group(0, n, init_method, opts.device)
         try:
-            engine = cls(config, source.weights, source.tokenizer, device, kv_allocator)
+            engine = cls(config, source.weights, source.tokenizer, kv_allocator)
         except BaseException:
             destroy_tp_group()
             if followers is not None:

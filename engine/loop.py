@@ -14,7 +14,7 @@ from engine.metrics import StepMetrics
 _STOP = object()
 
 
-class ReplicaDead(RuntimeError):
+class EngineDead(RuntimeError):
     """The engine loop stopped on an error (e.g. a tensor-parallel rank died): nothing more runs here."""
 
 
@@ -42,7 +42,7 @@ class EngineLoop:
         """Run fn(*args) on the loop thread before the next step; its result or exception lands in the future."""
         fut: Future = Future()
         if self.error is not None:
-            fut.set_exception(ReplicaDead(f"the engine loop died: {self.error!r}"))
+            fut.set_exception(EngineDead(f"the engine loop died: {self.error!r}"))
         else:
             self._inbox.put((fn, args, fut))
         return fut
@@ -83,7 +83,7 @@ class EngineLoop:
                 except queue.Empty:
                     break
                 if item is not _STOP:
-                    item[2].set_exception(ReplicaDead(f"the engine loop died: {e!r}"))
+                    item[2].set_exception(EngineDead(f"the engine loop died: {e!r}"))
             if self._on_error is not None:
                 self._on_error(e)
             raise

@@ -43,38 +43,38 @@ class ModelRunner:
                  device: torch.device | str = "cpu", kv_allocator: KVAllocator | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        if config.options.num_threads:
+            torch.set_num_threads(config.options.num_threads)
         cfg = config.model_config
         prev_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.dtype)
         try:
             with self.device:
-                self.model = build_model(cfg, config.parallel)
+                self.model = build_model(cfg, config.options)
         finally:
             torch.set_default_dtype(prev_dtype)
         self.model.load_weights(weights)
         for module in self.model.modules():
             if hasattr(module, "post_load"):
                 module.post_load()
-        gemm.pack_model(self.model, config.weight_panels)
+        gemm.pack_model(self.model, config.options.weight_panels)
         self.model.eval()
         self.tp = get_tp_group()
         kv_start, kv_end = kv_head_range(cfg.num_key_value_heads, self.tp.rank, self.tp.world_size)
         self.num_kv_heads = kv_end - kv_start  # this rank's
-        self.block_size = config.cache.block_size
-        self.num_blocks = config.cache.num_blocks or self._blocks_that_fit(config.cache.kv_cache_bytes)
+        self.block_size = config.options.block_size
+        self.num_blocks = config.options.num_kv_blocks or self._blocks_that_fit(config.options.kv_cache_bytes)
         shape = (cfg.num_hidden_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         # [layers, k|v, num_blocks, block_size, kv_heads, head_dim], zero-filled now so no page is
         # first touched on the hot path; a connector may place it in memory another process maps
         self.kv_cache = (kv_allocator or _zeros)(shape, config.dtype, self.device)
-        backend = get_backend(config.attention_backend, self.device)
+        backend = get_backend(config.options.attention_backend, self.device)
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             attn.backend, attn.k_cache, attn.v_cache = backend, self.kv_cache[i, 0], self.kv_cache[i, 1]
         # why the decoder stack runs in Python (None: it runs as one C call, models/native_decoder.py)
         self.native_unsupported = (native_decoder.unsupported(self.model, self.tp.world_size, config.dtype, self.device)
-                                   if config.native_decoder else "native_decoder=False")
+                                   if config.options.native_decoder else "native_decoder=False")
         if self.native_unsupported is None:
             self.model.model.native = native_decoder.NativeDecoder(self.model.model, cfg)
         self.sampler = Sampler()

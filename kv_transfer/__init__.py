@@ -1,8 +1,20 @@
-"""Moving KV from the prefill pool into reserved decode blocks. See connector halves:
-KVSender / KVReceiver (scheduler halves) and the savers of each backend (worker halves)."""
-from kv_transfer.metadata import KVTarget, KVTransferError, LeaseExpired, PoolHandle, Reservation
-from kv_transfer.receiver import KVReceiver
-from kv_transfer.sender import KVSender, PrefillDone
+"""Moving KV from the prefill pool into reserved decode blocks. The connector's halves: KVSender /
+KVReceiver (scheduler halves) and each backend's saver and receiver (worker halves: shm.py,
+collective.py); the rank roles of both sides (ranks.py) and the wiring of a cluster (wiring.py).
 
-__all__ = ["KVReceiver", "KVSender", "KVTarget", "KVTransferError", "LeaseExpired", "PoolHandle",
-           "PrefillDone", "Reservation"]
+Names are loaded on first use, so `kv_transfer.wiring` imports without torch in the process
+that starts a cluster (and hosts the router)."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"KVReceiver": "kv_transfer.receiver", "KVSender": "kv_transfer.sender", "PrefillDone": "kv_transfer.sender",
+            "Lease": "kv_transfer.metadata", "PoolHandle": "kv_transfer.metadata"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kv_transfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.kv_connector import KVSaver, StepLayout
-from kv_transfer.metadata import KVTarget
+from engine.kv_connector import StepLayout
+from replica.contract import Reservation
 
 
 @dataclass
@@ -16,24 +16,11 @@ class PoolPlan:
     segments: list[int] = field(default_factory=list)  # flat (transfer id, first position, num rows) per request
 
 
-@dataclass(frozen=True)
-class PrefillRanks:
-    """What ranks 1..n-1 of a prefill replica need (executor's role): a saver for their heads,
-    made by make_saver(num_kv_heads, rank, world_size) (ShmKVSaver.for_rank, CollectiveKVSaver)."""
-    make_saver: Callable[[int, int, int], KVSaver]
-
-    def kv_allocator(self, rank: int) -> None:
-        return None
-
-    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver:
-        return self.make_saver(num_kv_heads, rank, world_size)
-
-
 def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None]) -> dict[str, PoolPlan]:
     """Group the step's rows by destination pool; block_size_of(pool) is None for an unknown pool."""
     plans: dict[str, PoolPlan] = {}
     for seq, n, start in zip(layout.seqs, layout.num_scheduled_tokens, layout.query_start_loc):
-        target: KVTarget | None = seq.kv_target
+        target: Reservation | None = seq.kv_target
         if target is None:
             continue
         bs = block_size_of(target.pool)

@@ -9,7 +9,8 @@ from typing import Protocol
 
 from engine import LLMEngine, SamplingParams
 from engine.sequence import TokenLogprobs
-from kv_transfer.metadata import KVTarget, KVTransferError, LeaseExpired, Reservation
+from kv_transfer.metadata import Lease, transfer_failed
+from replica.contract import KVLost, LeaseEnded, Reservation
 
 
 class KVLanding(Protocol):
@@ -33,7 +34,7 @@ class WrittenInPlace:
 class KVReceiver:
     def __init__(self, engine: LLMEngine, pool: str, lease_s: float = 30.0, landing: KVLanding | None = None,
                  commit_timeout_s: float = 10.0, grace_s: float = 5.0) -> None:
-        """A sender stops writing at the lease's end (KVTarget.deadline); the blocks are freed
+        """A sender stops writing at the lease's end (Reservation.deadline); the blocks are freed
         grace_s later, so a step that was mid-write at the deadline cannot touch reused blocks."""
         if lease_s <= 0:
             raise ValueError(f"lease_s={lease_s} must be positive")
@@ -43,32 +44,32 @@ class KVReceiver:
         self.grace_s = grace_s
         self.landing = landing or WrittenInPlace()
         self.commit_timeout_s = commit_timeout_s
-        self.reservations: dict[str, Reservation] = {}
+        self.reservations: dict[str, Lease] = {}
         self.num_leases_expired = 0
         self._transfer_ids = itertools.count(1)
 
-    def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str) -> KVTarget | None:
+    def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str) -> Reservation | None:
         """Hold blocks for the prompt; None when they are not free now (ask again, or go elsewhere)."""
         seq = self.engine.reserve(prompt_token_ids, params, request_id)
         if seq is None:
             return None
         blocks, tid = tuple(seq.block_table), next(self._transfer_ids)
-        self.reservations[request_id] = Reservation(request_id, tid, seq.num_prompt_tokens,
-                                                    time.monotonic() + self.lease_s + self.grace_s)
-        return KVTarget(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s)
+        self.reservations[request_id] = Lease(request_id, tid, seq.num_prompt_tokens,
+                                              time.monotonic() + self.lease_s + self.grace_s)
+        return Reservation(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s)
 
     def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None,
                timeout: float | None = None) -> None:
         """The sender is done: once every layer of every chunk has landed (waiting up to timeout,
-        default commit_timeout_s), the request joins the decode batch. Raises KVTransferError
+        default commit_timeout_s), the request joins the decode batch. Raises KVLost
         (blocks freed) if that does not happen in time."""
         r = self.reservations.get(request_id)
         if r is None:
-            raise KVTransferError(request_id, "no live reservation (expired or aborted)")
+            raise transfer_failed(request_id, "no live reservation (expired or aborted)")
         if not self.landing.wait_for_request(r.transfer_id, r.num_tokens, self.commit_timeout_s
                                              if timeout is None else timeout):
             self.abort(request_id)
-            raise KVTransferError(request_id, f"its KV did not land within {self.commit_timeout_s:g} s")
+            raise transfer_failed(request_id, f"its KV did not land within {self.commit_timeout_s:g} s")
         del self.reservations[request_id]
         self.landing.forget(r.transfer_id)
         self.engine.admit_prefilled(request_id, first_token, logprobs)
@@ -79,11 +80,12 @@ class KVReceiver:
             self.landing.forget(r.transfer_id)
         return self.engine.abort(request_id)
 
-    def expire(self, now: float | None = None) -> list[LeaseExpired]:
+    def expire(self, now: float | None = None) -> list[KVLost]:
         """Free every reservation whose lease ran out; call it once per engine step."""
         now = time.monotonic() if now is None else now
         dead = [r for r in self.reservations.values() if r.expires_at <= now]
         for r in dead:
             self.abort(r.request_id)
         self.num_leases_expired += len(dead)
-        return [LeaseExpired(r.request_id, f"no KV arrived within the {self.lease_s:g} s lease") for r in dead]
+        return [transfer_failed(r.request_id, f"no KV arrived within the {self.lease_s:g} s lease", LeaseEnded)
+                for r in dead]

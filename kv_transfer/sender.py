@@ -9,13 +9,14 @@ from dataclasses import dataclass, replace
 from engine import LLMEngine, SamplingParams
 from engine.kv_connector import KVSaver
 from engine.sequence import TokenLogprobs
-from kv_transfer.metadata import KVTarget, KVTransferError, LeaseExpired
+from kv_transfer.metadata import transfer_failed
+from replica.contract import KVLost, LeaseEnded, Reservation
 
 
 @dataclass
 class PrefillDone:
     """A prompt fully prefilled and its KV handed over. Filled by KVSender.step()."""
-    target: KVTarget
+    target: Reservation
     first_token: int
     logprobs: TokenLogprobs | None
 
@@ -25,10 +26,10 @@ class KVSender:
         self.engine = engine
         self.saver = saver
         engine.runner.set_kv_saver(saver)
-        self.targets: dict[str, KVTarget] = {}
-        self._lost: list[KVTransferError] = []  # finished prompts whose KV could not all be sent
+        self.targets: dict[str, Reservation] = {}
+        self._lost: list[KVLost] = []  # finished prompts whose KV could not all be sent
 
-    def add(self, prompt_token_ids: Seq[int], params: SamplingParams, target: KVTarget) -> None:
+    def add(self, prompt_token_ids: Seq[int], params: SamplingParams, target: Reservation) -> None:
         # the prefill side samples only the first token; the decode side owns the rest
         seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id)
         seq.kv_target = target
@@ -38,16 +39,16 @@ class KVSender:
         self.targets.pop(request_id, None)
         return self.engine.abort(request_id)
 
-    def expire(self, now: float | None = None) -> list[KVTransferError]:
+    def expire(self, now: float | None = None) -> list[KVLost]:
         """Give up on every prompt whose decode-side lease has ended (its blocks there may be freed
-        now, so not one more byte is written: LeaseExpired) or whose decode pool can no longer be
-        reached (KVTransferError). Call it before each step."""
+        now, so not one more byte is written: LeaseEnded) or whose decode pool can no longer be
+        reached (KVLost). Call it before each step."""
         now = time.time() if now is None else now
         lost, self._lost = self._lost, []
         unreachable = self.saver.unreachable()
         for t in [t for t in self.targets.values() if t.deadline <= now or t.pool in unreachable]:
             self.abort(t.request_id)
-            lost.append(LeaseExpired(t.request_id, "the decode side's lease ended before the prefill did")
+            lost.append(transfer_failed(t.request_id, "the decode side's lease ended before the prefill did", LeaseEnded)
                         if t.deadline <= now else self._unreachable(t, unreachable))
         return lost
 
@@ -62,6 +63,6 @@ class KVSender:
         return done
 
     @staticmethod
-    def _unreachable(target: KVTarget, unreachable: dict[str, str]) -> KVTransferError:
-        return KVTransferError(target.request_id, f"its decode pool {target.pool!r} is unreachable "
+    def _unreachable(target: Reservation, unreachable: dict[str, str]) -> KVLost:
+        return transfer_failed(target.request_id, f"its decode pool {target.pool!r} is unreachable "
                                                   f"({unreachable[target.pool]})")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,18 +78,6 @@ def rank_pool_handles(pool: str, first: PoolHandle, num_kv_heads: int, world_siz
                                   "collected yet; run the decode pool at TP 1 on CUDA")
     return [PoolHandle(rank_pool_name(pool, r), first.shape, first.dtype, pool,
                        kv_head_range(num_kv_heads, r, world_size)) for r in range(world_size)]
-
-
-@dataclass(frozen=True)
-class ShmDecodeRanks:
-    """What ranks 1..n-1 of a decode replica need: their KV pool slice in shared memory."""
-    pool: str
-
-    def kv_allocator(self, rank: int) -> KVAllocator | None:
-        return shared_pool_allocator(rank_pool_name(self.pool, rank))
-
-    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
-        return None
 
 
 class ShmKVSaver(KVSaver):

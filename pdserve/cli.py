@@ -1,6 +1,6 @@
 """The `pdserve` command: serve a cluster, talk to one, or watch it.
 
-    pdserve serve [--config cluster.yaml] [--model M] [--port 50051] [--prefill-tp 1] ...
+    pdserve serve [--config cluster.yaml] [--model M] [--port 50051] [--prefill-tp 1] [--decode-num-kv-blocks N] ...
     pdserve generate "The capital of France is" --max-tokens 16
     pdserve chat                      # interactive, streaming
     pdserve status                    # per-pool utilization
@@ -16,36 +16,68 @@ import threading
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
-# flag -> dotted ClusterConfig key
+# flag -> dotted ClusterConfig key; the pools' flags (--prefill-*, --decode-*) come from _pool_fields
 SERVE_FLAGS = {
     "model": "model", "address": "ray_address", "kv_backend": "kv_backend", "host": "router.host",
-    "port": "router.port", "prefill_tp": "prefill.tensor_parallel_size", "decode_tp": "decode.tensor_parallel_size",
-    "prefill_replicas": "prefill.replicas", "decode_replicas": "decode.replicas",
-    "local_prefill_threshold": "router.local_prefill_threshold",
+    "port": "router.port", "local_prefill_threshold": "router.local_prefill_threshold",
 }
+POOLS = ("prefill", "decode")
+POOL_FLAG_ALIASES = {"tensor_parallel_size": "tp"}  # also --prefill-tp, --decode-tp
 
 
 def _cluster_config(args):
     from pdserve.config import ClusterConfig
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
-    return config.replace(**{key: getattr(args, flag) for flag, key in SERVE_FLAGS.items()
+    keys = {**SERVE_FLAGS, **{f"{pool}_{name}": f"{pool}.{name}" for pool in POOLS for name, _ in _pool_fields()}}
+    return config.replace(**{key: getattr(args, flag) for flag, key in keys.items()
                              if getattr(args, flag, None) is not None})
 
 
+def _pool_fields() -> list[tuple[str, type]]:
+    """PoolConfig's fields (the engine options and the pool's placement) that one flag can set, with their
+    types: the scalar ones (`int | None` gives int); dicts such as resources stay YAML-only."""
+    import dataclasses
+    import typing
+
+    from pdserve.config import PoolConfig
+
+    hints = typing.get_type_hints(PoolConfig)
+    out = []
+    for f in dataclasses.fields(PoolConfig):
+        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
+        if len(kinds) == 1 and kinds[0] in (bool, int, float, str):
+            out.append((f.name, kinds[0]))
+    return out
+
+
+def _add_pool_flags(p: argparse.ArgumentParser) -> None:
+    from pdserve.config import ClusterConfig
+
+    for pool in POOLS:
+        group = p.add_argument_group(f"{pool} pool", f"override the config's {pool} pool (a PoolConfig field each)")
+        defaults = getattr(ClusterConfig(), pool)
+        for name, kind in _pool_fields():
+            flags = [f"--{pool}-{name.replace('_', '-')}"]
+            if name in POOL_FLAG_ALIASES:
+                flags.append(f"--{pool}-{POOL_FLAG_ALIASES[name]}")
+            extra = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                     else {"type": kind, "metavar": kind.__name__.upper()})
+            group.add_argument(*flags, dest=f"{pool}_{name}", help=f"default: {getattr(defaults, name)}", **extra)
+
+
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from pdserve.config import KV_BACKENDS
+
     p.add_argument("--config", help="cluster config YAML (see README: configuration)")
     p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
     p.add_argument("--address", help="Ray cluster to join ('auto' for the running one); default: a local Ray")
     p.add_argument("--host", help="router bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="router port (default 50051; 0 picks a free one)")
-    p.add_argument("--prefill-tp", type=int, help="tensor-parallel degree of each prefill replica")
-    p.add_argument("--decode-tp", type=int, help="tensor-parallel degree of each decode replica")
-    p.add_argument("--prefill-replicas", type=int)
-    p.add_argument("--decode-replicas", type=int)
-    p.add_argument("--kv-backend", choices=["ipc"], help="how prefill KV reaches the decode pool")
+    p.add_argument("--kv-backend", choices=KV_BACKENDS, help="how prefill KV reaches the decode pool")
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts shorter than this many tokens are prefilled on the decode replica")
+    _add_pool_flags(p)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -127,8 +159,8 @@ def format_status(s) -> str:
             kv = f"{r.kv_blocks_used}/{r.kv_blocks_total}" + (
                 f" ({r.kv_blocks_used / r.kv_blocks_total:.0%})" if r.kv_blocks_total else "")
             rows.append((pool.role, str(r.index), str(r.tensor_parallel_size), "yes" if r.healthy else "NO",
-                         f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running), str(r.waiting), str(r.waiting_prefill_tokens), kv,
-                         str(r.tokens_processed)))
+                         f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running), str(r.waiting),
+                         str(r.waiting_prefill_tokens), kv, str(r.tokens_processed)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [f"model {s.model}  kv_backend {s.kv_backend}  in flight {s.requests_in_flight}  "
              f"queued {s.requests_queued}"]
@@ -142,7 +174,8 @@ def cmd_demo(args) -> int:
     from pdserve.launch import start_cluster
 
     args.port = 0 if args.port is None else args.port
-    with start_cluster(_cluster_config(args).replace(**{"router.metrics_port": 0})) as cluster, Client(cluster.address, timeout=120) as client:
+    config = _cluster_config(args).replace(**{"router.metrics_port": 0})
+    with start_cluster(config) as cluster, Client(cluster.address, timeout=120) as client:
         print(f"user> {args.question}\nassistant> ", end="", flush=True)
         last = None
         for chunk in client.stream(messages=[{"role": "user", "content": args.question}], **_sampling(args)):
@@ -155,12 +188,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser: pdserve bench --help
-        from pdserve.bench import main as bench_main
-
-        return bench_main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="serving benchmark against a running cluster (pdserve bench --help)")
@@ -189,7 +217,16 @@ def main(argv: list[str] | None = None) -> int:
             _add_sampling_flags(p)
         p.set_defaults(func=func)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: pdserve bench --help
+        from pdserve.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
     from pdserve.client import RequestError
 
     try:

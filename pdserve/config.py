@@ -1,10 +1,13 @@
 """Cluster configuration: one model, two pools, one router. Plain dataclasses (no torch), read
-from YAML and overridden by command-line flags."""
+from YAML and overridden by command-line flags. A pool's engine options are engine.options.EngineOptions
+(standard library only), so the router's process and the CLI import this without torch."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from engine.options import EngineOptions
 
 KV_BACKENDS = ("ipc", "collective")  # same host (shared memory / CUDA IPC), or any host (gloo / NCCL)
 PREFILL_POLICIES = ("least_tokens", "round_robin")
@@ -12,38 +15,28 @@ DECODE_POLICIES = ("most_free_blocks", "round_robin")
 
 
 @dataclass(frozen=True)
-class PoolConfig:
-    """One pool's replicas and batching policy. Each replica is `tensor_parallel_size` Ray actors."""
-    replicas: int = 1
-    tensor_parallel_size: int = 1
-    dtype: str = "float32"
-    num_cpus: float = 1.0  # Ray CPUs per rank
-    num_threads: int = 1  # torch threads per rank: keep it <= num_cpus so ranks don't oversubscribe cores
+class PoolConfig(EngineOptions):
+    """One pool: its replicas' engine options (EngineOptions' fields, the same keys in YAML) and how Ray
+    places them. Each replica is `tensor_parallel_size` Ray actors."""
+    # a pool's engine defaults, where they differ from an offline engine's: ranks share the host's cores
+    num_threads: int | None = 1  # torch threads per rank: keep it <= num_cpus so ranks don't oversubscribe cores
     max_num_batched_tokens: int = 512  # token budget per step
-    max_prefill_chunk: int | None = None  # longest prompt piece per step (None: the budget)
     max_num_seqs: int = 64  # most sequences in one step
-    num_kv_blocks: int = 256
-    block_size: int = 16
-    attention_backend: str = "auto"
-    weight_panels: bool = True  # CPU fp32: the linear weights laid out for the C matmuls (README: weight_panels)
-    native_decoder: bool = True  # CPU fp32, AMX tiles: the decoder stack as one C call a step (README: native_decoder)
-    device: str = "cpu"  # "cpu" or "cuda"
+    num_kv_blocks: int | None = 256  # KV blocks per rank
+    # placement
+    replicas: int = 1
+    num_cpus: float = 1.0  # Ray CPUs per rank
     num_gpus: float = 0.0  # Ray GPUs per rank (1 on GPU nodes)
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}
     peak_flops: float | None = None  # per replica, the MFU denominator (None: measured at start-up)
     peak_bandwidth: float | None = None  # bytes/s per replica, the MBU denominator (None: measured at start-up)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.replicas < 0:
             raise ValueError(f"replicas={self.replicas} must be >= 0")
-        for name in ("tensor_parallel_size", "num_threads", "max_num_batched_tokens", "max_num_seqs",
-                     "num_kv_blocks", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus={self.num_cpus} must be positive")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}; choose 'cpu' or 'cuda'")
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError("device='cuda' needs num_gpus > 0 (Ray GPUs per rank)")
 
@@ -53,11 +46,8 @@ class PoolConfig:
         return {"peak_flops": self.peak_flops, "peak_bandwidth": self.peak_bandwidth}
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
-                    max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-                    max_prefill_chunk=self.max_prefill_chunk, tensor_parallel_size=self.tensor_parallel_size,
-                    attention_backend=self.attention_backend, num_threads=self.num_threads, device=self.device,
-                    weight_panels=self.weight_panels, native_decoder=self.native_decoder)
+        """The engine options alone (every EngineOptions field), for LLMEngine.from_model(model, **kwargs)."""
+        return {f.name: getattr(self, f.name) for f in fields(EngineOptions)}
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,10 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     import ray
 
     from decode_worker import DecodeWorker
+    from kv_transfer.wiring import connect_pools
     from prefill_worker import PrefillWorker
-    from router.router import Replica, Router
+    from router.placement import Replica
+    from router.router import Router
     from router.server import RouterServer
     from router.tokenizer import Tokenizer
     from router.validate import Limits
@@ -129,20 +131,10 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     cluster = Cluster(config, None, prefill, decode, pool_names, pgs, owns_ray)
     try:
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
-        d_info = ray.get([a.info.remote() for a in decode])
-        ray.get([a.info.remote() for a in prefill])
+        ray.get([a.info.remote() for a in (*decode, *prefill)])
         say("pools up; connecting the prefill pool to the decode pool's KV")
-        if config.kv_backend == "collective":  # one gloo group: every rank of the decode replicas, then prefill's
-            host, port = ray.get(decode[0].start_kv_store.remote())
-            members = [(a, config.decode.tensor_parallel_size) for a in decode] + \
-                      [(a, config.prefill.tensor_parallel_size) for a in prefill]
-            firsts = [sum(n for _, n in members[:i]) for i in range(len(members))]
-            world = sum(n for _, n in members)
-            ray.get([a.join_kv_group.remote(host, port, first, world, f"{config.name}-{tag}/kv")
-                     for (a, _), first in zip(members, firsts)])
-            d_info = ray.get([a.info.remote() for a in decode])
-        ray.get([a.attach.remote([h for i in d_info for h in i["pools"]]) for a in prefill])
-        ray.get([a.unlink_pool.remote() for a in decode])  # all mapped: the name is no longer needed
+        d_info = connect_pools(prefill, decode, config.kv_backend, config.prefill.tensor_parallel_size,
+                               config.decode.tensor_parallel_size, f"{config.name}-{tag}/kv")
         tok = ray.get((prefill or decode)[0].tokenizer_files.remote())
         name = "default" if config.model in (None, "default") else Path(config.model).name
         limits = Limits(vocab_size=d_info[0]["vocab_size"], max_model_len=d_info[0]["max_model_len"],

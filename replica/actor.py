@@ -1,18 +1,36 @@
 """What the prefill and decode workers share as Ray actors around an engine: calls handed to
-the engine's thread, load and utilization answered on the actor's own thread, and the ranks
-of the replica."""
+the engine's thread, load and utilization answered on the actor's own thread, the replica's
+ranks, and the one place where what the engine raises becomes the contract's error family."""
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
 from typing import Any
 
-from replica.contract import ReplicaDead, plain
+from replica.contract import BadRequest, Logprobs, ReplicaDead, ReplicaError
+
+
+def as_replica_error(e: BaseException) -> BaseException:
+    """The engine's errors as the contract's family: its ValueError is a BadRequest, a dead engine
+    loop (engine.loop.EngineDead) a ReplicaDead. kv_transfer raises the family itself."""
+    from engine.loop import EngineDead
+
+    if isinstance(e, ReplicaError):
+        return e
+    if isinstance(e, ValueError):
+        return BadRequest(str(e))
+    if isinstance(e, EngineDead):
+        return ReplicaDead(str(e))
+    return e
+
+
+def as_logprobs(lp) -> Logprobs | None:
+    """The engine's TokenLogprobs (or None) as the contract's Logprobs."""
+    return Logprobs(lp.token_id, lp.logprob, lp.top) if lp is not None else None
 
 
 class ReplicaShell:
     """Subclasses set self.engine, self.loop (an EngineLoop) and self.peaks, and define _stats()."""
-
     _aloop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
@@ -26,18 +44,6 @@ class ReplicaShell:
         """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
         return list(self.engine.followers.actors) if self.engine.followers is not None else []
 
-    async def _join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str):
-        """This rank and its followers join the cluster's KV group as ranks rank.. rank+TP-1 (the
-        collective backend); returns this rank's receiver thread on a decode replica, else None."""
-        from kv_transfer.collective import join_kv_group
-
-        followers = self.rank_actors()
-        joins = [a.join_kv_group.remote(host, port, rank + i, world_size, prefix) for i, a in enumerate(followers, 1)]
-        thread = await asyncio.get_running_loop().run_in_executor(
-            None, join_kv_group, self.engine.runner, host, port, rank, world_size, prefix)
-        await asyncio.gather(*joins)
-        return thread
-
     async def stats(self) -> dict[str, Any]:
         """Load and utilization, read on the actor's thread: a long step never delays the answer, so
         a replica that does not answer is really down."""
@@ -45,15 +51,25 @@ class ReplicaShell:
             raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
         return self._stats()
 
+    @staticmethod
+    def sampling_params(params: dict[str, Any]):
+        """The router's SamplingParams fields as the engine's SamplingParams; bad ones a BadRequest."""
+        from engine import SamplingParams
+
+        try:
+            return SamplingParams(**params)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"sampling parameters: {e}") from None
+
     async def _call(self, fn, *args):
         """fn(*args) on the engine's thread, between steps."""
         self._aloop = self._aloop or asyncio.get_running_loop()
-        return await self._plain(self.loop.call(fn, *args))
+        return await self._result(self.loop.call(fn, *args))
 
     @staticmethod
-    async def _plain(fut: Future):
-        """Await a future of the engine's thread; its error as the router can read it (errors.plain)."""
+    async def _result(fut: Future):
+        """Await a future of the engine's thread; its error as the contract's family."""
         try:
             return await asyncio.wrap_future(fut)
         except Exception as e:
-            raise plain(e) from None
+            raise as_replica_error(e) from None

@@ -12,9 +12,10 @@ FOLLOWER_TIMEOUT_S = 3600.0  # a follower waits this long for rank 0's next step
 
 
 class RankWorker:
-    """role (optional): what the replica's connector needs on every rank, with
-    kv_allocator(rank) and kv_saver(num_kv_heads, rank, world_size), either may return None
-    (kv_transfer.shm.ShmDecodeRanks, kv_transfer.plan.PrefillRanks)."""
+    """role (optional): what the replica's KV connector needs on every rank
+    (kv_transfer.ranks.PrefillRole / DecodeRole): kv_allocator(rank) and
+    kv_saver(num_kv_heads, rank, world_size), either may return None, and endpoint(runner), the
+    rank's KV operations that rank 0 calls through `kv`."""
 
     def __init__(self, config, rank: int, world_size: int, init_method: str, device: str = "cpu",
                  num_threads: int = 1, role: Any = None) -> None:
@@ -32,8 +33,8 @@ class RankWorker:
         if role is not None and (saver := role.kv_saver(config.model_config.num_key_value_heads, rank,
                                                         world_size)) is not None:
             self.runner.set_kv_saver(saver)
+        self.endpoint = role.endpoint(self.runner) if role is not None else None
         self.error: str | None = None
-        self.kv_receiver = None
         self._thread = threading.Thread(target=self._follow, name=f"rank{rank}", daemon=True)
         self._thread.start()
 
@@ -50,29 +51,12 @@ class RankWorker:
     def status(self) -> dict[str, Any]:
         return dict(rank=self.rank, pid=os.getpid(), running=self._thread.is_alive(), error=self.error)
 
-    def attach(self, handles: list[dict[str, Any]]) -> None:
-        """Map decode pools (PoolHandle fields) for this rank's KV saver. Called before any step
-        that sends to them, so the runner thread never sees the saver's pools change mid-step."""
-        from kv_transfer.metadata import PoolHandle
-
-        for h in handles:
-            self.runner.kv_saver.attach(PoolHandle(**h))
-
-    # -- the collective KV backend (kv_transfer.collective) --------------------------------------
-    def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the cluster's KV group: a prefill rank sends its heads from then on, a decode rank
-        receives its slice of the KV heads."""
-        from kv_transfer.collective import join_kv_group
-
-        self.kv_receiver = join_kv_group(self.runner, host, port, rank, world_size, prefix)
-
-    def kv_wait(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
-        """Decode rank: True once positions [0, num_tokens) of the transfer are in every layer."""
-        return self.kv_receiver.wait_for_request(transfer_id, num_tokens, timeout)
-
-    def kv_forget(self, transfer_id: int) -> None:
-        """Decode rank: the transfer is committed or aborted; once this returns nothing more of it lands."""
-        self.kv_receiver.forget(transfer_id)
+    def kv(self, op: str, *args: Any) -> Any:
+        """Run one of this rank's KV operations (kv_transfer.ranks.RankKV: attach, join_group, wait,
+        forget) for rank 0."""
+        if self.endpoint is None:
+            raise RuntimeError(f"rank {self.rank} has no KV role; {op!r} cannot run here")
+        return getattr(self.endpoint, op)(*args)
 
 
 def loopback_ray() -> None:
@@ -137,8 +121,8 @@ def start_followers(config, init_method: str, device: str = "cpu", num_cpus: flo
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    n = config.parallel.tensor_parallel_size
-    num_threads = num_threads or config.num_threads or 1
+    n = config.options.tensor_parallel_size
+    num_threads = num_threads or config.options.num_threads or 1
     ensure_ray()
     pg = get_current_placement_group()
     if pg is None:

@@ -28,32 +28,27 @@ class AttentionBackend(ABC):
         return True
 
 
+# filled by each backend module's @register_backend as engine/attention/__init__.py imports it;
+# this module imports none of them, so the imports run one way (backends -> here)
 _REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
 
 
-def register_backend(name: str):
-    def wrap(cls):
+def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
+    """Class decorator: put the backend in the registry under `name` (what a config string picks)."""
+    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
     return wrap
 
 
-def _register_all() -> None:
-    import engine.attention.flash
-    import engine.attention.paged_cpu
-    import engine.attention.torch_ref  # noqa: F401
-
-
 def available_backends() -> list[str]:
-    _register_all()
     return [name for name, cls in _REGISTRY.items() if cls.is_available()]
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
     """"auto": flash attention on CUDA when a flash-attention package imports; on CPU the
     paged C kernel when a C compiler is there; else the torch reference."""
-    _register_all()
     if name == "auto":
         preferred = "flash" if device.type == "cuda" else "cpu"
         name = preferred if _REGISTRY[preferred].is_available() else "torch"

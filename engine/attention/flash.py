@@ -1,5 +1,7 @@
 """Flash attention varlen over the paged cache (CUDA): vllm-flash-attn or flash-attn,
-whichever imports with the installed torch. Checked on a lent GPU by tests/gpu/."""
+whichever imports with the installed torch. Written and unit-tested through the CPU paths (the
+same metadata and paged cache drive the CPU backends in tests/engine/test_attention.py); it has
+not run on a GPU yet: tests/gpu/ is to check it on a lent GPU machine."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -94,7 +94,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
-    # set by the ModelRunner where every part of a layer runs in C (native_decoder.unsupported)
+    # set by the ModelRunner where every part of a layer runs in C; native_decoder.unsupported takes
+    # this slot as the sign of a Llama-family stack (it cannot import this module: we import it)
     native: NativeDecoder | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

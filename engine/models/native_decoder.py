@@ -14,9 +14,11 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine.attention import paged_cpu
 from engine.attention.metadata import AttentionMetadata
+from engine.config import ModelConfig
 from engine.layers import fused, qgemm
 from engine.native import build
 
@@ -67,12 +69,11 @@ def _weight(linear, bias: torch.Tensor | None) -> _Weight:
                    p.bq.shape[1] * qgemm.BLOCK, p.out_features, int(p.has_m))
 
 
-def unsupported(model, tp_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why the C stack cannot run this model (None: it can)."""
-    from engine.models.llama import LlamaModel
-
+def unsupported(model: nn.Module, tp_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the C stack cannot run this model (None: it can). The model is read as handed in, not
+    imported: models/llama.py imports this module, so the dependency runs one way."""
     inner = getattr(model, "model", None)
-    if not isinstance(inner, LlamaModel):
+    if not hasattr(inner, "native"):  # the slot a decoder stack offers for a NativeDecoder: LlamaModel's
         return "not a Llama-family model"
     cfg = model.config
     model_reasons = [
@@ -99,7 +100,7 @@ def unsupported(model, tp_size: int, dtype: torch.dtype, device: torch.device) -
 class NativeDecoder:
     """LlamaModel's layers and final norm as one C call: embedded tokens in, hidden states out."""
 
-    def __init__(self, inner, cfg) -> None:
+    def __init__(self, inner: nn.Module, cfg: ModelConfig) -> None:
         self.inner = inner  # the LlamaModel: its weights, caches and buffers stay alive with it
         layers = []
         for layer in inner.layers:

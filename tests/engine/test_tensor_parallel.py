@@ -10,6 +10,7 @@ import ray
 
 from engine import LLM, SamplingParams
 from engine.distributed import CollectiveCounter, get_tp_group
+from replica.ranks import start_followers
 from tests.engine.tiny_models import make_tiny_checkpoint
 from tests.kv_transfer.test_shm_transfer import prompts_of
 
@@ -19,7 +20,7 @@ OPTS = dict(num_kv_blocks=256, max_num_batched_tokens=64, num_threads=1)
 
 
 def generate(model: str, **kw) -> tuple[list[list[int]], CollectiveCounter, int]:
-    with LLM(model, **OPTS, **kw) as llm:
+    with LLM(model, **OPTS, **kw, rank_launcher=start_followers) as llm:
         counter = get_tp_group().counter = CollectiveCounter()
         out = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
         get_tp_group().counter = None
@@ -69,7 +70,7 @@ def test_default_model_at_tp3_equals_tp1(ray_local) -> None:
     messages = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name a color.")]
     with LLM("default", num_kv_blocks=64, num_threads=1) as llm:
         want = [o.token_ids for o in llm.chat(messages, params)]
-    with LLM("default", num_kv_blocks=64, num_threads=1, tensor_parallel_size=3) as llm:
+    with LLM("default", num_kv_blocks=64, num_threads=1, tensor_parallel_size=3, rank_launcher=start_followers) as llm:
         assert [o.token_ids for o in llm.chat(messages, params)] == want
 
 
@@ -80,15 +81,24 @@ def test_a_degree_that_does_not_divide_the_heads_names_the_valid_ones(tiny_check
         LLM("default", tensor_parallel_size=2)
 
 
+def test_ranks_need_a_launcher_from_the_caller(tiny_checkpoints) -> None:
+    # the engine knows no Ray: without a launcher it says which one to pass, before any rank starts
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs a rank launcher .* "
+                                         r"rank_launcher=replica\.ranks\.start_followers"):
+        LLM(str(tiny_checkpoints["llama"]), tensor_parallel_size=2)
+    assert get_tp_group().world_size == 1
+
+
 def test_more_ranks_than_ray_can_place(ray_local, tmp_path) -> None:
     model = make_tiny_checkpoint("llama", tmp_path / "wide", num_attention_heads=16, num_key_value_heads=16,
                                  hidden_size=64)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=16 needs 15 more ranks .* CPUs free"):
-        LLM(str(model), tensor_parallel_size=16)
+        LLM(str(model), tensor_parallel_size=16, rank_launcher=start_followers)
 
 
 def test_a_rank_that_dies_mid_step_fails_the_replica_fast(ray_local, tiny_checkpoints) -> None:
-    llm = LLM(str(tiny_checkpoints["llama"]), num_kv_blocks=256, tensor_parallel_size=2, num_threads=1)
+    llm = LLM(str(tiny_checkpoints["llama"]), num_kv_blocks=256, tensor_parallel_size=2, num_threads=1,
+              rank_launcher=start_followers)
     follower = llm.engine.followers.actors[0]
     killer = threading.Timer(1.0, lambda: ray.kill(follower))
     killer.start()

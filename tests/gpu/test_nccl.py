@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from replica.ranks import start_followers
 from tests.kv_transfer.test_shm_transfer import prompts_of
 
 pytestmark = [pytest.mark.gpu,
@@ -19,5 +20,6 @@ def test_tensor_parallel_over_nccl_equals_one_rank(ray_local, tiny_checkpoints) 
     prompts = prompts_of([3, 40, 130])
     with LLM(model, num_kv_blocks=64, device="cuda", attention_backend="torch") as llm:
         want = [o.token_ids for o in llm.generate(prompts, params)]
-    with LLM(model, num_kv_blocks=64, device="cuda", attention_backend="torch", tensor_parallel_size=2) as llm:
+    with LLM(model, num_kv_blocks=64, device="cuda", attention_backend="torch", tensor_parallel_size=2,
+             rank_launcher=start_followers) as llm:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want

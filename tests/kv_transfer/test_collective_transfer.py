@@ -10,7 +10,8 @@ import pytest
 import torch.distributed as dist
 
 from engine import LLMEngine, SamplingParams
-from kv_transfer import KVReceiver, KVSender, KVTransferError
+from kv_transfer import KVReceiver, KVSender
+from replica.contract import KVLost
 from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver
 from kv_transfer.metadata import PoolHandle
 from tests.kv_transfer.test_shm_transfer import generate_on, prompts_of
@@ -112,7 +113,7 @@ def test_sender_killed_mid_transfer_frees_the_reservation(pair) -> None:
     landed = thread.landed(target.transfer_id)
     assert landed == sorted(landed, reverse=True) and all(n % 16 == 0 for n in landed)
     assert not thread.wait_for_layer(target.transfer_id, layers - 1, len(prompt), timeout=0.2)
-    with pytest.raises(KVTransferError, match="doomed"):
+    with pytest.raises(KVLost, match="doomed"):
         receiver.commit("doomed", 1)  # the sender claims done, but the KV never landed
     assert decode.block_manager.num_free_blocks == free
     assert not decode.has_unfinished()

@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from engine import LLM, LLMEngine, SamplingParams
-from kv_transfer import KVReceiver, KVSender, KVTransferError, LeaseExpired
+from kv_transfer import KVReceiver, KVSender
+from replica.contract import KVLost, LeaseEnded
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.shm import ShmKVSaver, attach_pool, pool_path, shared_pool_allocator, unlink_pool
 
@@ -100,10 +101,10 @@ def test_lease_expiry_frees_the_reservation(tiny_checkpoints, pool_name) -> None
     assert decode.block_manager.num_free_blocks == free - len(target.block_ids)
     assert receiver.expire(now=0.0) == []  # not yet
     expired = receiver.expire(now=float("inf"))
-    assert [e.request_id for e in expired] == ["late"] and isinstance(expired[0], LeaseExpired)
+    assert [e.request_id for e in expired] == ["late"] and isinstance(expired[0], LeaseEnded)
     assert "late" in str(expired[0])
     assert decode.block_manager.num_free_blocks == free
-    with pytest.raises(KVTransferError, match="late"):
+    with pytest.raises(KVLost, match="late"):
         receiver.commit("late", 1)  # KV that arrives after the lease is refused
     assert decode.block_manager.num_free_blocks == free
 
@@ -153,7 +154,7 @@ def test_a_sender_stops_writing_at_the_lease_end_before_the_receiver_frees(tiny_
     sender.step()  # one chunk written
     assert sender.expire(now=target.deadline - 1) == []
     expired = sender.expire(now=target.deadline)  # the lease is over: stop before the next step
-    assert [e.request_id for e in expired] == ["slow"] and isinstance(expired[0], LeaseExpired)
+    assert [e.request_id for e in expired] == ["slow"] and isinstance(expired[0], LeaseEnded)
     assert prefill.block_manager.num_free_blocks == free_p and not prefill.has_unfinished()
     # the decode side keeps the blocks for a grace period past the deadline, then frees them
     assert receiver.expire(now=time.monotonic() + 5 + receiver.grace_s / 2) == []

@@ -1,14 +1,16 @@
 """The cluster configuration: the README's YAML is a valid config, and mistakes are named."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pdserve.cli import _cluster_config, main
-from pdserve.config import ClusterConfig
+from engine.options import EngineOptions
+from pdserve.cli import _cluster_config, build_parser, main
+from pdserve.config import KV_BACKENDS, ClusterConfig, PoolConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -38,6 +40,9 @@ def test_flags_override_the_file(tmp_path) -> None:
     ({"decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
     ({"prefill": {"replicas": -1}}, "replicas=-1 must be >= 0"),
     ({"kv_backend": "carrier-pigeon"}, "kv_backend='carrier-pigeon'"),
+    ({"decode": {"block_size": 12}}, "block_size=12 must be a power of two"),
+    ({"prefill": {"dtype": "fp8"}}, "dtype 'fp8' is not supported"),
+    ({"prefill": {"device": "tpu"}}, "device='tpu'; choose 'cpu' or 'cuda'"),
     ({"router": {"prefill_policy": "random"}}, "prefill_policy='random'"),
 ])
 def test_bad_config_names_the_mistake(bad, message) -> None:
@@ -50,3 +55,40 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys) -> None:
     path.write_text("router: {decode_policy: fastest}\n")
     assert main(["serve", "--config", str(path)]) == 2
     assert "decode_policy='fastest'" in capsys.readouterr().err
+
+
+def test_a_pool_is_the_engine_options_plus_placement() -> None:
+    pool = PoolConfig()
+    engine = {f.name for f in dataclasses.fields(EngineOptions)}
+    assert set(pool.engine_kwargs()) == engine  # every engine option reaches the workers' engines
+    assert engine < {f.name for f in dataclasses.fields(PoolConfig)}
+    # a pool's own defaults: ranks share the host's cores
+    assert (pool.num_threads, pool.max_num_batched_tokens, pool.num_kv_blocks, pool.max_num_seqs) == (1, 512, 256, 64)
+    assert PoolConfig(expert_parallel=True, max_model_len=128).engine_kwargs()["max_model_len"] == 128
+
+
+def test_serve_flags_for_every_pool_option_reach_the_cluster_config() -> None:
+    args = build_parser().parse_args([
+        "serve", "--prefill-tp", "2", "--decode-tensor-parallel-size", "4", "--prefill-replicas", "3",
+        "--prefill-max-num-batched-tokens", "128", "--decode-num-kv-blocks", "64", "--decode-max-prefill-chunk", "32",
+        "--no-decode-native-decoder", "--prefill-expert-parallel", "--decode-num-cpus", "0.5",
+        "--decode-dtype", "bf16", "--kv-backend", "collective", "--port", "0"])
+    config = _cluster_config(args)
+    prefill, decode = config.prefill, config.decode
+    assert (prefill.tensor_parallel_size, decode.tensor_parallel_size) == (2, 4)
+    assert (prefill.replicas, prefill.max_num_batched_tokens, prefill.expert_parallel) == (3, 128, True)
+    assert (decode.num_kv_blocks, decode.max_prefill_chunk, decode.native_decoder) == (64, 32, False)
+    assert (decode.num_cpus, decode.dtype, config.kv_backend, config.router.port) == (0.5, "bf16", "collective", 0)
+    assert prefill.native_decoder and decode.max_num_batched_tokens == 256  # unset flags keep the defaults
+
+    dests = vars(build_parser().parse_args(["serve"]))
+    for pool in ("prefill", "decode"):
+        for f in dataclasses.fields(EngineOptions):
+            assert f"{pool}_{f.name}" in dests, f"no --{pool}-{f.name.replace('_', '-')} flag"
+    for backend in KV_BACKENDS:
+        assert _cluster_config(build_parser().parse_args(["serve", "--kv-backend", backend])).kv_backend == backend
+
+
+def test_a_bad_flag_value_is_reported_without_a_traceback(capsys) -> None:
+    assert main(["serve", "--decode-block-size", "12"]) == 2
+    assert "block_size=12 must be a power of two" in capsys.readouterr().err

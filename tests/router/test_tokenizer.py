@@ -5,8 +5,10 @@ import pytest
 
 from engine.loader import tokenizer_files
 from engine.loader.gguf import default_model_path, load_gguf_tokenizer
-from router.router import _Output
-from router.tokenizer import IncrementalDetokenizer, Tokenizer
+from detok import IncrementalDetokenizer
+from replica.contract import StreamItem
+from router.stream import Output
+from router.tokenizer import Tokenizer
 
 TEXTS = ["Hello world", "naïve café, 日本語のテキスト 🎉🎉 done", "  spaces\tand\nnewlines  ", "<|im_start|>user\nhi"]
 
@@ -42,10 +44,10 @@ def test_streamed_text_never_splits_a_character(tokenizers) -> None:
 def test_stop_string_split_across_tokens_is_held_back_and_cut(tokenizers) -> None:
     ours, _ = tokenizers
     ids = ours.encode("The answer is 42. END of story")
-    out = _Output("r", ours, stop=("END of",))
+    out = Output("r", ours, stop=("END of",))
     sent = ""
     for i in ids:
-        if chunk := out.add([(i, None)]):
+        if chunk := out.add([StreamItem(i)]):
             sent += chunk.text
             assert "END" not in sent  # never streamed, not even its first part
         if out.stopped:

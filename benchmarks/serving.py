@@ -2,7 +2,7 @@
 a rate sweep for each (latency percentiles, SLO attainment, goodput) and one chart with all; then
 the cluster's end-to-end throughput against the offline engine on the same requests.
 
-    .venv/bin/python scripts/serving_bench.py --out bench-serving [--requests 24] [--rates 0.25,0.5,1,1.5]
+    python -m benchmarks.serving --out bench-serving [--requests 24] [--rates 0.25,0.5,1,1.5] [--only LABELS]
 
 disaggregated: 1 prefill + 1 decode replica, one core and one torch thread each, every prompt
 prefilled on the prefill replica; conditional: the same pools, but prompts under 300 tokens (the
@@ -39,7 +39,7 @@ def configs() -> dict[str, ClusterConfig]:
     }
 
 
-def offline_throughput(requests) -> dict:
+def offline_throughput(requests: list[tuple[list[int], int]]) -> dict[str, float]:
     """The same requests through one offline engine with both cores, all at once."""
     from engine import LLM, SamplingParams
 
@@ -53,14 +53,14 @@ def offline_throughput(requests) -> dict:
             "requests_per_s": len(requests) / elapsed}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-serving")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--rates", default="0.25,0.5,1,1.5")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all); the chart and the "
                                    "summary take every <config>.json already in --out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")]

@@ -1,11 +1,12 @@
 """Benchmark KV transfer beside this machine's memcpy, in one run.
 
-    python -m kv_transfer.bench --json FILE [--tokens 2048]
+    python -m benchmarks.kv_transfer --json FILE [--tokens 2048]
 
 Payload: the KV of one prompt of the default model (SmolLM2-135M, fp32; 2048 tokens is
 about 94 MB), moved layer by layer into reserved blocks of a decode pool, exactly as the
 connectors do during a prefill:
-  memcpy      torch copy_ of the same bytes between two preallocated buffers (the bar)
+  memcpy      torch copy_ of as many bytes between two preallocated buffers (the bar; the copy
+              way of engine.peaks, the machine-peak probe every benchmark shares)
   ipc         ShmKVSaver into a decode pool in /dev/shm (index_copy into reserved slots)
   collective  CollectiveKVSaver -> CollectiveKVReceiverThread over gloo on loopback, two processes
 and `overlap_ttft_ratio`: time to first token of that prompt through prefill with the ipc
@@ -19,32 +20,34 @@ import multiprocessing as mp
 import os
 import time
 import uuid
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from engine import LLMEngine, SamplingParams
-from engine.kv_connector import StepLayout
-from kv_transfer.metadata import KVTarget, PoolHandle
+from benchmarks.machine import THREADS
+from engine import LLMEngine, SamplingParams, peaks
+from engine.kv_connector import KVSaver, StepLayout
+from kv_transfer.metadata import PoolHandle
+from replica.contract import Reservation
 
-THREADS = 2
 REPS = 5
 
 
-def _layout(num_tokens: int, target: KVTarget) -> StepLayout:
+def _layout(num_tokens: int, target: Reservation) -> StepLayout:
     class _Seq:  # what a saver reads of a sequence
         kv_target, num_computed_tokens, request_id = target, 0, target.request_id
     return StepLayout([_Seq()], [num_tokens], [0, num_tokens])
 
 
-def _kv(shape, num_tokens):
+def _kv(shape: tuple[int, ...], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers, _, _, _, heads, dim = shape
     gen = torch.Generator().manual_seed(0)
     return [(torch.randn(num_tokens, heads, dim, generator=gen), torch.randn(num_tokens, heads, dim, generator=gen))
             for _ in range(layers)]
 
 
-def _send_all(saver, layout, kv) -> None:
+def _send_all(saver: KVSaver, layout: StepLayout, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     saver.begin_step(layout)
     for layer, (k, v) in enumerate(kv):
         saver.save_kv_layer(layer, k, v)
@@ -55,7 +58,7 @@ def _gbs(num_bytes: int, seconds: float) -> float:
     return round(num_bytes / seconds / 1e9, 2)
 
 
-def _collective_receiver(port: int, shape, num_tokens: int, ready: mp.Queue, out: mp.Queue) -> None:
+def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, ready: mp.Queue, out: mp.Queue) -> None:
     from kv_transfer.collective import CollectiveKVReceiverThread
 
     torch.set_num_threads(1)
@@ -74,7 +77,7 @@ def _collective_receiver(port: int, shape, num_tokens: int, ready: mp.Queue, out
     dist.destroy_process_group()
 
 
-def bench_collective(shape, kv, num_tokens) -> float:
+def bench_collective(shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int) -> float:
     from kv_transfer.collective import CollectiveKVSaver
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -92,7 +95,7 @@ def bench_collective(shape, kv, num_tokens) -> float:
     starts = []
     for tid in range(1, REPS + 2):
         starts.append(time.perf_counter())
-        _send_all(saver, _layout(num_tokens, KVTarget("d", f"r{tid}", blocks, tid)), kv)
+        _send_all(saver, _layout(num_tokens, Reservation("d", f"r{tid}", blocks, tid)), kv)
     ends = out.get(timeout=300)
     dist.barrier()
     dist.destroy_process_group()
@@ -102,7 +105,7 @@ def bench_collective(shape, kv, num_tokens) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m kv_transfer.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kv_transfer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -121,10 +124,10 @@ def main() -> None:
     num_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
     results: dict = {"payload_mb": round(num_bytes / 1e6, 1), "tokens": n, "threads": THREADS}
     try:
-        results["memcpy_gbs"] = _gbs(num_bytes, _memcpy_seconds(kv))
+        results["memcpy_gbs"] = round(peaks.read_gbs(num_bytes, REPS, ways=("copy",))["copy"], 2)
 
         saver = ShmKVSaver({name: attach_pool(handles[0])})
-        layout = _layout(n, KVTarget(name, "r", tuple(range(n // block)), 1))
+        layout = _layout(n, Reservation(name, "r", tuple(range(n // block)), 1))
         _send_all(saver, layout, kv)
         t = min(_timed(lambda: _send_all(saver, layout, kv)) for _ in range(REPS))
         results["ipc_gbs"] = _gbs(num_bytes, t)
@@ -141,7 +144,7 @@ def main() -> None:
             seq = prefill.add_request(prompt, params)
             reserved = decode.reserve(prompt, params, f"t{seq.seq_id}")
             if with_transfer:
-                seq.kv_target = KVTarget(name, reserved.request_id, tuple(reserved.block_table), 1)
+                seq.kv_target = Reservation(name, reserved.request_id, tuple(reserved.block_table), 1)
             t0 = time.perf_counter()
             while prefill.has_unfinished():
                 prefill.step()
@@ -166,14 +169,7 @@ def main() -> None:
             json.dump(results, f, indent=2)
 
 
-def _memcpy_seconds(kv) -> float:
-    src = torch.cat([torch.stack((k, v)).flatten() for k, v in kv])
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch outside the timing
-    return min(_timed(lambda: dst.copy_(src)) for _ in range(REPS))
-
-
-def _timed(fn) -> float:
+def _timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t

@@ -1,0 +1,201 @@
+"""The KV side of a replica's ranks, for both roles. Every rank of a prefill replica sends its
+own KV heads; every rank of a decode replica holds (and, on the collective backend, receives)
+its own slice of them. A role says what each rank needs when it is built (a KV allocator, a
+saver); a RankKV is one rank's endpoint afterwards; PrefillKV and DecodeKV are rank 0's view of
+the whole replica, which its worker calls. The follower ranks (replica/ranks.py) know only the
+role and the endpoint's operations, by name."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from engine.kv_connector import KVSaver
+from engine.model_runner import KVAllocator, ModelRunner
+from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver, join_kv_group
+from kv_transfer.metadata import PoolHandle
+from kv_transfer.receiver import KVLanding, KVReceiver
+from kv_transfer.sender import KVSender
+from kv_transfer.shm import ShmKVSaver, rank_pool_handles, rank_pool_name, shared_pool_allocator, unlink_pool
+
+BACKENDS = ("ipc", "collective")
+
+
+class RankKV:
+    """One rank's KV endpoint (rank 0's or a follower's). Its operations are what a follower
+    runs when rank 0 asks: `attach`, `join_group`, `wait`, `forget`."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.receiver: CollectiveKVReceiverThread | None = None  # a decode rank on the collective backend
+
+    def attach(self, handles: list[dict[str, Any]]) -> None:
+        """Prefill rank: reach decode pools (PoolHandle fields) with this rank's saver. Called
+        before any step that sends to them, so a step never sees the saver's pools change."""
+        for h in handles:
+            self.runner.kv_saver.attach(PoolHandle(**h))
+
+    def join_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
+        """Join the cluster's KV group as `rank`: a prefill rank sends its heads from then on, a
+        decode rank receives its slice of the KV heads."""
+        self.receiver = join_kv_group(self.runner, host, port, rank, world_size, prefix)
+
+    def wait(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
+        """Decode rank: True once positions [0, num_tokens) of the transfer are in every layer."""
+        return self.receiver.wait_for_request(transfer_id, num_tokens, timeout)
+
+    def forget(self, transfer_id: int) -> None:
+        """Decode rank: the transfer is committed or aborted; once this returns nothing more of it lands."""
+        self.receiver.forget(transfer_id)
+
+
+@dataclass(frozen=True)
+class PrefillRole:
+    """What each rank of a prefill replica needs: a saver for its KV heads over `backend`."""
+    backend: str  # "ipc" or "collective"
+
+    def kv_allocator(self, rank: int) -> KVAllocator | None:
+        return None
+
+    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver:
+        if self.backend == "ipc":
+            return ShmKVSaver.for_rank(num_kv_heads, rank, world_size)
+        return CollectiveKVSaver(num_kv_heads, rank, world_size)
+
+    def endpoint(self, runner: ModelRunner) -> RankKV:
+        return RankKV(runner)
+
+
+@dataclass(frozen=True)
+class DecodeRole:
+    """What each rank of a decode replica needs: on `ipc` its slice of the KV pool where the
+    prefill ranks can map it (shared memory, or CUDA IPC); on `collective` the engine's own pool,
+    which the rank's receiver writes into."""
+    pool: str  # the replica's pool name
+    backend: str
+
+    def kv_allocator(self, rank: int) -> KVAllocator | None:
+        return shared_pool_allocator(rank_pool_name(self.pool, rank)) if self.backend == "ipc" else None
+
+    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
+        return None
+
+    def endpoint(self, runner: ModelRunner) -> RankKV:
+        return RankKV(runner)
+
+
+async def join_group(local: RankKV, followers: list[Any], host: str, port: int, rank: int, world_size: int,
+                     prefix: str) -> None:
+    """Rank 0 and its followers (Ray actors) join the KV group as ranks rank.. rank+TP-1; returns
+    once every member has (the group forms only when all have joined)."""
+    joins = [a.kv.remote("join_group", host, port, rank + i, world_size, prefix) for i, a in enumerate(followers, 1)]
+    await asyncio.get_running_loop().run_in_executor(None, local.join_group, host, port, rank, world_size, prefix)
+    await asyncio.gather(*joins)
+
+
+class RanksLanding:
+    """KVLanding of a tensor-parallel decode replica on the collective backend: every rank receives
+    its own heads, so a transfer has landed when it has on each of them (rank 0's receiver thread
+    here, the followers' over Ray)."""
+
+    def __init__(self, local: CollectiveKVReceiverThread, followers: list[Any]) -> None:
+        self.local, self.followers = local, followers
+        self._everywhere: set[int] = set()  # transfers seen landed on every rank
+
+    def wait_for_request(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
+        import ray
+
+        if transfer_id in self._everywhere:
+            return True
+        waits = [a.kv.remote("wait", transfer_id, num_tokens, timeout) for a in self.followers]
+        here = self.local.wait_for_request(transfer_id, num_tokens, timeout)
+        if landed := all(ray.get(waits, timeout=timeout + 10)) and here:
+            self._everywhere.add(transfer_id)
+        return landed
+
+    def forget(self, transfer_id: int) -> None:
+        """After a commit the followers may forget at leisure; after an abort they must have before
+        the blocks are reused, so then this waits."""
+        import ray
+
+        self.local.forget(transfer_id)
+        refs = [a.kv.remote("forget", transfer_id) for a in self.followers]
+        if transfer_id in self._everywhere:
+            self._everywhere.discard(transfer_id)
+        else:
+            ray.get(refs, timeout=30)
+
+
+class PrefillKV:
+    """Rank 0 of a prefill replica: the role its followers are built with, then (bind) the
+    sender that runs its prompts and writes their KV into decode reservations."""
+
+    def __init__(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"kv_backend={backend!r}; available: {BACKENDS}")
+        self.role = PrefillRole(backend)
+        self.sender: KVSender | None = None
+        self.local: RankKV | None = None
+
+    def bind(self, engine) -> KVSender:
+        """The engine is built (followers included): give rank 0 its saver and the sender."""
+        tp = engine.config.options.tensor_parallel_size
+        self.sender = KVSender(engine, self.role.kv_saver(engine.config.model_config.num_key_value_heads, 0, tp))
+        self.local = RankKV(engine.runner)
+        return self.sender
+
+
+class DecodeKV:
+    """Rank 0 of a decode replica: its KV pool (allocated where prefill replicas can write it),
+    the handles that publish every rank's slice, and (bind) the receiver of reservations."""
+
+    def __init__(self, pool: str, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"kv_backend={backend!r}; available: {BACKENDS}")
+        self.pool, self.backend = pool, backend
+        self.role = DecodeRole(pool, backend)
+        self._rank0: list[PoolHandle] = []  # rank 0's pool handle, filled by the allocator
+        self.handles: list[dict[str, Any]] = []  # every rank's PoolHandle fields, filled by bind
+        self.receiver: KVReceiver | None = None
+        self.local: RankKV | None = None
+        self._store = None  # the KV group's rendezvous store, when this replica hosts it
+
+    def allocator(self) -> KVAllocator | None:
+        """Rank 0's KV allocator for the engine (None: the engine's own)."""
+        return shared_pool_allocator(self.pool, self._rank0) if self.backend == "ipc" else None
+
+    def bind(self, engine, lease_s: float) -> KVReceiver:
+        import dataclasses
+
+        if self.backend == "collective":
+            kv = engine.runner.kv_cache
+            self._rank0.append(PoolHandle(self.pool, tuple(kv.shape), str(kv.dtype).removeprefix("torch.")))
+        tp = engine.config.options.tensor_parallel_size
+        self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
+            self.pool, self._rank0[0], engine.config.model_config.num_key_value_heads, tp)]
+        self.receiver = KVReceiver(engine, self.pool, lease_s)
+        self.local = RankKV(engine.runner)
+        return self.receiver
+
+    def start_store(self) -> tuple[str, int]:
+        """Host the rendezvous store of the cluster's KV group (collective backend) on this node."""
+        import ray
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        return host, self._store.port
+
+    def joined(self, rank: int, followers: list[Any]) -> None:
+        """The replica is in the KV group as ranks rank..: commits wait for every rank's receiver,
+        and each handle carries its rank, so senders know where to send."""
+        landing: KVLanding = self.local.receiver if not followers else RanksLanding(self.local.receiver, followers)
+        self.receiver.landing = landing
+        for i, h in enumerate(self.handles):
+            h["kv_rank"] = rank + i
+
+    def unlink(self) -> None:
+        """Every prefill replica has mapped the pool: drop its names so nothing outlives the actors."""
+        if self.backend == "ipc":
+            for h in self.handles:
+                unlink_pool(h["name"])

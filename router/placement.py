@@ -1,0 +1,209 @@
+"""Where a request runs: the router's view of the replicas, the placement policies (each picked by
+name from a registry, so a config string selects it and tests can list them), and the calls that
+place a request: reserve decode blocks (or queue a local prefill), prefill into the reservation
+on a live prefill replica, release both when the request ends. What a replica call raises comes
+back as a PlacementError carrying the gRPC status the client gets."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from replica.contract import KVLost, LeaseEnded, PrefillResult, ReplicaDead, ReplicaError, Reservation
+
+log = logging.getLogger("pdserve.router")
+
+RESERVE_RETRY_S = 0.02  # how often a request waiting for decode blocks asks again
+
+
+@dataclass
+class Replica:
+    """The router's view of one replica (its rank-0 actor)."""
+    role: str  # "prefill" or "decode"
+    index: int
+    actor: Any  # Ray actor handle
+    tensor_parallel_size: int = 1
+    queued_tokens: int = 0  # prefill: prompt tokens sent and not yet prefilled (kept by the router)
+    free_blocks: int = 0  # decode: from the last stats poll, lowered by each reservation since
+    healthy: bool = True
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}/{self.index}"
+
+
+# A prefill policy picks one of the live prefill replicas; a decode policy orders the live decode
+# replicas (the first with free blocks gets the request). Each registry maps a name to a factory.
+PrefillPolicy = Callable[[list[Replica]], Replica]
+DecodePolicy = Callable[[list[Replica]], list[Replica]]
+
+
+class RoundRobin:
+    """Each call starts one replica further on."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count()
+
+    def pick(self, live: list[Replica]) -> Replica:
+        return live[next(self._next) % len(live)]
+
+    def order(self, live: list[Replica]) -> list[Replica]:
+        k = next(self._next) % len(live)
+        return live[k:] + live[:k]
+
+
+PREFILL_POLICIES: dict[str, Callable[[], PrefillPolicy]] = {
+    "least_tokens": lambda: lambda live: min(live, key=lambda r: r.queued_tokens),  # fewest prompt tokens waiting
+    "round_robin": lambda: RoundRobin().pick,
+}
+DECODE_POLICIES: dict[str, Callable[[], DecodePolicy]] = {
+    "most_free_blocks": lambda: lambda live: sorted(live, key=lambda r: -r.free_blocks),
+    "round_robin": lambda: RoundRobin().order,
+}
+
+
+class PlacementError(Exception):
+    """A placement step failed; `code` is the status the client gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, kv_lost: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.kv_lost = kv_lost  # the KV could not reach the decode replica: no use prefilling elsewhere
+
+
+def replica_error(e: BaseException, replica: Replica, rid: str) -> PlacementError:
+    """What a call on `replica` raised, as a status: the contract's errors carry theirs; a dead
+    replica (Ray's actor errors, ReplicaDead) is UNAVAILABLE and left out of placement."""
+    from ray.exceptions import RayActorError
+
+    cause = getattr(e, "cause", None) or e  # Ray wraps what a method raised
+    if isinstance(e, RayActorError) or isinstance(cause, (RayActorError, ReplicaDead)):
+        replica.healthy = False
+        return PlacementError(grpc.StatusCode.UNAVAILABLE,
+                              f"request {rid!r}: replica {replica.name} is down ({type(cause).__name__})")
+    if isinstance(cause, ReplicaError):
+        kv_lost = isinstance(cause, KVLost) and not isinstance(cause, LeaseEnded)
+        return PlacementError(grpc.StatusCode[cause.status], str(cause), kv_lost=kv_lost)
+    return PlacementError(grpc.StatusCode.INTERNAL, f"request {rid!r}: replica {replica.name}: "
+                                                    f"{type(cause).__name__}: {cause}")
+
+
+async def call(replica: Replica, rid: str, ref):
+    """Await a call on `replica`; its failure as a PlacementError."""
+    try:
+        return await ref
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        raise replica_error(e, replica, rid) from e
+
+
+@dataclass
+class Placed:
+    """Where one request runs, and what its cleanup must release."""
+    rid: str
+    prefill: Replica | None = None
+    decode: Replica | None = None
+    prefilling: bool = False  # the prefill replica may still be writing its KV
+    decoding: bool = False  # the decode replica holds blocks for it
+    reservation: Reservation | None = None
+
+
+class Placement:
+    """The pools as the router sees them, and the policies that choose among their replicas."""
+
+    def __init__(self, prefill: list[Replica], decode: list[Replica], prefill_policy: str, decode_policy: str) -> None:
+        if not decode:
+            raise ValueError("the decode pool needs at least one replica")
+        for name, registry in ((prefill_policy, PREFILL_POLICIES), (decode_policy, DECODE_POLICIES)):
+            if name not in registry:
+                raise ValueError(f"placement policy {name!r} is unknown; choose one of {sorted(registry)}")
+        self.prefill, self.decode = prefill, decode
+        self._pick_prefill = PREFILL_POLICIES[prefill_policy]()
+        self._order_decode = DECODE_POLICIES[decode_policy]()
+
+    @property
+    def replicas(self) -> tuple[Replica, ...]:
+        return (*self.prefill, *self.decode)
+
+    def pick_prefill(self) -> Replica | None:
+        live = [r for r in self.prefill if r.healthy]
+        return self._pick_prefill(live) if live else None
+
+    def decode_order(self) -> list[Replica]:
+        return self._order_decode([r for r in self.decode if r.healthy] or self.decode)
+
+    async def refresh_stats(self, timeout_s: float = 2.0) -> None:
+        """Poll every replica's load; one that does not answer is left out of placement until it does."""
+        async def one(r: Replica) -> None:
+            try:
+                r.stats = await asyncio.wait_for(r.actor.stats.remote(), timeout_s)
+                r.healthy = True
+                r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
+            except Exception:
+                r.healthy = False
+        await asyncio.gather(*(one(r) for r in self.replicas))
+
+    async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool) -> None:
+        """Reserve blocks (or queue a local prefill) on a decode replica, waiting while all are full."""
+        while True:
+            for d in self.decode_order():
+                try:
+                    if local:
+                        await call(d, p.rid, d.actor.add_local.remote(ids, params, p.rid))
+                        p.decode, p.decoding = d, True
+                        return
+                    reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid))
+                except PlacementError as e:
+                    if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.healthy for r in self.decode):
+                        raise
+                    continue  # that replica is gone (and now marked so): the next one
+                if reservation is not None:
+                    d.free_blocks -= len(reservation.block_ids)
+                    p.decode, p.decoding, p.reservation = d, True, reservation
+                    return
+            await asyncio.sleep(RESERVE_RETRY_S)
+
+    async def prefill_remote(self, p: Placed, ids: list[int], params: dict, on_failure: Callable[[], None]
+                             ) -> PrefillResult:
+        """Prefill into the reservation on a live prefill replica; when one dies mid-way, the next
+        rewrites the same blocks (the dead one writes nothing more). on_failure() counts each failure."""
+        while (replica := self.pick_prefill()) is not None:
+            p.prefill, p.prefilling = replica, True
+            replica.queued_tokens += len(ids)
+            try:
+                result = await call(replica, p.rid, replica.actor.prefill.remote(ids, params, p.reservation))
+                p.prefilling = False
+                return result
+            except PlacementError as e:
+                p.prefilling = False  # it never started, or its replica is gone
+                on_failure()
+                if e.code != grpc.StatusCode.UNAVAILABLE or e.kv_lost:  # kv_lost: the decode side decides
+                    raise
+                log.warning("%s; trying another prefill replica", e)
+            finally:
+                replica.queued_tokens -= len(ids)
+        raise PlacementError(grpc.StatusCode.UNAVAILABLE, f"request {p.rid!r}: no prefill replica is up")
+
+    async def prefill_locally(self, p: Placed, ids: list[int], params: dict) -> None:
+        """No prefill replica could do it: drop the reservation, prefill on the decode replica."""
+        await call(p.decode, p.rid, p.decode.actor.abort.remote(p.rid))
+        p.prefill, p.reservation = None, None
+        await call(p.decode, p.rid, p.decode.actor.add_local.remote(ids, params, p.rid))
+
+    @staticmethod
+    async def release(p: Placed) -> None:
+        """Whatever ended the request, stop the prefill first (nothing more is written into the
+        decode blocks), then free the decode side."""
+        for replica, live in ((p.prefill, p.prefilling), (p.decode, p.decoding)):
+            if replica is not None and live:
+                try:
+                    await replica.actor.abort.remote(p.rid)
+                except Exception as e:
+                    log.warning("abort of %s on %s failed: %r", p.rid, replica.name, e)
