@@ -17,9 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from pdserve.bench import LongtailMix, Workload, format_sweep, make_requests, plot_sweeps, run_benchmark, run_sweep
+from pdserve.bench import run_benchmark, run_sweep
+from pdserve.bench_report import format_sweep, plot_sweeps
 from pdserve.config import ClusterConfig, PoolConfig, RouterConfig
 from pdserve.launch import start_cluster
+from pdserve.workload import LongtailMix, Workload, make_requests
 
 WORKLOAD = Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536)))
 TTFT_SLO, TPOT_SLO = 4.0, 0.25

@@ -14,10 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from replica.actor import ReplicaShell, as_logprobs
-from replica.contract import BadRequest, Logprobs, Reservation, ReplicaDead, StreamItem
+from replica.contract import BadRequest, Logprobs, ReplicaDead, Reservation, StreamItem
 
 
 class DecodeWorker(ReplicaShell):
+    """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_group, unlink_pool),
+    then by the router (reserve, commit, add_local, stream, abort); the _on_* methods run on the
+    engine thread, the rest on the actor's event loop."""
+
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
                  peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
@@ -46,7 +50,6 @@ class DecodeWorker(ReplicaShell):
         self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
-    # -- called at start-up (kv_transfer.wiring) ------------------------------------------------
     async def info(self) -> dict[str, Any]:
         mc = self.engine.config.model_config
         return dict(pid=os.getpid(), pools=self.kv.handles, vocab_size=mc.vocab_size,
@@ -72,7 +75,6 @@ class DecodeWorker(ReplicaShell):
 
         return tokenizer_files(self.engine.config.model)
 
-    # -- called by the router -------------------------------------------------------------------
     async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str
                       ) -> Reservation | None:
         """Hold blocks for a prompt a prefill replica will write; None when they are not free now.
@@ -138,7 +140,6 @@ class DecodeWorker(ReplicaShell):
         self.engine.shutdown()
         self.unlink_pool()
 
-    # -- on the engine thread --------------------------------------------------------------------
     def _on_step(self, finished) -> None:
         items = [(seq.request_id, StreamItem(seq.token_ids[-1], as_logprobs(seq.logprobs[-1])
                                              if seq.params.logprobs is not None else None))
@@ -165,7 +166,6 @@ class DecodeWorker(ReplicaShell):
                      leases_expired=self.receiver.num_leases_expired)
         return stats
 
-    # -- on the actor's event loop --------------------------------------------------------------
     def _open(self, request_id: str) -> None:
         self._aloop = self._aloop or asyncio.get_running_loop()
         if request_id in self._streams:

@@ -92,13 +92,6 @@ class ModelConfig:
         )
 
 
-# The scheduler and the models read their part of the options off EngineOptions itself (the
-# scheduler: max_num_batched_tokens, max_num_seqs, chunk_size; the models: expert_parallel), so there
-# is no second list of option names; these names say at their seams which part they read.
-SchedulerConfig = EngineOptions
-ParallelConfig = EngineOptions
-
-
 def check_parallel(options: EngineOptions, cfg: ModelConfig) -> None:
     """Raise, naming the valid degrees, when the model cannot be cut options.tensor_parallel_size ways."""
     from engine.distributed import valid_tp_degrees

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from detok import StopStrings
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig, dtype_name
 from engine.distributed import destroy_tp_group, free_port, init_tp_group
@@ -99,7 +100,6 @@ class LLMEngine:
         self.followers.stop()
         self.followers = None
 
-    # -- requests ---------------------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -183,7 +183,6 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished)
 
-    # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run, sample, and return the requests that finished in this step."""
         finished, self._finished = self._finished, []
@@ -217,11 +216,10 @@ class LLMEngine:
         return None
 
     def _stop_string_at(self, seq: Sequence) -> int | None:
-        # only the tail can hold a new match: the last token plus the longest stop string
+        """Where a stop string starts in the output text; only the last token's text is new (the
+        router applies the same StopStrings to the text it streams)."""
         text = self._text(seq)
-        tail_from = max(0, len(text) - len(self._text_of(seq.token_ids[-1:])) - max(map(len, seq.params.stop)))
-        hits = [i for s in seq.params.stop if (i := text.find(s, tail_from)) >= 0]
-        return min(hits) if hits else None
+        return StopStrings(seq.params.stop).find(text, len(text) - len(self._text_of(seq.token_ids[-1:])))
 
     def _text_of(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""

@@ -18,7 +18,7 @@ DEVICES = ("cpu", "cuda")
 class EngineOptions:
     """One engine's options, grouped by who reads them: the scheduler, the KV cache, the ranks, the runner.
     The attention backend's name is checked by its registry (engine/attention), which needs torch."""
-    # scheduler (the scheduler reads these straight off the options: engine.config.SchedulerConfig)
+    # scheduler (engine/scheduler.py reads these straight off the options)
     max_num_batched_tokens: int = 2048  # the token budget of one step, prefill and decode together
     max_num_seqs: int = 256  # most sequences in the running batch
     max_prefill_chunk: int | None = None  # most tokens one sequence gets in one step; None: the whole budget
@@ -26,7 +26,7 @@ class EngineOptions:
     block_size: int = 16  # tokens per KV block, a power of two
     num_kv_blocks: int | None = None  # KV blocks per rank; None: as many as kv_cache_bytes holds
     kv_cache_bytes: int = 1 << 30  # the KV cache's size per rank when num_kv_blocks is None
-    # ranks (the models read these: engine.config.ParallelConfig)
+    # ranks (the models read expert_parallel off the options)
     tensor_parallel_size: int = 1  # ranks per replica; > 1 needs a rank launcher (replica.ranks.start_followers)
     expert_parallel: bool = False  # MoE: experts partitioned over the ranks (else each expert is TP-sharded)
     # model runner

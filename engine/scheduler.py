@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
+from engine.options import EngineOptions
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -28,7 +28,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineOptions, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()

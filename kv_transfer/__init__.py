@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# the KV backends: same host ("ipc": shared memory on CPU, CUDA IPC on GPU), or any hosts ("collective":
+# torch.distributed send/recv over gloo; an NCCL data plane is not built yet)
+BACKENDS = ("ipc", "collective")
+
 _EXPORTS = {"KVReceiver": "kv_transfer.receiver", "KVSender": "kv_transfer.sender", "PrefillDone": "kv_transfer.sender",
             "Lease": "kv_transfer.metadata", "PoolHandle": "kv_transfer.metadata"}
 __all__ = sorted(_EXPORTS)

@@ -12,13 +12,12 @@ from typing import Any
 
 from engine.kv_connector import KVSaver
 from engine.model_runner import KVAllocator, ModelRunner
+from kv_transfer import BACKENDS
 from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver, join_kv_group
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.receiver import KVLanding, KVReceiver
 from kv_transfer.sender import KVSender
 from kv_transfer.shm import ShmKVSaver, rank_pool_handles, rank_pool_name, shared_pool_allocator, unlink_pool
-
-BACKENDS = ("ipc", "collective")
 
 
 class RankKV:

@@ -48,8 +48,9 @@ class KVSender:
         unreachable = self.saver.unreachable()
         for t in [t for t in self.targets.values() if t.deadline <= now or t.pool in unreachable]:
             self.abort(t.request_id)
-            lost.append(transfer_failed(t.request_id, "the decode side's lease ended before the prefill did", LeaseEnded)
-                        if t.deadline <= now else self._unreachable(t, unreachable))
+            ended = "the decode side's lease ended before the prefill did"
+            lost.append(transfer_failed(t.request_id, ended, LeaseEnded) if t.deadline <= now
+                        else self._unreachable(t, unreachable))
         return lost
 
     def step(self) -> list[PrefillDone]:

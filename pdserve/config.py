@@ -1,6 +1,7 @@
 """Cluster configuration: one model, two pools, one router. Plain dataclasses (no torch), read
 from YAML and overridden by command-line flags. A pool's engine options are engine.options.EngineOptions
-(standard library only), so the router's process and the CLI import this without torch."""
+and the KV backends kv_transfer.BACKENDS (both standard library only), so the router's process and
+the CLI import this without torch."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.options import EngineOptions
-
-KV_BACKENDS = ("ipc", "collective")  # same host (shared memory / CUDA IPC), or any host (gloo / NCCL)
-PREFILL_POLICIES = ("least_tokens", "round_robin")
-DECODE_POLICIES = ("most_free_blocks", "round_robin")
+from kv_transfer import BACKENDS as KV_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -67,10 +65,12 @@ class RouterConfig:
     tpot_slo_s: float = 0.2
 
     def __post_init__(self) -> None:
+        from router.placement import DECODE_POLICIES, PREFILL_POLICIES  # the registries (no torch)
+
         if self.prefill_policy not in PREFILL_POLICIES:
-            raise ValueError(f"prefill_policy={self.prefill_policy!r}; choose one of {PREFILL_POLICIES}")
+            raise ValueError(f"prefill_policy={self.prefill_policy!r}; choose one of {tuple(PREFILL_POLICIES)}")
         if self.decode_policy not in DECODE_POLICIES:
-            raise ValueError(f"decode_policy={self.decode_policy!r}; choose one of {DECODE_POLICIES}")
+            raise ValueError(f"decode_policy={self.decode_policy!r}; choose one of {tuple(DECODE_POLICIES)}")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_ongoing_requests must be >= 1 and max_queued_requests >= 0")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replica.ranks import loopback_ray
 from pdserve.config import ClusterConfig, PoolConfig
+from replica.ranks import loopback_ray
 
 PLACEMENT_TIMEOUT_S = 60.0
 # where Prometheus finds each running cluster's /metrics (deploy/prometheus/prometheus.yml reads it);

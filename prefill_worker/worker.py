@@ -18,6 +18,9 @@ from replica.contract import KVLost, LeaseEnded, PrefillResult, ReplicaDead, Res
 
 
 class PrefillWorker(ReplicaShell):
+    """Called at start-up by kv_transfer.wiring (info, join_kv_group, attach), then by the router
+    (prefill, abort); the _on_* and _expire methods run on the engine thread."""
+
     def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None,
                  kv_backend: str = "ipc") -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
@@ -35,8 +38,8 @@ class PrefillWorker(ReplicaShell):
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self.model = model
         self.kv = PrefillKV(kv_backend)
-        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False, rank_launcher=functools.partial(
-            start_followers, role=self.kv.role))
+        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
+                                           rank_launcher=functools.partial(start_followers, role=self.kv.role))
         self.sender = self.kv.bind(self.engine)
         self._pending: dict[str, Future] = {}  # request id -> PrefillResult, set on the engine thread
         self.leases_expired = 0
@@ -45,7 +48,6 @@ class PrefillWorker(ReplicaShell):
         self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
-    # -- called at start-up (kv_transfer.wiring) ------------------------------------------------
     async def info(self) -> dict[str, Any]:
         mc = self.engine.config.model_config
         return dict(pid=os.getpid(), vocab_size=mc.vocab_size, max_model_len=self.engine.config.max_model_len,
@@ -72,7 +74,6 @@ class PrefillWorker(ReplicaShell):
                                                              handles)
         await self._call(self.kv.local.attach, handles)
 
-    # -- called by the router -------------------------------------------------------------------
     async def prefill(self, prompt_token_ids: list[int], params: dict[str, Any], reservation: Reservation
                       ) -> PrefillResult:
         """Prefill the prompt into the reservation's blocks; return the first token (and its
@@ -96,7 +97,6 @@ class PrefillWorker(ReplicaShell):
         self.loop.stop()
         self.engine.shutdown()
 
-    # -- on the engine thread --------------------------------------------------------------------
     def _on_step(self, done) -> None:
         for d in done:
             self._settle(d.target.request_id, PrefillResult(d.first_token, as_logprobs(d.logprobs)))

@@ -30,9 +30,16 @@ RULES: dict[str, Rule] = {
     "router torch-free": Rule(
         ("router/",), ("torch", "engine", "kv_transfer", "prefill_worker", "decode_worker", "benchmarks", "replica"),
         allowed=("replica.contract",)),
-    # kv_transfer moves KV under the roles: engine's KV types, never the roles or the serving face
+    # kv_transfer moves KV under the roles: engine's KV types and the contract's Reservation and
+    # errors, never the roles, the actor shell or the serving face
     "kv_transfer below the roles": Rule(
-        ("kv_transfer/",), ("prefill_worker", "decode_worker", "router", "pdserve", "benchmarks")),
+        ("kv_transfer/",), ("prefill_worker", "decode_worker", "router", "pdserve", "benchmarks", "replica"),
+        allowed=("replica.contract",)),
+    # the actor shell and the ranks serve both roles: they know neither role nor the router
+    "replica below the roles": Rule(("replica/",), ("prefill_worker", "decode_worker", "router", "pdserve")),
+    # a worker package holds its role's actor: it builds on replica, engine and kv_transfer only
+    "prefill worker holds one role": Rule(("prefill_worker/",), ("router", "pdserve", "benchmarks", "decode_worker")),
+    "decode worker holds one role": Rule(("decode_worker/",), ("router", "pdserve", "benchmarks", "prefill_worker")),
     # the wire contract and its generated modules stand alone: everything else builds on them
     "protos import nothing of ours": Rule(("protos/",), PACKAGES, allowed=("protos",)),
     # the router<->replica contract is unpickled in the router's process: none of ours, no torch
@@ -83,6 +90,9 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "router torch-free": ("router/policy.py", "from replica import ranks\n"),  # replica, not its contract
     "kv_transfer below the roles": ("kv_transfer/sender.py",
                                     "import importlib\nW = importlib.import_module('prefill_worker.worker')\n"),
+    "replica below the roles": ("replica/actor.py", "from router.placement import Replica\n"),
+    "prefill worker holds one role": ("prefill_worker/worker.py", "from router import placement\n"),
+    "decode worker holds one role": ("decode_worker/worker.py", "def peer():\n    import prefill_worker\n"),
     "protos import nothing of ours": ("protos/v1/extra.py", "class Stub:\n    def f(self):\n"
                                                             "        return __import__('engine.config')\n"),
     "replica contract stands alone": ("replica/contract.py", "from . import ranks\n"),  # relative

@@ -63,8 +63,7 @@ def supported() -> bool:
     return _lib() is not None
 
 
-# ---------------------------------------------------------------------------------------------
-# collecting a layer's shard of the quantized form while its weight loads
+# Collecting a layer's shard of the quantized form while its weight loads.
 
 
 def collect(parts: list | None, loaded: torch.Tensor, rows: slice, cols: slice, dest_row: int) -> list | None:
@@ -96,8 +95,7 @@ def assemble(parts: list | None, rows: int) -> BlockQuant | None:
     return BlockQuant(q, d, m)
 
 
-# ---------------------------------------------------------------------------------------------
-# the tile layout and the matmul
+# The tile layout and the matmul.
 
 
 def packable(quant: BlockQuant | None) -> bool:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.config import ModelConfig, ParallelConfig
+from engine.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.options import EngineOptions
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     name: LlamaForCausalLM for name in (
@@ -13,7 +14,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, parallel: ParallelConfig | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, parallel: EngineOptions | None = None) -> nn.Module:
     """The model for this rank of the current tensor-parallel group (engine.distributed)."""
     if cfg.architecture not in MODEL_REGISTRY:
         raise ValueError(f"architecture {cfg.architecture!r} is not supported; supported: {sorted(MODEL_REGISTRY)}")

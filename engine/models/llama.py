@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import get_attention_metadata
-from engine.config import ModelConfig, ParallelConfig
+from engine.config import ModelConfig
 from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -21,6 +21,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import Rope, RotaryEmbedding, rotate_
 from engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from engine.models.native_decoder import NativeDecoder
+from engine.options import EngineOptions
 
 
 class Attention(nn.Module):
@@ -67,7 +68,7 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: EngineOptions) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
@@ -87,7 +88,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: EngineOptions) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, parallel) for _ in range(cfg.num_hidden_layers))
@@ -111,10 +112,10 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: EngineOptions | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, parallel or ParallelConfig())
+        self.model = LlamaModel(cfg, parallel or EngineOptions())
         self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
                         else ParallelLMHead(cfg.vocab_size, cfg.hidden_size))
         self.requires_grad_(False)

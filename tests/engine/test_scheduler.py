@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
+from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -15,7 +15,7 @@ BS = 16  # block size
 
 def make(num_blocks: int = 64, budget: int = 2048, max_num_seqs: int = 256,
          chunk: int | None = None) -> Scheduler:
-    return Scheduler(SchedulerConfig(budget, max_num_seqs, chunk), BlockManager(num_blocks, BS))
+    return Scheduler(EngineOptions(budget, max_num_seqs, chunk), BlockManager(num_blocks, BS))
 
 
 def seq(num_prompt: int, max_tokens: int = 8, rid: str | None = None) -> Sequence:

@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 from engine import LLMEngine, SamplingParams
 from kv_transfer import KVReceiver, KVSender
-from replica.contract import KVLost
 from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver
 from kv_transfer.metadata import PoolHandle
+from replica.contract import KVLost
 from tests.kv_transfer.test_shm_transfer import generate_on, prompts_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -10,9 +10,9 @@ import pytest
 
 from engine import LLM, LLMEngine, SamplingParams
 from kv_transfer import KVReceiver, KVSender
-from replica.contract import KVLost, LeaseEnded
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.shm import ShmKVSaver, attach_pool, pool_path, shared_pool_allocator, unlink_pool
+from replica.contract import KVLost, LeaseEnded
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 

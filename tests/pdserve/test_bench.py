@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from pdserve import Chunk, RequestError, bench
-from pdserve.bench import LongtailMix, RequestResult, Workload, make_requests, summarize
+from pdserve.bench_stats import summarize
+from pdserve.request_result import RequestResult
+from pdserve.workload import LongtailMix, Workload, make_requests
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

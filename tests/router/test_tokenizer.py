@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from detok import IncrementalDetokenizer
 from engine.loader import tokenizer_files
 from engine.loader.gguf import default_model_path, load_gguf_tokenizer
-from detok import IncrementalDetokenizer
 from replica.contract import StreamItem
 from router.stream import Output
 from router.tokenizer import Tokenizer

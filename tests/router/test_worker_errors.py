@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_engine_and_transfer_errors_are_the_contracts_and_unpickle_without_torch() -> None:
-    cases = [transfer_failed("r1", "the lease ended", LeaseEnded), transfer_failed("r2", "its decode pool is unreachable"),
-             EngineDead("the engine loop died"), ValueError("bad prompt")]
+    cases = [transfer_failed("r1", "the lease ended", LeaseEnded),
+             transfer_failed("r2", "its decode pool is unreachable"), EngineDead("the engine loop died"),
+             ValueError("bad prompt")]
     errors = [as_replica_error(e) for e in cases]
     assert [type(e) for e in errors] == [LeaseEnded, KVLost, ReplicaDead, BadRequest]
     assert "r2" in str(errors[1]) and "unreachable" in str(errors[1]) and errors[1].request_id == "r2"
