@@ -5,9 +5,12 @@
 Payload: the KV of one prompt of the default model (SmolLM2-135M, fp32; 2048 tokens is
 about 94 MB), moved layer by layer into reserved blocks of a decode pool, exactly as the
 connectors do during a prefill:
-  memcpy      torch copy_ of the same bytes between two preallocated buffers (the bar: the payload
-              itself, fresh from the cache like the KV it stands for, so not engine.peaks' copy,
-              which reads a buffer it filled beforehand and comes out ~half as fast here)
+  memcpy      torch copy_ of the same bytes between two preallocated buffers (the bar). Source and
+              destination (2 x 94 MB) fit a 300 MiB L3, so the figure depends on cache and
+              allocation state: 14-16 GB/s here as this file stands, ~25 once it also imported
+              benchmarks.machine first, ~10.5 through engine.peaks' copy of a buffer it filled
+              itself. It is kept as it was so figures compare across rounds; a DRAM-sized bar is
+              a follow-up
   ipc         ShmKVSaver into a decode pool in /dev/shm (index_copy into reserved slots)
   collective  CollectiveKVSaver -> CollectiveKVReceiverThread over gloo on loopback, two processes
 and `overlap_ttft_ratio`: time to first token of that prompt through prefill with the ipc
@@ -26,12 +29,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from benchmarks.machine import THREADS
 from engine import LLMEngine, SamplingParams
 from engine.kv_connector import KVSaver, StepLayout
 from kv_transfer.metadata import PoolHandle
 from replica.contract import Reservation
 
+THREADS = 2  # torch threads, as benchmarks.machine.THREADS (not imported: see memcpy in the docstring)
 REPS = 5
 
 
