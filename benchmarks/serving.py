@@ -3,6 +3,7 @@ a rate sweep for each (latency percentiles, SLO attainment, goodput) and one cha
 the cluster's end-to-end throughput against the offline engine on the same requests.
 
     python -m benchmarks.serving --out bench-serving [--requests 24] [--rates 0.25,0.5,1,1.5] [--only LABELS]
+    python -m benchmarks.serving --burst [--only colocated]   # only the all-at-once throughput, beside offline
 
 disaggregated: 1 prefill + 1 decode replica, one core and one torch thread each, every prompt
 prefilled on the prefill replica; conditional: the same pools, but prompts under 300 tokens (the
@@ -55,6 +56,23 @@ def offline_throughput(requests: list[tuple[list[int], int]]) -> dict[str, float
             "requests_per_s": len(requests) / elapsed}
 
 
+def burst_only(args) -> int:
+    """Each chosen configuration's output tok/s on the requests sent at once (after a warm-up), over
+    the offline engine's on the same requests: what the service layer costs."""
+    requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
+    warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
+    chosen = args.only.split(",") if args.only else list(configs())
+    offline = offline_throughput(requests)["output_tokens_per_s"]
+    print(f"offline engine: {offline:.1f} output tok/s", flush=True)
+    for label, config in configs().items():
+        if label in chosen:
+            with start_cluster(config, progress=None) as cluster:
+                run_benchmark(cluster.address, warmup, None)
+                got = run_benchmark(cluster.address, requests, None)["output_throughput"]
+            print(f"{label}: {got:.1f} output tok/s, {got / offline:.3f} of offline", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-serving")
@@ -62,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="0.25,0.5,1,1.5")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all); the chart and the "
                                    "summary take every <config>.json already in --out")
+    ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
+                                                          "configuration and compare with the offline engine")
     args = ap.parse_args(argv)
+    if args.burst:
+        return burst_only(args)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")]

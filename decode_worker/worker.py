@@ -1,7 +1,8 @@
 """The decode replica: an engine in the decode role behind a Ray actor. It reserves KV blocks
 for prompts prefilled elsewhere (their KV lands straight in its pool, kv_transfer.ranks.DecodeKV),
-admits them into its continuously batched decode, and streams each sampled token back to the
-router as the contract's StreamItems.
+admits them into its continuously batched decode, and sends what each engine step sampled back
+to the router: one message a step carrying every request's StreamItems (events()), not a stream
+per request.
 
 Ray runs the public methods on the actor's event loop; the engine runs on its own thread
 (EngineLoop) and is touched only there. The engine is imported inside the actor, so the process
@@ -19,8 +20,8 @@ from replica.contract import BadRequest, Logprobs, ReplicaDead, Reservation, Str
 
 class DecodeWorker(ReplicaShell):
     """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_group, unlink_pool),
-    then by the router (reserve, commit, add_local, stream, abort); the _on_* methods run on the
-    engine thread, the rest on the actor's event loop."""
+    then by the router (events, once; reserve, commit, add_local, abort per request); the _on_*
+    methods run on the engine thread, the rest on the actor's event loop."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
                  peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
@@ -43,7 +44,8 @@ class DecodeWorker(ReplicaShell):
             model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
             rank_launcher=functools.partial(start_followers, role=self.kv.role))
         self.receiver = self.kv.bind(self.engine, lease_s)
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._open: set[str] = set()  # requests whose stream has not ended yet
+        self._events: asyncio.Queue[list[StreamItem]] | None = None  # made on the actor's event loop
         self.tokens_generated = 0
         tp = self.engine.config.options.tensor_parallel_size
         self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
@@ -80,10 +82,10 @@ class DecodeWorker(ReplicaShell):
         """Hold blocks for a prompt a prefill replica will write; None when they are not free now.
         A request the engine cannot take at all raises BadRequest. params: SamplingParams fields."""
         params = self.sampling_params(params)
-        self._open(request_id)
+        self._start(request_id)
         reservation = await self._call(self.receiver.reserve, prompt_token_ids, params, request_id)
         if reservation is None:
-            self._streams.pop(request_id, None)
+            self._open.discard(request_id)
         return reservation
 
     async def commit(self, request_id: str, first_token: int, logprobs: Logprobs | None) -> None:
@@ -100,40 +102,30 @@ class DecodeWorker(ReplicaShell):
     async def add_local(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str) -> None:
         """Prefill here too (a short prompt): the stream then starts with the first token."""
         params = self.sampling_params(params)
-        self._open(request_id)
+        self._start(request_id)
         try:
             await self._call(self.engine.add_request, prompt_token_ids, params, request_id)
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._open.discard(request_id)
             raise
 
     async def abort(self, request_id: str) -> bool:
+        """End the request here and free its blocks; its stream ends without a last item (the
+        router, which asked, no longer reads it)."""
         found = await self._call(self.receiver.abort, request_id)
-        self._push([(request_id, StreamItem(finish_reason="abort"))])  # ends a consumer's stream, if any
-        self._streams.pop(request_id, None)
+        self._open.discard(request_id)
         return found
 
-    async def stream(self, request_id: str) -> AsyncIterator[list[StreamItem]]:
-        """The request's tokens as they are sampled, in batches of whatever arrived since the last;
-        the last item carries the finish reason. A request that ends on an error raises it."""
-        q = self._streams.get(request_id)
-        if q is None:
-            raise BadRequest(f"request {request_id!r} has no reservation or local prefill on this replica",
-                             request_id)
-        try:
-            while True:
-                items = [await q.get()]
-                while not q.empty():
-                    items.append(q.get_nowait())
-                if isinstance(error := items[-1], Exception):
-                    if items[:-1]:
-                        yield items[:-1]
-                    raise error
-                yield items
-                if items[-1].finish_reason is not None:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
+    async def events(self) -> AsyncIterator[list[StreamItem]]:
+        """Every request's stream, for the router's one subscription: a message per engine step
+        (or per several, when the router falls behind) with each request's new tokens, and a
+        request's last item when it ends (a finish reason, or the error that ended it)."""
+        queue = self._queue()
+        while True:
+            items = await queue.get()
+            while not queue.empty():
+                items += queue.get_nowait()
+            yield items
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -141,11 +133,10 @@ class DecodeWorker(ReplicaShell):
         self.unlink_pool()
 
     def _on_step(self, finished) -> None:
-        items = [(seq.request_id, StreamItem(seq.token_ids[-1], as_logprobs(seq.logprobs[-1])
-                                             if seq.params.logprobs is not None else None))
-                 for seq in self.engine.sampled]
+        items = [StreamItem(seq.request_id, seq.token_ids[-1], as_logprobs(seq.logprobs[-1])
+                            if seq.params.logprobs is not None else None) for seq in self.engine.sampled]
         self.tokens_generated += len(items)
-        items += [(out.request_id, StreamItem(finish_reason=out.finish_reason)) for out in finished]
+        items += [StreamItem(out.request_id, finish_reason=out.finish_reason) for out in finished]
         if items:
             self._aloop.call_soon_threadsafe(self._push, items)
 
@@ -156,7 +147,7 @@ class DecodeWorker(ReplicaShell):
 
     def _expire(self) -> None:
         if expired := self.receiver.expire():
-            self._aloop.call_soon_threadsafe(self._push, [(e.request_id, e) for e in expired])
+            self._aloop.call_soon_threadsafe(self._push, [StreamItem(e.request_id, error=e) for e in expired])
 
     def _stats(self) -> dict[str, Any]:
         from engine.metrics import engine_stats
@@ -166,17 +157,26 @@ class DecodeWorker(ReplicaShell):
                      leases_expired=self.receiver.num_leases_expired)
         return stats
 
-    def _open(self, request_id: str) -> None:
+    def _start(self, request_id: str) -> None:
         self._aloop = self._aloop or asyncio.get_running_loop()
-        if request_id in self._streams:
+        if request_id in self._open:
             raise BadRequest(f"request id {request_id!r} is already running on this replica", request_id)
-        self._streams[request_id] = asyncio.Queue()
+        self._open.add(request_id)
+
+    def _queue(self) -> asyncio.Queue[list[StreamItem]]:
+        if self._events is None:
+            self._events = asyncio.Queue()
+        return self._events
 
     def _fail_all(self, e: BaseException) -> None:
-        self._push([(rid, ReplicaDead(f"request {rid!r}: the decode replica failed ({e!r})", rid))
-                    for rid in self._streams])
+        self._push([StreamItem(rid, error=ReplicaDead(f"request {rid!r}: the decode replica failed ({e!r})", rid))
+                    for rid in self._open])
 
-    def _push(self, items: list[tuple[str, StreamItem | Exception]]) -> None:
-        for rid, item in items:
-            if (q := self._streams.get(rid)) is not None:
-                q.put_nowait(item)
+    def _push(self, items: list[StreamItem]) -> None:
+        """Send the items of requests whose stream is open; a request's last item closes it."""
+        items = [it for it in items if it.request_id in self._open]
+        for it in items:
+            if it.last:
+                self._open.discard(it.request_id)
+        if items:
+            self._queue().put_nowait(items)

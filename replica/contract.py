@@ -41,11 +41,18 @@ class PrefillResult:
 
 @dataclass(frozen=True)
 class StreamItem:
-    """One event of a request's decode stream: a sampled token, or (last) the finish. Filled by
-    the decode replica; a stream that ends on an error raises a ReplicaError instead."""
-    token_id: int | None = None  # the sampled token; None on the finish
+    """One event of one request's decode stream: a sampled token, or (last) how the request ended.
+    Filled by the decode replica, which sends every request's events of an engine step in one
+    message (DecodeWorker.events)."""
+    request_id: str
+    token_id: int | None = None  # the sampled token; None on the last item
     logprobs: Logprobs | None = None  # with token_id, when the request asked for logprobs
     finish_reason: str | None = None  # on the last item: "stop" (eos, stop token) or "length"
+    error: ReplicaError | None = None  # on the last item instead of finish_reason: why the request failed
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
 
 
 class ReplicaError(RuntimeError):

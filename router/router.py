@@ -16,8 +16,8 @@ from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from replica.contract import StreamItem
 from router.admission import Admission, QueueFull
 from router.metrics import RouterMetrics
-from router.placement import Placed, Placement, PlacementError, Replica, call
-from router.stream import Clock, Output
+from router.placement import Placed, Placement, PlacementError, Replica, call, replica_error
+from router.stream import Clock, Inboxes, Output
 from router.tokenizer import Tokenizer
 from router.validate import InvalidRequest, Limits, Validated, validate
 
@@ -47,14 +47,18 @@ class Router(pb_grpc.GenerationServicer):
         self.metrics.in_flight.set_function(lambda: self.admission.ongoing)
         self.metrics.queued.set_function(lambda: self.admission.queued)
         self.requests: dict[str, tuple[_Request, asyncio.Task]] = {}
-        self._poller: asyncio.Task | None = None
+        self.inboxes = Inboxes()
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
+        """Poll the replicas' stats, and subscribe once to each decode replica's events."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._poll_stats()),
+                       *(loop.create_task(self.inboxes.pump(d)) for d in self.placement.decode)]
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in self._tasks:
+            task.cancel()
 
     async def _poll_stats(self, every_s: float = 0.25) -> None:
         while True:
@@ -80,10 +84,11 @@ class Router(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         req = _Request(Placed(rid), clock)
         self.requests[rid] = (req, asyncio.current_task())
+        inbox = self.inboxes.open(req.placed)
         error: PlacementError | None = None
         status = "CANCELLED"  # unless it ends otherwise: the client went away or its deadline passed
         try:
-            async for chunk in self._generate(req.placed, clock, v):
+            async for chunk in self._generate(req.placed, clock, v, inbox):
                 yield chunk
             status = "OK"
         except PlacementError as e:
@@ -94,6 +99,7 @@ class Router(pb_grpc.GenerationServicer):
             error = PlacementError(grpc.StatusCode.CANCELLED, f"request {rid!r} was cancelled")
         finally:
             del self.requests[rid]
+            self.inboxes.close(rid)
             self.admission.exit()
             m.request_done(status, clock.ttft, time.monotonic() - clock.t0, clock.num_tokens)
             await asyncio.shield(self.placement.release(req.placed))
@@ -127,7 +133,7 @@ class Router(pb_grpc.GenerationServicer):
                                         requests_in_flight=self.admission.ongoing,
                                         requests_queued=self.admission.queued)
 
-    async def _generate(self, p: Placed, clock: Clock, v: Validated):
+    async def _generate(self, p: Placed, clock: Clock, v: Validated, inbox: asyncio.Queue[StreamItem]):
         """Reserve on a decode replica, prefill on a prefill replica (or locally), then stream."""
         ids, params = v.prompt_token_ids, v.params
         out = Output(p.rid, self.tokenizer, v.stop)
@@ -147,7 +153,7 @@ class Router(pb_grpc.GenerationServicer):
                 local = True
         if not local:
             clock.prefilled = time.monotonic()
-            if chunk := self._add(out, clock, [StreamItem(first.first_token, first.logprobs)]):
+            if chunk := self._add(out, clock, [StreamItem(p.rid, first.first_token, first.logprobs)]):
                 yield chunk
             if out.stopped:  # the first token completed a stop string; release() frees the reservation
                 yield self._finish(out, "stop", ids, clock, local, p)
@@ -155,16 +161,17 @@ class Router(pb_grpc.GenerationServicer):
             await call(p.decode, p.rid, p.decode.actor.commit.remote(p.rid, first.first_token, first.logprobs))
             clock.committed = time.monotonic()
             self.metrics.kv_transfer.observe(clock.committed - clock.prefilled)
-        async for ref in p.decode.actor.stream.remote(p.rid):
-            items: list[StreamItem] = await call(p.decode, p.rid, ref)
-            reason = items[-1].finish_reason
+        while True:
+            items = await Inboxes.take(inbox)
+            last = items[-1] if items[-1].last else None  # nothing of the request follows its last item
+            if last is not None and last.error is not None:
+                p.decoding = False
+                raise replica_error(last.error, p.decode, p.rid)
             if chunk := self._add(out, clock, [it for it in items if it.token_id is not None]):
                 yield chunk
-            if out.stopped or reason is not None:
-                if reason == "abort":
-                    raise PlacementError(grpc.StatusCode.ABORTED, f"request {p.rid!r} was aborted on {p.decode.name}")
-                p.decoding = reason is None  # a stop string ended it here: the replica is still running it
-                yield self._finish(out, reason or "stop", ids, clock, local, p)
+            if out.stopped or last is not None:
+                p.decoding = last is None  # a stop string ended it here: the replica is still running it
+                yield self._finish(out, last.finish_reason if last else "stop", ids, clock, local, p)
                 return
 
     def _add(self, out: Output, clock: Clock, items: list[StreamItem]):

@@ -1,17 +1,67 @@
-"""One request's response stream: token ids in, response chunks out (incremental text with stop
-strings applied, token ids, logprobs), and the request's timings and usage for the last chunk."""
+"""One request's response stream. Its tokens arrive in its inbox, fanned out from its decode
+replica's one event stream (a message per engine step for all the replica's requests); Output
+turns them into response chunks (incremental text with stop strings applied, token ids,
+logprobs); Clock keeps the request's timings for the last chunk."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from detok import IncrementalDetokenizer, StopStrings
 from protos.pdserve.v1 import pdserve_pb2 as pb
-from replica.contract import StreamItem
+from replica.contract import ReplicaDead, StreamItem
+from router.placement import Placed, Replica, replica_error
 from router.tokenizer import Tokenizer
 
+log = logging.getLogger("pdserve.router")
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+class Inboxes:
+    """Each request's StreamItems, taken from its decode replica's event stream (one subscription a
+    replica, DecodeWorker.events). A request opens its inbox before it is placed and closes it when
+    it ends; a replica whose stream breaks ends each of its requests with a ReplicaDead."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[asyncio.Queue[StreamItem], Placed]] = {}
+
+    def open(self, p: Placed) -> asyncio.Queue[StreamItem]:
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._open[p.rid] = (queue, p)
+        return queue
+
+    def close(self, rid: str) -> None:
+        self._open.pop(rid, None)
+
+    async def pump(self, replica: Replica, retry_s: float = 1.0) -> None:
+        """Deliver `replica`'s events for as long as the router runs; subscribe again after a break."""
+        while True:
+            try:
+                async for ref in replica.actor.events.remote():
+                    for item in await ref:
+                        if (entry := self._open.get(item.request_id)) is not None:
+                            entry[0].put_nowait(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                broken = replica_error(e, replica, "")  # marks a dead replica so
+                log.warning("the event stream of %s broke: %s", replica.name, broken)
+                for rid, (queue, p) in list(self._open.items()):
+                    if p.decode is replica:
+                        queue.put_nowait(StreamItem(rid, error=ReplicaDead(
+                            f"request {rid!r}: the event stream of {replica.name} broke ({broken})", rid)))
+            await asyncio.sleep(retry_s)
+
+    @staticmethod
+    async def take(queue: asyncio.Queue[StreamItem]) -> list[StreamItem]:
+        """What arrived since the last take (at least one item)."""
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        return items
 
 
 class Output:

@@ -47,7 +47,7 @@ def test_stop_string_split_across_tokens_is_held_back_and_cut(tokenizers) -> Non
     out = Output("r", ours, stop=("END of",))
     sent = ""
     for i in ids:
-        if chunk := out.add([StreamItem(i)]):
+        if chunk := out.add([StreamItem("r", i)]):
             sent += chunk.text
             assert "END" not in sent  # never streamed, not even its first part
         if out.stopped:
