@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from detok import IncrementalDetokenizer, StopStrings
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from replica.contract import ReplicaDead, StreamItem
-from router.placement import Placed, Replica, replica_error
+from router.placement import Placed, PlacementError, Replica, replica_error
 from router.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.router")
@@ -38,17 +38,20 @@ class Inboxes:
 
     async def pump(self, replica: Replica, retry_s: float = 1.0) -> None:
         """Deliver `replica`'s events for as long as the router runs; subscribe again after a break."""
+        broken: PlacementError | None = None  # why the last subscription ended (logged once)
         while True:
             try:
                 async for ref in replica.actor.events.remote():
                     for item in await ref:
                         if (entry := self._open.get(item.request_id)) is not None:
                             entry[0].put_nowait(item)
+                    broken = None
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if broken is None:
+                    log.warning("the event stream of %s broke: %s", replica.name, e)
                 broken = replica_error(e, replica, "")  # marks a dead replica so
-                log.warning("the event stream of %s broke: %s", replica.name, broken)
                 for rid, (queue, p) in list(self._open.items()):
                     if p.decode is replica:
                         queue.put_nowait(StreamItem(rid, error=ReplicaDead(

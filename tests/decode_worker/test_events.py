@@ -28,7 +28,7 @@ def decode_actor(ray_local, tiny_checkpoints):
 def test_one_message_carries_every_requests_tokens_of_a_step(decode_actor) -> None:
     model, actor = decode_actor
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [11, 12, 13, 14]]
-    lengths = [6, 4, 5]
+    lengths = [30, 20, 25]  # long enough that all three decode together whatever order they arrive in
     params = [dict(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     events = actor.events.remote()
     ray.get([actor.add_local.remote(p, sp, f"r{i}") for i, (p, sp) in enumerate(zip(prompts, params))])
@@ -45,7 +45,7 @@ def test_one_message_carries_every_requests_tokens_of_a_step(decode_actor) -> No
         items = got[f"r{i}"]
         assert [it.token_id for it in items[:-1]] == w.token_ids
         assert items[-1].finish_reason == "length" and items[-1].token_id is None
+    long = dict(temperature=0.0, max_tokens=40, ignore_eos=True)  # still running when the second arrives
     with pytest.raises(ray.exceptions.RayTaskError, match="already running"):
-        ray.get([actor.add_local.remote(prompts[0], params[0], "dup"), actor.add_local.remote(prompts[0], params[0],
-                                                                                                "dup")])
-    assert ray.get(actor.abort.remote("dup"))
+        ray.get([actor.add_local.remote(prompts[0], long, "dup"), actor.add_local.remote(prompts[0], long, "dup")])
+    ray.get(actor.abort.remote("dup"))
