@@ -29,13 +29,15 @@ TTFT_SLO, TPOT_SLO = 4.0, 0.25
 
 
 def configs() -> dict[str, ClusterConfig]:
-    router = RouterConfig(port=0, metrics_port=None, local_prefill_threshold=0, max_ongoing_requests=64)
+    router = RouterConfig(port=0, metrics_port=None, http_port=None, local_prefill_threshold=0,
+                          max_ongoing_requests=64)
     split = dict(prefill=PoolConfig(num_cpus=1, num_threads=1, max_num_batched_tokens=512, num_kv_blocks=256),
                  decode=PoolConfig(num_cpus=1, num_threads=1, max_num_batched_tokens=512, num_kv_blocks=1024))
     return {
         "disaggregated": ClusterConfig(name="bench-disagg", router=router, **split),
         "conditional": ClusterConfig(name="bench-cond", router=RouterConfig(
-            port=0, metrics_port=None, local_prefill_threshold=300, max_ongoing_requests=64), **split),
+            port=0, metrics_port=None, http_port=None, local_prefill_threshold=300, max_ongoing_requests=64),
+            **split),
         "colocated": ClusterConfig(
             name="bench-coloc", router=router, prefill=PoolConfig(replicas=0),
             decode=PoolConfig(num_cpus=2, num_threads=2, max_num_batched_tokens=512, num_kv_blocks=1024)),

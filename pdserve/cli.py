@@ -19,7 +19,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 # flag -> dotted ClusterConfig key; the pools' flags (--prefill-*, --decode-*) come from _pool_fields
 SERVE_FLAGS = {
     "model": "model", "address": "ray_address", "kv_backend": "kv_backend", "host": "router.host",
-    "port": "router.port", "local_prefill_threshold": "router.local_prefill_threshold",
+    "port": "router.port", "http_port": "router.http_port", "local_prefill_threshold": "router.local_prefill_threshold",
 }
 POOLS = ("prefill", "decode")
 POOL_FLAG_ALIASES = {"tensor_parallel_size": "tp"}  # also --prefill-tp, --decode-tp
@@ -74,6 +74,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join ('auto' for the running one); default: a local Ray")
     p.add_argument("--host", help="router bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="router port (default 50051; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0 picks a free one)")
     p.add_argument("--kv-backend", choices=KV_BACKENDS, help="how prefill KV reaches the decode pool")
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts shorter than this many tokens are prefilled on the decode replica")
@@ -100,6 +101,8 @@ def cmd_serve(args) -> int:
     cluster = start_cluster(_cluster_config(args))
     print(f"pdserve is ready: call it at {cluster.address}  (pdserve generate --address {cluster.address} ...)",
           flush=True)
+    if cluster.http_address:
+        print(f"OpenAI-compatible API on http://{cluster.http_address}/v1", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -174,7 +177,7 @@ def cmd_demo(args) -> int:
     from pdserve.launch import start_cluster
 
     args.port = 0 if args.port is None else args.port
-    config = _cluster_config(args).replace(**{"router.metrics_port": 0})
+    config = _cluster_config(args).replace(**{"router.metrics_port": 0, "router.http_port": 0})
     with start_cluster(config) as cluster, Client(cluster.address, timeout=120) as client:
         print(f"user> {args.question}\nassistant> ", end="", flush=True)
         last = None

@@ -52,6 +52,7 @@ class PoolConfig(EngineOptions):
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API (0: a free port; None: off)
     max_ongoing_requests: int = 64  # requests placed on the pools at once; the rest wait in the queue
     max_queued_requests: int = 256  # past this, RESOURCE_EXHAUSTED
     local_prefill_threshold: int = 16  # prompts shorter than this many tokens prefill on the decode replica

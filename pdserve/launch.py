@@ -37,6 +37,11 @@ class Cluster:
         return self.server.address
 
     @property
+    def http_address(self) -> str | None:
+        """Where the OpenAI-compatible API answers (its base URL is http://ADDRESS/v1); None when off."""
+        return f"{self.server.host}:{self.server.http_port}" if self.server.http_port else None
+
+    @property
     def router(self):
         return self.server.router
 
@@ -149,7 +154,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                 Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name)
 
         r = config.router
-        cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes, r.metrics_port).start()
+        cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes, r.metrics_port,
+                                      r.http_port).start()
     except BaseException:
         cluster.stop()
         raise
@@ -158,6 +164,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
         metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
     say(f"serving {name!r} on {cluster.address}{metrics}")
+    if cluster.http_address:
+        say(f"OpenAI-compatible API on http://{cluster.http_address}/v1")
     return cluster
 
 

@@ -2,7 +2,7 @@
 name from a registry, so a config string selects it and tests can list them), and the calls that
 place a request: reserve decode blocks (or queue a local prefill), prefill into the reservation
 on a live prefill replica, release both when the request ends. What a replica call raises comes
-back as a PlacementError carrying the gRPC status the client gets."""
+back as a RequestFailed carrying the gRPC status the client gets."""
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +68,8 @@ DECODE_POLICIES: dict[str, Callable[[], DecodePolicy]] = {
 }
 
 
-class PlacementError(Exception):
-    """A placement step failed; `code` is the status the client gets."""
+class RequestFailed(Exception):
+    """A request failed (bad input, a full queue, a placement step); `code` is the status the client gets."""
 
     def __init__(self, code: grpc.StatusCode, message: str, kv_lost: bool = False) -> None:
         super().__init__(message)
@@ -77,7 +77,7 @@ class PlacementError(Exception):
         self.kv_lost = kv_lost  # the KV could not reach the decode replica: no use prefilling elsewhere
 
 
-def replica_error(e: BaseException, replica: Replica, rid: str) -> PlacementError:
+def replica_error(e: BaseException, replica: Replica, rid: str) -> RequestFailed:
     """What a call on `replica` raised, as a status: the contract's errors carry theirs; a dead
     replica (Ray's actor errors, ReplicaDead) is UNAVAILABLE and left out of placement."""
     from ray.exceptions import RayActorError
@@ -85,17 +85,17 @@ def replica_error(e: BaseException, replica: Replica, rid: str) -> PlacementErro
     cause = getattr(e, "cause", None) or e  # Ray wraps what a method raised
     if isinstance(e, RayActorError) or isinstance(cause, (RayActorError, ReplicaDead)):
         replica.healthy = False
-        return PlacementError(grpc.StatusCode.UNAVAILABLE,
+        return RequestFailed(grpc.StatusCode.UNAVAILABLE,
                               f"request {rid!r}: replica {replica.name} is down ({type(cause).__name__})")
     if isinstance(cause, ReplicaError):
         kv_lost = isinstance(cause, KVLost) and not isinstance(cause, LeaseEnded)
-        return PlacementError(grpc.StatusCode[cause.status], str(cause), kv_lost=kv_lost)
-    return PlacementError(grpc.StatusCode.INTERNAL, f"request {rid!r}: replica {replica.name}: "
+        return RequestFailed(grpc.StatusCode[cause.status], str(cause), kv_lost=kv_lost)
+    return RequestFailed(grpc.StatusCode.INTERNAL, f"request {rid!r}: replica {replica.name}: "
                                                     f"{type(cause).__name__}: {cause}")
 
 
 async def call(replica: Replica, rid: str, ref):
-    """Await a call on `replica`; its failure as a PlacementError."""
+    """Await a call on `replica`; its failure as a RequestFailed."""
     try:
         return await ref
     except asyncio.CancelledError:
@@ -160,7 +160,7 @@ class Placement:
                         p.decode, p.decoding = d, True
                         return
                     reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid))
-                except PlacementError as e:
+                except RequestFailed as e:
                     if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.healthy for r in self.decode):
                         raise
                     continue  # that replica is gone (and now marked so): the next one
@@ -181,7 +181,7 @@ class Placement:
                 result = await call(replica, p.rid, replica.actor.prefill.remote(ids, params, p.reservation))
                 p.prefilling = False
                 return result
-            except PlacementError as e:
+            except RequestFailed as e:
                 p.prefilling = False  # it never started, or its replica is gone
                 on_failure()
                 if e.code != grpc.StatusCode.UNAVAILABLE or e.kv_lost:  # kv_lost: the decode side decides
@@ -189,7 +189,7 @@ class Placement:
                 log.warning("%s; trying another prefill replica", e)
             finally:
                 replica.queued_tokens -= len(ids)
-        raise PlacementError(grpc.StatusCode.UNAVAILABLE, f"request {p.rid!r}: no prefill replica is up")
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {p.rid!r}: no prefill replica is up")
 
     async def prefill_locally(self, p: Placed, ids: list[int], params: dict) -> None:
         """No prefill replica could do it: drop the reservation, prefill on the decode replica."""

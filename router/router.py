@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -16,10 +17,10 @@ from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from replica.contract import StreamItem
 from router.admission import Admission, QueueFull
 from router.metrics import RouterMetrics
-from router.placement import Placed, Placement, PlacementError, Replica, call, replica_error
+from router.placement import Placed, Placement, Replica, RequestFailed, call, replica_error
 from router.stream import Clock, Inboxes, Output
 from router.tokenizer import Tokenizer
-from router.validate import InvalidRequest, Limits, Validated, validate
+from router.validate import DEFAULT_MAX_TOKENS, InvalidRequest, Limits, Validated, validate
 
 log = logging.getLogger("pdserve.router")
 
@@ -66,37 +67,48 @@ class Router(pb_grpc.GenerationServicer):
             await asyncio.sleep(every_s)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async for chunk in self.generate(request):
+                yield chunk
+        except RequestFailed as e:
+            await context.abort(e.code, str(e))
+
+    async def generate(self, request: pb.GenerateRequest, default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        """One request's whole path, for both front doors (gRPC here, HTTP in router/http.py):
+        validate, admit, place, stream. Raises RequestFailed with the status the client gets. The
+        caller's task is the request's: cancelling it (the client left, Cancel) ends the request."""
         clock = Clock()
         rid = request.request_id or uuid.uuid4().hex
         m = self.metrics
         try:
-            v = validate(request, self.tokenizer, self.limits)
+            v = validate(request, self.tokenizer, self.limits, default_max_tokens)
         except InvalidRequest as e:
             m.request_done("INVALID_ARGUMENT", None, time.monotonic() - clock.t0, 0)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if rid in self.requests:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already running")
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already running")
         try:
             await self.admission.enter()
         except QueueFull as e:
             m.refused.inc()
             m.request_done("RESOURCE_EXHAUSTED", None, time.monotonic() - clock.t0, 0)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         req = _Request(Placed(rid), clock)
         self.requests[rid] = (req, asyncio.current_task())
         inbox = self.inboxes.open(req.placed)
-        error: PlacementError | None = None
+        error: RequestFailed | None = None
         status = "CANCELLED"  # unless it ends otherwise: the client went away or its deadline passed
         try:
             async for chunk in self._generate(req.placed, clock, v, inbox):
                 yield chunk
             status = "OK"
-        except PlacementError as e:
+        except RequestFailed as e:
             error, status = e, e.code.name
         except asyncio.CancelledError:
             if not req.cancelled:
-                raise  # the client went away or its deadline passed: grpc has ended the call
-            error = PlacementError(grpc.StatusCode.CANCELLED, f"request {rid!r} was cancelled")
+                raise  # the client went away or its deadline passed: its call is over
+            error = RequestFailed(grpc.StatusCode.CANCELLED, f"request {rid!r} was cancelled")
         finally:
             del self.requests[rid]
             self.inboxes.close(rid)
@@ -104,7 +116,7 @@ class Router(pb_grpc.GenerationServicer):
             m.request_done(status, clock.ttft, time.monotonic() - clock.t0, clock.num_tokens)
             await asyncio.shield(self.placement.release(req.placed))
         if error is not None:
-            await context.abort(error.code, str(error))
+            raise error
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
         entry = self.requests.get(request.request_id)
@@ -145,7 +157,7 @@ class Router(pb_grpc.GenerationServicer):
         if not local:
             try:
                 first = await place.prefill_remote(p, ids, params, self.metrics.kv_failures.inc)
-            except PlacementError as e:
+            except RequestFailed as e:
                 if e.code != grpc.StatusCode.UNAVAILABLE:
                     raise
                 log.warning("%s; prefilling on %s instead", e, p.decode.name)

@@ -1,5 +1,6 @@
-"""The router's gRPC server: the Generation service, the standard health service and server
-reflection, on its own asyncio loop (a thread of the process that started the cluster)."""
+"""The router's servers, on one asyncio loop (a thread of the process that started the cluster):
+gRPC (the Generation service, the standard health service, server reflection) and, when asked
+for, the OpenAI-compatible HTTP API (router/http.py, uvicorn) over the same Router."""
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,11 @@ class RouterServer:
     """Runs `make_router()` and its grpc.aio server on a background thread; `port` is the bound one."""
 
     def __init__(self, make_router, host: str, port: int, max_message_bytes: int,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None, http_port: int | None = None) -> None:
         self._make_router, self.host, self._want_port = make_router, host, port
+        self._want_http_port = http_port
+        self.http_port: int | None = None
+        self._http = None  # uvicorn.Server
         self._want_metrics_port = metrics_port
         self.metrics_port: int | None = None
         self._max_message_bytes = max_message_bytes
@@ -78,12 +82,33 @@ class RouterServer:
         self.router.start()
         if self._want_metrics_port is not None:
             self.metrics_port = self.router.metrics.serve(self.host, self._want_metrics_port)
+        if self._want_http_port is not None:
+            await self._start_http()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from router.http import make_app
+
+        config = uvicorn.Config(make_app(self.router), host=self.host, port=self._want_http_port, lifespan="off",
+                                log_level="warning", access_log=False)
+        self._http = uvicorn.Server(config)
+        task = asyncio.get_running_loop().create_task(self._http.serve())
+        while not self._http.started:  # bound, or failed to
+            if task.done():
+                raise OSError(f"could not serve HTTP on {self.host}:{self._want_http_port}: {task.exception()!r}")
+            await asyncio.sleep(0.01)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+        self._http_task = task
 
     async def _shutdown(self) -> None:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._http is not None:
+            self._http.should_exit = True
+            await self._http_task
         await self.router.stop()
         self.router.metrics.stop()
         await self.server.stop(grace=2)

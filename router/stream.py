@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from detok import IncrementalDetokenizer, StopStrings
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from replica.contract import ReplicaDead, StreamItem
-from router.placement import Placed, PlacementError, Replica, replica_error
+from router.placement import Placed, Replica, RequestFailed, replica_error
 from router.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.router")
@@ -38,7 +38,7 @@ class Inboxes:
 
     async def pump(self, replica: Replica, retry_s: float = 1.0) -> None:
         """Deliver `replica`'s events for as long as the router runs; subscribe again after a break."""
-        broken: PlacementError | None = None  # why the last subscription ended (logged once)
+        broken: RequestFailed | None = None  # why the last subscription ended (logged once)
         while True:
             try:
                 async for ref in replica.actor.events.remote():

@@ -34,7 +34,9 @@ class Validated:
     stop: tuple[str, ...]  # stop strings, applied by the router to the detokenized text
 
 
-def validate(req: pb.GenerateRequest, tokenizer: Tokenizer | None, limits: Limits) -> Validated:
+def validate(req: pb.GenerateRequest, tokenizer: Tokenizer | None, limits: Limits,
+             default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> Validated:
+    """default_max_tokens: when the request gives none (None: up to the context length, as OpenAI's chat)."""
     size = req.ByteSize()
     if size > limits.max_request_bytes:
         raise InvalidRequest(f"request is {size} bytes; the limit is {limits.max_request_bytes} (max_request_bytes)")
@@ -49,7 +51,7 @@ def validate(req: pb.GenerateRequest, tokenizer: Tokenizer | None, limits: Limit
     if room < 1:
         raise InvalidRequest(f"prompt has {len(ids)} tokens; the context length is {limits.max_model_len}, "
                              f"so a prompt may have at most {limits.max_model_len - 1}")
-    return Validated(ids, *_sampling(req.sampling, room, limits, tokenizer))
+    return Validated(ids, *_sampling(req.sampling, room, limits, tokenizer, default_max_tokens))
 
 
 def _prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer | None, vocab: int) -> list[int]:
@@ -76,7 +78,8 @@ def _prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer | None, vocab: int
         raise InvalidRequest(f"chat: the chat template refused the messages: {e}") from None
 
 
-def _sampling(s: pb.SamplingParams, room: int, limits: Limits, tokenizer) -> tuple[dict[str, Any], tuple[str, ...]]:
+def _sampling(s: pb.SamplingParams, room: int, limits: Limits, tokenizer,
+              default_max_tokens: int | None) -> tuple[dict[str, Any], tuple[str, ...]]:
     p: dict[str, Any] = {}
     if s.HasField("temperature"):
         if not (math.isfinite(s.temperature) and s.temperature >= 0):
@@ -97,7 +100,7 @@ def _sampling(s: pb.SamplingParams, room: int, limits: Limits, tokenizer) -> tup
                                  f"(the context length {limits.max_model_len} minus the prompt)")
         p["max_tokens"] = s.max_tokens
     else:
-        p["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
+        p["max_tokens"] = room if default_max_tokens is None else min(default_max_tokens, room)
     if len(s.stop) > limits.max_stop_strings:
         raise InvalidRequest(f"sampling.stop has {len(s.stop)} strings; at most {limits.max_stop_strings}")
     if any(not x for x in s.stop):

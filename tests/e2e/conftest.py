@@ -18,7 +18,7 @@ def small_cluster(model: str, **router) -> ClusterConfig:
         model=model, name=f"test{os.getpid()}",
         prefill=PoolConfig(max_num_batched_tokens=128, num_kv_blocks=128),
         decode=PoolConfig(max_num_batched_tokens=128, num_kv_blocks=256),
-        router=RouterConfig(**{"port": 0, "metrics_port": 0, **router}))
+        router=RouterConfig(**{"port": 0, "metrics_port": 0, "http_port": 0, **router}))
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,8 @@ def test_the_process_that_runs_the_router_never_imports_torch(tiny_model) -> Non
         import sys
         import pdserve
         from pdserve.config import ClusterConfig, RouterConfig
-        config = ClusterConfig(model={tiny_model!r}, name="notorch", router=RouterConfig(port=0, metrics_port=0))
+        config = ClusterConfig(model={tiny_model!r}, name="notorch",
+                               router=RouterConfig(port=0, metrics_port=0, http_port=0))
         with pdserve.start_cluster(config, progress=None) as cluster:
             out = pdserve.Client(cluster.address).generate([1, 2, 3, 4, 5] * 5, max_tokens=4, temperature=0)
             assert len(out.token_ids) == 4 and out.timings["path"] == "disaggregated"

@@ -1,0 +1,202 @@
+"""OpenAI's request and response shapes for completions and chat completions, in and out of the
+gRPC service's messages. parse() turns a JSON body into one GenerateRequest per choice (refusing
+a parameter it does not support, naming it); the rest build responses and stream chunks."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from protos.pdserve.v1 import pdserve_pb2 as pb
+from router.placement import RequestFailed
+from router.tokenizer import Tokenizer
+
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+# parameters both endpoints take (vLLM's extras the engine has: top_k, ignore_eos, stop_token_ids)
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "user",
+          "top_k", "ignore_eos", "stop_token_ids", "logprobs"}
+# accepted at their no-op values only (what a client library may send by default)
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "response_format": {"type": "text"}, "echo": False,
+           "best_of": 1, "tool_choice": "none", "parallel_tool_calls": None}
+
+
+class BadParameter(RequestFailed):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+        self.param = param
+
+
+@dataclass
+class Call:
+    """One HTTP request as the gRPC service's requests. Filled by Shapes.parse."""
+    requests: list[pb.GenerateRequest]  # one per choice: prompt i's choices are [i * n, (i + 1) * n)
+    n: int  # choices per prompt
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    default_max_tokens: int | None  # when the body gives none (None: up to the context)
+
+
+def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
+    for key, value in body.items():
+        if key in allowed or (key in NEUTRAL and value == NEUTRAL[key]) or value is None:
+            continue
+        raise BadParameter(key, f"{key!r} is not supported by this server (supported: {sorted(allowed)})")
+
+
+def _sampling(body: dict[str, Any], max_tokens_key: str, logprobs: int | None) -> pb.SamplingParams:
+    s = pb.SamplingParams()
+    try:
+        if (v := body.get(max_tokens_key, body.get("max_tokens"))) is not None:
+            s.max_tokens = int(v)
+        s.temperature = float(body.get("temperature", 1.0))
+        if body.get("top_p") is not None:
+            s.top_p = float(body["top_p"])
+        if body.get("top_k") is not None:
+            s.top_k = max(0, int(body["top_k"]))  # -1, as in vLLM: no top-k
+        if body.get("seed") is not None:
+            s.seed = int(body["seed"])
+        stop = body.get("stop")
+        s.stop.extend([stop] if isinstance(stop, str) else list(stop or []))
+        s.stop_token_ids.extend(int(t) for t in body.get("stop_token_ids") or [])
+        s.ignore_eos = bool(body.get("ignore_eos", False))
+        if logprobs is not None:
+            s.logprobs = int(logprobs)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadParameter("sampling", f"a sampling parameter has the wrong type or range: {e}") from None
+    return s
+
+
+def _choices(body: dict[str, Any], prompts: list[pb.GenerateRequest], sampling: pb.SamplingParams,
+             default_max_tokens: int | None) -> Call:
+    n = body.get("n", 1)
+    if not isinstance(n, int) or not 1 <= n <= 16:
+        raise BadParameter("n", f"n={n!r}: must be an integer in [1, 16]")
+    requests = []
+    for prompt in prompts:
+        for i in range(n):
+            r = pb.GenerateRequest()
+            r.CopyFrom(prompt)
+            r.sampling.CopyFrom(sampling)
+            if n > 1 and sampling.HasField("seed"):
+                r.sampling.seed = sampling.seed + i  # reproducible, and not n copies of one choice
+            requests.append(r)
+    options = body.get("stream_options") or {}
+    return Call(requests, n, bool(body.get("stream", False)), bool(options.get("include_usage", False)),
+                default_max_tokens)
+
+
+def _usage(usage: pb.Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+def total_usage(finals: list[pb.GenerateResponse], n: int) -> pb.Usage:
+    """Usage of a call's choices: each prompt counted once, every choice's completion."""
+    return pb.Usage(prompt_tokens=sum(f.usage.prompt_tokens for f in finals[::n]),
+                    completion_tokens=sum(f.usage.completion_tokens for f in finals))
+
+
+def _token(tokenizer: Tokenizer | None, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """One endpoint's shapes. The functions take the choice's gRPC chunks."""
+    id_prefix: str
+    object: str  # of a whole response
+    chunk_object: str  # of a stream chunk
+    parse: Callable[[dict[str, Any], str], Call]
+    choice: Callable[[int, list[pb.GenerateResponse], Tokenizer | None], dict[str, Any]]
+    delta: Callable[[int, pb.GenerateResponse, Tokenizer | None], dict[str, Any]]
+    start: Callable[[int], dict[str, Any] | None]  # the first chunk of a choice, if the endpoint has one
+
+    def response(self, rid: str, created: int, model: str, results: list[list[pb.GenerateResponse]],
+                 n: int, tokenizer: Tokenizer | None) -> dict[str, Any]:
+        return {"id": rid, "object": self.object, "created": created, "model": model,
+                "choices": [self.choice(i, chunks, tokenizer) for i, chunks in enumerate(results)],
+                "usage": _usage(total_usage([chunks[-1] for chunks in results], n))}
+
+    def chunk(self, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+              usage: pb.Usage | None = None) -> dict[str, Any]:
+        body = {"id": rid, "object": self.chunk_object, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = _usage(usage)
+        return body
+
+
+def _completion_parse(body: dict[str, Any], model: str) -> Call:
+    _check_keys(body, COMMON | {"prompt"})
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]  # one prompt: text or token ids
+    if not isinstance(prompt, list) or not prompt:
+        raise BadParameter("prompt", "prompt must be a string, a list of strings, token ids, or lists of token ids")
+    prompts = []
+    for p in prompt:
+        if isinstance(p, str):
+            prompts.append(pb.GenerateRequest(text=p, model=body.get("model") or ""))
+        elif isinstance(p, list) and all(isinstance(t, int) for t in p):
+            prompts.append(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), model=body.get("model") or ""))
+        else:
+            raise BadParameter("prompt", "each prompt must be a string or a list of token ids")
+    logprobs = body.get("logprobs")
+    return _choices(body, prompts, _sampling(body, "max_tokens", logprobs), default_max_tokens=16)
+
+
+def _completion_logprobs(chunks: list[pb.GenerateResponse], tokenizer: Tokenizer | None) -> dict[str, Any] | None:
+    lps = [lp for c in chunks for lp in c.logprobs]
+    if not lps:
+        return None
+    return {"tokens": [_token(tokenizer, lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token(tokenizer, t.token_id): t.logprob for t in lp.top} for lp in lps]}
+
+
+completion_shapes = Shapes(
+    id_prefix="cmpl", object="text_completion", chunk_object="text_completion", parse=_completion_parse,
+    choice=lambda i, chunks, tok: {"index": i, "text": "".join(c.text for c in chunks),
+                                   "logprobs": _completion_logprobs(chunks, tok),
+                                   "finish_reason": FINISH.get(chunks[-1].finish_reason)},
+    delta=lambda i, c, tok: {"index": i, "text": c.text, "logprobs": _completion_logprobs([c], tok),
+                             "finish_reason": FINISH.get(c.finish_reason)},
+    start=lambda i: None)
+
+
+def _chat_parse(body: dict[str, Any], model: str) -> Call:
+    _check_keys(body, COMMON | {"messages", "max_completion_tokens", "top_logprobs"})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadParameter("messages", "messages must be a non-empty list of {role, content} objects")
+    chat = pb.ChatMessages()
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise BadParameter("messages", "each message must have a string role and string content")
+        chat.messages.add(role=m["role"], content=m["content"])
+    logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+    prompt = pb.GenerateRequest(chat=chat, model=body.get("model") or "")
+    return _choices(body, [prompt], _sampling(body, "max_completion_tokens", logprobs), default_max_tokens=None)
+
+
+def _chat_logprobs(chunks: list[pb.GenerateResponse], tokenizer: Tokenizer | None) -> dict[str, Any] | None:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    lps = [lp for c in chunks for lp in c.logprobs]
+    if not lps:
+        return None
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob)
+                                                                             for t in lp.top]} for lp in lps]}
+
+
+chat_shapes = Shapes(
+    id_prefix="chatcmpl", object="chat.completion", chunk_object="chat.completion.chunk", parse=_chat_parse,
+    choice=lambda i, chunks, tok: {"index": i, "message": {"role": "assistant", "content": "".join(
+        c.text for c in chunks)}, "logprobs": _chat_logprobs(chunks, tok),
+        "finish_reason": FINISH.get(chunks[-1].finish_reason)},
+    delta=lambda i, c, tok: {"index": i, "delta": {"content": c.text} if c.text else {},
+                             "logprobs": _chat_logprobs([c], tok), "finish_reason": FINISH.get(c.finish_reason)},
+    start=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None})
