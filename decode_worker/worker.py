@@ -10,7 +10,6 @@ that starts the cluster (and hosts the router) never imports torch."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,10 +52,7 @@ class DecodeWorker(ReplicaShell):
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
     async def info(self) -> dict[str, Any]:
-        mc = self.engine.config.model_config
-        return dict(pid=os.getpid(), pools=self.kv.handles, vocab_size=mc.vocab_size,
-                    max_model_len=self.engine.config.max_model_len, num_kv_blocks=self.engine.block_manager.num_blocks,
-                    block_size=self.engine.config.options.block_size, model=self.engine.config.model)
+        return {**await super().info(), "pools": self.kv.handles}  # pools: every rank's KV slice
 
     def unlink_pool(self) -> None:
         self.kv.unlink()
@@ -71,11 +67,6 @@ class DecodeWorker(ReplicaShell):
 
         await join_group(self.kv.local, self.rank_actors(), host, port, rank, world_size, prefix)
         self.kv.joined(rank, self.rank_actors())
-
-    def tokenizer_files(self) -> dict[str, str] | None:
-        from engine.loader import tokenizer_files
-
-        return tokenizer_files(self.engine.config.model)
 
     async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str
                       ) -> Reservation | None:

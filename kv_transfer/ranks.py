@@ -7,6 +7,7 @@ role and the endpoint's operations, by name."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,38 +50,44 @@ class RankKV:
 
 
 @dataclass(frozen=True)
-class PrefillRole:
-    """What each rank of a prefill replica needs: a saver for its KV heads over `backend`."""
+class RankRole:
+    """What each rank of a replica needs for KV over `backend`, as it is built (kv_allocator,
+    kv_saver: None for the engine's own) and after (endpoint). The roles below override the defaults."""
     backend: str  # "ipc" or "collective"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"kv_backend={self.backend!r}; available: {BACKENDS}")
 
     def kv_allocator(self, rank: int) -> KVAllocator | None:
         return None
-
-    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver:
-        if self.backend == "ipc":
-            return ShmKVSaver.for_rank(num_kv_heads, rank, world_size)
-        return CollectiveKVSaver(num_kv_heads, rank, world_size)
-
-    def endpoint(self, runner: ModelRunner) -> RankKV:
-        return RankKV(runner)
-
-
-@dataclass(frozen=True)
-class DecodeRole:
-    """What each rank of a decode replica needs: on `ipc` its slice of the KV pool where the
-    prefill ranks can map it (shared memory, or CUDA IPC); on `collective` the engine's own pool,
-    which the rank's receiver writes into."""
-    pool: str  # the replica's pool name
-    backend: str
-
-    def kv_allocator(self, rank: int) -> KVAllocator | None:
-        return shared_pool_allocator(rank_pool_name(self.pool, rank)) if self.backend == "ipc" else None
 
     def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver | None:
         return None
 
     def endpoint(self, runner: ModelRunner) -> RankKV:
         return RankKV(runner)
+
+
+@dataclass(frozen=True)
+class PrefillRole(RankRole):
+    """Each rank of a prefill replica sends its KV heads."""
+
+    def kv_saver(self, num_kv_heads: int, rank: int, world_size: int) -> KVSaver:
+        if self.backend == "ipc":
+            return ShmKVSaver.for_rank(num_kv_heads, rank, world_size)
+        return CollectiveKVSaver(num_kv_heads, rank, world_size)
+
+
+@dataclass(frozen=True)
+class DecodeRole(RankRole):
+    """Each rank of a decode replica holds its slice of the KV pool: on `ipc` where the prefill
+    ranks can map it (shared memory, or CUDA IPC); on `collective` the engine's own pool, which the
+    rank's receiver writes into."""
+    pool: str = ""  # the replica's pool name
+
+    def kv_allocator(self, rank: int) -> KVAllocator | None:
+        return shared_pool_allocator(rank_pool_name(self.pool, rank)) if self.backend == "ipc" else None
 
 
 async def join_group(local: RankKV, followers: list[Any], host: str, port: int, rank: int, world_size: int,
@@ -130,8 +137,6 @@ class PrefillKV:
     sender that runs its prompts and writes their KV into decode reservations."""
 
     def __init__(self, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"kv_backend={backend!r}; available: {BACKENDS}")
         self.role = PrefillRole(backend)
         self.sender: KVSender | None = None
         self.local: RankKV | None = None
@@ -140,7 +145,7 @@ class PrefillKV:
         """The engine is built (followers included): give rank 0 its saver and the sender."""
         tp = engine.config.options.tensor_parallel_size
         self.sender = KVSender(engine, self.role.kv_saver(engine.config.model_config.num_key_value_heads, 0, tp))
-        self.local = RankKV(engine.runner)
+        self.local = self.role.endpoint(engine.runner)
         return self.sender
 
 
@@ -149,10 +154,8 @@ class DecodeKV:
     the handles that publish every rank's slice, and (bind) the receiver of reservations."""
 
     def __init__(self, pool: str, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"kv_backend={backend!r}; available: {BACKENDS}")
+        self.role = DecodeRole(backend, pool)
         self.pool, self.backend = pool, backend
-        self.role = DecodeRole(pool, backend)
         self._rank0: list[PoolHandle] = []  # rank 0's pool handle, filled by the allocator
         self.handles: list[dict[str, Any]] = []  # every rank's PoolHandle fields, filled by bind
         self.receiver: KVReceiver | None = None
@@ -164,8 +167,6 @@ class DecodeKV:
         return shared_pool_allocator(self.pool, self._rank0) if self.backend == "ipc" else None
 
     def bind(self, engine, lease_s: float) -> KVReceiver:
-        import dataclasses
-
         if self.backend == "collective":
             kv = engine.runner.kv_cache
             self._rank0.append(PoolHandle(self.pool, tuple(kv.shape), str(kv.dtype).removeprefix("torch.")))
@@ -173,7 +174,7 @@ class DecodeKV:
         self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
             self.pool, self._rank0[0], engine.config.model_config.num_key_value_heads, tp)]
         self.receiver = KVReceiver(engine, self.pool, lease_s)
-        self.local = RankKV(engine.runner)
+        self.local = self.role.endpoint(engine.runner)
         return self.receiver
 
     def start_store(self) -> tuple[str, int]:

@@ -9,7 +9,6 @@ that starts the cluster (and hosts the router) never imports torch."""
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,7 +35,6 @@ class PrefillWorker(ReplicaShell):
         from replica.ranks import start_followers
 
         torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
-        self.model = model
         self.kv = PrefillKV(kv_backend)
         self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
                                            rank_launcher=functools.partial(start_followers, role=self.kv.role))
@@ -47,17 +45,6 @@ class PrefillWorker(ReplicaShell):
         self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
         self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
-
-    async def info(self) -> dict[str, Any]:
-        mc = self.engine.config.model_config
-        return dict(pid=os.getpid(), vocab_size=mc.vocab_size, max_model_len=self.engine.config.max_model_len,
-                    num_kv_blocks=self.engine.block_manager.num_blocks, eos_token_ids=list(mc.eos_token_ids),
-                    model=self.engine.config.model)
-
-    def tokenizer_files(self) -> dict[str, str] | None:
-        from engine.loader import tokenizer_files
-
-        return tokenizer_files(self.model)
 
     async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
         """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; returns once

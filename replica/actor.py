@@ -4,6 +4,7 @@ ranks, and the one place where what the engine raises becomes the contract's err
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import Future
 from typing import Any
 
@@ -39,6 +40,20 @@ class ReplicaShell:
         from engine.metrics import measure_peaks
 
         return given or {k: v * tensor_parallel_size for k, v in measure_peaks(device).items()}
+
+    async def info(self) -> dict[str, Any]:
+        """What the cluster's start-up needs to know of the replica (and a sign that it is built)."""
+        config = self.engine.config
+        mc = config.model_config
+        return dict(pid=os.getpid(), vocab_size=mc.vocab_size, max_model_len=config.max_model_len,
+                    num_kv_blocks=self.engine.block_manager.num_blocks, block_size=config.options.block_size,
+                    eos_token_ids=list(mc.eos_token_ids), model=config.model)
+
+    def tokenizer_files(self) -> dict[str, str] | None:
+        """The model's tokenizer as text, for the router (which has no engine)."""
+        from engine.loader import tokenizer_files
+
+        return tokenizer_files(self.engine.config.model)
 
     def rank_actors(self) -> list:
         """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""

@@ -35,11 +35,17 @@ HTTP_STATUS = {
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 
 
-def error_response(code: grpc.StatusCode, message: str, param: str | None = None) -> JSONResponse:
+def error_body(code: grpc.StatusCode, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape; its `code` is the HTTP status."""
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(code: grpc.StatusCode, message: str, param: str | None = None) -> JSONResponse:
+    body = error_body(code, message, param)
+    status = body["error"]["code"]
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def make_app(router: Router) -> FastAPI:
@@ -78,7 +84,7 @@ async def _serve(router: Router, request: Request, shapes: Shapes) -> Response:
         return error_response(grpc.StatusCode.NOT_FOUND, f"model {body['model']!r} is not served here; "
                                                          f"served: [{router.model_name!r}]", "model")
     try:
-        call = shapes.parse(body, router.model_name)
+        call = shapes.parse(body)
     except RequestFailed as e:
         return error_response(e.code, str(e), getattr(e, "param", None))
     rid = f"{shapes.id_prefix}-{uuid.uuid4().hex}"
@@ -136,21 +142,21 @@ async def _sse(shapes: Shapes, rid: str, created: int, router: Router, call: Cal
 
     model, tok = router.model_name, router.tokenizer
     tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams))]
-    finals: list[pb.GenerateResponse | None] = [None] * len(tasks)
+    finals: list[pb.GenerateResponse] = [pb.GenerateResponse()] * len(tasks)  # each choice's last chunk
     try:
         for i in range(len(tasks)):
             if (start := shapes.start(i)) is not None:
                 yield _event(shapes.chunk(rid, created, model, [start]))
-        while any(f is None for f in finals):
+        ended = 0
+        while ended < len(tasks):
             index, item = await queue.get()
             if isinstance(item, RequestFailed):
-                status, kind = HTTP_STATUS.get(item.code, (500, "internal_error"))
-                yield _event({"error": {"message": str(item), "type": kind, "param": None, "code": status}})
+                yield _event(error_body(item.code, str(item)))
                 return
             if item is None:
+                ended += 1
                 continue
-            if item.finish_reason:
-                finals[index] = item
+            finals[index] = item
             yield _event(shapes.chunk(rid, created, model, [shapes.delta(index, item, tok)]))
         if call.include_usage:
             yield _event(shapes.chunk(rid, created, model, [], total_usage(finals, call.n)))

@@ -108,7 +108,7 @@ class Shapes:
     id_prefix: str
     object: str  # of a whole response
     chunk_object: str  # of a stream chunk
-    parse: Callable[[dict[str, Any], str], Call]
+    parse: Callable[[dict[str, Any]], Call]
     choice: Callable[[int, list[pb.GenerateResponse], Tokenizer | None], dict[str, Any]]
     delta: Callable[[int, pb.GenerateResponse, Tokenizer | None], dict[str, Any]]
     start: Callable[[int], dict[str, Any] | None]  # the first chunk of a choice, if the endpoint has one
@@ -127,7 +127,7 @@ class Shapes:
         return body
 
 
-def _completion_parse(body: dict[str, Any], model: str) -> Call:
+def _completion_parse(body: dict[str, Any]) -> Call:
     _check_keys(body, COMMON | {"prompt"})
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
@@ -164,7 +164,7 @@ completion_shapes = Shapes(
     start=lambda i: None)
 
 
-def _chat_parse(body: dict[str, Any], model: str) -> Call:
+def _chat_parse(body: dict[str, Any]) -> Call:
     _check_keys(body, COMMON | {"messages", "max_completion_tokens", "top_logprobs"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

@@ -58,12 +58,22 @@ class RoundRobin:
         return live[k:] + live[:k]
 
 
+def least_tokens(live: list[Replica]) -> Replica:
+    """The prefill replica with the fewest prompt tokens waiting."""
+    return min(live, key=lambda r: r.queued_tokens)
+
+
+def most_free_blocks(live: list[Replica]) -> list[Replica]:
+    """Decode replicas by free KV blocks, most first."""
+    return sorted(live, key=lambda r: -r.free_blocks)
+
+
 PREFILL_POLICIES: dict[str, Callable[[], PrefillPolicy]] = {
-    "least_tokens": lambda: lambda live: min(live, key=lambda r: r.queued_tokens),  # fewest prompt tokens waiting
+    "least_tokens": lambda: least_tokens,
     "round_robin": lambda: RoundRobin().pick,
 }
 DECODE_POLICIES: dict[str, Callable[[], DecodePolicy]] = {
-    "most_free_blocks": lambda: lambda live: sorted(live, key=lambda r: -r.free_blocks),
+    "most_free_blocks": lambda: most_free_blocks,
     "round_robin": lambda: RoundRobin().order,
 }
 
