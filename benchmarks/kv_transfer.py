@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from engine import LLMEngine, SamplingParams
+from engine.distributed import tcp_store
 from engine.kv_connector import KVSaver, StepLayout
 from kv_transfer.metadata import PoolHandle
 from replica.contract import Reservation
@@ -67,7 +68,7 @@ def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, rea
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 2, is_master=False), rank=1,
+    dist.init_process_group("gloo", store=tcp_store("127.0.0.1", port, False, 2), rank=1,
                             world_size=2)
     thread = CollectiveKVReceiverThread(torch.zeros(shape))
     thread.start()
@@ -85,7 +86,7 @@ def bench_collective(shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.
     from kv_transfer.collective import CollectiveKVSaver
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # a port of the OS's choosing
+    store = tcp_store("127.0.0.1", 0, True, 2)  # a port of the OS's choosing
     port = store.port
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()

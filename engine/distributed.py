@@ -110,13 +110,37 @@ def init_tp_group(rank: int, world_size: int, init_method: str, device: str = "c
                   timeout_s: float = 30.0) -> TPGroup:
     """Join the replica's group (blocks until every rank has joined) and make it this process's."""
     if world_size > 1:
-        if "127.0.0.1" in init_method:  # gloo would otherwise pick the routable interface
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=init_method,
+        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+        bind_gloo_to(host)
+        store = tcp_store(host, int(port), rank == 0, world_size, timeout_s)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store,
                                 rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     group = TPGroup(rank, world_size)
     set_tp_group(group)
     return group
+
+
+def tcp_store(host: str, port: int, is_master: bool, world_size: int | None = None,
+              timeout_s: float = 300.0) -> dist.TCPStore:
+    """A rendezvous store at host:port (port 0 on the master: a free one). The master listens on
+    `host` only: torch's own TCPStore server binds every interface, so it is handed a socket bound
+    here (on one machine everything stays on 127.0.0.1)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, port))
+    sock.listen()
+    port = sock.getsockname()[1]
+    return dist.TCPStore(host, port, world_size, is_master=True, wait_for_workers=False, timeout=timeout,
+                         master_listen_fd=sock.detach())  # the store owns the socket from here
+
+
+def bind_gloo_to(host: str) -> None:
+    """Gloo groups of this process listen on the loopback interface when their rendezvous is on
+    loopback (gloo would otherwise pick the routable interface)."""
+    if host.startswith("127.") or host in ("localhost", "::1"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from engine.distributed import kv_head_range
+from engine.distributed import bind_gloo_to, kv_head_range, tcp_store
 from engine.kv_connector import KVSaver, StepLayout
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.plan import plan_step
@@ -53,8 +53,8 @@ def kv_group(store_host: str, store_port: int, rank: int, world_size: int, prefi
     send or receive at once)."""
     import datetime
 
-    store = dist.TCPStore(store_host, store_port, is_master=False,
-                          timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
+    bind_gloo_to(store_host)
+    store = tcp_store(store_host, store_port, is_master=False, timeout_s=rendezvous_timeout_s)
     return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, datetime.timedelta(days=3650))
 
 

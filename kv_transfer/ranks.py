@@ -180,10 +180,11 @@ class DecodeKV:
     def start_store(self) -> tuple[str, int]:
         """Host the rendezvous store of the cluster's KV group (collective backend) on this node."""
         import ray
-        import torch.distributed as dist
+
+        from engine.distributed import tcp_store
 
         host = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self._store = tcp_store(host, 0, is_master=True)
         return host, self._store.port
 
     def joined(self, rank: int, followers: list[Any]) -> None:

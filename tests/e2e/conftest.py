@@ -27,6 +27,18 @@ def default_cluster(ray_local):
         yield c
 
 
+def listening_beyond_loopback() -> list[tuple[str, int, str]]:
+    """The TCP listeners of this process and its children (Ray's daemons and workers, the router)
+    on any address but loopback: (ip, port, process name)."""
+    import psutil
+
+    me = psutil.Process()
+    pids = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening
+            if c.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+
+
 def wait_idle(client: Client, timeout_s: float = 20.0) -> dict[str, int]:
     """Poll until no request is in flight and no KV block is held; returns the last block counts."""
     deadline = time.monotonic() + timeout_s

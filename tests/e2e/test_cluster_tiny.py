@@ -15,7 +15,7 @@ import pytest
 from engine import LLM, SamplingParams
 from pdserve import AsyncClient, Client, RequestError
 from pdserve.launch import start_cluster
-from tests.e2e.conftest import small_cluster, wait_idle
+from tests.e2e.conftest import listening_beyond_loopback, small_cluster, wait_idle
 from tests.kv_transfer.test_shm_transfer import prompts_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +171,15 @@ def test_the_collective_backend_in_the_cluster(ray_local, tiny_model) -> None:
         with Client(cluster.address) as client:
             assert client.status().kv_backend == "collective"
             assert not any(wait_idle(client).values())
+
+
+def test_tensor_parallel_and_collective_rendezvous_listen_on_loopback_only(ray_local, tiny_model) -> None:
+    """The stores and gloo groups of TP ranks and of the KV group bind 127.0.0.1, not every interface."""
+    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(
+        kv_backend="collective", **{"decode.tensor_parallel_size": 2})
+    with start_cluster(config, progress=None) as cluster:
+        assert generate_all(cluster.address, prompts_of([40], seed=2))[0].token_ids
+        assert not listening_beyond_loopback(), listening_beyond_loopback()
 
 
 def test_a_dead_tensor_parallel_rank_fails_the_replica_fast(ray_local, tiny_model) -> None:

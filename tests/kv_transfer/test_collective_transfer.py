@@ -10,6 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from engine import LLMEngine, SamplingParams
+from engine.distributed import tcp_store
 from kv_transfer import KVReceiver, KVSender
 from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver
 from kv_transfer.metadata import PoolHandle
@@ -25,7 +26,7 @@ def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budg
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    store = tcp_store("127.0.0.1", port, False, 2)
     dist.init_process_group("gloo", store=store, rank=0, world_size=2)
     engine = LLMEngine.from_model(model, num_kv_blocks=64, max_num_batched_tokens=budget, device=device)
     saver = CollectiveKVSaver(engine.config.model_config.num_key_value_heads)
@@ -44,7 +45,7 @@ def start_pair(model: str, device: str = "cpu"):
     this process, a prefill engine sending to it from a child, both on `device`."""
     ctx = mp.get_context("spawn")
     # the store binds a port of the OS's choosing here, so no other process can take it first
-    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    store = tcp_store("127.0.0.1", 0, True, 2)
     jobs, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_prefill_rank, args=(model, store.port, jobs, results, 16, device), daemon=True)
     child.start()
