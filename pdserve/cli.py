@@ -101,8 +101,6 @@ def cmd_serve(args) -> int:
     cluster = start_cluster(_cluster_config(args))
     print(f"pdserve is ready: call it at {cluster.address}  (pdserve generate --address {cluster.address} ...)",
           flush=True)
-    if cluster.http_address:
-        print(f"OpenAI-compatible API on http://{cluster.http_address}/v1", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
