@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -20,6 +22,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVE_FLAGS = {
     "model": "model", "address": "ray_address", "kv_backend": "kv_backend", "host": "router.host",
     "port": "router.port", "http_port": "router.http_port", "local_prefill_threshold": "router.local_prefill_threshold",
+    "api_keys_file": "router.api_keys_file", "tls_cert": "router.tls_cert", "tls_key": "router.tls_key",
 }
 POOLS = ("prefill", "decode")
 POOL_FLAG_ALIASES = {"tensor_parallel_size": "tp"}  # also --prefill-tp, --decode-tp
@@ -30,8 +33,22 @@ def _cluster_config(args):
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     keys = {**SERVE_FLAGS, **{f"{pool}_{name}": f"{pool}.{name}" for pool in POOLS for name, _ in _pool_fields()}}
-    return config.replace(**{key: getattr(args, flag) for flag, key in keys.items()
-                             if getattr(args, flag, None) is not None})
+    config = config.replace(**{key: getattr(args, flag) for flag, key in keys.items()
+                               if getattr(args, flag, None) is not None})
+    # API keys: the config's, each --api-key, and $PDSERVE_API_KEY
+    env = os.environ.get("PDSERVE_API_KEY")
+    api_keys = [*config.router.api_keys, *(getattr(args, "api_key", None) or ()), *([env] if env else [])]
+    return config.replace(**{"router.api_keys": tuple(dict.fromkeys(api_keys))})
+
+
+def _open_to_others(config) -> bool:
+    """The router binds a non-loopback address and no API key guards it."""
+    r = config.router
+    try:
+        loopback = ipaddress.ip_address(r.host).is_loopback
+    except ValueError:
+        loopback = r.host == "localhost"
+    return not loopback and not r.api_keys and r.api_keys_file is None
 
 
 def _pool_fields() -> list[tuple[str, type]]:
@@ -78,7 +95,27 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-backend", choices=KV_BACKENDS, help="how prefill KV reaches the decode pool")
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts shorter than this many tokens are prefilled on the decode replica")
+    p.add_argument("--api-key", action="append", help="require this API key on both front doors (repeatable; "
+                   "$PDSERVE_API_KEY adds one)")
+    p.add_argument("--api-keys-file", help="file of API keys, one per line")
+    p.add_argument("--tls-cert", help="PEM certificate (chain): serve gRPC and HTTPS with TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     _add_pool_flags(p)
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"router address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up on a call")
+    p.add_argument("--api-key", help="API key (default: $PDSERVE_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
+    p.add_argument("--tls-ca", help="PEM root certificate(s) to check the router's certificate against (implies --tls)")
+
+
+def _client(args):
+    from pdserve import Client
+
+    return Client(args.address, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
+                  root_certificates=args.tls_ca)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -98,7 +135,11 @@ def _sampling(args) -> dict:
 def cmd_serve(args) -> int:
     from pdserve.launch import start_cluster
 
-    cluster = start_cluster(_cluster_config(args))
+    config = _cluster_config(args)
+    if _open_to_others(config):
+        print(f"warning: the router listens on {config.router.host} and no API key is set: anyone who can reach "
+              "it can use the cluster (set --api-key or PDSERVE_API_KEY)", file=sys.stderr, flush=True)
+    cluster = start_cluster(config)
     print(f"pdserve is ready: call it at {cluster.address}  (pdserve generate --address {cluster.address} ...)",
           flush=True)
     done = threading.Event()
@@ -111,9 +152,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from pdserve import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         for chunk in client.stream(args.prompt, **_sampling(args)):
             print(chunk.text, end="", flush=True)
         print()
@@ -121,10 +160,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from pdserve import Client
-
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         while True:
             try:
                 line = input("you> ")
@@ -144,9 +181,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pdserve import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         print(format_status(client.status()))
     return 0
 
@@ -176,7 +211,9 @@ def cmd_demo(args) -> int:
 
     args.port = 0 if args.port is None else args.port
     config = _cluster_config(args).replace(**{"router.metrics_port": 0, "router.http_port": 0})
-    with start_cluster(config) as cluster, Client(cluster.address, timeout=120) as client:
+    keys, r = config.router.keys(), config.router
+    with start_cluster(config) as cluster, Client(cluster.address, timeout=120, api_key=keys[0] if keys else None,
+                                                  root_certificates=r.tls_cert if r.tls else None) as client:
         print(f"user> {args.question}\nassistant> ", end="", flush=True)
         last = None
         for chunk in client.stream(messages=[{"role": "user", "content": args.question}], **_sampling(args)):
@@ -208,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("chat", cmd_chat, "chat interactively (streams the replies)"),
                                  ("status", cmd_status, "per-pool utilization of a running cluster")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"router address (default {DEFAULT_ADDRESS})")
-        p.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up on a call")
+        _add_connection_flags(p)
         if name == "generate":
             p.add_argument("prompt")
         if name == "chat":

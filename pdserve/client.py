@@ -5,6 +5,7 @@ Needs only grpcio and protobuf. Every gRPC failure reaches the caller as a Reque
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,11 @@ from protos.pdserve.v1.pdserve_pb2_grpc import GenerationStub
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-# Let the server, not the client, decide what is too big (gRPC's default receive limit is 4 MiB).
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# Let the server, not the client, decide what is too big (gRPC's default receive limit is 4 MiB). Each client its
+# own connection (gRPC shares one between channels to the same address): without API keys, a request belongs to the
+# connection that made it, and only that client may cancel it.
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]
 SCALAR_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_tokens", "ignore_eos", "logprobs")
 LIST_SAMPLING_KEYS = ("stop", "stop_token_ids")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
@@ -172,13 +176,40 @@ def build_request(prompt: Prompt | None = None, *, messages: Messages | None = N
     return request
 
 
-class Client:
-    """A blocking client. `timeout` is the default deadline of each call, in seconds (None: no deadline)."""
+class _Connection:
+    """How a client reaches the router: its address, TLS, and the API key sent with every call."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None):
+    def __init__(self, address: str, timeout: float | None, api_key: str | None, tls: bool,
+                 root_certificates: bytes | str | os.PathLike | None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        api_key = os.environ.get("PDSERVE_API_KEY") if api_key is None else api_key
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        if isinstance(root_certificates, (str, os.PathLike)):
+            with open(root_certificates, "rb") as f:
+                root_certificates = f.read()
+        self._credentials = grpc.ssl_channel_credentials(root_certificates) \
+            if tls or root_certificates is not None else None
+
+    def _error(self, e: grpc.RpcError) -> RequestError:
+        error = RequestError.from_rpc_error(e)
+        if error.code == grpc.StatusCode.UNAVAILABLE and error.details.startswith("failed to connect") \
+                and self._credentials is None:  # the likeliest cause of a closed socket: a TLS port
+            return RequestError(error.code, f"{error.details} (if the router serves TLS, connect with tls=True)")
+        return error
+
+
+class Client(_Connection):
+    """A blocking client. `timeout` is the default deadline of each call, in seconds (None: no deadline).
+    `api_key` (default: $PDSERVE_API_KEY) goes with every call when set. `tls=True` speaks TLS, checking
+    the server's certificate against the system's roots or `root_certificates` (PEM bytes or a file;
+    giving them implies tls)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | str | os.PathLike | None = None):
+        super().__init__(address, timeout, api_key, tls, root_certificates)
+        self._channel = grpc.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS) \
+            if self._credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = GenerationStub(self._channel)
 
     def generate(self, prompt: Prompt | None = None, *, messages: Messages | None = None, request_id: str = "",
@@ -197,13 +228,13 @@ class Client:
         return self._stream(request, self.timeout if timeout is None else timeout)
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
-        call = self._stub.Generate(request, timeout=timeout)
+        call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         logprobs = request.sampling.HasField("logprobs")
         try:
             for response in call:
                 yield Chunk.from_proto(response, logprobs=logprobs)
         except grpc.RpcError as e:
-            raise RequestError.from_rpc_error(e) from e
+            raise self._error(e) from e
         finally:
             call.cancel()  # a no-op once the stream has ended; otherwise the server sees the client go away
 
@@ -226,9 +257,9 @@ class Client:
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise RequestError.from_rpc_error(e) from e
+            raise self._error(e) from e
 
     def close(self) -> None:
         self._channel.close()
@@ -240,12 +271,13 @@ class Client:
         self.close()
 
 
-class AsyncClient:
-    """Client for asyncio: the same methods as coroutines, and stream an async generator."""
+class AsyncClient(_Connection):
+    """Client for asyncio: the same methods as coroutines, and stream an async generator; the same
+    arguments as Client."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None):
-        self.address = address
-        self.timeout = timeout
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | str | os.PathLike | None = None):
+        super().__init__(address, timeout, api_key, tls, root_certificates)
         # An aio channel belongs to the event loop running when it is made, so it is made on first use, in the loop.
         self._channel: grpc.aio.Channel | None = None
         self._channel_stub: GenerationStub | None = None
@@ -253,7 +285,8 @@ class AsyncClient:
     @property
     def _stub(self) -> GenerationStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=CHANNEL_OPTIONS) \
+                if self._credentials else grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             self._channel_stub = GenerationStub(self._channel)
         return self._channel_stub
 
@@ -271,13 +304,13 @@ class AsyncClient:
         return self._stream(request, self.timeout if timeout is None else timeout)
 
     async def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> AsyncIterator[Chunk]:
-        call = self._stub.Generate(request, timeout=timeout)
+        call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         logprobs = request.sampling.HasField("logprobs")
         try:
             async for response in call:
                 yield Chunk.from_proto(response, logprobs=logprobs)
         except grpc.RpcError as e:
-            raise RequestError.from_rpc_error(e) from e
+            raise self._error(e) from e
         finally:
             call.cancel()
 
@@ -297,9 +330,9 @@ class AsyncClient:
 
     async def _call(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise RequestError.from_rpc_error(e) from e
+            raise self._error(e) from e
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -64,9 +64,23 @@ class RouterConfig:
     metrics_port: int | None = 9400  # Prometheus /metrics on host:metrics_port (0: a free port; None: off)
     ttft_slo_s: float = 1.0  # the SLO targets that pdserve_slo_* metrics count against
     tpot_slo_s: float = 0.2
+    # API keys: with any set, both front doors require one (HTTP `Authorization: Bearer KEY`, gRPC metadata
+    # `authorization: Bearer KEY`) and a request belongs to its key. `pdserve serve` adds $PDSERVE_API_KEY.
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: str | None = None  # one key per line (blank lines and # comments skipped)
+    tls_cert: str | None = None  # PEM files: gRPC and HTTP both serve TLS with them
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         from router.placement import DECODE_POLICIES, PREFILL_POLICIES  # the registries (no torch)
+
+        if isinstance(self.api_keys, str):
+            raise ValueError("router.api_keys is a list of keys (or set api_keys_file)")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))  # YAML gives a list
+        if any(not isinstance(k, str) or not k.strip() or k != k.strip() for k in self.api_keys):
+            raise ValueError("router.api_keys: every key must be a non-empty string without surrounding spaces")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("router.tls_cert and router.tls_key go together: give both PEM files or neither")
 
         if self.prefill_policy not in PREFILL_POLICIES:
             raise ValueError(f"prefill_policy={self.prefill_policy!r}; choose one of {tuple(PREFILL_POLICIES)}")
@@ -74,6 +88,20 @@ class RouterConfig:
             raise ValueError(f"decode_policy={self.decode_policy!r}; choose one of {tuple(DECODE_POLICIES)}")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_ongoing_requests must be >= 1 and max_queued_requests >= 0")
+
+    def keys(self) -> tuple[str, ...]:
+        """Every API key: api_keys, then api_keys_file's lines."""
+        if self.api_keys_file is None:
+            return self.api_keys
+        with open(self.api_keys_file) as f:
+            extra = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        if not extra:
+            raise ValueError(f"router.api_keys_file {self.api_keys_file!r} holds no key")
+        return self.api_keys + tuple(extra)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ class Cluster:
         return f"{self.server.host}:{self.server.http_port}" if self.server.http_port else None
 
     @property
+    def openai_base_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL (https with router.tls_cert); None when off."""
+        scheme = "https" if self.config.router.tls else "http"
+        return f"{scheme}://{self.http_address}/v1" if self.http_address else None
+
+    @property
     def router(self):
         return self.server.router
 
@@ -117,6 +123,10 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     from router.tokenizer import Tokenizer
     from router.validate import Limits
 
+    r = config.router
+    r.keys()  # a key file or TLS file that is missing fails here, before any actor starts
+    for path in (r.tls_cert, r.tls_key) if r.tls else ():
+        Path(path).read_bytes()
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -153,9 +163,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                  for i, (a, info) in enumerate(zip(decode, d_info))],
                 Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name)
 
-        r = config.router
         cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes, r.metrics_port,
-                                      r.http_port).start()
+                                      r.http_port, (r.tls_cert, r.tls_key) if r.tls else None).start()
     except BaseException:
         cluster.stop()
         raise
@@ -163,9 +172,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     if cluster.server.metrics_port:
         cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
         metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
-    say(f"serving {name!r} on {cluster.address}{metrics}")
-    if cluster.http_address:
-        say(f"OpenAI-compatible API on http://{cluster.http_address}/v1")
+    say(f"serving {name!r} on {cluster.address}{' (TLS)' if r.tls else ''}{metrics}")
+    if cluster.openai_base_url:
+        say(f"OpenAI-compatible API on {cluster.openai_base_url}")
     return cluster
 
 

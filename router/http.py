@@ -12,13 +12,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from protos.pdserve.v1 import pdserve_pb2 as pb
+from router.auth import Unauthenticated
 from router.openai_shapes import Call, Shapes, chat_shapes, completion_shapes, total_usage
 from router.placement import RequestFailed
 from router.router import Router
@@ -26,6 +27,8 @@ from router.router import Router
 # gRPC status -> HTTP status and OpenAI's error type
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
@@ -44,12 +47,25 @@ def error_body(code: grpc.StatusCode, message: str, param: str | None = None) ->
 def error_response(code: grpc.StatusCode, message: str, param: str | None = None) -> JSONResponse:
     body = error_body(code, message, param)
     status = body["error"]["code"]
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else \
+        {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _owner(request: Request) -> str:
+    """Whose request this is: its API key's name (Unauthenticated, a 401, if keys are required and it
+    has none that fits), or "http" when no keys are configured."""
+    return request.app.state.router.keys.owner(request.headers.get("authorization"), "http")
+
+
+Owner = Annotated[str, Depends(_owner)]
+
+
 def make_app(router: Router) -> FastAPI:
+    """The API; with keys configured every /v1 route needs one (401 without), /health stays open."""
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.router = router
+    app.add_exception_handler(Unauthenticated, lambda _, e: error_response(grpc.StatusCode.UNAUTHENTICATED, str(e)))
 
     @app.get("/health")
     async def health() -> Response:
@@ -57,23 +73,23 @@ def make_app(router: Router) -> FastAPI:
         return Response(status_code=200 if up else 503)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(_: Owner) -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": router.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
             "max_model_len": router.limits.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await _serve(router, request, completion_shapes)
+    async def completions(request: Request, owner: Owner) -> Response:
+        return await _serve(router, request, owner, completion_shapes)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await _serve(router, request, chat_shapes)
+    async def chat_completions(request: Request, owner: Owner) -> Response:
+        return await _serve(router, request, owner, chat_shapes)
 
     return app
 
 
-async def _serve(router: Router, request: Request, shapes: Shapes) -> Response:
+async def _serve(router: Router, request: Request, owner: str, shapes: Shapes) -> Response:
     try:
         body = json.loads(await request.body())
         if not isinstance(body, dict):
@@ -89,7 +105,7 @@ async def _serve(router: Router, request: Request, shapes: Shapes) -> Response:
         return error_response(e.code, str(e), getattr(e, "param", None))
     rid = f"{shapes.id_prefix}-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = [router.generate(_with_id(g, f"{rid}-{i}"), call.default_max_tokens)
+    streams = [router.generate(_with_id(g, f"{rid}-{i}"), call.default_max_tokens, owner)
                for i, g in enumerate(call.requests)]
     if not call.stream:
         results = await asyncio.gather(*(_collect(s) for s in streams), return_exceptions=True)

@@ -16,6 +16,7 @@ from protos.pdserve.v1 import pdserve_pb2 as pb
 from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from replica.contract import StreamItem
 from router.admission import Admission, QueueFull
+from router.auth import Keys, Unauthenticated
 from router.metrics import RouterMetrics
 from router.placement import Placed, Placement, Replica, RequestFailed, call, replica_error
 from router.stream import Clock, Inboxes, Output
@@ -27,7 +28,9 @@ log = logging.getLogger("pdserve.router")
 
 @dataclass
 class _Request:
-    """A request in flight: where it runs, how far it got, and whether Cancel ended it."""
+    """A request in flight: where it runs, how far it got, and whether Cancel ended it. Its id is
+    the client's, scoped to its owner (router/auth.py); the replicas know it by placed.rid, which
+    differs only when another owner's request already runs under the same id."""
     placed: Placed
     clock: Clock
     cancelled: bool = False  # by the Cancel RPC
@@ -47,7 +50,9 @@ class Router(pb_grpc.GenerationServicer):
                                      config.tpot_slo_s)
         self.metrics.in_flight.set_function(lambda: self.admission.ongoing)
         self.metrics.queued.set_function(lambda: self.admission.queued)
-        self.requests: dict[str, tuple[_Request, asyncio.Task]] = {}
+        self.keys = Keys(config.keys())
+        self.requests: dict[tuple[str, str], tuple[_Request, asyncio.Task]] = {}  # (owner, request id) ->
+        self._replica_ids: set[str] = set()  # the ids the replicas know the running requests by
         self.inboxes = Inboxes()
         self._tasks: list[asyncio.Task] = []
 
@@ -66,18 +71,29 @@ class Router(pb_grpc.GenerationServicer):
             await self.placement.refresh_stats()
             await asyncio.sleep(every_s)
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's key (or, with no keys configured, its connection); a missing or wrong key
+        ends the call UNAUTHENTICATED."""
+        metadata = dict(context.invocation_metadata() or ())
         try:
-            async for chunk in self.generate(request):
+            return self.keys.owner(metadata.get("authorization"), f"peer {context.peer()}")
+        except Unauthenticated as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        owner = await self._owner(context)
+        try:
+            async for chunk in self.generate(request, owner=owner):
                 yield chunk
         except RequestFailed as e:
             await context.abort(e.code, str(e))
 
-    async def generate(self, request: pb.GenerateRequest, default_max_tokens: int | None = DEFAULT_MAX_TOKENS
-                       ) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, request: pb.GenerateRequest, default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+                       owner: str = "") -> AsyncIterator[pb.GenerateResponse]:
         """One request's whole path, for both front doors (gRPC here, HTTP in router/http.py):
         validate, admit, place, stream. Raises RequestFailed with the status the client gets. The
-        caller's task is the request's: cancelling it (the client left, Cancel) ends the request."""
+        caller's task is the request's: cancelling it (the client left, Cancel) ends the request.
+        Its id is scoped to `owner`: only the same owner can cancel it or collide with it."""
         clock = Clock()
         rid = request.request_id or uuid.uuid4().hex
         m = self.metrics
@@ -86,21 +102,27 @@ class Router(pb_grpc.GenerationServicer):
         except InvalidRequest as e:
             m.request_done("INVALID_ARGUMENT", None, time.monotonic() - clock.t0, 0)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        if rid in self.requests:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already running")
-        try:
-            await self.admission.enter()
-        except QueueFull as e:
-            m.refused.inc()
-            m.request_done("RESOURCE_EXHAUSTED", None, time.monotonic() - clock.t0, 0)
-            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        req = _Request(Placed(rid), clock)
-        self.requests[rid] = (req, asyncio.current_task())
-        inbox = self.inboxes.open(req.placed)
+        key = (owner, rid)
+        if key in self.requests:
+            m.request_done("ALREADY_EXISTS", None, time.monotonic() - clock.t0, 0)
+            raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
+        replica_id = rid if rid not in self._replica_ids else f"{rid}~{uuid.uuid4().hex[:8]}"
+        req = _Request(Placed(replica_id), clock)
+        # registered before it queues, so that Cancel reaches a queued request and a duplicate id is refused
+        self.requests[key] = (req, asyncio.current_task())
+        self._replica_ids.add(replica_id)
+        admitted = False
         error: RequestFailed | None = None
         status = "CANCELLED"  # unless it ends otherwise: the client went away or its deadline passed
         try:
-            async for chunk in self._generate(req.placed, clock, v, inbox):
+            try:
+                await self.admission.enter()
+            except QueueFull as e:
+                m.refused.inc()
+                raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            admitted = True
+            inbox = self.inboxes.open(req.placed)
+            async for chunk in self._generate(req.placed, rid, clock, v, inbox):
                 yield chunk
             status = "OK"
         except RequestFailed as e:
@@ -110,28 +132,38 @@ class Router(pb_grpc.GenerationServicer):
                 raise  # the client went away or its deadline passed: its call is over
             error = RequestFailed(grpc.StatusCode.CANCELLED, f"request {rid!r} was cancelled")
         finally:
-            del self.requests[rid]
-            self.inboxes.close(rid)
-            self.admission.exit()
+            del self.requests[key]
+            self._replica_ids.discard(replica_id)
             m.request_done(status, clock.ttft, time.monotonic() - clock.t0, clock.num_tokens)
-            await asyncio.shield(self.placement.release(req.placed))
+            if admitted:
+                self.inboxes.close(replica_id)
+                self.admission.exit()
+                await asyncio.shield(self.placement.release(req.placed))
         if error is not None:
             raise error
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
-        entry = self.requests.get(request.request_id)
+        """Cancel a running or queued request of the caller's own (another key's or connection's
+        request with the same id is not touched: False)."""
+        owner = await self._owner(context)
+        return pb.CancelResponse(cancelled=self.cancel(owner, request.request_id))
+
+    def cancel(self, owner: str, rid: str) -> bool:
+        entry = self.requests.get((owner, rid))
         if entry is None:
-            return pb.CancelResponse(cancelled=False)
+            return False
         req, task = entry
         req.cancelled = True
         task.cancel()
-        return pb.CancelResponse(cancelled=True)
+        return True
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        await self._owner(context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(
             name=self.model_name, max_model_len=self.limits.max_model_len, vocab_size=self.limits.vocab_size)])
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
+        await self._owner(context)
         await self.placement.refresh_stats()
         pools = []
         for role, replicas in (("prefill", self.placement.prefill), ("decode", self.placement.decode)):
@@ -145,10 +177,11 @@ class Router(pb_grpc.GenerationServicer):
                                         requests_in_flight=self.admission.ongoing,
                                         requests_queued=self.admission.queued)
 
-    async def _generate(self, p: Placed, clock: Clock, v: Validated, inbox: asyncio.Queue[StreamItem]):
-        """Reserve on a decode replica, prefill on a prefill replica (or locally), then stream."""
+    async def _generate(self, p: Placed, rid: str, clock: Clock, v: Validated, inbox: asyncio.Queue[StreamItem]):
+        """Reserve on a decode replica, prefill on a prefill replica (or locally), then stream (as `rid`,
+        the client's id)."""
         ids, params = v.prompt_token_ids, v.params
-        out = Output(p.rid, self.tokenizer, v.stop)
+        out = Output(rid, self.tokenizer, v.stop)
         place = self.placement
         local = len(ids) < self.config.local_prefill_threshold or place.pick_prefill() is None
         await place.place_decode(p, ids, params, local)

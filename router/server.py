@@ -18,11 +18,14 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 class RouterServer:
-    """Runs `make_router()` and its grpc.aio server on a background thread; `port` is the bound one."""
+    """Runs `make_router()` and its grpc.aio server on a background thread; `port` is the bound one.
+    With `tls` (a PEM certificate chain file and its key file), gRPC and HTTP serve TLS only."""
 
     def __init__(self, make_router, host: str, port: int, max_message_bytes: int,
-                 metrics_port: int | None = None, http_port: int | None = None) -> None:
+                 metrics_port: int | None = None, http_port: int | None = None,
+                 tls: tuple[str, str] | None = None) -> None:
         self._make_router, self.host, self._want_port = make_router, host, port
+        self.tls = tls
         self._want_http_port = http_port
         self.http_port: int | None = None
         self._http = None  # uvicorn.Server
@@ -75,7 +78,12 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self._want_port}")
+        where = f"{self.host}:{self._want_port}"
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(where)
+        else:
+            cert, key = (open(path, "rb").read() for path in self.tls)
+            self.port = self.server.add_secure_port(where, grpc.ssl_server_credentials([(key, cert)]))
         if not self.port:
             raise OSError(f"could not bind the router to {self.host}:{self._want_port}")
         await self.server.start()
@@ -92,8 +100,11 @@ class RouterServer:
 
         from router.http import make_app
 
+        cert, key = self.tls or (None, None)
         config = uvicorn.Config(make_app(self.router), host=self.host, port=self._want_http_port, lifespan="off",
-                                log_level="warning", access_log=False)
+                                log_level="warning", access_log=False, ssl_certfile=cert, ssl_keyfile=key,
+                                timeout_graceful_shutdown=2)  # as gRPC's grace: an idle keep-alive TLS client
+        # would otherwise hold the shutdown until it hangs up
         self._http = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(self._http.serve())
         while not self._http.started:  # bound, or failed to

@@ -80,11 +80,16 @@ def test_stop_strings_and_seeded_sampling_match_offline(default_cluster, offline
     assert "," not in want_stopped.text and chunks[-1].finish_reason == "stop"
 
 
-def test_cancel_mid_stream_frees_both_pools(default_cluster) -> None:
+def test_cancel_mid_stream_by_its_own_connection_frees_both_pools(default_cluster) -> None:
     long_prompt = "Tell me a very long story about a dragon. " * 20  # disaggregated path
     with Client(default_cluster.address, timeout=120) as client:
         stream = client.stream(long_prompt, request_id="to-cancel", max_tokens=400, ignore_eos=True, temperature=0)
         next(stream), next(stream)
+        with Client(default_cluster.address) as stranger:  # another connection: not its request (no keys here)
+            assert not stranger.cancel("to-cancel")
+        with pytest.raises(RequestError) as err:
+            client.generate("Hi", request_id="to-cancel", max_tokens=2)
+        assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
         assert client.cancel("to-cancel")
         with pytest.raises(RequestError) as err:
             for _ in stream:

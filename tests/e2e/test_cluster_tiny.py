@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from engine import LLM, SamplingParams
@@ -57,6 +58,26 @@ def test_overload_refuses_the_excess_and_serves_every_admitted_request(tiny_clus
     assert len(refused) == 5 and len(served) == 5, results
     assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_requests" in r.details for r in refused)
     assert all(len(r.token_ids) == 200 and r.finish_reason == "length" for r in served)
+    with Client(tiny_cluster.address) as client:
+        assert not any(wait_idle(client).values())
+
+
+def test_overload_through_http_is_a_429_with_retry_after(tiny_cluster) -> None:
+    prompts = prompts_of([100] * 10, seed=3)  # as above: 5 served, 5 refused
+    url = f"http://{tiny_cluster.http_address}/v1/completions"
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post(url, json={
+                "prompt": p, "max_tokens": 200, "ignore_eos": True, "temperature": 0}) for p in prompts))
+
+    responses = asyncio.run(run())
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(refused) == 5 and sum(r.status_code == 200 for r in responses) == 5, [r.status_code for r in responses]
+    for r in refused:
+        assert r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error" and "max_queued_requests" in r.json()["error"]["message"]
+    assert all(r.json()["usage"]["completion_tokens"] == 200 for r in responses if r.status_code == 200)
     with Client(tiny_cluster.address) as client:
         assert not any(wait_idle(client).values())
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import httpx
 import pytest
 import ray
 
@@ -111,3 +112,20 @@ def test_a_decode_replica_dying_mid_stream_fails_its_requests_fast(cluster) -> N
             list(stream)
         assert time.monotonic() - start < 10
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and "streaming" in err.value.details
+
+
+def test_with_no_decode_replica_left_both_front_doors_say_unavailable(cluster) -> None:
+    with Client(cluster.address, timeout=60) as client:
+        for i, replica in enumerate(cluster.decode):
+            if pools(client)[f"decode/{i}"].healthy:
+                ray.kill(replica)
+        base = f"http://{cluster.http_address}"
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 with every decode replica dead"
+            time.sleep(0.1)
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        with pytest.raises(RequestError) as err:
+            client.generate("Hi", max_tokens=4)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE

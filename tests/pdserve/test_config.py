@@ -92,3 +92,37 @@ def test_serve_flags_for_every_pool_option_reach_the_cluster_config() -> None:
 def test_a_bad_flag_value_is_reported_without_a_traceback(capsys) -> None:
     assert main(["serve", "--decode-block-size", "12"]) == 2
     assert "block_size=12 must be a power of two" in capsys.readouterr().err
+
+
+def test_api_keys_come_from_the_file_the_flags_and_the_environment(tmp_path, monkeypatch) -> None:
+    from pdserve.cli import _open_to_others
+
+    path = tmp_path / "c.yaml"
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nfrom-file\n\n  spaced  \n")
+    path.write_text(yaml.safe_dump({"router": {"api_keys": ["from-yaml"], "api_keys_file": str(keys)}}))
+    monkeypatch.setenv("PDSERVE_API_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--config", str(path), "--api-key", "flag1", "--api-key", "flag2"])
+    config = _cluster_config(args)
+    assert config.router.api_keys == ("from-yaml", "flag1", "flag2", "from-env")
+    assert config.router.keys() == ("from-yaml", "flag1", "flag2", "from-env", "from-file", "spaced")
+    monkeypatch.delenv("PDSERVE_API_KEY")
+    bare = _cluster_config(build_parser().parse_args(["serve", "--host", "0.0.0.0"]))
+    assert bare.router.api_keys == () and _open_to_others(bare)
+    assert not _open_to_others(bare.replace(**{"router.api_keys": ("k",)}))
+    assert not _open_to_others(_cluster_config(build_parser().parse_args(["serve", "--host", "127.0.0.1"])))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        bare.replace(**{"router.api_keys_file": str(empty)}).router.keys()
+
+
+@pytest.mark.parametrize("router, message", [
+    ({"api_keys": "one-key"}, "a list of keys"),
+    ({"api_keys": ["ok", ""]}, "non-empty string"),
+    ({"api_keys": [" padded"]}, "without surrounding spaces"),
+    ({"tls_cert": "cert.pem"}, "go together"),
+])
+def test_bad_keys_and_tls_settings_are_named(router, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig.from_dict({"router": router})
