@@ -4,24 +4,38 @@ the cluster's end-to-end throughput against the offline engine on the same reque
 
     python -m benchmarks.serving --out bench-serving [--requests 24] [--rates 0.25,0.5,1,1.5] [--only LABELS]
     python -m benchmarks.serving --burst [--only colocated]   # only the all-at-once throughput, beside offline
+    python -m benchmarks.serving --front-doors [--only colocated] [--requests 24] [--rate 1] [--repeats 2]
 
 disaggregated: 1 prefill + 1 decode replica, one core and one torch thread each, every prompt
 prefilled on the prefill replica; conditional: the same pools, but prompts under 300 tokens (the
 chats) are prefilled on the decode replica and only the documents go to the prefill replica;
 colocated: one replica with both cores that prefills (chunked, 512-token budget) and decodes.
 The workload is the long-tail mix scaled to a 2-core CPU: 80% chats (prompt 32-256, output
-32-128 tokens), 20% documents (prompt 512-1536, output 16-64)."""
+32-128 tokens), 20% documents (prompt 512-1536, output 16-64).
+
+--front-doors starts one cluster (disaggregated unless --only names another) and sends the same
+Poisson workload (same prompts, same arrival seed) through its gRPC front door and through its
+OpenAI-compatible HTTP front door (`pdserve bench --backend openai`), alternating grpc, http,
+http, grpc, ... so that the host's drift falls on both alike, from a client process of its own;
+per front door it prints TTFT and TPOT p50/p99 and output tok/s over all its runs, and HTTP's
+output tok/s over gRPC's."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pdserve.bench import run_benchmark, run_sweep
 from pdserve.bench_report import format_sweep, plot_sweeps
+from pdserve.bench_stats import summarize
 from pdserve.config import ClusterConfig, PoolConfig, RouterConfig
 from pdserve.launch import start_cluster
+from pdserve.request_result import RequestResult
 from pdserve.workload import LongtailMix, Workload, make_requests
 
 WORKLOAD = Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536)))
@@ -75,6 +89,70 @@ def burst_only(args) -> int:
     return 0
 
 
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One front door's runs (detailed) as one: the statistics over all their requests and durations."""
+    names = [f.name for f in dataclasses.fields(RequestResult)]
+    results = [RequestResult(**{k: r[k] for k in names}) for run in runs for r in run["requests"]]
+    return summarize(results, sum(run["duration_s"] for run in runs), TTFT_SLO, TPOT_SLO)
+
+
+def client_run(*args: Any, **kw: Any) -> dict[str, Any]:
+    """run_benchmark in the client's process, with the CPU seconds that process spent on it."""
+    cpu = time.process_time()
+    run = run_benchmark(*args, **kw)
+    return run | {"client_cpu_s": time.process_time() - cpu}
+
+
+def front_doors(args) -> int:
+    """The same Poisson workload through one cluster's gRPC and HTTP front doors (see the module's docstring)."""
+    from benchmarks.machine import cpu_name
+
+    label = args.only or "disaggregated"
+    if label not in configs() or args.repeats < 1:
+        raise SystemExit(f"--front-doors runs one configuration ({', '.join(configs())}; --only {label!r}) at least "
+                         f"once (--repeats {args.repeats})")
+    base = configs()[label]
+    config = dataclasses.replace(base, router=dataclasses.replace(base.router, http_port=0))
+    requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
+    warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
+    order = [door for i in range(args.repeats) for door in (("grpc", "openai") if i % 2 == 0 else ("openai", "grpc"))]
+    runs: dict[str, list[dict[str, Any]]] = {"grpc": [], "openai": []}
+    # The load generator in a process of its own, as `pdserve bench` beside `pdserve serve`: the router is a thread
+    # of this process, and a client here would take its GIL (the HTTP client more than the gRPC one).
+    with start_cluster(config) as cluster, ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as client:
+        targets = {"grpc": cluster.address, "openai": f"http://{cluster.http_address}/v1"}
+        for door in order:
+            cpu = time.process_time()  # this process's: the router's (its thread), the Ray driver's
+            run = client.submit(client_run, targets[door], requests, args.rate, backend=door, seed=0,
+                                warmup=warmup if not runs[door] else (), ttft_slo=TTFT_SLO, tpot_slo=TPOT_SLO,
+                                progress=True, detailed=True).result()
+            runs[door].append(run | {"router_cpu_s": time.process_time() - cpu})
+    doors = {door: pooled(door_runs) for door, door_runs in runs.items()}
+    ratio = doors["openai"]["output_throughput"] / doors["grpc"]["output_throughput"]
+    print(f"front doors on {cpu_name()}, {label} cluster, {args.requests} long-tail requests at {args.rate:g} req/s, "
+          f"order {', '.join('http' if d == 'openai' else d for d in order)}")
+    metrics = [("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("tpot_ms", "p99")]
+    print(f"{'':<6}{'runs':>5}{'failed':>7}{'out tok/s':>11}" + "".join(
+        f"{m[:4].upper() + ' ' + q + ' ms':>14}" for m, q in metrics) + f"{'router CPU':>12}{'client CPU':>12}")
+    for door, run in doors.items():
+        latencies = "".join("-".rjust(14) if run[m][q] is None else f"{run[m][q]:>14.0f}" for m, q in metrics)
+        cpu = {k: sum(r[k] for r in runs[door]) for k in ("router_cpu_s", "client_cpu_s")}
+        print(f"{'http' if door == 'openai' else door:<6}{len(runs[door]):>5}{run['failed']:>7}"
+              f"{run['output_throughput']:>11.1f}{latencies}{cpu['router_cpu_s']:>11.2f}s{cpu['client_cpu_s']:>11.2f}s")
+    per_run = [h["output_throughput"] / g["output_throughput"] for g, h in zip(runs["grpc"], runs["openai"])]
+    print(f"HTTP/gRPC output tok/s: {ratio:.3f} (pairs: {', '.join(f'{r:.3f}' for r in per_run)}); within 5%: "
+          f"{'yes' if ratio >= 0.95 else 'no'}")
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    summary = {"cpu": cpu_name(), "configuration": label, "workload": str(WORKLOAD), "requests": args.requests,
+               "rate": args.rate, "order": order, "http_over_grpc_output_throughput": ratio, "pooled": doors,
+               "runs": {door: [{k: v for k, v in run.items() if k != "requests"} for run in door_runs]
+                        for door, door_runs in runs.items()}}
+    (out / "front-doors.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'front-doors.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-serving")
@@ -84,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                                    "summary take every <config>.json already in --out")
     ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
                                                           "configuration and compare with the offline engine")
+    ap.add_argument("--front-doors", action="store_true", help="one cluster: the same Poisson workload through "
+                                                                "its gRPC and its HTTP front door, HTTP over gRPC")
+    ap.add_argument("--rate", type=float, default=1.0, help="--front-doors: requests/s (default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=2, help="--front-doors: runs per front door, alternating "
+                                                           "which goes first (default %(default)s)")
     args = ap.parse_args(argv)
     if args.burst:
         return burst_only(args)
+    if args.front_doors:
+        return front_doors(args)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")]

@@ -1,13 +1,18 @@
-"""Benchmark a running cluster through the SDK, the way vLLM's benchmark_serving and SGLang's bench_serving do.
+"""Benchmark a running cluster, or any OpenAI-compatible server, the way vLLM's benchmark_serving and SGLang's
+bench_serving do.
 
     pdserve bench --workload longtail --num-requests 200 --rate 4 --json run.json
+    pdserve bench --backend openai --base-url http://127.0.0.1:8000/v1 --workload longtail --num-requests 200 --rate 4
     pdserve bench --workload fixed --prompt-len 512 --output-len 64 --concurrency 8
     pdserve bench --sweep 1,2,4,8 --ttft-slo 1 --tpot-slo 0.2 --label tp1 --json tp1.json --plot tp1.png
     pdserve bench --plot-from tp1.json tp2.json --plot compare.png
 
-Prompts are seeded random token ids, sent with ignore_eos and max_tokens = the output length, so every request
-generates exactly the tokens the workload asks for. All requests run on one asyncio event loop (AsyncClient); times
-are client-side, from time.perf_counter:
+Prompts are seeded random token ids (below --vocab-size), sent greedy with ignore_eos and max_tokens = the output
+length, so every request generates exactly the tokens the workload asks for; the same flags give the same prompts and
+arrival times whichever backend sends them. One load generator, two senders (pdserve.request_result.BACKENDS):
+grpc, the router's gRPC front door through the SDK's AsyncClient, and openai, POST {--base-url}/completions streamed
+as server-sent events (pdserve's HTTP front door, vllm serve, or any other OpenAI-compatible server). All requests run
+on one asyncio event loop; times are client-side, from time.perf_counter:
 
   TTFT  send to the first chunk that carries tokens
   ITL   each later chunk's gap to the previous one, divided over the chunk's tokens: one value per output token after
@@ -15,11 +20,19 @@ are client-side, from time.perf_counter:
   TPOT  (e2e - TTFT) / (output tokens - 1), per request
   E2E   send to the end of the stream
 
+With openai, a chunk does not say how many tokens it holds: the usage chunk's completion_tokens is the output token
+count (so TPOT and throughput mean what they do over gRPC), and each chunk with a choice counts as one arrival for TTFT
+and ITL, as in vLLM's benchmark (a bare end marker, a finish_reason without text, does not). vLLM streams a chunk per
+engine step, normally one token. pdserve's HTTP front door streams one chunk per router message, like its gRPC stream;
+a message holds several tokens when they came faster than the router sent them: gRPC then splits the chunk's gap over
+its tokens, openai keeps one (larger) gap for the chunk, so the ITL distributions may differ where TTFT, TPOT, E2E and
+throughput do not. pdserve's HTTP chunks carry no server timings (prefill paths show as unknown).
+
 SLO attainment counts a request that failed as missing both targets. Goodput (sweeps) is the highest rate at which at
 least 90% of the requests meet both the TTFT and the TPOT target.
 
 From Python: make_requests(...) then run_benchmark(...) or run_sweep(...), which return the same dicts as --json.
-numpy is not needed; matplotlib only for plots.
+numpy is not needed; matplotlib only for plots, httpx only for the openai backend.
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,42 +51,51 @@ from typing import Any
 
 from pdserve.bench_report import describe_load, format_rate, format_run, format_sweep, load_sweep, plot_sweeps
 from pdserve.bench_stats import PERCENTILES, SERVER_TIMINGS, distribution, goodput, percentile, summarize
-from pdserve.client import AsyncClient, Client, RequestError
-from pdserve.request_result import RequestResult, send
+from pdserve.client import Client, RequestError
+from pdserve.request_result import BACKENDS, RequestResult, openai_models, send
 from pdserve.workload import WORKLOADS, LongtailMix, Request, Workload, arrival_times, make_requests
 
 # This module once held the workloads, the measurements and the report too; what it defined stays importable from
 # here, since scripts (and the README's "From Python") import it from pdserve.bench.
-__all__ = ["DEFAULT_ADDRESS", "PERCENTILES", "SERVER_TIMINGS", "WORKLOADS", "LongtailMix", "Request", "RequestResult",
-           "Workload", "arrival_times", "benchmark", "describe_load", "distribution", "format_rate", "format_run",
-           "format_sweep", "goodput", "load_sweep", "main", "make_requests", "parse_args", "percentile", "plot_sweeps",
-           "progress_line", "run_benchmark", "run_sweep", "send", "summarize"]
+__all__ = ["BACKENDS", "DEFAULT_ADDRESS", "DEFAULT_VOCAB_SIZE", "PERCENTILES", "SERVER_TIMINGS", "WORKLOADS",
+           "LongtailMix", "Request", "RequestResult", "Workload", "arrival_times", "benchmark", "describe_load",
+           "distribution", "format_rate", "format_run", "format_sweep", "goodput", "load_sweep", "main",
+           "make_requests", "parse_args", "percentile", "plot_sweeps", "progress_line", "run_benchmark", "run_sweep",
+           "send", "served_model", "summarize"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Prompt ids are drawn below this (and below the model's vocabulary when the backend tells it), so that every backend
+# sends the same prompts: the OpenAI API does not say a model's vocabulary, and nearly every model has at least 32000.
+DEFAULT_VOCAB_SIZE = 32000
 
 
 async def benchmark(address: str, requests: Sequence[Request], rate: float | None = None,
-                    concurrency: int | None = None, *, seed: int = 0, warmup: Sequence[Request] = (),
-                    ttft_slo: float = 1.0, tpot_slo: float = 0.2, model: str = "", timeout: float | None = None,
+                    concurrency: int | None = None, *, backend: str = "grpc", api_key: str | None = None,
+                    seed: int = 0, warmup: Sequence[Request] = (), ttft_slo: float = 1.0, tpot_slo: float = 0.2,
+                    model: str = "", timeout: float | None = None,
                     progress: Callable[[int, int, int], None] | None = None, detailed: bool = False) -> dict[str, Any]:
     """As run_benchmark, in the caller's event loop; progress(done, failed, total) is called as requests finish."""
     if rate is not None and not rate > 0 or concurrency is not None and concurrency < 1:
         raise ValueError(f"rate={rate}, concurrency={concurrency}: the rate must be positive (inf: all at once) and "
                          "the concurrency at least 1 (None: no cap)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     sem = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
     done, failed = 0, 0
 
     async def one(prompt: list[int], output_len: int, t0: float, measured: bool = True) -> RequestResult:
         nonlocal done, failed
         async with sem:
-            result = await send(client, prompt, output_len, model, t0)
+            result = await sender.send(prompt, output_len, t0)
         if measured:
             done, failed = done + 1, failed + (not result.ok)
             if progress is not None:
                 progress(done, failed, len(requests))
         return result
 
-    async with AsyncClient(address, timeout=timeout) as client:
+    in_flight = concurrency or max(len(requests), len(warmup), 1)
+    async with BACKENDS[backend](address, model=model, timeout=timeout, api_key=api_key,
+                                 max_connections=in_flight) as sender:
         if warmup:
             await asyncio.gather(*(one(p, n, 0.0, measured=False) for p, n in warmup))
         t0 = time.perf_counter()
@@ -83,7 +106,7 @@ async def benchmark(address: str, requests: Sequence[Request], rate: float | Non
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     run = {"rate": None if rate is None or math.isinf(rate) else rate, "concurrency": concurrency, "seed": seed,
-           **summarize(results, duration, ttft_slo, tpot_slo)}
+           "backend": backend, **summarize(results, duration, ttft_slo, tpot_slo)}
     if detailed:
         run["requests"] = [asdict(r) | {"tpot": r.tpot} for r in results]
     return run
@@ -92,10 +115,12 @@ async def benchmark(address: str, requests: Sequence[Request], rate: float | Non
 def run_benchmark(address: str, requests: Sequence[Request], rate: float | None = None,
                   concurrency: int | None = None, **kw: Any) -> dict[str, Any]:
     """One run: send `requests` (from make_requests) at `rate` requests/s, Poisson arrivals (None or inf: all at
-    once), at most `concurrency` in flight (None: no cap). Keywords: seed (arrivals), warmup (requests sent first and
-    left out of the stats), ttft_slo and tpot_slo (seconds), model, timeout (per request, seconds), progress
+    once), at most `concurrency` in flight (None: no cap), to `address`: the router's host:port with backend "grpc"
+    (the default), the API's base URL (http://host:port/v1) with backend "openai". Keywords: backend, api_key (sent as
+    `Bearer KEY`; grpc without it: $PDSERVE_API_KEY), seed (arrivals), warmup (requests sent first and left out of the
+    stats), ttft_slo and tpot_slo (seconds), model ("": the server's first), timeout (per request, seconds), progress
     (a callback, or True for a line on stderr), detailed (add every request's measurements). Returns summarize's dict
-    plus rate, concurrency and seed."""
+    plus rate, concurrency, seed and backend."""
     if kw.get("progress") is True:
         kw["progress"] = progress_line(f"{describe_load(rate, concurrency)}: ")
     elif not kw.get("progress"):
@@ -144,10 +169,17 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d, mix = Workload(), LongtailMix()
-    p = argparse.ArgumentParser(prog="pdserve bench", description="Benchmark a running pdserve cluster: throughput, "
-                                "TTFT/TPOT/ITL/E2E latency and SLO attainment, at a request rate or a concurrency.")
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"router address (default {DEFAULT_ADDRESS})")
-    p.add_argument("--model", default="", help="model name (default: the cluster's first)")
+    p = argparse.ArgumentParser(prog="pdserve bench", description="Benchmark a running pdserve cluster, or any "
+                                "OpenAI-compatible server (--backend openai): throughput, TTFT/TPOT/ITL/E2E latency "
+                                "and SLO attainment, at a request rate or a concurrency.")
+    p.add_argument("--backend", choices=BACKENDS, default="grpc",
+                   help="grpc: the router's gRPC front door (--address); openai: POST {--base-url}/completions on any "
+                        "OpenAI-compatible server, e.g. pdserve's HTTP front door or vllm serve (default %(default)s)")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"grpc: router address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--base-url", help="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` (default $PDSERVE_API_KEY, then, for "
+                                     "openai, $OPENAI_API_KEY)")
+    p.add_argument("--model", default="", help="model name (default: the server's first)")
     w = p.add_argument_group("workload (prompts are seeded random token ids, outputs exactly output-len tokens)")
     w.add_argument("--workload", choices=WORKLOADS, default=d.kind,
                    help=f"fixed: --prompt-len/--output-len; uniform: lengths uniform in --min/--max-*-len; longtail: "
@@ -162,6 +194,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--max-prompt-len", type=_positive, default=d.prompt_range[1], help="uniform (default %(default)s)")
     w.add_argument("--min-output-len", type=_positive, default=d.output_range[0], help="uniform (default %(default)s)")
     w.add_argument("--max-output-len", type=_positive, default=d.output_range[1], help="uniform (default %(default)s)")
+    w.add_argument("--vocab-size", type=_positive, default=DEFAULT_VOCAB_SIZE,
+                   help="prompt ids are drawn below this, and below the model's vocabulary over grpc (default "
+                        "%(default)s: the same prompts through either backend)")
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times (default 0)")
     w.add_argument("--num-requests", type=_positive, default=100, help="measured requests per run (default 100)")
     w.add_argument("--warmup", type=int, default=0, help="requests sent first, all at once, left out of the stats")
@@ -194,7 +229,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --rate or --sweep, not both")
     if args.warmup < 0:
         p.error("--warmup must be 0 or more")
+    if not args.plot_from and args.backend == "openai" and not args.base_url:
+        p.error("--backend openai sends to --base-url: give the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    if args.base_url and args.backend != "openai":
+        p.error("--base-url is where --backend openai sends: add --backend openai (grpc sends to --address)")
+    if args.base_url and not args.base_url.startswith(("http://", "https://")):
+        p.error(f"--base-url {args.base_url}: give a URL that starts with http:// or https://, e.g. "
+                "http://127.0.0.1:8000/v1")
+    if args.api_key is None:
+        openai_key = os.environ.get("OPENAI_API_KEY") if args.backend == "openai" else None
+        args.api_key = os.environ.get("PDSERVE_API_KEY") or openai_key or None
     return args
+
+
+def served_model(args: argparse.Namespace) -> tuple[str, str, int, int]:
+    """(where to send, model name, max_model_len, vocabulary for the prompts) from the server args points at;
+    LookupError with a message for the user when it does not answer or lacks the model."""
+    if args.backend == "openai":
+        try:
+            models = openai_models(args.base_url, args.api_key)
+        except ImportError as e:
+            raise LookupError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+            raise LookupError(f"no OpenAI-compatible API answers at {args.base_url} ({e}); check --base-url (it ends "
+                              "in /v1) and --api-key") from e
+        names = [m["id"] for m in models]
+        entry = next((m for m in models if m["id"] == args.model), None) if args.model else next(iter(models), None)
+        if entry is None:
+            raise LookupError(f"the server has no model {args.model!r}; it serves {names}")
+        # The OpenAI API tells no vocabulary; without max_model_len the prompts are not clipped.
+        return args.base_url, entry["id"], entry.get("max_model_len") or sys.maxsize, args.vocab_size
+    try:
+        kw = {"api_key": args.api_key} if args.api_key else {}  # an older SDK takes no key
+        with Client(args.address, timeout=10, **kw) as client:
+            models = client.list_models()
+    except RequestError as e:
+        raise LookupError(f"no cluster answers at {args.address} ({e}); start one with `pdserve serve`") from e
+    info = next((m for m in models if m.name == args.model), None) if args.model else models[0]
+    if info is None:
+        raise LookupError(f"the cluster has no model {args.model!r}; it serves {[m.name for m in models]}")
+    return args.address, info.name, info.max_model_len, min(args.vocab_size, info.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,31 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload(args.workload, args.prompt_len, args.output_len, (args.min_prompt_len, args.max_prompt_len),
                         (args.min_output_len, args.max_output_len))
     try:
-        with Client(args.address, timeout=10) as client:
-            models = client.list_models()
-    except RequestError as e:
-        print(f"pdserve bench: no cluster answers at {args.address} ({e}); start one with `pdserve serve`",
-              file=sys.stderr)
+        address, model, max_len, vocab = served_model(args)
+    except LookupError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
         return 1
-    info = next((m for m in models if m.name == args.model), None) if args.model else models[0]
-    if info is None:
-        print(f"pdserve bench: the cluster has no model {args.model!r}; it serves {[m.name for m in models]}",
-              file=sys.stderr)
-        return 1
-    requests = make_requests(workload, args.num_requests, args.seed, info.vocab_size, info.max_model_len)
+    requests = make_requests(workload, args.num_requests, args.seed, vocab, max_len)
     # Another seed for the warmup, so the measured prompts are the same with or without it.
-    warmup = make_requests(workload, args.warmup, args.seed + 1, info.vocab_size, info.max_model_len)
-    meta = {"label": args.label, "model": info.name, "address": args.address, "workload": asdict(workload),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    kw = {"concurrency": args.concurrency, "seed": args.seed, "warmup": warmup, "ttft_slo": args.ttft_slo,
-          "tpot_slo": args.tpot_slo, "model": info.name, "timeout": args.timeout, "progress": not args.quiet,
-          "detailed": args.detailed}
+    warmup = make_requests(workload, args.warmup, args.seed + 1, vocab, max_len)
+    meta = {"label": args.label, "model": model, "backend": args.backend, "address": address, "vocab_size": vocab,
+            "workload": asdict(workload), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    kw = {"concurrency": args.concurrency, "backend": args.backend, "api_key": args.api_key, "seed": args.seed,
+          "warmup": warmup, "ttft_slo": args.ttft_slo, "tpot_slo": args.tpot_slo, "model": model,
+          "timeout": args.timeout, "progress": not args.quiet, "detailed": args.detailed}
     if args.sweep:
-        result = run_sweep(args.address, requests, args.sweep, label=args.label, target=args.attainment, **kw)
+        result = run_sweep(address, requests, args.sweep, label=args.label, target=args.attainment, **kw)
         result = meta | result | {"runs": [run | meta for run in result["runs"]]}
         print(format_sweep(result))
     else:
-        result = run_benchmark(args.address, requests, args.rate, **kw) | meta
+        result = run_benchmark(address, requests, args.rate, **kw) | meta
         print(format_run(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

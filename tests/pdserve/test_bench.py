@@ -13,7 +13,7 @@ import pytest
 
 from pdserve import Chunk, RequestError, bench
 from pdserve.bench_stats import summarize
-from pdserve.request_result import RequestResult
+from pdserve.request_result import RequestResult, error_message, read_sse
 from pdserve.workload import LongtailMix, Workload, make_requests
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -102,6 +102,76 @@ def test_send_times_the_stream() -> None:
     refused = FakeClient([(0, 1)], RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"))
     failed = asyncio.run(bench.send(refused, [1], 4))
     assert (failed.status, failed.error, failed.ok, failed.tpot) == ("RESOURCE_EXHAUSTED", "full", False, None)
+
+
+def timed(raw: bytes, times: list[float]) -> list[tuple[float, str]]:
+    """The non-blank lines of an SSE body, each with its arrival time, as OpenAISender records them."""
+    lines = [line for line in raw.decode().splitlines() if line]
+    assert len(lines) == len(times)
+    return list(zip(times, lines))
+
+
+# pdserve's HTTP front door: a chunk per router message (the second holds 2 tokens, the third's token has no text
+# yet), a token-less end chunk, the usage chunk, [DONE]
+PDSERVE_SSE = (b'data: {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": "The", '
+               b'"logprobs": null, "finish_reason": null}]}\n\n'
+               b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": " cat sat", "finish_reason": null}]}\n\n'
+               b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "", "finish_reason": null}]}\n\n'
+               b'data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]}\n\n'
+               b'data: {"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, '
+               b'"total_tokens": 7}}\n\n'
+               b'data: [DONE]\n\n')
+# vLLM: a chunk per token, the last token's chunk carries the finish_reason; a keep-alive comment
+VLLM_SSE = (b'data: {"choices": [{"index": 0, "text": "A", "finish_reason": null, "stop_reason": null}]}\n\n'
+            b': ping\n\n'
+            b'data: {"choices": [{"index": 0, "text": "B", "finish_reason": null}], "usage": null}\n\n'
+            b'data: {"choices": [{"index": 0, "text": "C", "finish_reason": "length"}], "usage": null}\n\n'
+            b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}\n\n'
+            b'data: [DONE]\n\n')
+
+
+def test_read_sse_counts_tokens_from_usage_and_one_arrival_per_chunk() -> None:
+    r = read_sse(RequestResult(3, 4), timed(PDSERVE_SSE, [0.5, 0.7, 0.8, 0.81, 0.81, 0.82]), end=0.83)
+    assert r.ok and (r.ttft, r.e2e, r.num_output_tokens) == (0.5, 0.83, 4)
+    assert r.itl == pytest.approx([0.2, 0.1])  # a gap per chunk with tokens; the bare end marker is none
+    assert r.tpot == pytest.approx((0.83 - 0.5) / 3) and r.server == {}
+    r = read_sse(RequestResult(3, 3), timed(VLLM_SSE, [0.2, 0.25, 0.3, 0.4, 0.4, 0.4]), end=0.41)
+    assert r.ok and (r.ttft, r.num_output_tokens) == (0.2, 3) and r.itl == pytest.approx([0.1, 0.1])
+    no_usage = [(t, line) for t, line in timed(VLLM_SSE, [0.2, 0.25, 0.3, 0.4, 0.4, 0.4]) if "usage\": {" not in line]
+    assert read_sse(RequestResult(3, 3), no_usage, end=0.41).num_output_tokens == 3  # then: the arrivals
+
+
+def test_read_sse_failures() -> None:
+    first = PDSERVE_SSE.split(b"\n\n")[0].decode()
+    error = '{"error": {"message": "pool down", "type": "service_unavailable", "param": null, "code": 503}}'
+    r = read_sse(RequestResult(3, 4), [(0.1, first), (0.2, f"data: {error}")], end=0.3)
+    assert (r.status, r.error, r.ok, r.tpot) == ("HTTP_503", "pool down", False, None)
+    flat = 'data: {"object": "error", "message": "too long", "type": "BadRequestError", "code": 400}'
+    assert read_sse(RequestResult(3, 4), [(0.1, flat)], end=0.2).status == "HTTP_400"
+    assert read_sse(RequestResult(3, 4), [(0.1, "data: {oops")], end=0.2).status == "BAD_STREAM"
+    cut = read_sse(RequestResult(3, 4), [(0.1, first)], end=0.2)  # no finish_reason: the stream broke off
+    assert cut.status == "INCOMPLETE" and cut.ttft == 0.1
+    assert read_sse(RequestResult(3, 4), [(0.1, "data: [DONE]")], end=0.2).status == "INCOMPLETE"
+    assert error_message(error) == "pool down" and error_message("<h1>Bad Gateway</h1>\n") == "<h1>Bad Gateway</h1>"
+
+
+def test_backend_arguments(monkeypatch) -> None:
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    args = bench.parse_args([])
+    assert (args.backend, args.address, args.base_url, args.api_key) == ("grpc", bench.DEFAULT_ADDRESS, None, None)
+    args = bench.parse_args(["--backend", "openai", "--base-url", "http://h:8000/v1"])
+    assert (args.backend, args.base_url, args.api_key, args.vocab_size) == ("openai", "http://h:8000/v1", "sk-openai",
+                                                                            bench.DEFAULT_VOCAB_SIZE)
+    monkeypatch.setenv("PDSERVE_API_KEY", "pd-key")
+    assert bench.parse_args(["--backend", "openai", "--base-url", "http://h/v1"]).api_key == "pd-key"
+    assert bench.parse_args(["--api-key", "mine"]).api_key == "mine"
+    for wrong in (["--backend", "openai"], ["--base-url", "http://h/v1"], ["--backend", "openai", "--base-url", "h:80"],
+                  ["--backend", "http"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)
+    with pytest.raises(ValueError, match="choose one of grpc, openai"):
+        bench.run_benchmark("127.0.0.1:1", [([1], 1)], backend="http")
 
 
 def result(ttft: float, tpot: float, n: int = 11, status: str = "OK") -> RequestResult:
