@@ -18,7 +18,7 @@ from replica.contract import BadRequest, Logprobs, ReplicaDead, Reservation, Str
 
 
 class DecodeWorker(ReplicaShell):
-    """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_group, unlink_pool),
+    """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_group),
     then by the router (events, once; reserve, commit, add_local, abort per request); the _on_*
     methods run on the engine thread, the rest on the actor's event loop."""
 
@@ -52,7 +52,8 @@ class DecodeWorker(ReplicaShell):
                                on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
 
     async def info(self) -> dict[str, Any]:
-        return {**await super().info(), "pools": self.kv.handles}  # pools: every rank's KV slice
+        # pool: the replica's KV pool name; pools: every rank's slice of it
+        return {**await super().info(), "pool": self.kv.pool, "pools": self.kv.handles}
 
     def unlink_pool(self) -> None:
         self.kv.unlink()

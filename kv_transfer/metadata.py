@@ -3,8 +3,28 @@ request's KV goes is the router<->replica contract's Reservation (the router car
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from replica.contract import KVLost
+
+SHM_DIR = Path("/dev/shm")
+
+
+def pool_path(name: str) -> Path:
+    """Where a decode rank's slice of the KV pool lives in shared memory (ipc backend, CPU)."""
+    return SHM_DIR / f"pdserve-kv-{name}"
+
+
+def rank_pool_name(pool: str, rank: int) -> str:
+    """The shared-memory name of one rank's slice of a decode replica's pool."""
+    return pool if rank == 0 else f"{pool}.r{rank}"
+
+
+def remove_pool(pool: str) -> None:
+    """Unlink every rank's shared-memory file of a decode replica's pool (the memory goes with the
+    last mapping)."""
+    for path in [pool_path(pool), *SHM_DIR.glob(f"{pool_path(pool).name}.r*")]:
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ class RankKV:
         for h in handles:
             self.runner.kv_saver.attach(PoolHandle(**h))
 
+    def detach(self, pool_name: str) -> None:
+        """Prefill rank: forget a decode pool whose replica was replaced (no prompt is bound there)."""
+        self.runner.kv_saver.detach(pool_name)
+
     def join_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
         """Join the cluster's KV group as `rank`: a prefill rank sends its heads from then on, a
         decode rank receives its slice of the KV heads."""
@@ -196,7 +200,7 @@ class DecodeKV:
             h["kv_rank"] = rank + i
 
     def unlink(self) -> None:
-        """Every prefill replica has mapped the pool: drop its names so nothing outlives the actors."""
+        """At shutdown: drop the pool's names (the memory goes when the last mapping does)."""
         if self.backend == "ipc":
             for h in self.handles:
                 unlink_pool(h["name"])

@@ -53,6 +53,13 @@ class KVSender:
                         else self._unreachable(t, unreachable))
         return lost
 
+    def drop_pool(self, pool: str, why: str) -> list[KVLost]:
+        """Abort every prompt bound for `pool` (its decode replica is gone), so the pool can be detached."""
+        bound = [t for t in self.targets.values() if t.pool == pool]
+        for t in bound:
+            self.abort(t.request_id)
+        return [transfer_failed(t.request_id, f"its decode pool {pool!r} is gone ({why})") for t in bound]
+
     def step(self) -> list[PrefillDone]:
         done = []
         for out in self.engine.step():

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 
 from engine.distributed import kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
 from engine.model_runner import KVAllocator
-from kv_transfer.metadata import PoolHandle
+from kv_transfer.metadata import SHM_DIR, PoolHandle, pool_path, rank_pool_name
 from kv_transfer.plan import plan_step
 
-SHM_DIR = Path("/dev/shm")
-
-
-def pool_path(name: str) -> Path:
-    return SHM_DIR / f"pdserve-kv-{name}"
+__all__ = ["SHM_DIR", "ShmKVSaver", "attach_pool", "pool_path", "rank_pool_handles", "rank_pool_name",
+           "shared_pool_allocator", "unlink_pool"]
 
 
 def shared_pool_allocator(name: str, handles: list[PoolHandle] | None = None) -> KVAllocator:
@@ -66,11 +62,6 @@ def unlink_pool(name: str) -> None:
         pass
 
 
-def rank_pool_name(pool: str, rank: int) -> str:
-    """The shared-memory name of one rank's slice of a decode replica's pool."""
-    return pool if rank == 0 else f"{pool}.r{rank}"
-
-
 def rank_pool_handles(pool: str, first: PoolHandle, num_kv_heads: int, world_size: int) -> list[PoolHandle]:
     """Every rank's handle of a decode replica at TP world_size, from rank 0's."""
     if first.cuda_ipc is not None and world_size > 1:
@@ -92,7 +83,7 @@ class ShmKVSaver(KVSaver):
         self.pools: dict[str, list[tuple[torch.Tensor, tuple[int, int] | None]]] = {
             name: [(t, None)] for name, t in (pools or {}).items()}
         self._sends: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, slice, slice]] = []
-        self._attached: set[str] = set()
+        self._attached: dict[str, str] = {}  # slice name -> its pool's name
         self.bytes_sent = 0
 
     @classmethod
@@ -104,7 +95,12 @@ class ShmKVSaver(KVSaver):
         """Map one decode rank's slice (attaching it again is a no-op)."""
         if handle.name not in self._attached:
             self.pools.setdefault(handle.pool_name, []).append((attach_pool(handle), handle.head_range))
-            self._attached.add(handle.name)
+            self._attached[handle.name] = handle.pool_name
+
+    def detach(self, pool_name: str) -> None:
+        """Unmap a decode replica's pool (it was replaced). Between steps, once no prompt is bound there."""
+        self.pools.pop(pool_name, None)
+        self._attached = {name: pool for name, pool in self._attached.items() if pool != pool_name}
 
     def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int]]]:
         """Rank 0: per destination pool, the rows of the flat batch (None: all) and their slots."""

@@ -1,7 +1,10 @@
 """Connect a cluster's prefill pool to its decode pool's KV, once all replicas are up: on the
 `collective` backend every rank of every replica joins one KV group (decode replicas first), then
-every prefill replica attaches every decode rank's pool slice, then the decode replicas drop the
-names of their shared-memory pools (all mapped by then, so nothing outlives the actors)."""
+every prefill replica attaches every decode rank's pool slice. A replica that replaces a dead one
+(pdserve.supervisor, `ipc` backend) is wired in alone: a new decode replica's pool is attached by
+every prefill replica (which drop the dead one's), a new prefill replica attaches every decode
+pool. The shared-memory pools keep their names while the cluster runs, so a new replica can map
+them; each decode replica unlinks its own at shutdown, and Cluster.stop whatever a dead one left."""
 from __future__ import annotations
 
 from typing import Any
@@ -21,5 +24,24 @@ def connect_pools(prefill: list[Any], decode: list[Any], backend: str, prefill_t
         ray.get([a.join_kv_group.remote(host, port, first, world, prefix) for (a, _), first in zip(members, firsts)])
     infos = ray.get([a.info.remote() for a in decode])
     ray.get([a.attach.remote([h for info in infos for h in info["pools"]]) for a in prefill])
-    ray.get([a.unlink_pool.remote() for a in decode])
     return infos
+
+
+def rewire_decode(prefill: list[Any], info: dict[str, Any], dead_pool: str) -> None:
+    """A new decode replica (its info()) replaced the one whose pool was `dead_pool`: every live
+    prefill replica forgets the dead pool (the prompts bound there fail) and maps the new one."""
+    import ray
+
+    from kv_transfer.metadata import remove_pool
+
+    ray.get([a.detach.remote(dead_pool) for a in prefill])
+    remove_pool(dead_pool)
+    ray.get([a.attach.remote(info["pools"]) for a in prefill])
+
+
+def wire_prefill(actor: Any, decode: list[Any]) -> None:
+    """A new prefill replica maps every live decode replica's pool."""
+    import ray
+
+    infos = ray.get([d.info.remote() for d in decode])
+    ray.get(actor.attach.remote([h for info in infos for h in info["pools"]]))

@@ -187,15 +187,15 @@ def cmd_status(args) -> int:
 
 
 def format_status(s) -> str:
-    head = ("pool", "replica", "tp", "healthy", "busy", "mfu", "mbu", "running", "waiting", "waiting_tok", "kv_used",
-            "tokens")
+    head = ("pool", "replica", "tp", "healthy", "restarts", "busy", "mfu", "mbu", "running", "waiting", "waiting_tok",
+            "kv_used", "tokens")
     rows = [head]
     for pool in s.pools:
         for r in pool.replicas:
             kv = f"{r.kv_blocks_used}/{r.kv_blocks_total}" + (
                 f" ({r.kv_blocks_used / r.kv_blocks_total:.0%})" if r.kv_blocks_total else "")
             rows.append((pool.role, str(r.index), str(r.tensor_parallel_size), "yes" if r.healthy else "NO",
-                         f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running), str(r.waiting),
+                         str(r.restarts), f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running), str(r.waiting),
                          str(r.waiting_prefill_tokens), kv, str(r.tokens_processed)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [f"model {s.model}  kv_backend {s.kv_backend}  in flight {s.requests_in_flight}  "

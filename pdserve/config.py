@@ -111,6 +111,7 @@ class ClusterConfig:
     ray_address: str | None = None  # None: start a local Ray bound to 127.0.0.1; "auto": join the running one
     kv_backend: str = "ipc"
     kv_lease_s: float = 30.0  # a decode reservation that gets no KV this long is freed
+    replace_dead_replicas: bool = True  # a replica whose actor or engine dies is replaced (ipc backend)
     prefill: PoolConfig = PoolConfig(max_num_batched_tokens=512, num_kv_blocks=256)
     decode: PoolConfig = PoolConfig(max_num_batched_tokens=256, num_kv_blocks=512)
     router: RouterConfig = RouterConfig()

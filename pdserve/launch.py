@@ -31,6 +31,7 @@ class Cluster:
     placement_groups: list[Any] = field(default_factory=list)
     owns_ray: bool = False
     sd_file: Path | None = None
+    supervisor: Any = None  # pdserve.supervisor.Supervisor, when dead replicas are replaced
 
     @property
     def address(self) -> str:
@@ -58,6 +59,8 @@ class Cluster:
 
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.server is not None:
             self.server.stop()
         actors = [*self.prefill, *self.decode]
@@ -138,12 +141,21 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
     tag = uuid.uuid4().hex[:8]
     pool_names = [f"{config.name}-{tag}-decode{i}" for i in range(config.decode.replicas)]
-    pgs: list[Any] = []
-    decode = [_spawn(DecodeWorker, config.decode, pgs, config.model, config.decode.engine_kwargs(), name,
-                     config.kv_lease_s, config.decode.peaks(), config.kv_backend) for name in pool_names]
-    prefill = [_spawn(PrefillWorker, config.prefill, pgs, config.model, config.prefill.engine_kwargs(),
-                      config.prefill.peaks(), config.kv_backend) for _ in range(config.prefill.replicas)]
-    cluster = Cluster(config, None, prefill, decode, pool_names, pgs, owns_ray)
+    _remove_orphan_pools()
+    d_pgs = [_placement_group(DecodeWorker, config.decode) for _ in pool_names]
+    p_pgs = [_placement_group(PrefillWorker, config.prefill) for _ in range(config.prefill.replicas)]
+
+    def new_decode(i: int, name: str):
+        return _actor(DecodeWorker, config.decode, d_pgs[i], config.model, config.decode.engine_kwargs(), name,
+                      config.kv_lease_s, config.decode.peaks(), config.kv_backend)
+
+    def new_prefill(i: int):
+        return _actor(PrefillWorker, config.prefill, p_pgs[i], config.model, config.prefill.engine_kwargs(),
+                      config.prefill.peaks(), config.kv_backend)
+
+    decode = [new_decode(i, name) for i, name in enumerate(pool_names)]
+    prefill = [new_prefill(i) for i in range(config.prefill.replicas)]
+    cluster = Cluster(config, None, prefill, decode, pool_names, d_pgs + p_pgs, owns_ray)
     try:
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
         ray.get([a.info.remote() for a in (*decode, *prefill)])
@@ -172,6 +184,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     if cluster.server.metrics_port:
         cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
         metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
+    if config.replace_dead_replicas and config.kv_backend == "ipc":
+        cluster.supervisor = _supervise(cluster, new_decode, new_prefill)
     say(f"serving {name!r} on {cluster.address}{' (TLS)' if r.tls else ''}{metrics}")
     if cluster.openai_base_url:
         say(f"OpenAI-compatible API on {cluster.openai_base_url}")
@@ -194,20 +208,70 @@ def _publish_metrics_target(config: ClusterConfig, tag: str, host: str, port: in
     return path
 
 
-def _spawn(cls, pool: PoolConfig, pgs: list[Any], *args):
-    """One replica: a placement group with a bundle per TP rank, and its rank-0 actor."""
+def _supervise(cluster: Cluster, new_decode, new_prefill):
+    """Replace dead replicas (pdserve.supervisor): each new one in its predecessor's placement group."""
+    import itertools
+
+    import ray
+
+    from pdserve.supervisor import Supervisor
+
+    generation = itertools.count(1)
+
+    def decode(i: int):
+        actor = new_decode(i, f"{cluster.pool_names[i]}-{next(generation)}")  # a fresh name: the dead pool's stays
+        return actor, ray.get(actor.info.remote())                            # mapped until prefill drops it
+
+    def prefill(i: int):
+        actor = new_prefill(i)
+        return actor, ray.get(actor.info.remote())
+
+    def replaced(role: str, i: int, actor) -> None:
+        (cluster.decode if role == "decode" else cluster.prefill)[i] = actor
+
+    return Supervisor(cluster.server, {"decode": decode, "prefill": prefill}, list(cluster.pool_names),
+                      replaced).start()
+
+
+def _remove_orphan_pools(min_age_s: float = 60.0) -> None:
+    """KV pools in shared memory that no process maps any more: left by a cluster that was killed
+    (SIGKILL skips every clean-up). Younger files may belong to a cluster starting right now."""
+    from glob import glob
+
+    pools = {p for p in glob("/dev/shm/pdserve-kv-*") if time.time() - os.path.getmtime(p) > min_age_s}
+    if not pools:
+        return
+    for maps in glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                pools -= {line.split(None, 5)[-1].strip() for line in f if "/dev/shm/pdserve-kv-" in line}
+        except OSError:
+            continue  # gone, or not ours to read
+    for path in pools:
+        Path(path).unlink(missing_ok=True)
+
+
+def _placement_group(cls, pool: PoolConfig):
+    """One replica's placement group: a bundle per TP rank. A replica that replaces a dead one
+    reuses its predecessor's."""
     import ray
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
     pg = placement_group([bundle] * pool.tensor_parallel_size, strategy="PACK")
-    pgs.append(pg)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         raise RuntimeError(
             f"the Ray cluster cannot place a {cls.__name__} replica: {pool.tensor_parallel_size} x {bundle} "
             f"needed, {ray.available_resources()} available; lower replicas, tensor_parallel_size or num_cpus")
+    return pg
+
+
+def _actor(cls, pool: PoolConfig, pg, *args):
+    """A replica's rank-0 actor, in its placement group's first bundle."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     return ray.remote(cls).options(
         num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=pool.resources or None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),

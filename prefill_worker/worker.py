@@ -61,6 +61,21 @@ class PrefillWorker(ReplicaShell):
                                                              handles)
         await self._call(self.kv.local.attach, handles)
 
+    async def detach(self, pool_name: str) -> None:
+        """Forget a decode replica's pool (it died and was replaced): the prompts bound there fail with
+        KVLost, then every rank unmaps it, between steps."""
+        if self.kv.role.backend != "ipc":
+            return  # a collective pool is a rank in the KV group, not a mapping
+        await self._call(self._detach, pool_name)
+        if self.engine.followers is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.followers.call, "kv", "detach",
+                                                             pool_name)
+
+    def _detach(self, pool_name: str) -> None:
+        for e in self.sender.drop_pool(pool_name, "its decode replica was replaced"):
+            self._settle(e.request_id, exception=e)
+        self.kv.local.detach(pool_name)
+
     async def prefill(self, prompt_token_ids: list[int], params: dict[str, Any], reservation: Reservation
                       ) -> PrefillResult:
         """Prefill the prompt into the reservation's blocks; return the first token (and its

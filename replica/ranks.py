@@ -52,8 +52,8 @@ class RankWorker:
         return dict(rank=self.rank, pid=os.getpid(), running=self._thread.is_alive(), error=self.error)
 
     def kv(self, op: str, *args: Any) -> Any:
-        """Run one of this rank's KV operations (kv_transfer.ranks.RankKV: attach, join_group, wait,
-        forget) for rank 0."""
+        """Run one of this rank's KV operations (kv_transfer.ranks.RankKV: attach, detach, join_group,
+        wait, forget) for rank 0."""
         if self.endpoint is None:
             raise RuntimeError(f"rank {self.rank} has no KV role; {op!r} cannot run here")
         return getattr(self.endpoint, op)(*args)

@@ -69,8 +69,7 @@ def make_app(router: Router) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        up = any(r.healthy for r in router.placement.decode)
-        return Response(status_code=200 if up else 503)
+        return Response(status_code=200 if router.serving() else 503)
 
     @app.get("/v1/models")
     async def models(_: Owner) -> dict[str, Any]:

@@ -97,6 +97,7 @@ _COUNTERS = [
     ("pdserve_preemptions", "num_preemptions", "Sequences preempted for KV blocks"),
     ("pdserve_kv_transfer_bytes", "kv_bytes_sent", "KV bytes written into decode pools"),
     ("pdserve_kv_leases_expired", "leases_expired", "KV reservations given up at their lease's end"),
+    ("pdserve_replica_restarts", "restarts", "Times the replica was replaced (its actor or engine died)"),
 ]
 _HISTOGRAMS = [
     ("pdserve_step_seconds", "step_seconds", "Engine step time"),
@@ -119,7 +120,7 @@ class _ReplicaCollector:
             families[name] = HistogramMetricFamily(name, doc, labels=labels)
         for r in self.replicas_of():
             values = [r.role, str(r.index), self.model]
-            stats = {**r.stats, "up": 1.0 if r.healthy else 0.0}
+            stats = {**r.stats, "up": 1.0 if r.healthy else 0.0, "restarts": r.restarts}
             for name, key, _ in _GAUGES:
                 if key in stats:
                     families[name].add_metric(values, float(stats[key]))

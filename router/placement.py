@@ -31,7 +31,8 @@ class Replica:
     queued_tokens: int = 0  # prefill: prompt tokens sent and not yet prefilled (kept by the router)
     free_blocks: int = 0  # decode: from the last stats poll, lowered by each reservation since
     healthy: bool = True
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # the last poll's; emptied when it is known dead
+    restarts: int = 0  # times pdserve.supervisor replaced its actor
 
     @property
     def name(self) -> str:
@@ -156,8 +157,10 @@ class Placement:
                 r.stats = await asyncio.wait_for(r.actor.stats.remote(), timeout_s)
                 r.healthy = True
                 r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
+            except asyncio.TimeoutError:
+                r.healthy = False  # busy or gone: keep its last figures until it is known which
             except Exception:
-                r.healthy = False
+                r.healthy, r.stats = False, {}  # dead (its actor or its engine): no stale figures
         await asyncio.gather(*(one(r) for r in self.replicas))
 
     async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool) -> None:

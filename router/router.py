@@ -157,6 +157,19 @@ class Router(pb_grpc.GenerationServicer):
         task.cancel()
         return True
 
+    def serving(self) -> bool:
+        """Some path can serve a request: a decode replica is up (it can prefill too)."""
+        return any(r.healthy for r in self.placement.decode)
+
+    async def replaced(self, replica: Replica, actor, num_kv_blocks: int) -> None:
+        """pdserve.supervisor built `actor` in place of `replica`'s dead one and wired its KV: back into
+        placement (a decode replica's event stream is subscribed again by its pump)."""
+        replica.actor, replica.stats, replica.queued_tokens = actor, {}, 0
+        replica.restarts += 1
+        if replica.role == "decode":
+            replica.free_blocks = num_kv_blocks
+        replica.healthy = True
+
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         await self._owner(context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(
@@ -168,7 +181,7 @@ class Router(pb_grpc.GenerationServicer):
         pools = []
         for role, replicas in (("prefill", self.placement.prefill), ("decode", self.placement.decode)):
             pools.append(pb.PoolStatus(role=role, replicas=[pb.ReplicaStatus(
-                index=r.index, tensor_parallel_size=r.tensor_parallel_size, healthy=r.healthy,
+                index=r.index, tensor_parallel_size=r.tensor_parallel_size, healthy=r.healthy, restarts=r.restarts,
                 **{k: r.stats[k] for k in ("running", "waiting", "waiting_prefill_tokens", "kv_blocks_used",
                                            "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu")
                    if k in r.stats})

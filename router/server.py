@@ -92,8 +92,22 @@ class RouterServer:
             self.metrics_port = self.router.metrics.serve(self.host, self._want_metrics_port)
         if self._want_http_port is not None:
             await self._start_http()
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving: bool | None = None
+        await self._update_health()
+        self._health_task = asyncio.get_running_loop().create_task(self._watch_health())
+
+    async def _update_health(self) -> None:
+        """The health service says SERVING while some path can serve, NOT_SERVING while none can."""
+        if (now := self.router.serving()) != self._serving:
+            self._serving = now
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE):
+                await self.health.set(name, status)
+
+    async def _watch_health(self, every_s: float = 0.25) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self._update_health()
 
     async def _start_http(self) -> None:
         import uvicorn
@@ -115,6 +129,7 @@ class RouterServer:
         self._http_task = task
 
     async def _shutdown(self) -> None:
+        self._health_task.cancel()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._http is not None:

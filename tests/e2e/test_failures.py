@@ -24,8 +24,9 @@ PARAMS = dict(temperature=0, max_tokens=8)
 
 @pytest.fixture(scope="module", params=["ipc", "collective"])
 def cluster(ray_local, request):
-    """Two replicas per pool; the tests below kill them one by one, in order."""
-    config = small_cluster("default").replace(kv_backend=request.param, **{
+    """Two replicas per pool; the tests below kill them one by one, in order (none is replaced:
+    tests/e2e/test_healing.py has that)."""
+    config = small_cluster("default").replace(kv_backend=request.param, replace_dead_replicas=False, **{
         "prefill.replicas": 2, "decode.replicas": 2, "decode.num_kv_blocks": 512})
     with start_cluster(config, progress=None) as c:
         yield c

@@ -184,7 +184,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu")
+    __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu", "restarts")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class ReplicaStatus(_message.Message):
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     MFU_FIELD_NUMBER: _ClassVar[int]
     MBU_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     tensor_parallel_size: int
     healthy: bool
@@ -209,7 +210,8 @@ class ReplicaStatus(_message.Message):
     tokens_processed: int
     mfu: float
     mbu: float
-    def __init__(self, index: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ...) -> None: ...
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "replicas")
