@@ -195,8 +195,8 @@ def format_status(s) -> str:
             kv = f"{r.kv_blocks_used}/{r.kv_blocks_total}" + (
                 f" ({r.kv_blocks_used / r.kv_blocks_total:.0%})" if r.kv_blocks_total else "")
             rows.append((pool.role, str(r.index), str(r.tensor_parallel_size), "yes" if r.healthy else "NO",
-                         str(r.restarts), f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running), str(r.waiting),
-                         str(r.waiting_prefill_tokens), kv, str(r.tokens_processed)))
+                         str(r.restarts), f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running),
+                         str(r.waiting), str(r.waiting_prefill_tokens), kv, str(r.tokens_processed)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [f"model {s.model}  kv_backend {s.kv_backend}  in flight {s.requests_in_flight}  "
              f"queued {s.requests_queued}"]

@@ -61,6 +61,8 @@ class RouterConfig:
     max_request_bytes: int = 1 << 20  # a request larger than this is refused with INVALID_ARGUMENT
     max_logprobs: int = 20
     max_stop_strings: int = 16
+    max_migrations: int = 2  # times a request may be continued elsewhere after its replica died (0: never)
+    migration_wait_s: float = 30.0  # how long a request to continue waits for a decode replica to be up
     metrics_port: int | None = 9400  # Prometheus /metrics on host:metrics_port (0: a free port; None: off)
     ttft_slo_s: float = 1.0  # the SLO targets that pdserve_slo_* metrics count against
     tpot_slo_s: float = 0.2

@@ -43,6 +43,8 @@ class RouterMetrics:
         g.labels(slo="tpot", **m).set(tpot_slo_s)
         self.kv_transfer = Histogram("pdserve_kv_transfer_seconds", "Prefill's end to the decode replica admitting",
                                      ["model"], buckets=LATENCY_BUCKETS, registry=r).labels(**m)
+        self.migrations = Counter("pdserve_request_migrations", "Requests continued on another replica after "
+                                  "theirs died (or their KV was lost)", ["model"], registry=r).labels(**m)
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "Prefills or transfers that failed", ["model"],
                                    registry=r).labels(**m)
         self.model, self.ttft_slo_s, self.tpot_slo_s = model, ttft_slo_s, tpot_slo_s

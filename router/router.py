@@ -4,7 +4,9 @@ Ray actor handles, never tensors (no torch in this process)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +26,9 @@ from router.tokenizer import Tokenizer
 from router.validate import DEFAULT_MAX_TOKENS, InvalidRequest, Limits, Validated, validate
 
 log = logging.getLogger("pdserve.router")
+
+# what a request may be continued elsewhere after: its replica died, its KV was lost or its lease ended
+MIGRATABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 
 
 @dataclass
@@ -121,8 +126,7 @@ class Router(pb_grpc.GenerationServicer):
                 m.refused.inc()
                 raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             admitted = True
-            inbox = self.inboxes.open(req.placed)
-            async for chunk in self._generate(req.placed, rid, clock, v, inbox):
+            async for chunk in self._migrating(req, rid, clock, v):
                 yield chunk
             status = "OK"
         except RequestFailed as e:
@@ -190,11 +194,54 @@ class Router(pb_grpc.GenerationServicer):
                                         requests_in_flight=self.admission.ongoing,
                                         requests_queued=self.admission.queued)
 
-    async def _generate(self, p: Placed, rid: str, clock: Clock, v: Validated, inbox: asyncio.Queue[StreamItem]):
-        """Reserve on a decode replica, prefill on a prefill replica (or locally), then stream (as `rid`,
-        the client's id)."""
-        ids, params = v.prompt_token_ids, v.params
+    async def _migrating(self, req: _Request, rid: str, clock: Clock, v: Validated):
+        """Run the request; when the replica running it dies (or its KV is lost), continue it on a
+        live path: the prompt plus every token already streamed becomes the prompt, with the budget
+        left. Sampling is a pure function of (seed, position, logits) and the router fixes the seed
+        up front, so the continuation gives exactly the tokens the dead replica would have: the
+        client's stream goes on with no token missing or repeated. At most router.max_migrations."""
         out = Output(rid, self.tokenizer, v.stop)
+        ids, params = v.prompt_token_ids, v.params
+        if params.get("seed") is None:
+            params = {**params, "seed": random.getrandbits(63)}
+        for attempt in itertools.count():
+            inbox = self.inboxes.open(req.placed)
+            try:
+                async for chunk in self._generate(req.placed, out, clock, ids, params, inbox, len(v.prompt_token_ids)):
+                    yield chunk
+                return
+            except RequestFailed as e:
+                if e.code not in MIGRATABLE or attempt >= self.config.max_migrations:
+                    raise
+                cause = e
+            await asyncio.shield(self.placement.release(req.placed))
+            self.inboxes.close(req.placed.rid)
+            done = len(out.token_ids)
+            if done >= v.params["max_tokens"]:  # it died after the last token, before the end: nothing is missing
+                yield self._finish(out, "length", len(v.prompt_token_ids), clock, False, req.placed)
+                return
+            req.placed = Placed(req.placed.rid)
+            log.warning("%s; continuing request %r elsewhere after %d tokens (migration %d)", cause, rid, done,
+                        attempt + 1)
+            self.metrics.migrations.inc()
+            if not await self._a_path_is_up(self.config.migration_wait_s):
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"{cause}; no decode replica came back within "
+                                    f"{self.config.migration_wait_s:g} s to continue it") from None
+            ids, params = v.prompt_token_ids + out.token_ids, {**params, "max_tokens": v.params["max_tokens"] - done}
+
+    async def _a_path_is_up(self, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while not self.serving():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _generate(self, p: Placed, out: Output, clock: Clock, ids: list[int], params: dict,
+                        inbox: asyncio.Queue[StreamItem], num_prompt: int):
+        """Reserve on a decode replica, prefill on a prefill replica (or locally), then stream into
+        `out` (the client's stream, which may have started on an earlier placement; its prompt had
+        num_prompt tokens)."""
         place = self.placement
         local = len(ids) < self.config.local_prefill_threshold or place.pick_prefill() is None
         await place.place_decode(p, ids, params, local)
@@ -214,7 +261,7 @@ class Router(pb_grpc.GenerationServicer):
             if chunk := self._add(out, clock, [StreamItem(p.rid, first.first_token, first.logprobs)]):
                 yield chunk
             if out.stopped:  # the first token completed a stop string; release() frees the reservation
-                yield self._finish(out, "stop", ids, clock, local, p)
+                yield self._finish(out, "stop", num_prompt, clock, local, p)
                 return
             await call(p.decode, p.rid, p.decode.actor.commit.remote(p.rid, first.first_token, first.logprobs))
             clock.committed = time.monotonic()
@@ -229,7 +276,7 @@ class Router(pb_grpc.GenerationServicer):
                 yield chunk
             if out.stopped or last is not None:
                 p.decoding = last is None  # a stop string ended it here: the replica is still running it
-                yield self._finish(out, last.finish_reason if last else "stop", ids, clock, local, p)
+                yield self._finish(out, last.finish_reason if last else "stop", num_prompt, clock, local, p)
                 return
 
     def _add(self, out: Output, clock: Clock, items: list[StreamItem]):
@@ -239,7 +286,8 @@ class Router(pb_grpc.GenerationServicer):
             self.metrics.itl.observe(gap)
         return out.add(items)
 
-    def _finish(self, out: Output, reason: str, ids: list[int], clock: Clock, local: bool, p: Placed):
+    def _finish(self, out: Output, reason: str, num_prompt: int, clock: Clock, local: bool, p: Placed):
+        local = local or p.prefill is None
         self.metrics.path.labels(model=self.model_name, path="local" if local else "disaggregated").inc()
         timings = clock.timings(local, (p.decode if local else p.prefill).name, p.decode.name)
-        return out.finish(reason, pb.Usage(prompt_tokens=len(ids), completion_tokens=len(out.token_ids)), timings)
+        return out.finish(reason, pb.Usage(prompt_tokens=num_prompt, completion_tokens=len(out.token_ids)), timings)
