@@ -27,15 +27,17 @@ def connect_pools(prefill: list[Any], decode: list[Any], backend: str, prefill_t
     return infos
 
 
-def rewire_decode(prefill: list[Any], info: dict[str, Any], dead_pool: str) -> None:
-    """A new decode replica (its info()) replaced the one whose pool was `dead_pool`: every live
-    prefill replica forgets the dead pool (the prompts bound there fail) and maps the new one."""
+def rewire_decode(prefill: list[Any], info: dict[str, Any], dead_pool: str | None = None) -> None:
+    """A new decode replica (its info()) joins, in place of the one whose pool was `dead_pool` if
+    any: every live prefill replica forgets the dead pool (the prompts bound there fail) and maps
+    the new one."""
     import ray
 
     from kv_transfer.metadata import remove_pool
 
-    ray.get([a.detach.remote(dead_pool) for a in prefill])
-    remove_pool(dead_pool)
+    if dead_pool is not None:
+        ray.get([a.detach.remote(dead_pool) for a in prefill])
+        remove_pool(dead_pool)
     ray.get([a.attach.remote(info["pools"]) for a in prefill])
 
 

@@ -4,6 +4,7 @@
     pdserve generate "The capital of France is" --max-tokens 16
     pdserve chat                      # interactive, streaming
     pdserve status                    # per-pool utilization
+    pdserve scale decode 3            # grow or shrink a pool while serving (leaving replicas drain)
     pdserve demo "What is the capital of France?"   # start, answer through the SDK, stop
     pdserve bench --workload longtail --rate 2 --num-requests 100   # load, latency, SLO attainment
 """
@@ -146,8 +147,18 @@ def cmd_serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    print("stopping", flush=True)
+    timeout = config.router.drain_timeout_s
+    print(f"draining: no new requests; up to {timeout:g} s for those running", flush=True)
+    left = cluster.drain(timeout)
+    print(f"stopping{f' ({left} requests cut short)' if left else ''}", flush=True)
     cluster.stop()
+    return 0
+
+
+def cmd_scale(args) -> int:
+    with _client(args) as client:
+        r = client.scale(args.pool, args.replicas, drain_timeout_s=args.drain_timeout or 0.0)
+    print(f"{args.pool} pool: {r.replicas} replicas ({r.added} started, {r.removed} drained)")
     return 0
 
 
@@ -243,14 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (("generate", cmd_generate, "complete a prompt (streams the text)"),
                                  ("chat", cmd_chat, "chat interactively (streams the replies)"),
-                                 ("status", cmd_status, "per-pool utilization of a running cluster")):
+                                 ("status", cmd_status, "per-pool utilization of a running cluster"),
+                                 ("scale", cmd_scale, "grow or shrink a pool of a running cluster")):
         p = sub.add_parser(name, help=helptext)
         _add_connection_flags(p)
         if name == "generate":
             p.add_argument("prompt")
         if name == "chat":
             p.add_argument("--system", help="system prompt")
-        if name != "status":
+        if name == "scale":
+            p.add_argument("pool", choices=("prefill", "decode"))
+            p.add_argument("replicas", type=int)
+            p.add_argument("--drain-timeout", type=float, help="seconds a leaving replica gets for its requests "
+                           "(default: the router's drain_timeout_s); the rest move to another replica")
+        if name not in ("status", "scale"):
             _add_sampling_flags(p)
         p.set_defaults(func=func)
 

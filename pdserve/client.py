@@ -255,6 +255,13 @@ class Client(_Connection):
         pools (role "prefill" or "decode") of replicas (healthy, running, waiting, kv_blocks_used/total, ...)."""
         return self._call(self._stub.ClusterStatus, pb.ClusterStatusRequest())
 
+    def scale(self, pool: str, replicas: int, *, drain_timeout_s: float = 0.0) -> pb.ScaleResponse:
+        """Grow or shrink pool "prefill" or "decode" to `replicas` while serving (a leaving replica
+        drains: drain_timeout_s for its requests to finish, 0 for the router's default, then the rest
+        move elsewhere). Returns once done: replicas, added, removed."""
+        return self._call(self._stub.Scale, pb.ScaleRequest(pool=pool, replicas=replicas,
+                                                            drain_timeout_s=drain_timeout_s))
+
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
         try:
             return method(request, timeout=self.timeout, metadata=self._metadata)
@@ -327,6 +334,11 @@ class AsyncClient(_Connection):
     async def status(self) -> pb.ClusterStatusResponse:
         """As Client.status."""
         return await self._call(self._stub.ClusterStatus, pb.ClusterStatusRequest())
+
+    async def scale(self, pool: str, replicas: int, *, drain_timeout_s: float = 0.0) -> pb.ScaleResponse:
+        """As Client.scale."""
+        return await self._call(self._stub.Scale, pb.ScaleRequest(pool=pool, replicas=replicas,
+                                                                  drain_timeout_s=drain_timeout_s))
 
     async def _call(self, method: Callable[..., Any], request: Any) -> Any:
         try:

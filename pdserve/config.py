@@ -63,6 +63,7 @@ class RouterConfig:
     max_stop_strings: int = 16
     max_migrations: int = 2  # times a request may be continued elsewhere after its replica died (0: never)
     migration_wait_s: float = 30.0  # how long a request to continue waits for a decode replica to be up
+    drain_timeout_s: float = 30.0  # a leaving replica (scale down) or the whole cluster (SIGTERM) gets this long
     metrics_port: int | None = 9400  # Prometheus /metrics on host:metrics_port (0: a free port; None: off)
     ttft_slo_s: float = 1.0  # the SLO targets that pdserve_slo_* metrics count against
     tpot_slo_s: float = 0.2

@@ -3,11 +3,12 @@ prefill pools as Ray actors in placement groups, then the router's gRPC server. 
 the engines are imported inside the actors."""
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,19 @@ class Cluster:
     """A running cluster. `address` is what clients dial; `stop()` tears it all down."""
     config: ClusterConfig
     server: Any  # router.server.RouterServer
-    prefill: list[Any]  # rank-0 actor handle per replica
-    decode: list[Any]
-    pool_names: list[str]
-    placement_groups: list[Any] = field(default_factory=list)
+    pools: Pools  # the replicas' actors and placement groups, as they change
     owns_ray: bool = False
     sd_file: Path | None = None
-    supervisor: Any = None  # pdserve.supervisor.Supervisor, when dead replicas are replaced
+    supervisor: Any = None  # pdserve.supervisor.Supervisor (ipc backend): replaces dead replicas, scales pools
+
+    @property
+    def prefill(self) -> list[Any]:
+        """Each prefill replica's rank-0 actor handle."""
+        return self.pools.actors["prefill"]
+
+    @property
+    def decode(self) -> list[Any]:
+        return self.pools.actors["decode"]
 
     @property
     def address(self) -> str:
@@ -52,6 +59,24 @@ class Cluster:
     def router(self):
         return self.server.router
 
+    def scale(self, pool: str, replicas: int, drain_timeout_s: float | None = None) -> tuple[int, int, int]:
+        """Resize a pool while serving (as the Scale RPC): (replicas now, started, drained)."""
+        if self.supervisor is None:
+            raise RuntimeError("this cluster cannot scale: pools are resized on the ipc KV backend only")
+        if pool not in ("prefill", "decode") or replicas < (pool == "decode"):
+            raise ValueError(f"scale {pool!r} to {replicas}: 'prefill' (>= 0 replicas) or 'decode' (>= 1)")
+        timeout = self.config.router.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        return self.supervisor.scale(pool, replicas, timeout)
+
+    def drain(self, timeout_s: float | None = None) -> int:
+        """Stop taking requests (health NOT_SERVING, new ones UNAVAILABLE) and wait up to timeout_s
+        (router.drain_timeout_s) for those admitted to finish; returns how many had not."""
+        import asyncio
+
+        timeout = self.config.router.drain_timeout_s if timeout_s is None else timeout_s
+        return asyncio.run_coroutine_threadsafe(self.router.drain_all(timeout), self.server.loop).result(
+            timeout=timeout + 30)
+
     def stop(self) -> None:
         """Router first (no new work), then the actors, their placement groups and KV pool files."""
         import ray
@@ -70,11 +95,10 @@ class Cluster:
             except Exception:
                 pass  # already dead: killing it below is all that is left
             ray.kill(actor)
-        for pg in self.placement_groups:
+        for pg in [*self.pools.groups["prefill"], *self.pools.groups["decode"]]:
             remove_placement_group(pg)
-        for name in self.pool_names:  # normally unlinked at start-up; this covers a failed start
-            for path in Path("/dev/shm").glob(f"pdserve-kv-{name}*"):
-                path.unlink(missing_ok=True)
+        for path in Path("/dev/shm").glob(f"pdserve-kv-{self.pools.prefix}*"):  # what dead decode replicas left
+            path.unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
 
@@ -140,23 +164,14 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     say(f"Ray {'started on 127.0.0.1' if owns_ray else 'connected'}: "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
     tag = uuid.uuid4().hex[:8]
-    pool_names = [f"{config.name}-{tag}-decode{i}" for i in range(config.decode.replicas)]
     _remove_orphan_pools()
-    d_pgs = [_placement_group(DecodeWorker, config.decode) for _ in pool_names]
-    p_pgs = [_placement_group(PrefillWorker, config.prefill) for _ in range(config.prefill.replicas)]
-
-    def new_decode(i: int, name: str):
-        return _actor(DecodeWorker, config.decode, d_pgs[i], config.model, config.decode.engine_kwargs(), name,
-                      config.kv_lease_s, config.decode.peaks(), config.kv_backend)
-
-    def new_prefill(i: int):
-        return _actor(PrefillWorker, config.prefill, p_pgs[i], config.model, config.prefill.engine_kwargs(),
-                      config.prefill.peaks(), config.kv_backend)
-
-    decode = [new_decode(i, name) for i, name in enumerate(pool_names)]
-    prefill = [new_prefill(i) for i in range(config.prefill.replicas)]
-    cluster = Cluster(config, None, prefill, decode, pool_names, d_pgs + p_pgs, owns_ray)
+    pools = Pools(config, f"{config.name}-{tag}-", {"prefill": PrefillWorker, "decode": DecodeWorker})
+    cluster = Cluster(config, None, pools, owns_ray)
     try:
+        for role in ("decode", "prefill"):
+            for i in range(getattr(config, role).replicas):
+                pools.start(role, i)
+        prefill, decode = cluster.prefill, cluster.decode
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
         ray.get([a.info.remote() for a in (*decode, *prefill)])
         say("pools up; connecting the prefill pool to the decode pool's KV")
@@ -184,8 +199,11 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     if cluster.server.metrics_port:
         cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
         metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
-    if config.replace_dead_replicas and config.kv_backend == "ipc":
-        cluster.supervisor = _supervise(cluster, new_decode, new_prefill)
+    if config.kv_backend == "ipc":
+        from pdserve.supervisor import Supervisor
+
+        cluster.supervisor = Supervisor(cluster.server, pools, replace_dead=config.replace_dead_replicas).start()
+        cluster.server.router.scaler = cluster.supervisor.scale
     say(f"serving {name!r} on {cluster.address}{' (TLS)' if r.tls else ''}{metrics}")
     if cluster.openai_base_url:
         say(f"OpenAI-compatible API on {cluster.openai_base_url}")
@@ -208,29 +226,44 @@ def _publish_metrics_target(config: ClusterConfig, tag: str, host: str, port: in
     return path
 
 
-def _supervise(cluster: Cluster, new_decode, new_prefill):
-    """Replace dead replicas (pdserve.supervisor): each new one in its predecessor's placement group."""
-    import itertools
+class Pools:
+    """Each pool's rank-0 actors and placement groups (a bundle per TP rank), and how a replica is
+    started: at start-up, in place of a dead one (in its predecessor's placement group), or to grow
+    a pool. A decode replica's KV pool gets a fresh name each start."""
 
-    import ray
+    def __init__(self, config: ClusterConfig, prefix: str, classes: dict[str, type]) -> None:
+        self.config, self.prefix, self.classes = config, prefix, classes
+        self.actors: dict[str, list[Any]] = {"prefill": [], "decode": []}
+        self.groups: dict[str, list[Any]] = {"prefill": [], "decode": []}
+        self.pool_names: list[str] = []  # each decode replica's KV pool name, by index
+        self._starts = itertools.count()
 
-    from pdserve.supervisor import Supervisor
+    def start(self, role: str, index: int):
+        """Start replica `index` of `role` (a new one when index is the pool's size) and return its
+        rank-0 actor; it is built once its info() answers."""
+        c, pool = self.config, getattr(self.config, role)
+        if index == len(self.groups[role]):
+            self.groups[role].append(_placement_group(self.classes[role], pool))
+            self.actors[role].append(None)
+            if role == "decode":
+                self.pool_names.append("")
+        if role == "decode":
+            self.pool_names[index] = f"{self.prefix}decode{next(self._starts)}"
+            args = (c.model, pool.engine_kwargs(), self.pool_names[index], c.kv_lease_s, pool.peaks(), c.kv_backend)
+        else:
+            args = (c.model, pool.engine_kwargs(), pool.peaks(), c.kv_backend)
+        self.actors[role][index] = _actor(self.classes[role], pool, self.groups[role][index], *args)
+        return self.actors[role][index]
 
-    generation = itertools.count(1)
+    def remove_last(self, role: str) -> None:
+        """The pool's last replica has drained and stopped: drop its actor and placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
 
-    def decode(i: int):
-        actor = new_decode(i, f"{cluster.pool_names[i]}-{next(generation)}")  # a fresh name: the dead pool's stays
-        return actor, ray.get(actor.info.remote())                            # mapped until prefill drops it
-
-    def prefill(i: int):
-        actor = new_prefill(i)
-        return actor, ray.get(actor.info.remote())
-
-    def replaced(role: str, i: int, actor) -> None:
-        (cluster.decode if role == "decode" else cluster.prefill)[i] = actor
-
-    return Supervisor(cluster.server, {"decode": decode, "prefill": prefill}, list(cluster.pool_names),
-                      replaced).start()
+        ray.kill(self.actors[role].pop())
+        remove_placement_group(self.groups[role].pop())
+        if role == "decode":
+            self.pool_names.pop()
 
 
 def _remove_orphan_pools(min_age_s: float = 60.0) -> None:

@@ -1,37 +1,37 @@
-"""Supervision: a replica whose actor died (or whose engine loop did, e.g. a tensor-parallel rank
-was lost) is replaced by a new one with the same config in the same placement group, wired into
-the KV transport, and handed back to the router, which puts it into placement again. Until then
-the router routes around it. Runs on its own thread of the process that started the cluster: it
-uses Ray's blocking API and never blocks the router's loop.
+"""Supervision and resizing of the pools, on a thread of the process that started the cluster (it
+uses Ray's blocking API and never blocks the router's loop).
 
-A replica is replaced only once it is known dead: the router marks it unhealthy when a call or a
-stats poll fails, and the supervisor then asks it for its stats; an actor error or a dead engine
-means dead, no answer within `ping_timeout_s` means busy (left alone)."""
+- A replica whose actor died (or whose engine loop did, e.g. a tensor-parallel rank was lost) is
+  replaced by a new one with the same config in the same placement group, wired into the KV
+  transport, and handed back to the router, which puts it into placement again. Until then the
+  router routes around it. A replica is replaced only once it is known dead: the router marks it
+  unhealthy when a call or a stats poll fails, and the supervisor then asks it for its stats; an
+  actor error or a dead engine means dead, no answer within `ping_timeout_s` means busy.
+- scale(pool, n) grows a pool (new replicas, wired in) or shrinks it: its last replica drains (no
+  new placements; the requests on it get drain_timeout_s to finish, the rest move elsewhere once
+  it stops), then it stops and its placement group goes.
+
+The ipc KV backend only: on `collective` a new member would need the KV group formed again."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("pdserve.supervisor")
 
 
 class Supervisor:
-    """respawn[role](index) builds a replica's new rank-0 actor and returns (actor, info) once it is
-    built; on_replaced(role, index, actor) is told of each replacement (the Cluster's actor lists)."""
-
-    def __init__(self, server, respawn: dict[str, Callable[[int], tuple[Any, dict[str, Any]]]],
-                 pool_names: list[str], on_replaced: Callable[[str, int, Any], None],
-                 every_s: float = 0.5, ping_timeout_s: float = 5.0) -> None:
+    def __init__(self, server, pools, replace_dead: bool = True, every_s: float = 0.5,
+                 ping_timeout_s: float = 5.0) -> None:
         self.server = server  # router.server.RouterServer: its router and event loop
-        self.respawn = respawn
-        self.pool_names = pool_names  # each decode replica's current KV pool name, by index
-        self.on_replaced = on_replaced
+        self.pools = pools  # pdserve.launch.Pools: starts replicas, holds their actors and placement groups
+        self.replace_dead = replace_dead
         self.every_s, self.ping_timeout_s = every_s, ping_timeout_s
         self.failures: list[tuple[str, str]] = []  # (replica, why) of replacements that failed
+        self._lock = threading.Lock()  # one change to the pools at a time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
 
@@ -43,18 +43,57 @@ class Supervisor:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def scale(self, role: str, n: int, drain_timeout_s: float) -> tuple[int, int, int]:
+        """Resize pool `role` to n replicas; returns (replicas now, started, drained)."""
+        import ray
+
+        from kv_transfer.metadata import remove_pool
+
+        router = self.server.router
+        replicas = getattr(router.placement, role)
+        added = removed = 0
+        with self._lock:
+            while len(replicas) < n:
+                actor, info = self._start(role, len(replicas))
+                self._wire(role, actor, info)
+                self._on_loop(router.add_replica(role, actor, getattr(self.pools.config, role).tensor_parallel_size,
+                                                 info["num_kv_blocks"]))
+                added += 1
+                log.warning("%s/%d joined the pool", role, len(replicas) - 1)
+            while len(replicas) > n:
+                replica = replicas[-1]
+                left = self._on_loop(router.drain(replica, drain_timeout_s), timeout=drain_timeout_s + 30)
+                if role == "decode":  # its pool: prompts still bound there move elsewhere
+                    pool = self.pools.pool_names[replica.index]
+                    ray.get([r.actor.detach.remote(pool) for r in router.placement.prefill if r.healthy])
+                    remove_pool(pool)
+                try:
+                    ray.get(replica.actor.shutdown.remote(), timeout=10)
+                except Exception:  # noqa: BLE001 - dead already: removing it is all that is left
+                    pass
+                self.pools.remove_last(role)
+                self._on_loop(router.remove_replica(replica))
+                removed += 1
+                log.warning("%s left the pool (drained; %d requests moved elsewhere)", replica.name, left)
+        return len(replicas), added, removed
+
     def _run(self) -> None:
         placement = self.server.router.placement
         while not self._stop.wait(self.every_s):
+            if not self.replace_dead:
+                continue
             for replica in list(placement.replicas):
                 if self._stop.is_set():
                     return
-                if not replica.healthy and self._dead(replica):
-                    try:
-                        self._replace(replica)
-                    except Exception as e:  # noqa: BLE001 - tried again on the next round
-                        log.warning("replacing %s failed: %r", replica.name, e)
-                        self.failures.append((replica.name, repr(e)))
+                if not replica.healthy and not replica.draining and self._dead(replica):
+                    with self._lock:
+                        if replica not in getattr(placement, replica.role):
+                            continue  # scaled away meanwhile
+                        try:
+                            self._replace(replica)
+                        except Exception as e:  # noqa: BLE001 - tried again on the next round
+                            log.warning("replacing %s failed: %r", replica.name, e)
+                            self.failures.append((replica.name, repr(e)))
 
     def _dead(self, replica) -> bool:
         import ray
@@ -70,21 +109,31 @@ class Supervisor:
     def _replace(self, replica) -> None:
         import ray
 
-        from kv_transfer.wiring import rewire_decode, wire_prefill
-
-        router = self.server.router
         t0 = time.monotonic()
         log.warning("%s is dead; starting a new one", replica.name)
         ray.kill(replica.actor)  # a live actor whose engine died: its ranks go with it
-        actor, info = self.respawn[replica.role](replica.index)
-        live = [r.actor for r in (router.placement.prefill if replica.role == "decode" else router.placement.decode)
-                if r.healthy]
-        if replica.role == "decode":
-            rewire_decode(live, info, self.pool_names[replica.index])
-            self.pool_names[replica.index] = info["pool"]
-        else:
-            wire_prefill(actor, live)
-        asyncio.run_coroutine_threadsafe(router.replaced(replica, actor, info["num_kv_blocks"]),
-                                         self.server.loop).result(timeout=30)
-        self.on_replaced(replica.role, replica.index, actor)
+        dead_pool = self.pools.pool_names[replica.index] if replica.role == "decode" else None
+        actor, info = self._start(replica.role, replica.index)
+        self._wire(replica.role, actor, info, dead_pool)
+        self._on_loop(self.server.router.replaced(replica, actor, info["num_kv_blocks"]))
         log.warning("%s is back after %.1f s (restart %d)", replica.name, time.monotonic() - t0, replica.restarts)
+
+    def _start(self, role: str, index: int) -> tuple[Any, dict[str, Any]]:
+        import ray
+
+        actor = self.pools.start(role, index)
+        return actor, ray.get(actor.info.remote())
+
+    def _wire(self, role: str, actor, info: dict[str, Any], dead_pool: str | None = None) -> None:
+        """A new decode replica's pool is mapped by every live prefill replica (which first drop the
+        dead predecessor's, if any); a new prefill replica maps every live decode pool."""
+        from kv_transfer.wiring import rewire_decode, wire_prefill
+
+        placement = self.server.router.placement
+        if role == "decode":
+            rewire_decode([r.actor for r in placement.prefill if r.healthy], info, dead_pool)
+        else:
+            wire_prefill(actor, [r.actor for r in placement.decode if r.healthy])
+
+    def _on_loop(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout=timeout)

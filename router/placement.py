@@ -33,6 +33,12 @@ class Replica:
     healthy: bool = True
     stats: dict[str, Any] = field(default_factory=dict)  # the last poll's; emptied when it is known dead
     restarts: int = 0  # times pdserve.supervisor replaced its actor
+    draining: bool = False  # leaving the pool: no new placements
+
+    @property
+    def serves(self) -> bool:
+        """It may take new requests."""
+        return self.healthy and not self.draining
 
     @property
     def name(self) -> str:
@@ -144,11 +150,15 @@ class Placement:
         return (*self.prefill, *self.decode)
 
     def pick_prefill(self) -> Replica | None:
-        live = [r for r in self.prefill if r.healthy]
+        live = [r for r in self.prefill if r.serves]
         return self._pick_prefill(live) if live else None
 
     def decode_order(self) -> list[Replica]:
-        return self._order_decode([r for r in self.decode if r.healthy] or self.decode)
+        return self._order_decode([r for r in self.decode if r.serves] or [r for r in self.decode if not r.draining])
+
+    def running_on(self, replica: Replica, placed: list[Placed]) -> int:
+        """How many of these placements still hold work on `replica`."""
+        return sum(p.decode is replica and p.decoding or p.prefill is replica and p.prefilling for p in placed)
 
     async def refresh_stats(self, timeout_s: float = 2.0) -> None:
         """Poll every replica's load; one that does not answer is left out of placement until it does."""
@@ -174,7 +184,7 @@ class Placement:
                         return
                     reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid))
                 except RequestFailed as e:
-                    if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.healthy for r in self.decode):
+                    if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.serves for r in self.decode):
                         raise
                     continue  # that replica is gone (and now marked so): the next one
                 if reservation is not None:

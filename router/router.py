@@ -27,6 +27,7 @@ from router.validate import DEFAULT_MAX_TOKENS, InvalidRequest, Limits, Validate
 
 log = logging.getLogger("pdserve.router")
 
+MAX_REPLICAS = 64  # per pool, as a sanity bound on Scale
 # what a request may be continued elsewhere after: its replica died, its KV was lost or its lease ended
 MIGRATABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 
@@ -60,15 +61,18 @@ class Router(pb_grpc.GenerationServicer):
         self._replica_ids: set[str] = set()  # the ids the replicas know the running requests by
         self.inboxes = Inboxes()
         self._tasks: list[asyncio.Task] = []
+        self._pumps: dict[int, asyncio.Task] = {}  # id(decode replica) -> its event pump
+        self.scaler = None  # pdserve.supervisor.Supervisor.scale(pool, replicas, drain_timeout_s), when it can
+        self.shutting_down = False  # draining the whole cluster: no new requests
 
     def start(self) -> None:
         """Poll the replicas' stats, and subscribe once to each decode replica's events."""
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._poll_stats()),
-                       *(loop.create_task(self.inboxes.pump(d)) for d in self.placement.decode)]
+        self._tasks = [asyncio.get_running_loop().create_task(self._poll_stats())]
+        for d in self.placement.decode:
+            self._pumps[id(d)] = asyncio.get_running_loop().create_task(self.inboxes.pump(d))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._pumps.values()]:
             task.cancel()
 
     async def _poll_stats(self, every_s: float = 0.25) -> None:
@@ -107,6 +111,8 @@ class Router(pb_grpc.GenerationServicer):
         except InvalidRequest as e:
             m.request_done("INVALID_ARGUMENT", None, time.monotonic() - clock.t0, 0)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if self.shutting_down:
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the cluster is shutting down; no new requests")
         key = (owner, rid)
         if key in self.requests:
             m.request_done("ALREADY_EXISTS", None, time.monotonic() - clock.t0, 0)
@@ -163,7 +169,60 @@ class Router(pb_grpc.GenerationServicer):
 
     def serving(self) -> bool:
         """Some path can serve a request: a decode replica is up (it can prefill too)."""
-        return any(r.healthy for r in self.placement.decode)
+        return not self.shutting_down and any(r.serves for r in self.placement.decode)
+
+    async def add_replica(self, role: str, actor, tensor_parallel_size: int, num_kv_blocks: int) -> None:
+        """A new replica (pdserve.supervisor grew the pool, its KV wired): into placement."""
+        pool = getattr(self.placement, role)
+        replica = Replica(role, len(pool), actor, tensor_parallel_size,
+                          free_blocks=num_kv_blocks if role == "decode" else 0)
+        pool.append(replica)
+        if role == "decode":
+            self._pumps[id(replica)] = asyncio.get_running_loop().create_task(self.inboxes.pump(replica))
+
+    async def drain(self, replica: Replica, timeout_s: float) -> int:
+        """Take `replica` out of placement and wait up to timeout_s for its requests to finish;
+        returns how many are still on it (they move elsewhere once it is stopped: remove_replica)."""
+        replica.draining = True
+        deadline = time.monotonic() + timeout_s
+        while (left := self.placement.running_on(replica, [r.placed for r, _ in self.requests.values()])) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return left
+
+    async def remove_replica(self, replica: Replica) -> None:
+        """The drained replica was stopped: requests still on it move elsewhere; it leaves the pool."""
+        self.inboxes.fail(replica, f"{replica.name} left the pool before they finished")
+        if (pump := self._pumps.pop(id(replica), None)) is not None:
+            pump.cancel()
+        getattr(self.placement, replica.role).remove(replica)
+
+    async def drain_all(self, timeout_s: float) -> int:
+        """Shutting down: refuse new requests (health NOT_SERVING) and wait up to timeout_s for
+        those admitted to finish; returns how many had not."""
+        self.shutting_down = True
+        deadline = time.monotonic() + timeout_s
+        while (left := self.admission.ongoing + self.admission.queued) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return left
+
+    async def Scale(self, request: pb.ScaleRequest, context) -> pb.ScaleResponse:
+        await self._owner(context)
+        if self.scaler is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this cluster cannot scale: pools are resized on the ipc KV backend only")
+        if request.pool not in ("prefill", "decode") or request.replicas > MAX_REPLICAS \
+                or request.pool == "decode" and request.replicas < 1 or request.drain_timeout_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"scale pool={request.pool!r} to "
+                                f"{request.replicas}: the pool is 'prefill' (0..{MAX_REPLICAS} replicas) or 'decode' "
+                                f"(1..{MAX_REPLICAS}), drain_timeout_s >= 0")
+        timeout = request.drain_timeout_s or self.config.drain_timeout_s
+        try:
+            size, added, removed = await asyncio.to_thread(self.scaler, request.pool, request.replicas, timeout)
+        except Exception as e:  # noqa: BLE001 - e.g. Ray cannot place another replica
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"scaling {request.pool} to {request.replicas} "
+                                f"failed: {e}")
+        return pb.ScaleResponse(replicas=size, added=added, removed=removed)
 
     async def replaced(self, replica: Replica, actor, num_kv_blocks: int) -> None:
         """pdserve.supervisor built `actor` in place of `replica`'s dead one and wired its KV: back into

@@ -52,11 +52,14 @@ class Inboxes:
                 if broken is None:
                     log.warning("the event stream of %s broke: %s", replica.name, e)
                 broken = replica_error(e, replica, "")  # marks a dead replica so
-                for rid, (queue, p) in list(self._open.items()):
-                    if p.decode is replica:
-                        queue.put_nowait(StreamItem(rid, error=ReplicaDead(
-                            f"request {rid!r}: the event stream of {replica.name} broke ({broken})", rid)))
+                self.fail(replica, f"the event stream of {replica.name} broke ({broken})")
             await asyncio.sleep(retry_s)
+
+    def fail(self, replica: Replica, why: str) -> None:
+        """End every open request on `replica` with a ReplicaDead (the router moves it elsewhere)."""
+        for rid, (queue, p) in list(self._open.items()):
+            if p.decode is replica:
+                queue.put_nowait(StreamItem(rid, error=ReplicaDead(f"request {rid!r}: {why}", rid)))
 
     @staticmethod
     async def take(queue: asyncio.Queue[StreamItem]) -> list[StreamItem]:

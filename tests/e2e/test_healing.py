@@ -61,7 +61,7 @@ def serving(cluster) -> int:
 def test_a_dead_decode_replica_is_replaced_and_its_stream_goes_on(cluster, tiny_model, want) -> None:
     """The only decode replica dies mid-stream: health says NOT_SERVING until its replacement is up,
     and the stream, which waited for it, goes on with the fault-free tokens."""
-    old_pool = cluster.supervisor.pool_names[0]
+    old_pool = cluster.pools.pool_names[0]
     assert pool_path(old_pool).exists()
     long = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
     want_long = LLM(tiny_model, num_kv_blocks=128).generate([PROMPT], long)[0].token_ids
@@ -80,7 +80,7 @@ def test_a_dead_decode_replica_is_replaced_and_its_stream_goes_on(cluster, tiny_
         got = client.generate(PROMPT, max_tokens=16, ignore_eos=True, temperature=0)
         assert got.token_ids == want and got.timings["path"] == "disaggregated"  # the old prefill maps the new pool
         assert not any(wait_idle(client).values())
-    assert not pool_path(old_pool).exists() and pool_path(cluster.supervisor.pool_names[0]).exists()
+    assert not pool_path(old_pool).exists() and pool_path(cluster.pools.pool_names[0]).exists()
     assert httpx.get(f"http://{cluster.http_address}/health", timeout=10).status_code == 200
 
 

@@ -183,6 +183,26 @@ class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ScaleRequest(_message.Message):
+    __slots__ = ("pool", "replicas", "drain_timeout_s")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    replicas: int
+    drain_timeout_s: float
+    def __init__(self, pool: _Optional[str] = ..., replicas: _Optional[int] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("replicas", "added", "removed")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    replicas: int
+    added: int
+    removed: int
+    def __init__(self, replicas: _Optional[int] = ..., added: _Optional[int] = ..., removed: _Optional[int] = ...) -> None: ...
+
 class ReplicaStatus(_message.Message):
     __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu", "restarts")
     INDEX_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class GenerationStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/pdserve.v1.Generation/Scale',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ScaleResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -90,6 +95,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Grow or shrink a pool while serving; a replica leaves by draining. Returns once done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ScaleRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ScaleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class Generation:
             '/pdserve.v1.Generation/ClusterStatus',
             protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusRequest.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/Scale',
+            protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ScaleRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_pdserve__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,

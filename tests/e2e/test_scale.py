@@ -1,0 +1,90 @@
+"""Resizing pools while serving, on a tiny model (ipc backend): a new replica is wired into the KV
+transport and takes requests with the offline engine's tokens; a leaving replica drains, and what
+still runs on it when its drain time is up continues on another replica, token for token."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from engine import LLM, SamplingParams
+from kv_transfer.metadata import pool_path
+from pdserve import AsyncClient, Client, RequestError
+from pdserve.cli import main
+from pdserve.launch import start_cluster
+from tests.e2e.conftest import small_cluster, wait_idle
+from tests.kv_transfer.test_shm_transfer import prompts_of
+
+PROMPTS = prompts_of([60, 61], seed=8)  # over local_prefill_threshold: disaggregated
+LONG = dict(temperature=0, max_tokens=900, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoints) -> str:
+    return str(tiny_checkpoints["llama"])
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_local, tiny_model):
+    with start_cluster(small_cluster(tiny_model, local_prefill_threshold=8), progress=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def want(tiny_model) -> list[list[int]]:
+    return [o.token_ids for o in LLM(tiny_model, num_kv_blocks=256).generate(PROMPTS, SamplingParams(**LONG))]
+
+
+def replicas(client: Client, role: str) -> list:
+    return [r for p in client.status().pools if p.role == role for r in p.replicas]
+
+
+def test_a_pool_grows_and_shrinks_while_serving(cluster, want) -> None:
+    with Client(cluster.address, timeout=120) as client:
+        grown = client.scale("decode", 2)
+        assert (grown.replicas, grown.added, grown.removed) == (2, 1, 0)
+        assert [r.healthy for r in replicas(client, "decode")] == [True, True]
+        new_pool = cluster.pools.pool_names[1]
+        assert pool_path(new_pool).exists()
+
+        async def both():  # one after the other, most_free_blocks puts them on different replicas
+            async with AsyncClient(cluster.address, timeout=120) as c:
+                streams, firsts = [], []
+                for p in PROMPTS:
+                    streams.append(c.stream(p, **LONG))
+                    firsts.append(await anext(streams[-1]))
+                assert all(r.kv_blocks_used for r in replicas(client, "decode"))
+                shrink = asyncio.create_task(asyncio.to_thread(client.scale, "decode", 1, drain_timeout_s=0.05))
+                rests = await asyncio.gather(*(rest(s) for s in streams))
+                return [[f, *r] for f, r in zip(firsts, rests)], await shrink
+
+        async def rest(stream) -> list:
+            return [chunk async for chunk in stream]
+
+        moved = cluster.router.metrics.migrations._value.get()
+
+        outs, shrunk = asyncio.run(both())
+        assert (shrunk.replicas, shrunk.added, shrunk.removed) == (1, 0, 1)
+        assert cluster.router.metrics.migrations._value.get() == moved + 1
+        for chunks, w in zip(outs, want):  # the one on decode/1 moved to decode/0 mid-stream
+            assert [t for c in chunks for t in c.token_ids] == w and chunks[-1].finish_reason == "length"
+        assert len(replicas(client, "decode")) == 1 and not pool_path(new_pool).exists()
+        assert not any(wait_idle(client).values())
+
+
+def test_the_prefill_pool_goes_to_zero_and_back(cluster, want) -> None:
+    with Client(cluster.address, timeout=120) as client:
+        assert client.scale("prefill", 0).replicas == 0
+        got = client.generate(PROMPTS[0], **{**LONG, "max_tokens": 16})
+        assert got.token_ids == want[0][:16] and got.timings["path"] == "local"
+        assert main(["scale", "prefill", "2", "--address", cluster.address]) == 0
+        assert [r.healthy for r in replicas(client, "prefill")] == [True, True]
+        for _ in range(2):  # each prefill replica in turn (least_tokens ties go to the first)
+            got = client.generate(PROMPTS[1], **{**LONG, "max_tokens": 16})
+            assert got.token_ids == want[1][:16] and got.timings["path"] == "disaggregated"
+        for pool, n in (("decode", 0), ("lunch", 1), ("prefill", 1000)):
+            with pytest.raises(RequestError) as err:
+                client.scale(pool, n)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert not any(wait_idle(client).values())
