@@ -26,7 +26,7 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < -1:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 or -1 means all tokens)")
+            raise ValueError(f"top_k={self.top_k} must be -1 or 0 (off: all tokens) or >= 1")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be at least 1")
         if self.logprobs is not None and self.logprobs < 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,12 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receiv
                    ("grpc.use_local_subchannel_pool", 1)]
 SCALAR_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_tokens", "ignore_eos", "logprobs")
 LIST_SAMPLING_KEYS = ("stop", "stop_token_ids")
+FLOAT_SAMPLING_KEYS = ("temperature", "top_p")
+# What each int field of the request can carry. The SDK refuses only what cannot be sent; the server checks the
+# rest and names it (a max_tokens of 0, a token id outside the vocabulary, ...).
+INT32 = (-(1 << 31), (1 << 31) - 1)
+INT_SAMPLING_RANGES = {"top_k": INT32, "seed": (0, (1 << 64) - 1), "max_tokens": (0, (1 << 32) - 1),
+                       "logprobs": (0, (1 << 32) - 1)}
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 PREFILL_PATHS = {pb.PREFILL_PATH_DISAGGREGATED: "disaggregated", pb.PREFILL_PATH_LOCAL: "local"}
 
@@ -132,27 +138,93 @@ def prompt_token_ids(prompt: Any) -> list[int]:
     # operator.index admits numpy's ints but not floats; bytes would pass as ints, so they are refused by name.
     try:
         if not isinstance(prompt, (bytes, bytearray)):
-            return [operator.index(t) for t in prompt]
+            return _in_range("prompt token id", [_int(t) for t in prompt], *INT32)
     except TypeError:
         pass
     raise TypeError(f"prompt must be a str or a sequence of int token ids, got {prompt!r:.80}")
 
 
+def _int(value: Any) -> int:
+    if isinstance(value, bool):  # an int to Python, never a token id or a count
+        raise TypeError(f"expected an int, got {value!r}")
+    return operator.index(value)
+
+
+def _in_range(name: str, ids: list[int], low: int, high: int) -> list[int]:
+    for i, t in enumerate(ids):
+        if not low <= t <= high:
+            raise ValueError(f"{name} {t} at index {i} is out of range: the request's field holds [{low}, {high}]")
+    return ids
+
+
+def _text(name: str, value: Any) -> str:
+    """value, checked to be a str that UTF-8 can encode (a lone surrogate, e.g. from a bad decode, cannot be)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r:.40}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: it has a lone surrogate {value[e.start]!r} at index {e.start}, "
+                         f"which UTF-8 cannot encode") from None
+    return value
+
+
+def _texts(name: str, value: Any) -> list[str]:
+    """A str or a sequence of them (not bytes)."""
+    if isinstance(value, str):
+        return [_text(name, value)]
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__} {value!r:.40}")
+    return [_text(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _sampling_value(key: str, value: Any) -> Any:
+    """value as the SamplingParams field `key` takes it; a TypeError or ValueError naming the key if it cannot."""
+    name = f"sampling parameter {key}"
+    if key in FLOAT_SAMPLING_KEYS:
+        try:
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            return float(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}") from None
+        except OverflowError:
+            raise ValueError(f"{name}={value!r:.40} is too large") from None
+    if key == "ignore_eos":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+        return value
+    if key == "stop":
+        return _texts(name, value)
+    try:
+        if key == "stop_token_ids":
+            if isinstance(value, (str, bytes, bytearray)):
+                raise TypeError
+            return _in_range(f"{name}: token id", [_int(t) for t in value], *INT32)
+        number = _int(value)
+    except TypeError:
+        kind = "a list of int token ids" if key == "stop_token_ids" else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r:.40}") from None
+    low, high = INT_SAMPLING_RANGES[key]
+    if not low <= number <= high:
+        raise ValueError(f"{name}={number} is out of range: the request's field holds [{low}, {high}]")
+    return number
+
+
 def build_request(prompt: Prompt | None = None, *, messages: Messages | None = None, request_id: str = "",
                   model: str = "", **sampling: Any) -> pb.GenerateRequest:
     """The GenerateRequest for Client.generate's arguments. Sampling keys left out (or None) stay unset in the proto,
-    so the server's defaults apply."""
+    so the server's defaults apply. An argument the request cannot carry raises TypeError (wrong type) or
+    ValueError (wrong value), naming it; what only the server knows (vocabulary, context length, roles) it checks."""
     if (prompt is None) == (messages is None):
         raise ValueError(f"give exactly one of prompt or messages (got {'both' if prompt is not None else 'neither'})")
-    request = pb.GenerateRequest(request_id=request_id, model=model)
+    request = pb.GenerateRequest(request_id=_text("request_id", "" if request_id is None else request_id),
+                                 model=_text("model", "" if model is None else model))
     if messages is not None:
         request.chat.SetInParent()  # present even when empty, so the server names the problem (no messages)
-        try:
-            request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"each message must be a dict like {{'role': 'user', 'content': 'Hi'}} ({e!r})") from e
+        request.chat.messages.extend(_message(i, m) for i, m in enumerate(_messages(messages)))
     elif isinstance(prompt, str):
-        request.text = prompt
+        request.text = _text("prompt", prompt)
     else:
         request.token_ids.ids.extend(prompt_token_ids(prompt))
 
@@ -164,16 +236,30 @@ def build_request(prompt: Prompt | None = None, *, messages: Messages | None = N
     for key, value in sampling.items():
         if value is None:
             continue
-        try:
-            if key in LIST_SAMPLING_KEYS:
-                getattr(params, key).extend([value] if isinstance(value, str) else value)
-            else:
-                setattr(params, key, value)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"sampling parameter {key}={value!r}: {e}") from e
+        value = _sampling_value(key, value)
+        if key in LIST_SAMPLING_KEYS:
+            getattr(params, key).extend(value)
+        else:
+            setattr(params, key, value)
     if params.ListFields():
         request.sampling.CopyFrom(params)
     return request
+
+
+def _messages(messages: Any) -> list[Any]:
+    if isinstance(messages, (str, bytes, bytearray, Mapping)) or not isinstance(messages, Iterable):
+        raise TypeError(f"messages must be a list of dicts like {{'role': 'user', 'content': 'Hi'}}, "
+                        f"got {type(messages).__name__} {messages!r:.40}")
+    return list(messages)
+
+
+def _message(i: int, m: Any) -> pb.ChatMessage:
+    if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+        raise ValueError(f"messages[{i}] must be a dict like {{'role': 'user', 'content': 'Hi'}}, got {m!r:.60}")
+    if extra := sorted(set(m) - {"role", "content"}, key=str):
+        raise ValueError(f"messages[{i}] has key(s) {', '.join(map(repr, extra))}; a message has only role and content")
+    return pb.ChatMessage(role=_text(f"messages[{i}].role", m["role"]),
+                          content=_text(f"messages[{i}].content", m["content"]))
 
 
 class _Connection:

@@ -148,7 +148,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     from router.router import Router
     from router.server import RouterServer
     from router.tokenizer import Tokenizer
-    from router.validate import Limits
+    from router.validate import Limits, kv_tokens
 
     r = config.router
     r.keys()  # a key file or TLS file that is missing fails here, before any actor starts
@@ -173,7 +173,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                 pools.start(role, i)
         prefill, decode = cluster.prefill, cluster.decode
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
-        ray.get([a.info.remote() for a in (*decode, *prefill)])
+        p_info = ray.get([a.info.remote() for a in (*decode, *prefill)])[len(decode):]
         say("pools up; connecting the prefill pool to the decode pool's KV")
         d_info = connect_pools(prefill, decode, config.kv_backend, config.prefill.tensor_parallel_size,
                                config.decode.tensor_parallel_size, f"{config.name}-{tag}/kv")
@@ -181,7 +181,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         name = "default" if config.model in (None, "default") else Path(config.model).name
         limits = Limits(vocab_size=d_info[0]["vocab_size"], max_model_len=d_info[0]["max_model_len"],
                         max_request_bytes=config.router.max_request_bytes, max_logprobs=config.router.max_logprobs,
-                        max_stop_strings=config.router.max_stop_strings, model_names=(name,))
+                        max_stop_strings=config.router.max_stop_strings, model_names=(name,),
+                        decode_kv_tokens=kv_tokens(d_info[0]),
+                        prefill_kv_tokens=kv_tokens(p_info[0]) if p_info else None)
 
         def make_router() -> Router:
             return Router(

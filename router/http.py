@@ -75,7 +75,7 @@ def make_app(router: Router) -> FastAPI:
     async def models(_: Owner) -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": router.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
-            "max_model_len": router.limits.max_model_len}]}
+            "max_model_len": router.limits.context}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request, owner: Owner) -> Response:

@@ -54,11 +54,11 @@ def _sampling(body: dict[str, Any], max_tokens_key: str, logprobs: int | None) -
         if body.get("top_p") is not None:
             s.top_p = float(body["top_p"])
         if body.get("top_k") is not None:
-            s.top_k = max(0, int(body["top_k"]))  # -1, as in vLLM: no top-k
+            s.top_k = int(body["top_k"])  # -1 or 0, as in vLLM: no top-k; the router checks the rest
         if body.get("seed") is not None:
             s.seed = int(body["seed"])
         stop = body.get("stop")
-        s.stop.extend([stop] if isinstance(stop, str) else list(stop or []))
+        s.stop.extend(_text("stop", x) for x in ([stop] if isinstance(stop, str) else list(stop or [])))
         s.stop_token_ids.extend(int(t) for t in body.get("stop_token_ids") or [])
         s.ignore_eos = bool(body.get("ignore_eos", False))
         if logprobs is not None:
@@ -66,6 +66,25 @@ def _sampling(body: dict[str, Any], max_tokens_key: str, logprobs: int | None) -
     except (TypeError, ValueError, OverflowError) as e:
         raise BadParameter("sampling", f"a sampling parameter has the wrong type or range: {e}") from None
     return s
+
+
+def _text(param: str, value: Any) -> str:
+    """A JSON string the request can carry: JSON may escape a lone surrogate, which UTF-8 cannot encode."""
+    if not isinstance(value, str):
+        raise BadParameter(param, f"{param} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadParameter(param, f"{param} has a lone surrogate at index {e.start}, which UTF-8 cannot encode; "
+                                  f"send valid Unicode text") from None
+    return value
+
+
+def _token_ids(param: str, ids: list[Any]) -> list[int]:
+    """Token ids the request can carry (int32); the router names those outside the vocabulary."""
+    if not all(type(t) is int and -(1 << 31) <= t < 1 << 31 for t in ids):
+        raise BadParameter(param, f"{param}: each token id must be an integer, in [0, vocabulary size)")
+    return ids
 
 
 def _choices(body: dict[str, Any], prompts: list[pb.GenerateRequest], sampling: pb.SamplingParams,
@@ -80,9 +99,11 @@ def _choices(body: dict[str, Any], prompts: list[pb.GenerateRequest], sampling: 
             r.CopyFrom(prompt)
             r.sampling.CopyFrom(sampling)
             if n > 1 and sampling.HasField("seed"):
-                r.sampling.seed = sampling.seed + i  # reproducible, and not n copies of one choice
+                r.sampling.seed = (sampling.seed + i) % (1 << 64)  # reproducible, and not n copies of one choice
             requests.append(r)
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadParameter("stream_options", "stream_options must be an object like {\"include_usage\": true}")
     return Call(requests, n, bool(body.get("stream", False)), bool(options.get("include_usage", False)),
                 default_max_tokens)
 
@@ -137,9 +158,10 @@ def _completion_parse(body: dict[str, Any]) -> Call:
     prompts = []
     for p in prompt:
         if isinstance(p, str):
-            prompts.append(pb.GenerateRequest(text=p, model=body.get("model") or ""))
+            prompts.append(pb.GenerateRequest(text=_text("prompt", p), model=body.get("model") or ""))
         elif isinstance(p, list) and all(isinstance(t, int) for t in p):
-            prompts.append(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), model=body.get("model") or ""))
+            prompts.append(pb.GenerateRequest(token_ids=pb.TokenIds(ids=_token_ids("prompt", p)),
+                                              model=body.get("model") or ""))
         else:
             raise BadParameter("prompt", "each prompt must be a string or a list of token ids")
     logprobs = body.get("logprobs")
@@ -173,7 +195,7 @@ def _chat_parse(body: dict[str, Any]) -> Call:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
             raise BadParameter("messages", "each message must have a string role and string content")
-        chat.messages.add(role=m["role"], content=m["content"])
+        chat.messages.add(role=_text("messages", m["role"]), content=_text("messages", m["content"]))
     logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
     prompt = pb.GenerateRequest(chat=chat, model=body.get("model") or "")
     return _choices(body, [prompt], _sampling(body, "max_completion_tokens", logprobs), default_max_tokens=None)

@@ -234,9 +234,10 @@ class Router(pb_grpc.GenerationServicer):
         replica.healthy = True
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        """max_model_len: the most tokens (prompt + output) a request can have, the decode pool's KV counted."""
         await self._owner(context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(
-            name=self.model_name, max_model_len=self.limits.max_model_len, vocab_size=self.limits.vocab_size)])
+            name=self.model_name, max_model_len=self.limits.context, vocab_size=self.limits.vocab_size)])
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
         await self._owner(context)
@@ -302,7 +303,9 @@ class Router(pb_grpc.GenerationServicer):
         `out` (the client's stream, which may have started on an earlier placement; its prompt had
         num_prompt tokens)."""
         place = self.placement
-        local = len(ids) < self.config.local_prefill_threshold or place.pick_prefill() is None
+        # short prompts, and prompts no prefill replica could hold, prefill on the decode replica
+        local = len(ids) < self.config.local_prefill_threshold or not self.limits.fits_prefill(len(ids)) \
+            or place.pick_prefill() is None
         await place.place_decode(p, ids, params, local)
         clock.placed = time.monotonic()
         self.metrics.queue.observe(clock.placed - clock.t0)

@@ -4,6 +4,7 @@ for, the OpenAI-compatible HTTP API (router/http.py, uvicorn) over the same Rout
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 
 import grpc
@@ -11,8 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.pdserve.v1 import pdserve_pb2 as pb
-from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from router.router import Router
+from router.validate import InvalidRequest, parse
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -74,7 +75,7 @@ class RouterServer:
         limit = 4 * self._max_message_bytes
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                ("grpc.max_send_message_length", limit)])
-        pb_grpc.add_GenerationServicer_to_server(self.router, self.server)
+        add_generation_service(self.router, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -138,3 +139,45 @@ class RouterServer:
         await self.router.stop()
         self.router.metrics.stop()
         await self.server.stop(grace=2)
+
+
+def add_generation_service(router: Router, server: grpc.aio.Server) -> None:
+    """As pb_grpc.add_GenerationServicer_to_server, but with a request deserializer that does not
+    raise: bytes that do not parse (corrupt, or a string field that is not UTF-8) end the call
+    INVALID_ARGUMENT saying why, where gRPC would end it UNKNOWN naming a Python exception."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        if method.server_streaming:
+            make, handle = grpc.unary_stream_rpc_method_handler, _parsed_stream(router, method.name)
+        else:
+            make, handle = grpc.unary_unary_rpc_method_handler, _parsed_unary(router, method.name)
+        handlers[method.name] = make(handle, request_deserializer=functools.partial(parse, request_type),
+                                     response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+async def _refuse_unparsed(router: Router, request, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, InvalidRequest):
+        await router._owner(context)  # the caller's key first, as every method checks it
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+
+
+def _parsed_unary(router: Router, name: str):
+    method = getattr(router, name)
+
+    async def handle(request, context: grpc.aio.ServicerContext):
+        await _refuse_unparsed(router, request, context)
+        return await method(request, context)
+    return handle
+
+
+def _parsed_stream(router: Router, name: str):
+    method = getattr(router, name)
+
+    async def handle(request, context: grpc.aio.ServicerContext):
+        await _refuse_unparsed(router, request, context)
+        async for response in method(request, context):
+            yield response
+    return handle

@@ -179,7 +179,7 @@ def test_health_reflection_models_and_status(default_cluster) -> None:
         assert "pdserve.v1.Generation" in {s.name for s in answer.list_services_response.service}
     with Client(default_cluster.address) as client:
         (model,) = client.list_models()
-        assert model.name == "default" and model.max_model_len == 8192 and model.vocab_size == 49152
+        assert model.name == "default" and model.max_model_len == 4096 and model.vocab_size == 49152
         status = client.status()
     assert [p.role for p in status.pools] == ["prefill", "decode"]
     assert status.pools[1].replicas[0].kv_blocks_total == 256

@@ -63,6 +63,73 @@ def test_bad_sampling_value_names_the_key() -> None:
         build_request("Hi", max_tokens=-1)
 
 
+SURROGATE = "ok \ud800"  # a lone surrogate: a str to Python, but UTF-8 (and so protobuf) cannot encode it
+
+# (arguments, exception type, message): every argument the request cannot carry is named, never a raw protobuf or
+# codec error. What it can carry goes to the server, which names what it refuses (a max_tokens of 0, ...).
+BAD_ARGUMENTS = [
+    ((SURROGATE,), {}, ValueError, "prompt is not valid text: it has a lone surrogate '\\ud800' at index 3"),
+    (("Hi",), {"request_id": SURROGATE}, ValueError, "request_id is not valid text"),
+    (("Hi",), {"request_id": 5}, TypeError, "request_id must be a str, got int"),
+    (("Hi",), {"model": SURROGATE}, ValueError, "model is not valid text"),
+    ((), {"messages": [{"role": "user", "content": SURROGATE}]}, ValueError, "messages[0].content is not valid text"),
+    ((), {"messages": [{"role": 1, "content": "Hi"}]}, TypeError, "messages[0].role must be a str, got int"),
+    ((), {"messages": "Hi"}, TypeError, "messages must be a list of dicts"),
+    ((), {"messages": {"role": "user", "content": "Hi"}}, TypeError, "messages must be a list of dicts"),
+    ((), {"messages": [("user", "Hi")]}, ValueError, "messages[0] must be a dict like"),
+    ((), {"messages": [{"role": "user", "content": "Hi", "name": "x"}]}, ValueError,
+     "messages[0] has key(s) 'name'; a message has only role and content"),
+    (([1, 1 << 40],), {}, ValueError,
+     "prompt token id 1099511627776 at index 1 is out of range: the request's field holds [-2147483648, 2147483647]"),
+    (([True],), {}, TypeError, "prompt must be a str or a sequence of int token ids"),
+    (("Hi",), {"stop": SURROGATE}, ValueError, "sampling parameter stop is not valid text"),
+    (("Hi",), {"stop": ["a", SURROGATE]}, ValueError, "sampling parameter stop[1] is not valid text"),
+    (("Hi",), {"stop": [5]}, TypeError, "sampling parameter stop[0] must be a str, got int"),
+    (("Hi",), {"stop": b"x"}, TypeError, "sampling parameter stop must be a str or a list of str, got bytes"),
+    (("Hi",), {"stop_token_ids": 5}, TypeError, "sampling parameter stop_token_ids must be a list of int token ids"),
+    (("Hi",), {"stop_token_ids": "12"}, TypeError, "sampling parameter stop_token_ids must be a list of int token ids"),
+    (("Hi",), {"stop_token_ids": [1, -1 << 40]}, ValueError,
+     "sampling parameter stop_token_ids: token id -1099511627776 at index 1 is out of range"),
+    (("Hi",), {"temperature": "hot"}, TypeError, "sampling parameter temperature must be a number, got str"),
+    (("Hi",), {"temperature": 10 ** 400}, ValueError, "sampling parameter temperature=1000"),
+    (("Hi",), {"top_p": True}, TypeError, "sampling parameter top_p must be a number, got bool"),
+    (("Hi",), {"top_k": 1.5}, TypeError, "sampling parameter top_k must be an int, got float"),
+    (("Hi",), {"top_k": 1 << 40}, ValueError,
+     "sampling parameter top_k=1099511627776 is out of range: the request's field holds [-2147483648, 2147483647]"),
+    (("Hi",), {"seed": -1}, ValueError,
+     "sampling parameter seed=-1 is out of range: the request's field holds [0, 18446744073709551615]"),
+    (("Hi",), {"max_tokens": 1 << 33}, ValueError, "sampling parameter max_tokens=8589934592 is out of range"),
+    (("Hi",), {"logprobs": True}, TypeError, "sampling parameter logprobs must be an int, got bool"),
+    (("Hi",), {"ignore_eos": "yes"}, TypeError, "sampling parameter ignore_eos must be True or False, got str"),
+    (("Hi",), {"ignore_eos": 2}, TypeError, "sampling parameter ignore_eos must be True or False, got int"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,error,message", BAD_ARGUMENTS, ids=[m[:40] for *_, m in BAD_ARGUMENTS])
+def test_each_bad_argument_is_a_type_or_value_error_naming_it(args, kwargs, error, message) -> None:
+    with pytest.raises(Exception) as info:
+        build_request(*args, **kwargs)
+    assert type(info.value) is error and str(info.value).startswith(message), repr(info.value)
+
+
+def test_a_lone_surrogate_fails_at_the_call_in_every_client() -> None:
+    with Client(f"127.0.0.1:{unused_port()}") as client, pytest.raises(ValueError, match="prompt is not valid text"):
+        client.generate(SURROGATE)
+    with pytest.raises(ValueError, match=r"messages\[0\].content is not valid text"):
+        AsyncClient(f"127.0.0.1:{unused_port()}").stream(messages=[{"role": "user", "content": SURROGATE}])
+
+
+def test_values_that_convert_cleanly_are_taken() -> None:
+    sampling = build_request((t for t in (1, 2)), top_k=-1, temperature=1, stop=("a", "b"),
+                             stop_token_ids=range(2, 4), ignore_eos=False).sampling
+    assert (sampling.top_k, sampling.temperature, list(sampling.stop), list(sampling.stop_token_ids)) == \
+        (-1, 1.0, ["a", "b"], [2, 3])
+    # sendable, though the server refuses them by name
+    assert build_request([5, -1], top_k=-7, max_tokens=0).sampling.max_tokens == 0
+    assert build_request("Hi", request_id=None, model=None).request_id == ""
+    assert build_request("naïve 🎉").text == "naïve 🎉"
+
+
 def test_unset_sampling_fields_stay_unset() -> None:
     assert not build_request("Hi").HasField("sampling")
     assert not build_request("Hi", temperature=None, seed=None).HasField("sampling")

@@ -1,0 +1,32 @@
+"""OpenAI-shaped bodies that a GenerateRequest cannot carry are a 400 naming the parameter, never a
+500 from protobuf: lone surrogates (JSON can escape them), token ids past int32, a seed that would
+wrap; and top_k reaches the router as given, so it names a bad one."""
+from __future__ import annotations
+
+import pytest
+
+from router.openai_shapes import BadParameter, chat_shapes, completion_shapes
+
+BAD = [
+    (completion_shapes, {"prompt": "ok \ud800"}, "prompt", "prompt has a lone surrogate at index 3"),
+    (completion_shapes, {"prompt": ["fine", "\udc00"]}, "prompt", "prompt has a lone surrogate"),
+    (completion_shapes, {"prompt": [1, 1 << 40]}, "prompt", "each token id must be an integer, in [0, vocabulary"),
+    (completion_shapes, {"prompt": [[1, True]]}, "prompt", "each token id must be an integer"),
+    (completion_shapes, {"prompt": "x", "stop": ["\ud800"]}, "stop", "stop has a lone surrogate"),
+    (completion_shapes, {"prompt": "x", "stream_options": [1]}, "stream_options", "stream_options must be an object"),
+    (chat_shapes, {"messages": [{"role": "user", "content": "\ud800"}]}, "messages", "messages has a lone surrogate"),
+]
+
+
+@pytest.mark.parametrize("shapes,body,param,message", BAD, ids=[m for *_, m in BAD])
+def test_what_protobuf_cannot_carry_is_a_bad_parameter(shapes, body, param, message) -> None:
+    with pytest.raises(BadParameter) as info:
+        shapes.parse(body)
+    assert info.value.param == param and message in str(info.value)
+
+
+def test_top_k_and_seeds_pass_through() -> None:
+    (request,) = completion_shapes.parse({"prompt": "x", "top_k": -5}).requests
+    assert request.sampling.top_k == -5  # the router refuses it, naming -1 and 0 as "off"
+    first, second = completion_shapes.parse({"prompt": "x", "n": 2, "seed": (1 << 64) - 1}).requests
+    assert (first.sampling.seed, second.sampling.seed) == ((1 << 64) - 1, 0)
