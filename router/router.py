@@ -4,6 +4,7 @@ Ray actor handles, never tensors (no torch in this process)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -171,8 +172,12 @@ class Router(pb_grpc.GenerationServicer):
         """Some path can serve a request: a decode replica is up (it can prefill too)."""
         return not self.shutting_down and any(r.serves for r in self.placement.decode)
 
-    async def add_replica(self, role: str, actor, tensor_parallel_size: int, num_kv_blocks: int) -> None:
-        """A new replica (pdserve.supervisor grew the pool, its KV wired): into placement."""
+    async def add_replica(self, role: str, actor, tensor_parallel_size: int, num_kv_blocks: int,
+                          kv_tokens: int) -> None:
+        """A new replica (pdserve.supervisor grew the pool, its KV wired): into placement. kv_tokens:
+        the most tokens one sequence can have there (a prefill pool grown from 0 sets the limit)."""
+        if role == "prefill" and self.limits.prefill_kv_tokens is None:
+            self.limits = dataclasses.replace(self.limits, prefill_kv_tokens=kv_tokens)
         pool = getattr(self.placement, role)
         replica = Replica(role, len(pool), actor, tensor_parallel_size,
                           free_blocks=num_kv_blocks if role == "decode" else 0)

@@ -4,6 +4,7 @@ still runs on it when its drain time is up continues on another replica, token f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -78,7 +79,10 @@ def test_the_prefill_pool_goes_to_zero_and_back(cluster, want) -> None:
         assert client.scale("prefill", 0).replicas == 0
         got = client.generate(PROMPTS[0], **{**LONG, "max_tokens": 16})
         assert got.token_ids == want[0][:16] and got.timings["path"] == "local"
+        limits = cluster.router.limits  # as if the cluster had started without a prefill pool:
+        cluster.router.limits = dataclasses.replace(limits, prefill_kv_tokens=None)  # growing one sets the limit
         assert main(["scale", "prefill", "2", "--address", cluster.address]) == 0
+        assert cluster.router.limits == limits
         assert [r.healthy for r in replicas(client, "prefill")] == [True, True]
         for _ in range(2):  # each prefill replica in turn (least_tokens ties go to the first)
             got = client.generate(PROMPTS[1], **{**LONG, "max_tokens": 16})
