@@ -9,7 +9,11 @@ Three workloads, each warmed up once (short) before it is timed, each run on bot
   single   one chat prompt ("What is the capital of France?", chat template), 128 new tokens
   batch32  32 prompts of 128 seeded random token ids, 128 new tokens each
   prefill  8 prompts of 512 seeded random token ids, 1 new token each
+  prefix   32 prompts of one 1,024-token random prefix and 16 distinct tokens each, 1 new token each,
+           prefix cache on and off (ours only); prompt tok/s counts the cached tokens as processed
 
+Our engine runs with its prefix cache on (the default), emptied before each timed call, so each rep
+of a workload computes what the first did (the prefix workload's first request computes the prefix).
 Always greedy with ignore_eos. Decode rates exclude the prefill, the same way for both engines,
 inside one generate call: T is its wall time, T_first the moment every prompt has its first new
 token (ours: after the engine step that gives the last one; transformers: its streamer's first
@@ -68,6 +72,38 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits) if a is not None and b else None
 
 
+class ColdCacheEngine(OurEngine):
+    """Our engine, its prefix cache emptied before each call: a rep does not reuse the previous one's KV."""
+
+    def generate(self, prompts: list[list[int]], n: int) -> dict[str, Any]:
+        self.llm.engine.block_manager.reset_prefix_cache()
+        return super().generate(prompts, n)
+
+
+def prefix_workload(ours: ColdCacheEngine, prompts: list[list[int]], reps: int,
+                    quiet_wait: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Prompt tokens per second (cached ones counted) of the fastest run, with the prefix cache on
+    (cold at the start of each run) and off; the two take turns."""
+    engine = ours.llm.engine
+    best: dict[str, dict[str, Any]] = {}
+    try:
+        for _ in range(reps):
+            for mode in ("off", "on"):
+                wait_quiet(quiet_wait)
+                engine.block_manager.enable_caching = mode == "on"
+                hits = engine.scheduler.prefix_cache_hits
+                r = ours.generate(prompts, 1)
+                r["cached_tokens"] = engine.scheduler.prefix_cache_hits - hits
+                if mode not in best or r["wall"] < best[mode]["wall"]:
+                    best[mode] = r
+    finally:
+        engine.block_manager.enable_caching = engine.config.options.enable_prefix_caching
+    total = sum(map(len, prompts))
+    return {mode: {"t_s": round(r["wall"], 3), "tok_s": round(total / r["wall"], 1),
+                   "cached_tokens": r["cached_tokens"], "cpu_util": round(r["cpu"] / (r["wall"] * THREADS), 3),
+                   "tokens": r["tokens"]} for mode, r in best.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
@@ -76,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "single_new_tokens": 64 if quick else 128, "single_reps": 1 if quick else 3,
         "batch": 32, "batch_prompt_len": 128, "batch_new_tokens": 32 if quick else 128, "batch_reps": 1 if quick else 2,
         "prefill_prompts": 8, "prefill_len": 512, "prefill_reps": 1 if quick else 3,
+        "prefix_len": 1024, "prefix_requests": 32, "prefix_suffix_len": 16, "prefix_reps": 1 if quick else 2,
     }
     opts = {"quiet_wait": args.wait_quiet, "retries": args.retries}
     load_before = os.getloadavg()
@@ -92,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = default_model_path()
     hf = None if args.skip_hf else RemoteHF(path)  # loads in its own process while ours loads here
     print("loading the engines ...", flush=True)
-    ours = OurEngine()
+    ours = ColdCacheEngine()
     hf_info = hf.wait_loaded() if hf else None
     counts = model_counts(ours.llm)
     vocab = counts["vocab"]
@@ -118,6 +155,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine.probe("before prefill")
     print(f"prefill: {names} ...", flush=True)
     res["prefill"] = prefill_workload(engines, prefill_prompts, warm, cfg["prefill_reps"], **opts)
+    shared = random_prompts(1, cfg["prefix_len"], vocab, SEED + 4)[0]
+    prefix_prompts = [shared + p for p in random_prompts(cfg["prefix_requests"], cfg["prefix_suffix_len"], vocab,
+                                                         SEED + 5)]
+    wait_quiet(args.wait_quiet)
+    machine.probe("before prefix")
+    print("prefix: pdserve, prefix cache off and on ...", flush=True)
+    res["prefix"] = prefix_workload(ours, prefix_prompts, cfg["prefix_reps"], args.wait_quiet)
     peak_rss = maxrss_mb()
 
     profile = None
@@ -218,6 +262,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_flops_frac": _ratio(prefill_gflops, peak),
         "prefill_hf_flops_frac": _ratio(prefill_hf_gflops, peak),
         "prefill_flops_per_run": pf,
+        "prefix_cached_tok_s": get("prefix", "on", "tok_s"),
+        "prefix_uncached_tok_s": get("prefix", "off", "tok_s"),
+        "prefix_cache_speedup": _ratio(get("prefix", "on", "tok_s"), get("prefix", "off", "tok_s")),
+        "prefix_cached_tokens": get("prefix", "on", "cached_tokens"),
+        "prefix_same_tokens": res["prefix"]["on"]["tokens"] == res["prefix"]["off"]["tokens"],
         "flops_formula": FLOPS_FORMULA,
         "roofline_formula": ROOFLINE_FORMULA,
         "peak_rss_mb": round(peak_rss, 1),
@@ -265,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     result = run(args)
     print_table(result)
+    print(f"prefix ({result['config']['prefix_requests']} prompts, a {result['config']['prefix_len']}-token prefix "
+          f"shared): prompt tok/s cache on {result['prefix_cached_tok_s']}, off {result['prefix_uncached_tok_s']} "
+          f"(x{result['prefix_cache_speedup']}; {result['prefix_cached_tokens']} tokens cached; same tokens: "
+          f"{result['prefix_same_tokens']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

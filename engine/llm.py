@@ -17,7 +17,8 @@ class LLM:
     """LLM(model="default" | HF folder | .gguf, dtype="float32", **options).
 
     options: EngineOptions' fields (engine/options.py: block_size, num_kv_blocks, max_num_batched_tokens,
-    max_num_seqs, tensor_parallel_size, ...); an unknown one raises ValueError naming the valid ones.
+    max_num_seqs, enable_prefix_caching, tensor_parallel_size, ...); an unknown one raises ValueError
+    naming the valid ones.
     LLMEngine.from_model's own keywords pass through too: load_tokenizer, kv_allocator, rank_launcher.
     tensor_parallel_size > 1 needs rank_launcher, which starts ranks 1..n-1; the engine knows no Ray,
     so pass replica.ranks.start_followers for Ray actors (on a local Ray bound to 127.0.0.1 unless this

@@ -35,6 +35,7 @@ class RequestOutput:
     finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
     logprobs: list[TokenLogprobs] | None  # one per generated token when asked for
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
 
 
 class LLMEngine:
@@ -43,7 +44,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config, weights, config.options.device, kv_allocator)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.options.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.options.block_size,
+                                          config.options.enable_prefix_caching)
         self.scheduler = Scheduler(config.options, self.block_manager)
         self.requests: dict[str, Sequence] = {}
         self.followers: Any = None  # ranks 1..n-1 of a tensor-parallel replica (see RankLauncher)
@@ -122,7 +124,8 @@ class LLMEngine:
                 request_id: str | None = None) -> Sequence | None:
         """Decode side of a disaggregated pair: hold KV blocks for a prompt another engine will
         prefill. The sequence waits outside the scheduler until `admit_prefilled`; `abort` frees
-        it. Returns None when the blocks are not free now."""
+        it. Returns None when the blocks are not free now. The blocks are fresh (no prefix-cache
+        match yet) and stay unfindable in the cache until their KV has landed."""
         seq = self._new_sequence(prompt, params, request_id)
         if not self.block_manager.can_allocate(seq, seq.num_prompt_tokens):
             return None
@@ -137,6 +140,7 @@ class LLMEngine:
         if seq is None or seq.num_computed_tokens or seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"request {request_id!r} has no reservation waiting for its KV")
         seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)  # the KV is there now: its full blocks may be shared
         seq.token_ids.append(first_token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
@@ -192,8 +196,7 @@ class LLMEngine:
             return finished
         sampled, tokens, logprobs = self.runner.execute(sched)
         self.sampled = sampled
-        for seq, n in zip(sched.seqs, sched.num_scheduled_tokens):
-            seq.num_computed_tokens += n
+        self.scheduler.advance(sched)
         for seq, token, lp in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
             if lp is not None:
@@ -235,4 +238,4 @@ class LLMEngine:
             request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
             token_ids=seq.output_token_ids, text=text, finish_reason=seq.finish_reason,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
-            num_preemptions=seq.num_preemptions)
+            num_preemptions=seq.num_preemptions, num_cached_tokens=seq.num_cached_tokens)

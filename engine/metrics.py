@@ -124,6 +124,7 @@ def engine_stats(engine, metrics: StepMetrics, peaks: dict[str, float]) -> dict:
         waiting_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in (*waiting, *running)
                                    if s.num_computed_tokens < s.num_prompt_tokens),
         kv_blocks_used=bm.num_blocks - bm.num_free_blocks, kv_blocks_total=bm.num_blocks,
-        num_preemptions=sched.num_preemptions, **peaks,
+        num_preemptions=sched.num_preemptions, prefix_cache_queries=sched.prefix_cache_queries,
+        prefix_cache_hits=sched.prefix_cache_hits, **peaks,
         mfu=snap["flops_per_s"] / peaks["peak_flops"] if peaks.get("peak_flops") else 0.0,
         mbu=snap["bytes_per_s"] / peaks["peak_bandwidth"] if peaks.get("peak_bandwidth") else 0.0)

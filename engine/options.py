@@ -26,6 +26,7 @@ class EngineOptions:
     block_size: int = 16  # tokens per KV block, a power of two
     num_kv_blocks: int | None = None  # KV blocks per rank; None: as many as kv_cache_bytes holds
     kv_cache_bytes: int = 1 << 30  # the KV cache's size per rank when num_kv_blocks is None
+    enable_prefix_caching: bool = True  # requests share the KV of a common prefix's full blocks (block_manager.py)
     # ranks (the models read expert_parallel off the options)
     tensor_parallel_size: int = 1  # ranks per replica; > 1 needs a rank launcher (replica.ranks.start_followers)
     expert_parallel: bool = False  # MoE: experts partitioned over the ranks (else each expert is TP-sharded)

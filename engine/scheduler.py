@@ -34,6 +34,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens of the sequences admitted with a prefix-cache lookup
+        self.prefix_cache_hits = 0  # of those, tokens found in the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,11 +69,22 @@ class Scheduler:
 
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, chunk, budget)
-            if not bm.can_allocate(seq, seq.num_computed_tokens + n):
+            # a new or preempted sequence starts past its longest cached prefix; the prefill side of a
+            # disaggregated pair (kv_target) sends each token's KV as it computes it, so it computes all
+            lookup = bm.enable_caching and not seq.num_computed_tokens and seq.kv_target is None
+            prefix = bm.match_prefix(seq) if lookup else []
+            computed = seq.num_computed_tokens + len(prefix) * bm.block_size
+            n = min(seq.num_tokens - computed, chunk, budget)
+            if not bm.can_allocate(seq, computed + n, prefix):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, seq.num_computed_tokens + n)
+            bm.allocate(seq, computed + n, prefix)
+            if lookup:
+                seq.num_computed_tokens = computed
+                if not seq.num_preemptions:
+                    seq.num_cached_tokens = computed
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)
@@ -79,8 +92,19 @@ class Scheduler:
             budget -= n
         return out
 
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step ran: each scheduled sequence's KV now covers its scheduled tokens, and each block
+        it filled joins the prefix cache (a check per sequence; the hashing once a block fills)."""
+        bm = self.block_manager
+        caching, bs = bm.enable_caching, bm.block_size
+        for seq, n in zip(out.seqs, out.num_scheduled_tokens):
+            seq.num_computed_tokens += n
+            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs:
+                bm.cache_full_blocks(seq)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Preempt by recompute: drop the KV, prefill prompt + output again later."""
+        """Preempt by recompute: drop the KV, prefill prompt + output again later (from the blocks
+        of it the prefix cache still holds then)."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

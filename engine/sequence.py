@@ -33,6 +33,9 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of token_ids' full blocks, as far as hashed
+        self.num_cached_blocks = 0  # leading blocks of block_table the prefix cache already knows
+        self.num_cached_tokens = 0  # tokens found in the prefix cache when first scheduled
         self.status = SequenceStatus.WAITING
         self.params = params
         self.seed = seed  # the sampler's seed: params.seed, or drawn once when none is given

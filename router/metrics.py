@@ -100,6 +100,8 @@ _COUNTERS = [
     ("pdserve_kv_transfer_bytes", "kv_bytes_sent", "KV bytes written into decode pools"),
     ("pdserve_kv_leases_expired", "leases_expired", "KV reservations given up at their lease's end"),
     ("pdserve_replica_restarts", "restarts", "Times the replica was replaced (its actor or engine died)"),
+    ("pdserve_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the replica's prefix cache"),
+    ("pdserve_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)"),
 ]
 _HISTOGRAMS = [
     ("pdserve_step_seconds", "step_seconds", "Engine step time"),

@@ -1,4 +1,4 @@
-"""BlockManager: a free list of KV block ids plus reference counts. CPU only, no model."""
+"""BlockManager: a free list of KV block ids plus reference counts, and the prefix cache. CPU only, no model."""
 from __future__ import annotations
 
 import pytest
@@ -118,3 +118,149 @@ def test_shared_block_is_freed_by_its_last_owner() -> None:
     bm.free(b)
     assert shared in bm.free_block_ids and bm.ref_counts[shared] == 0
     assert sorted(bm.free_block_ids) == [0, 1, 2, 3]
+
+
+# prefix cache ---------------------------------------------------------------------------------
+
+
+def computed(tokens: list[int], bm: BlockManager, prefix: list[int] | None = None) -> Sequence:
+    """A sequence of these tokens with blocks for all of them and its KV computed (offered to the cache)."""
+    s = Sequence(tokens, SamplingParams(), seed=0)
+    hits = bm.match_prefix(s) if prefix is None else prefix
+    bm.allocate(s, len(tokens), hits)
+    s.num_computed_tokens = len(tokens)
+    bm.cache_full_blocks(s)
+    return s
+
+
+def test_a_full_block_is_findable_once_computed_and_shared_by_reference() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = Sequence(list(range(10)), SamplingParams(), seed=0)  # 2 full blocks and 2 tokens
+    bm.allocate(a, 10)
+    a.num_computed_tokens = 6  # KV of 1.5 blocks: only the first is whole
+    bm.cache_full_blocks(a)
+    assert list(bm.cached_blocks.values()) == a.block_table[:1] and a.num_cached_blocks == 1
+    a.num_computed_tokens = 10
+    bm.cache_full_blocks(a)
+    assert list(bm.cached_blocks.values()) == a.block_table[:2]  # never the partial third
+    b = Sequence(list(range(10)) + [99], SamplingParams(), seed=0)
+    hits = bm.match_prefix(b)
+    assert hits == a.block_table[:2]
+    bm.allocate(b, 11, hits)
+    assert b.block_table[:2] == hits and b.block_table[2] not in a.block_table and b.num_cached_blocks == 2
+    assert [bm.ref_counts[x] for x in a.block_table] == [2, 2, 1]
+    assert bm.num_free_blocks == 8 - 4
+    bm.free(a)
+    assert [bm.ref_counts[x] for x in hits] == [1, 1] and not set(hits) & set(bm.free_block_ids)
+    bm.free(b)
+    assert bm.num_free_blocks == 8 and sum(bm.ref_counts) == 0
+    assert sorted(bm.cached_blocks.values()) == sorted(hits)  # free, and still findable
+    c = Sequence(list(range(10)), SamplingParams(), seed=0)
+    assert bm.match_prefix(c) == hits
+
+
+def test_a_whole_cached_prompt_leaves_its_last_token_to_compute() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = computed(list(range(12)), bm)  # 3 full blocks, all cached
+    table = list(a.block_table)
+    bm.free(a)
+    assert sorted(bm.cached_blocks.values()) == sorted(table)
+    # (num_tokens - 1) // block_size blocks at most: a shared block is never written
+    assert bm.match_prefix(Sequence(list(range(12)), SamplingParams(), seed=0)) == table[:2]
+    assert bm.match_prefix(Sequence(list(range(13)), SamplingParams(), seed=0)) == table
+    assert bm.match_prefix(Sequence(list(range(4)), SamplingParams(), seed=0)) == []
+
+
+def test_the_same_tokens_after_another_prefix_do_not_match() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    x = computed([1, 2, 3, 4, 5, 6, 7, 8, 0], bm)
+    y = Sequence([9, 9, 9, 9, 5, 6, 7, 8, 0], SamplingParams(), seed=0)  # its second block is x's second
+    assert bm.match_prefix(y) == []
+    assert y.block_hashes[1] != x.block_hashes[1]  # the hash covers the parent's
+    assert bm.match_prefix(Sequence([1, 2, 3, 4, 5, 6, 7, 9, 0], SamplingParams(), seed=0)) == x.block_table[:1]
+    assert bm.match_prefix(Sequence([1, 2, 3, 4, 5, 6, 7, 8, 1], SamplingParams(), seed=0)) == x.block_table[:2]
+
+
+def test_eviction_takes_unused_blocks_first_then_the_least_recently_used() -> None:
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = computed(list(range(8)) + [0], bm)  # blocks a0 a1 cached, a2 partial
+    b = computed(list(range(100, 108)) + [0], bm)
+    a_blocks, b_blocks = list(a.block_table), list(b.block_table)
+    bm.free(a)
+    bm.free(b)
+    # unused partial blocks are handed out first, then a's (freed first) from its tail, then b's
+    order = [a_blocks[2], b_blocks[2], a_blocks[1], a_blocks[0], b_blocks[1], b_blocks[0]]
+    assert sorted(bm.free_block_ids) == sorted(order) and list(bm.free_block_ids)[2:] == order[2:]
+    c = Sequence([7] * 9, SamplingParams(), seed=0)
+    bm.allocate(c, 9)  # 3 blocks: the two partial ones and a's tail
+    assert sorted(c.block_table) == sorted(order[:3])
+    assert a_blocks[1] not in bm.cached_blocks.values() and len(bm.cached_blocks) == 3
+    assert bm.match_prefix(Sequence(list(range(8)) + [0], SamplingParams(), seed=0)) == a_blocks[:1]
+    assert bm.match_prefix(Sequence(list(range(100, 108)) + [0], SamplingParams(), seed=0)) == b_blocks[:2]
+    bm.free(c)  # its blocks hold nothing findable: they go to the front
+    assert list(bm.free_block_ids)[3:] == [a_blocks[0], b_blocks[1], b_blocks[0]]
+    # a hit makes a block recently used: a0, shared and given back, goes behind b's blocks
+    d = computed(list(range(4)) + [5], bm)
+    assert d.block_table[0] == a_blocks[0]
+    bm.free(d)
+    assert list(bm.free_block_ids)[3:] == [b_blocks[1], b_blocks[0], a_blocks[0]]
+    e = Sequence([8] * 16, SamplingParams(), seed=0)
+    bm.allocate(e, 16)  # 4 blocks: the 3 unused ones, then b's tail
+    assert b_blocks[1] in e.block_table and sorted(bm.cached_blocks.values()) == sorted([b_blocks[0], a_blocks[0]])
+
+
+def test_a_block_in_use_is_never_evicted() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = computed(list(range(8)), bm)  # holds 2 cached blocks
+    assert bm.num_free_blocks == 2
+    hog = Sequence([5] * 8, SamplingParams(), seed=0)
+    bm.allocate(hog, 8)
+    assert not bm.can_allocate(Sequence([6], SamplingParams(), seed=0), 1)
+    assert sorted(bm.cached_blocks.values()) == sorted(a.block_table) and not set(a.block_table) & set(hog.block_table)
+    # sharing a's blocks takes no free block; a missing one needs a free one
+    new = Sequence(list(range(8)) + [1], SamplingParams(), seed=0)
+    hits = bm.match_prefix(new)
+    assert hits == a.block_table and not bm.can_allocate(new, 9, hits) and bm.can_allocate(new, 8, hits)
+
+
+def test_sharing_a_free_cached_block_takes_it_off_the_free_list() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a = computed(list(range(8)), bm)
+    bm.free(a)
+    b = Sequence(list(range(8)) + [1, 2, 3, 4, 5], SamplingParams(), seed=0)
+    hits = bm.match_prefix(b)
+    assert len(hits) == 2 and bm.num_free_blocks == 3
+    assert bm.can_allocate(b, 12, hits) and not bm.can_allocate(b, 13, hits)  # 2 shared + 1 of the 3 free
+    bm.allocate(b, 12, hits)
+    assert bm.num_free_blocks == 0 and [bm.ref_counts[x] for x in b.block_table] == [1, 1, 1]
+    with pytest.raises(RuntimeError, match="out of KV blocks"):
+        bm.allocate(b, 13)
+
+
+def test_a_duplicate_block_stays_unfindable_and_is_reused_first() -> None:
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = computed(list(range(4)) + [0], bm)
+    b = computed(list(range(4)) + [1], bm, prefix=[])  # the same first block, computed again (no lookup)
+    assert bm.cached_blocks == {a.block_hashes[0]: a.block_table[0]}
+    assert b.block_table[0] != a.block_table[0] and bm.block_hashes[b.block_table[0]] is None
+    table = list(b.block_table)
+    bm.free(b)
+    assert set(list(bm.free_block_ids)[:2]) == set(table)  # the duplicate and the partial block
+    assert b.num_cached_blocks == 0 and b.block_table == []
+
+
+def test_caching_off_finds_nothing_and_keeps_nothing() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4, enable_caching=False)
+    a = computed(list(range(9)), bm)
+    assert bm.cached_blocks == {} and a.block_hashes == [] and bm.match_prefix(a) == []
+    bm.free(a)
+    assert bm.num_free_blocks == 4
+
+
+def test_reset_prefix_cache_forgets_every_block() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = computed(list(range(9)), bm)
+    bm.reset_prefix_cache()
+    assert bm.cached_blocks == {} and bm.match_prefix(Sequence(list(range(9)), SamplingParams(), seed=0)) == []
+    bm.free(a)
+    assert bm.num_free_blocks == 4

@@ -25,6 +25,7 @@ def _run_both(path: str, prompts: list[list[int]], params: SamplingParams, **eng
     native = llm.generate(prompts, params)
     preempted = sched.num_preemptions
     inner.native = None  # the same engine, weights and cache pool: the Python forward
+    sched.block_manager.reset_prefix_cache()  # so it computes every token again, not the first run's KV
     python = llm.generate(prompts, params)
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
     return native, python, preempted

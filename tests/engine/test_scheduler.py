@@ -265,3 +265,145 @@ def test_random_workload_keeps_invariants_and_finishes() -> None:
                 got = outputs_at_preemption[s.request_id]
                 assert s.output_token_ids[:len(got)] == got
     assert num_preemptions > 0, "the workload is meant to run out of blocks"
+
+
+# prefix cache ----------------------------------------------------------------------------------
+
+
+class FakeKV:
+    """The KV cache as the token each slot was computed from: a sequence may attend only to slots
+    that hold its own tokens, however it came by them (computed, or shared from the prefix cache)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, int] = {}
+
+    def run(self, out: SchedulerOutput) -> None:
+        for s, n in zip(out.seqs, out.num_scheduled_tokens):
+            slot = [s.block_table[p // BS] * BS + p % BS for p in range(s.num_computed_tokens + n)]
+            assert [self.slots.get(x) for x in slot[:s.num_computed_tokens]] == s.token_ids[:s.num_computed_tokens]
+            self.slots.update(zip(slot[s.num_computed_tokens:], s.token_ids[s.num_computed_tokens:]))
+
+
+def check_shared(sched: Scheduler, out: SchedulerOutput) -> None:
+    """check()'s invariants where running sequences may share cached blocks by reference."""
+    bm = sched.block_manager
+    assert out.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
+    holders: dict[int, int] = {}
+    for s in sched.running:
+        for b in s.block_table:
+            holders[b] = holders.get(b, 0) + 1
+        for b in s.block_table[s.num_computed_tokens // BS:]:
+            assert bm.ref_counts[b] == 1, "a block still being written is shared"
+    for s, n in zip(out.seqs, out.num_scheduled_tokens):
+        assert 1 <= n and s.num_computed_tokens + n <= min(s.num_tokens, len(s.block_table) * BS)
+    assert all(bm.ref_counts[b] == k for b, k in holders.items())
+    assert len(holders) + bm.num_free_blocks == bm.num_blocks, "blocks leaked"
+    assert not set(holders) & set(bm.free_block_ids)
+    assert all(s.block_table == [] for s in sched.waiting)
+
+
+def cached_step(sched: Scheduler, kv: FakeKV, next_token: int = 1) -> SchedulerOutput:
+    """step() the way the engine does it: Scheduler.advance, so the blocks a step fills are cached."""
+    out = sched.schedule()
+    check_shared(sched, out)
+    kv.run(out)
+    sched.advance(out)
+    for s in out.seqs:
+        if s.num_computed_tokens == s.num_tokens:
+            s.token_ids.append(next_token)
+            if s.num_output_tokens >= s.params.max_tokens:
+                sched.finish(s, "length")
+    return out
+
+
+def distinct(tokens: list[int], max_tokens: int = 8, rid: str | None = None) -> Sequence:
+    return Sequence(tokens, SamplingParams(max_tokens=max_tokens), seed=0, request_id=rid)
+
+
+def test_a_cached_prefix_is_not_computed_again() -> None:
+    sched, kv = make(), FakeKV()
+    a = distinct(list(range(40)), max_tokens=2, rid="a")
+    sched.add(a)
+    while sched.has_unfinished():
+        cached_step(sched, kv)
+    # b shares a's 2 full prompt blocks; c is a's prompt again; d ends one token past 2 blocks
+    b, c, d = (distinct(list(range(n)) + tail, rid=r) for n, tail, r in ((40, [77] * 5, "b"), (40, [], "c"),
+                                                                         (32, [5], "d")))
+    for s in (b, c, d):
+        sched.add(s)
+    out = cached_step(sched, kv)
+    assert scheduled(out) == {"b": 45 - 32, "c": 40 - 32, "d": 1}  # the last token is always computed
+    assert (b.num_cached_tokens, c.num_cached_tokens, d.num_cached_tokens) == (32, 32, 32)
+    assert b.block_table[:2] == c.block_table[:2] == d.block_table[:2]
+    assert sched.prefix_cache_queries == 40 + 45 + 40 + 33 and sched.prefix_cache_hits == 3 * 32
+
+
+def test_the_prefill_side_of_a_pair_computes_its_whole_prompt() -> None:
+    # its KV goes to a decode replica as it is computed: nothing it skipped would get there
+    sched, kv = make(), FakeKV()
+    a = distinct(list(range(40)), max_tokens=1)
+    sched.add(a)
+    cached_step(sched, kv)
+    b = distinct(list(range(40)), rid="b")
+    b.kv_target = object()
+    sched.add(b)
+    assert scheduled(cached_step(sched, kv)) == {"b": 40}
+    assert b.num_cached_tokens == 0 and sched.prefix_cache_queries == 40
+
+
+def test_admission_counts_the_free_cached_blocks_it_takes() -> None:
+    sched, kv = make(num_blocks=3), FakeKV()
+    a = distinct(list(range(32)), max_tokens=1)
+    sched.add(a)
+    cached_step(sched, kv)
+    assert sched.block_manager.num_free_blocks == 3 and len(sched.block_manager.cached_blocks) == 2
+    b = distinct(list(range(32)) + [1] * 16, rid="b")  # 2 free cached blocks shared + 1 new: all 3
+    c = distinct([9], rid="c")
+    sched.add(b)
+    sched.add(c)
+    assert scheduled(cached_step(sched, kv)) == {"b": 16}  # c does not fit: the shared blocks are not free
+    assert sched.block_manager.num_free_blocks == 0 and list(sched.waiting) == [c]
+
+
+def test_a_preempted_sequence_finds_its_own_blocks() -> None:
+    # as in test_preemption_evicts_the_newest_by_recompute: a's 33rd token needs the block b holds
+    sched, kv = make(num_blocks=4), FakeKV()
+    a, b = distinct(list(range(20)), max_tokens=30, rid="a"), distinct(list(range(100, 120)), max_tokens=30, rid="b")
+    sched.add(a)
+    sched.add(b)
+    while not sched.num_preemptions:
+        out = cached_step(sched, kv)
+    assert out.preempted == [b] and b.num_computed_tokens == 0
+    # b's 2 full blocks were cached; a's new block is the one b gave back last, its tail
+    assert b.num_tokens == 33 and len(sched.block_manager.cached_blocks) == 2 + 1
+    sched.finish(a, "abort")
+    out = cached_step(sched, kv)  # b starts past its first block
+    assert scheduled(out) == {"b": 33 - 16} and b.num_computed_tokens == 33
+    assert b.num_cached_tokens == 0 and b.num_preemptions == 1  # reported for its first admission only
+
+
+def test_random_shared_prefixes_keep_invariants_and_the_kv_right() -> None:
+    rng = random.Random(99)
+    stems = [[rng.randrange(50) for _ in range(rng.randint(10, 60))] for _ in range(4)]
+    hits = num_preemptions = 0
+    for trial in range(6):
+        sched = make(num_blocks=rng.choice([10, 16, 24]), budget=rng.choice([8, 24, 64]),
+                     max_num_seqs=rng.choice([3, 8, 32]), chunk=rng.choice([None, 5, 16]))
+        pending = [distinct(rng.choice(stems)[:rng.randint(1, 60)] + [rng.randrange(50)] * rng.randint(0, 20),
+                            max_tokens=rng.randint(1, 30), rid=f"{trial}.{i}") for i in range(30)]
+        all_seqs, kv = list(pending), FakeKV()
+        for _ in range(5000):
+            while pending and rng.random() < 0.3:
+                sched.add(pending.pop(0))
+            if not sched.has_unfinished() and not pending:
+                break
+            cached_step(sched, kv, next_token=rng.randrange(3))  # few distinct outputs: outputs are shared too
+        else:
+            raise AssertionError("workload did not finish in 5000 steps")
+        bm = sched.block_manager
+        assert all(s.is_finished and s.num_output_tokens == s.params.max_tokens for s in all_seqs)
+        assert bm.num_free_blocks == bm.num_blocks and sum(bm.ref_counts) == 0
+        assert {b: h for h, b in bm.cached_blocks.items()} == {b: h for b, h in enumerate(bm.block_hashes) if h}
+        hits += sched.prefix_cache_hits
+        num_preemptions += sched.num_preemptions
+    assert hits > 0 and num_preemptions > 0
