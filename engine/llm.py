@@ -22,7 +22,8 @@ class LLM:
     LLMEngine.from_model's own keywords pass through too: load_tokenizer, kv_allocator, rank_launcher.
     tensor_parallel_size > 1 needs rank_launcher, which starts ranks 1..n-1; the engine knows no Ray,
     so pass replica.ranks.start_followers for Ray actors (on a local Ray bound to 127.0.0.1 unless this
-    process is connected to one). Call shutdown(), or use `with`, to release them."""
+    process is connected to one). shutdown(), or `with`, releases them at once; an LLM dropped without
+    either releases them when it is collected (the next LLM in the process collects it first)."""
 
     def __init__(self, model: str | None = "default", dtype: str | torch.dtype = "float32", **options: Any):
         self.engine = LLMEngine.from_model(model, dtype, **options)

@@ -1,8 +1,10 @@
 """The engine loop: add requests, step, collect finished ones. No threads, no I/O."""
 from __future__ import annotations
 
+import gc
 import operator
 import random
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -38,6 +40,16 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
 
 
+def _release_ranks(runner: ModelRunner, followers) -> None:
+    """Stop a tensor-parallel replica's other ranks and leave its process group."""
+    try:
+        runner.stop_followers()
+    except RuntimeError:
+        pass  # a rank is already gone: the group is broken either way
+    destroy_tp_group()
+    followers.stop()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, weights, tokenizer: Any | None = None,
                  kv_allocator: KVAllocator | None = None) -> None:
@@ -70,6 +82,8 @@ class LLMEngine:
             raise ValueError(f"tensor_parallel_size={n} needs a rank launcher to start ranks 1..{n - 1}; pass "
                              "rank_launcher=replica.ranks.start_followers (Ray actors), or use tensor_parallel_size=1")
         followers = None
+        if n > 1 or torch.distributed.is_initialized():
+            gc.collect()  # an engine dropped without shutdown() still holding the process's group releases it now
         if n > 1:
             init_method = f"tcp://127.0.0.1:{free_port()}"
             followers = rank_launcher(config, init_method, opts.device)
@@ -83,6 +97,8 @@ class LLMEngine:
             raise
         engine.followers = followers
         if followers is not None:
+            # dropped without shutdown() (no `with`): its ranks and group go when it is collected
+            engine._release = weakref.finalize(engine, _release_ranks, engine.runner, followers)
             try:
                 followers.wait_ready()
             except BaseException:
@@ -94,12 +110,7 @@ class LLMEngine:
         """Release the other ranks of a tensor-parallel replica (a no-op at TP 1)."""
         if self.followers is None:
             return
-        try:
-            self.runner.stop_followers()
-        except RuntimeError:
-            pass  # a rank is already gone: the group is broken either way
-        destroy_tp_group()
-        self.followers.stop()
+        self._release()  # once: a weakref.finalize
         self.followers = None
 
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:

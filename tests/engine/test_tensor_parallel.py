@@ -110,3 +110,26 @@ def test_a_rank_that_dies_mid_step_fails_the_replica_fast(ray_local, tiny_checkp
     finally:
         killer.cancel()
         llm.shutdown()
+
+
+def test_an_llm_dropped_without_shutdown_releases_its_ranks(ray_local, tiny_checkpoints, single_rank) -> None:
+    """vLLM users make engines one after another without `with` or shutdown(): a dropped TP engine's
+    ranks and process group go with it, and the next engine in the process, TP 1 or 2, works."""
+    import gc
+
+    import torch.distributed as dist
+
+    path = str(tiny_checkpoints["llama"])
+    llm = LLM(path, **OPTS, tensor_parallel_size=2, rank_launcher=start_followers)
+    followers = llm.engine.followers.actors
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == single_rank("llama")
+    del llm
+    gc.collect()
+    assert not dist.is_initialized()
+    for actor in followers:  # the follower rank is gone too
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+    assert [o.token_ids for o in LLM(path, **OPTS).generate(PROMPTS, GREEDY)] == single_rank("llama")
+    again = LLM(path, **OPTS, tensor_parallel_size=2, rank_launcher=start_followers)
+    assert [o.token_ids for o in again.generate(PROMPTS, GREEDY)] == single_rank("llama")
+    del again  # and once more without shutdown: the next test's engines start clean
