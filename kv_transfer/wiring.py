@@ -33,12 +33,20 @@ def rewire_decode(prefill: list[Any], info: dict[str, Any], dead_pool: str | Non
     the new one."""
     import ray
 
+    if dead_pool is not None:
+        drop_decode(prefill, dead_pool)
+    ray.get([a.attach.remote(info["pools"]) for a in prefill])
+
+
+def drop_decode(prefill: list[Any], pool: str) -> None:
+    """A decode replica's pool goes (it died, or left the pool): every live prefill replica forgets it
+    (the prompts bound there fail, to be moved elsewhere) and its shared-memory files are removed."""
+    import ray
+
     from kv_transfer.metadata import remove_pool
 
-    if dead_pool is not None:
-        ray.get([a.detach.remote(dead_pool) for a in prefill])
-        remove_pool(dead_pool)
-    ray.get([a.attach.remote(info["pools"]) for a in prefill])
+    ray.get([a.detach.remote(pool) for a in prefill])
+    remove_pool(pool)
 
 
 def wire_prefill(actor: Any, decode: list[Any]) -> None:

@@ -47,7 +47,7 @@ class Supervisor:
         """Resize pool `role` to n replicas; returns (replicas now, started, drained)."""
         import ray
 
-        from kv_transfer.metadata import remove_pool
+        from kv_transfer.wiring import drop_decode
         from router.validate import kv_tokens
 
         router = self.server.router
@@ -65,9 +65,8 @@ class Supervisor:
                 replica = replicas[-1]
                 left = self._on_loop(router.drain(replica, drain_timeout_s), timeout=drain_timeout_s + 30)
                 if role == "decode":  # its pool: prompts still bound there move elsewhere
-                    pool = self.pools.pool_names[replica.index]
-                    ray.get([r.actor.detach.remote(pool) for r in router.placement.prefill if r.healthy])
-                    remove_pool(pool)
+                    drop_decode([r.actor for r in router.placement.prefill if r.healthy],
+                                self.pools.pool_names[replica.index])
                 try:
                     ray.get(replica.actor.shutdown.remote(), timeout=10)
                 except Exception:  # noqa: BLE001 - dead already: removing it is all that is left

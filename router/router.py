@@ -81,7 +81,7 @@ class Router(pb_grpc.GenerationServicer):
             await self.placement.refresh_stats()
             await asyncio.sleep(every_s)
 
-    async def _owner(self, context: grpc.aio.ServicerContext) -> str:
+    async def owner(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's key (or, with no keys configured, its connection); a missing or wrong key
         ends the call UNAUTHENTICATED."""
         metadata = dict(context.invocation_metadata() or ())
@@ -91,7 +91,7 @@ class Router(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        owner = await self._owner(context)
+        owner = await self.owner(context)
         try:
             async for chunk in self.generate(request, owner=owner):
                 yield chunk
@@ -156,7 +156,7 @@ class Router(pb_grpc.GenerationServicer):
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
         """Cancel a running or queued request of the caller's own (another key's or connection's
         request with the same id is not touched: False)."""
-        owner = await self._owner(context)
+        owner = await self.owner(context)
         return pb.CancelResponse(cancelled=self.cancel(owner, request.request_id))
 
     def cancel(self, owner: str, rid: str) -> bool:
@@ -212,7 +212,7 @@ class Router(pb_grpc.GenerationServicer):
         return left
 
     async def Scale(self, request: pb.ScaleRequest, context) -> pb.ScaleResponse:
-        await self._owner(context)
+        await self.owner(context)
         if self.scaler is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this cluster cannot scale: pools are resized on the ipc KV backend only")
@@ -240,12 +240,12 @@ class Router(pb_grpc.GenerationServicer):
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         """max_model_len: the most tokens (prompt + output) a request can have, the decode pool's KV counted."""
-        await self._owner(context)
+        await self.owner(context)
         return pb.ListModelsResponse(models=[pb.ModelInfo(
             name=self.model_name, max_model_len=self.limits.context, vocab_size=self.limits.vocab_size)])
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
-        await self._owner(context)
+        await self.owner(context)
         await self.placement.refresh_stats()
         pools = []
         for role, replicas in (("prefill", self.placement.prefill), ("decode", self.placement.decode)):

@@ -160,7 +160,7 @@ def add_generation_service(router: Router, server: grpc.aio.Server) -> None:
 
 async def _refuse_unparsed(router: Router, request, context: grpc.aio.ServicerContext) -> None:
     if isinstance(request, InvalidRequest):
-        await router._owner(context)  # the caller's key first, as every method checks it
+        await router.owner(context)  # the caller's key first, as every method checks it
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
 
 

@@ -22,6 +22,12 @@ def small_cluster(model: str, **router) -> ClusterConfig:
 
 
 @pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoints) -> str:
+    """The tiny random llama checkpoint (no tokenizer: prompts are token ids)."""
+    return str(tiny_checkpoints["llama"])
+
+
+@pytest.fixture(scope="module")
 def default_cluster(ray_local):
     with start_cluster(small_cluster("default", max_ongoing_requests=8, max_queued_requests=64), progress=None) as c:
         yield c

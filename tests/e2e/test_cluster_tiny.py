@@ -33,11 +33,6 @@ def generate_all(address: str, prompts) -> list:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_checkpoints) -> str:
-    return str(tiny_checkpoints["llama"])
-
-
-@pytest.fixture(scope="module")
 def tiny_cluster(ray_local, tiny_model):
     config = small_cluster(tiny_model, max_ongoing_requests=2, max_queued_requests=3, local_prefill_threshold=8)
     with start_cluster(config, progress=None) as c:

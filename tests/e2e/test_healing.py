@@ -25,11 +25,6 @@ PROMPT = prompts_of([60], seed=5)[0]  # over local_prefill_threshold: disaggrega
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_checkpoints) -> str:
-    return str(tiny_checkpoints["llama"])
-
-
-@pytest.fixture(scope="module")
 def cluster(ray_local, tiny_model):
     with start_cluster(small_cluster(tiny_model, local_prefill_threshold=8), progress=None) as c:
         yield c

@@ -22,11 +22,6 @@ LONG = dict(temperature=0, max_tokens=900, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_checkpoints) -> str:
-    return str(tiny_checkpoints["llama"])
-
-
-@pytest.fixture(scope="module")
 def cluster(ray_local, tiny_model):
     with start_cluster(small_cluster(tiny_model, local_prefill_threshold=8), progress=None) as c:
         yield c
