@@ -97,9 +97,7 @@ class Cluster:
             ray.kill(actor)
         for pg in [*self.pools.groups["prefill"], *self.pools.groups["decode"]]:
             remove_placement_group(pg)
-        from kv_transfer.metadata import SHM_DIR, pool_path
-
-        for path in SHM_DIR.glob(f"{pool_path(self.pools.prefix).name}*"):  # what dead decode replicas left
+        for path in Path("/dev/shm").glob(f"pdserve-kv-{self.pools.prefix}*"):  # what dead decode replicas left
             path.unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
@@ -275,16 +273,13 @@ def _remove_orphan_pools(min_age_s: float = 60.0) -> None:
     (SIGKILL skips every clean-up). Younger files may belong to a cluster starting right now."""
     from glob import glob
 
-    from kv_transfer.metadata import pool_path
-
-    prefix = str(pool_path(""))  # every cluster's pools
-    pools = {p for p in glob(f"{prefix}*") if time.time() - os.path.getmtime(p) > min_age_s}
+    pools = {p for p in glob("/dev/shm/pdserve-kv-*") if time.time() - os.path.getmtime(p) > min_age_s}
     if not pools:
         return
     for maps in glob("/proc/[0-9]*/maps"):
         try:
             with open(maps) as f:
-                pools -= {line.split(None, 5)[-1].strip() for line in f if prefix in line}
+                pools -= {line.split(None, 5)[-1].strip() for line in f if "/dev/shm/pdserve-kv-" in line}
         except OSError:
             continue  # gone, or not ours to read
     for path in pools:
