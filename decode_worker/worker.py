@@ -33,23 +33,25 @@ class DecodeWorker(ReplicaShell):
         import torch
 
         from engine import LLMEngine
-        from engine.loop import EngineLoop
         from kv_transfer.ranks import DecodeKV
         from replica.ranks import start_followers
 
-        torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self.kv = DecodeKV(pool_name, kv_backend)
-        self.engine = LLMEngine.from_model(
-            model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
-            rank_launcher=functools.partial(start_followers, role=self.kv.role))
-        self.receiver = self.kv.bind(self.engine, lease_s)
         self._open: set[str] = set()  # requests whose stream has not ended yet
         self._events: asyncio.Queue[list[StreamItem]] | None = None  # made on the actor's event loop
         self.tokens_generated = 0
-        tp = self.engine.config.options.tensor_parallel_size
-        self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
-        self.loop = EngineLoop(self.engine.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
-                               on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
+
+        def build():
+            torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
+            self.engine = LLMEngine.from_model(
+                model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
+                rank_launcher=functools.partial(start_followers, role=self.kv.role))
+            self.receiver = self.kv.bind(self.engine, lease_s)
+            tp = self.engine.config.options.tensor_parallel_size
+            self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
+            return (self.engine.step, self.engine.has_unfinished, self._on_step, self._expire,
+                    lambda: self.engine.runner.step_cost)
+        self._start_engine(build, self._on_error)
 
     async def info(self) -> dict[str, Any]:
         # pool: the replica's KV pool name; pools: every rank's slice of it

@@ -21,14 +21,23 @@ class EngineDead(RuntimeError):
 class EngineLoop:
     """Between steps: run the queued calls, then `tick()`; then, while `has_work()`, one `step()`
     whose result goes to `on_step`. Idle, it sleeps on the inbox (waking every `idle_tick_s`
-    for `tick`, e.g. to expire leases)."""
+    for `tick`, e.g. to expire leases).
 
-    def __init__(self, step: Callable[[], Any], has_work: Callable[[], bool], on_step: Callable[[Any], None],
-                 tick: Callable[[], None] | None = None, on_error: Callable[[BaseException], None] | None = None,
+    Build the engine on the loop's thread too: `EngineLoop(on_error=...)`, then `call(build).result()`,
+    then `bind(...)`. OpenMP gives each thread that starts parallel work a team of its own; an engine
+    loaded on one thread and stepped on another leaves two teams on the cores, and then libgomp stops
+    spinning between parallel regions: each of a step's hundreds of regions waits on a futex wake-up
+    (seen in a decode replica: ~28k voluntary context switches per thread in a 24-request burst, none
+    in the offline engine, and steps ~10% longer with the router on the same 2 cores)."""
+
+    def __init__(self, step: Callable[[], Any] | None = None, has_work: Callable[[], bool] | None = None,
+                 on_step: Callable[[Any], None] | None = None, tick: Callable[[], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None,
                  cost: Callable[[], tuple[int, float, float]] | None = None, idle_tick_s: float = 0.1,
                  window_s: float = 5.0) -> None:
-        """cost(): (tokens, FLOPs, bytes read) of the step just run, for `metrics`."""
-        self._step, self._has_work, self._on_step, self._tick = step, has_work, on_step, tick
+        """cost(): (tokens, FLOPs, bytes read) of the step just run, for `metrics`. Without step,
+        has_work and on_step the loop only runs calls until bind() gives them."""
+        self._step, self._has_work, self._on_step, self._tick = step, has_work or (lambda: False), on_step, tick
         self._on_error, self._cost = on_error, cost
         self.metrics = StepMetrics(window_s)
         self._idle_tick_s = idle_tick_s
@@ -37,6 +46,15 @@ class EngineLoop:
         self.error: BaseException | None = None  # set if a step raised: the loop is dead
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+
+    def bind(self, step: Callable[[], Any], has_work: Callable[[], bool], on_step: Callable[[Any], None],
+             tick: Callable[[], None] | None = None,
+             cost: Callable[[], tuple[int, float, float]] | None = None) -> None:
+        """Start stepping an engine built with call(); runs on the loop's thread before any step."""
+        def set_() -> None:
+            self._step, self._on_step, self._tick, self._cost = step, on_step, tick, cost
+            self._has_work = has_work
+        self.call(set_).result()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run fn(*args) on the loop thread before the next step; its result or exception lands in the future."""

@@ -30,21 +30,23 @@ class PrefillWorker(ReplicaShell):
         import torch
 
         from engine import LLMEngine
-        from engine.loop import EngineLoop
         from kv_transfer.ranks import PrefillKV
         from replica.ranks import start_followers
 
-        torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
         self.kv = PrefillKV(kv_backend)
-        self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
-                                           rank_launcher=functools.partial(start_followers, role=self.kv.role))
-        self.sender = self.kv.bind(self.engine)
         self._pending: dict[str, Future] = {}  # request id -> PrefillResult, set on the engine thread
         self.leases_expired = 0
-        tp = self.engine.config.options.tensor_parallel_size
-        self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
-        self.loop = EngineLoop(self.sender.step, self.engine.has_unfinished, self._on_step, tick=self._expire,
-                               on_error=self._on_error, cost=lambda: self.engine.runner.step_cost)
+
+        def build():
+            torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
+            self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
+                                               rank_launcher=functools.partial(start_followers, role=self.kv.role))
+            self.sender = self.kv.bind(self.engine)
+            tp = self.engine.config.options.tensor_parallel_size
+            self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
+            return self.sender.step, self.engine.has_unfinished, self._on_step, self._expire, \
+                lambda: self.engine.runner.step_cost
+        self._start_engine(build, self._on_error)
 
     async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
         """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; returns once

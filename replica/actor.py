@@ -47,7 +47,12 @@ class ReplicaShell:
         mc = config.model_config
         return dict(pid=os.getpid(), vocab_size=mc.vocab_size, max_model_len=config.max_model_len,
                     num_kv_blocks=self.engine.block_manager.num_blocks, block_size=config.options.block_size,
-                    eos_token_ids=list(mc.eos_token_ids), model=config.model)
+                    eos_token_ids=list(mc.eos_token_ids), model=config.model, kernels=self.kernels())
+
+    def kernels(self) -> str:
+        """The path this replica's forward takes, and why (a CPU without AMX takes the portable one)."""
+        why = self.engine.runner.native_unsupported
+        return "the C decoder stack on AMX tiles" if why is None else f"the Python forward ({why})"
 
     def tokenizer_files(self) -> dict[str, str] | None:
         """The model's tokenizer as text, for the router (which has no engine)."""
@@ -75,6 +80,19 @@ class ReplicaShell:
             return SamplingParams(**params)
         except (TypeError, ValueError) as e:
             raise BadRequest(f"sampling parameters: {e}") from None
+
+    def _start_engine(self, build, on_error) -> None:
+        """Run build() on a new engine thread (self.loop), which then steps the engine build() made:
+        loading and stepping on one thread keeps one OpenMP team (engine.loop.EngineLoop). build()
+        sets the engine and returns the loop's bind() arguments."""
+        from engine.loop import EngineLoop
+
+        self.loop = EngineLoop(on_error=on_error)
+        try:
+            self.loop.bind(*self.loop.call(build).result())
+        except BaseException:
+            self.loop.stop()
+            raise
 
     async def _call(self, fn, *args):
         """fn(*args) on the engine's thread, between steps."""

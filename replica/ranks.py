@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 FOLLOWER_TIMEOUT_S = 3600.0  # a follower waits this long for rank 0's next step; a dead peer fails at once
@@ -19,6 +20,16 @@ class RankWorker:
 
     def __init__(self, config, rank: int, world_size: int, init_method: str, device: str = "cpu",
                  num_threads: int = 1, role: Any = None) -> None:
+        self.rank = rank
+        self.error: str | None = None
+        built: Future = Future()
+        # built and run on one thread: one OpenMP team (engine.loop.EngineLoop says why)
+        self._thread = threading.Thread(target=self._follow, name=f"rank{rank}", daemon=True, args=(
+            built, config, world_size, init_method, device, num_threads, role))
+        self._thread.start()
+        built.result()
+
+    def _build(self, config, world_size: int, init_method: str, device: str, num_threads: int, role: Any) -> None:
         import torch
 
         from engine.distributed import init_tp_group
@@ -26,7 +37,7 @@ class RankWorker:
         from engine.model_runner import ModelRunner
 
         torch.set_num_threads(num_threads)
-        self.rank = rank
+        rank = self.rank
         init_tp_group(rank, world_size, init_method, device, timeout_s=FOLLOWER_TIMEOUT_S)
         allocator = role.kv_allocator(rank) if role is not None else None
         self.runner = ModelRunner(config, open_model(config.model, load_tokenizer=False).weights, device, allocator)
@@ -34,11 +45,14 @@ class RankWorker:
                                                         world_size)) is not None:
             self.runner.set_kv_saver(saver)
         self.endpoint = role.endpoint(self.runner) if role is not None else None
-        self.error: str | None = None
-        self._thread = threading.Thread(target=self._follow, name=f"rank{rank}", daemon=True)
-        self._thread.start()
 
-    def _follow(self) -> None:
+    def _follow(self, built: Future, *build_args: Any) -> None:
+        try:
+            self._build(*build_args)
+        except BaseException as e:
+            built.set_exception(e)
+            return
+        built.set_result(None)
         try:
             self.runner.follow()
         except BaseException as e:  # rank 0 died or the group broke: nothing more to run
