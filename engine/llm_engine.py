@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import operator
 import random
+import time
 import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -205,7 +206,9 @@ class LLMEngine:
         if sched.is_empty:
             self.sampled = []
             return finished
+        t0 = time.perf_counter()
         sampled, tokens, logprobs = self.runner.execute(sched)
+        self.scheduler.costs.record(sched, time.perf_counter() - t0)
         self.sampled = sampled
         self.scheduler.advance(sched)
         for seq, token, lp in zip(sampled, tokens, logprobs):

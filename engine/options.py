@@ -22,6 +22,10 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048  # the token budget of one step, prefill and decode together
     max_num_seqs: int = 256  # most sequences in the running batch
     max_prefill_chunk: int | None = None  # most tokens one sequence gets in one step; None: the whole budget
+    # a step with a prefill chunk should take at most this long (e.g. the TPOT target): prefill tokens per step are
+    # cut to what fits beside the decodes, at the prefill rate the engine measures (scheduler.StepCosts); None:
+    # only the budget bounds them
+    step_time_target_s: float | None = None
     # paged KV cache
     block_size: int = 16  # tokens per KV block, a power of two
     num_kv_blocks: int | None = None  # KV blocks per rank; None: as many as kv_cache_bytes holds
@@ -51,6 +55,8 @@ class EngineOptions:
         for name in ("max_prefill_chunk", "num_kv_blocks", "num_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1 or None")
+        if self.step_time_target_s is not None and not self.step_time_target_s > 0:
+            raise ValueError(f"step_time_target_s={self.step_time_target_s} must be positive or None")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
         if self.dtype not in DTYPES:

@@ -17,6 +17,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)  # scheduler: what runs this step, oldest first
     num_scheduled_tokens: list[int] = field(default_factory=list)  # scheduler: tokens per seq this step
     preempted: list[Sequence] = field(default_factory=list)  # scheduler: sent back to waiting this step
+    num_decodes: int = 0  # scheduler: of seqs, those computing one token that completes them (decoding)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -27,10 +28,39 @@ class SchedulerOutput:
         return not self.seqs
 
 
+class StepCosts:
+    """What a step costs, learnt from the steps run (moving averages): a decode-only step's seconds,
+    and the seconds each prefill token adds to a step. Sizes prefill chunks for
+    EngineOptions.step_time_target_s."""
+    SMOOTHING = 0.2  # weight of the newest step
+    MIN_PREFILL = 16  # tokens a step may always prefill, so prompts progress whatever the decodes cost
+
+    def __init__(self) -> None:
+        self.decode_step_s = 0.0  # 0: no decode-only step seen yet
+        self.prefill_token_s = 0.0  # 0: not measured yet
+
+    def record(self, out: SchedulerOutput, seconds: float) -> None:
+        prefill = out.total_num_scheduled_tokens - out.num_decodes
+        a = self.SMOOTHING
+        if not prefill:
+            self.decode_step_s = seconds if not self.decode_step_s else (1 - a) * self.decode_step_s + a * seconds
+        elif prefill >= self.MIN_PREFILL:
+            per = max(seconds - (self.decode_step_s if out.num_decodes else 0.0), 0.0) / prefill
+            self.prefill_token_s = per if not self.prefill_token_s else (1 - a) * self.prefill_token_s + a * per
+
+    def prefill_allowance(self, target_s: float, budget: int) -> int:
+        """Prefill tokens a step can take beside its decodes and still end within target_s."""
+        if not self.prefill_token_s:
+            return budget
+        fits = int((target_s - self.decode_step_s) / self.prefill_token_s)
+        return max(self.MIN_PREFILL, min(budget, fits))
+
+
 class Scheduler:
     def __init__(self, config: EngineOptions, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.costs = StepCosts()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
@@ -49,12 +79,29 @@ class Scheduler:
         chunk = self.config.chunk_size
         bm = self.block_manager
 
+        # decode first: each decoding sequence's one token is counted out of the budget before any
+        # prefill chunk takes it, whatever their order, so a long prompt never stalls a decode
+        running = self.running
+        decodes = sum(1 for seq in running if seq.num_tokens - seq.num_computed_tokens == 1)
+        target = self.config.step_time_target_s
+        prefill = budget if target is None else self.costs.prefill_allowance(target, budget)  # prefill tokens left
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, chunk, budget)
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            left = seq.num_tokens - seq.num_computed_tokens
+            if left == 1:
+                decodes -= 1
+                n = 1
+                out.num_decodes += 1
+            elif (n := min(left, chunk, budget - decodes, prefill)) < 1:
+                i += 1  # no budget for its chunk this step: the decodes after it come first
+                continue
+            else:
+                prefill -= n
             while not bm.can_allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()  # the newest
+                victim = running.pop()  # the newest
+                if victim is not seq and victim.num_tokens - victim.num_computed_tokens == 1:
+                    decodes -= 1
                 self._preempt(victim, out)
                 if victim is seq:
                     break
@@ -74,9 +121,14 @@ class Scheduler:
             lookup = bm.enable_caching and not seq.num_computed_tokens and seq.kv_target is None
             prefix = bm.match_prefix(seq) if lookup else []
             computed = seq.num_computed_tokens + len(prefix) * bm.block_size
-            n = min(seq.num_tokens - computed, chunk, budget)
-            if not bm.can_allocate(seq, computed + n, prefix):
+            left = seq.num_tokens - computed
+            n = min(left, chunk, budget) if left == 1 else min(left, chunk, budget, prefill)
+            if n < 1 or not bm.can_allocate(seq, computed + n, prefix):
                 break
+            if left == 1:
+                out.num_decodes += 1
+            else:
+                prefill -= n
             self.waiting.popleft()
             bm.allocate(seq, computed + n, prefix)
             if lookup:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from engine.block_manager import BlockManager
 from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerOutput, StepCosts
 from engine.sequence import Sequence, SequenceStatus
 
 BS = 16  # block size
@@ -407,3 +409,51 @@ def test_random_shared_prefixes_keep_invariants_and_the_kv_right() -> None:
         hits += sched.prefix_cache_hits
         num_preemptions += sched.num_preemptions
     assert hits > 0 and num_preemptions > 0
+
+
+
+def test_decodes_come_before_an_older_prefill_chunk() -> None:
+    """Decode first: each step the sequences that decode get their token out of the budget before a
+    prefill chunk takes it, whatever their place in the batch (here the prefilling c is older)."""
+    sched = make(budget=8, chunk=4)
+    c = seq(40, rid="c")
+    a, b = seq(2, max_tokens=20, rid="a"), seq(2, max_tokens=20, rid="b")
+    for s in (c, a, b):
+        sched.add(s)
+    assert scheduled(step(sched)) == {"c": 4, "a": 2, "b": 2}
+    out = step(sched)
+    assert scheduled(out) == {"c": 4, "a": 1, "b": 1}
+    assert [s.request_id for s in out.seqs] == ["c", "a", "b"]  # still oldest first
+    sched.config = EngineOptions(5, 256, 4)  # a tighter budget: c's chunk is what the decodes leave
+    assert scheduled(step(sched)) == {"c": 3, "a": 1, "b": 1}  # before: c 4, a 1, b nothing
+    sched.config = EngineOptions(2, 256, 4)  # no room for a chunk at all: c waits a step, a and b decode
+    assert scheduled(step(sched)) == {"a": 1, "b": 1}
+    assert c.num_computed_tokens == 11 and a.num_output_tokens == 4
+
+
+def test_a_step_time_target_sizes_the_prefill_chunk_from_measured_costs() -> None:
+    """step_time_target_s: once the scheduler has seen what a decode step and a prefill token cost, a
+    step's prefill tokens are cut to what fits beside the decodes; before that, the budget alone."""
+    sched = Scheduler(EngineOptions(512, 256, None, step_time_target_s=0.1), BlockManager(256, BS))
+    a, b = seq(4, max_tokens=50, rid="a"), seq(4, max_tokens=50, rid="b")
+    for s in (a, b):
+        sched.add(s)
+    sched.costs.record(step(sched), 0.01)  # 8 prefill tokens: too few to learn from
+    assert sched.costs.prefill_token_s == 0
+    sched.costs.record(step(sched), 0.02)  # decodes only: 20 ms
+    c = seq(1000, rid="c")
+    sched.add(c)
+    out = step(sched)
+    assert scheduled(out) == {"a": 1, "b": 1, "c": 510}  # nothing measured yet: the whole budget
+    sched.costs.record(out, 0.02 + 510 * 0.0004)  # each prefill token added 0.4 ms
+    assert sched.costs.prefill_token_s == pytest.approx(0.0004)
+    assert scheduled(step(sched)) == {"a": 1, "b": 1, "c": 200}  # (100 - 20 ms) / 0.4 ms
+    sched.costs.decode_step_s = 0.5  # decodes alone overrun the target: prefill still moves
+    assert scheduled(step(sched)) == {"a": 1, "b": 1, "c": StepCosts.MIN_PREFILL}
+
+
+def test_without_a_target_costs_are_learnt_but_change_nothing() -> None:
+    sched = make(budget=64)
+    sched.costs.prefill_token_s, sched.costs.decode_step_s = 1.0, 1.0
+    sched.add(seq(100, rid="c"))
+    assert scheduled(step(sched)) == {"c": 64}
