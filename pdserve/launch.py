@@ -173,8 +173,11 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                 pools.start(role, i)
         prefill, decode = cluster.prefill, cluster.decode
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
-        p_info = ray.get([a.info.remote() for a in (*decode, *prefill)])[len(decode):]
-        say("pools up; connecting the prefill pool to the decode pool's KV")
+        infos = ray.get([a.info.remote() for a in (*decode, *prefill)])
+        p_info = infos[len(decode):]
+        say("pools up (" + "; ".join(f"{role}: {info[0]['kernels']}" for role, info in
+                                     (("prefill", p_info), ("decode", infos)) if info) + ")")
+        say("connecting the prefill pool to the decode pool's KV")
         d_info = connect_pools(prefill, decode, config.kv_backend, config.prefill.tensor_parallel_size,
                                config.decode.tensor_parallel_size, f"{config.name}-{tag}/kv")
         tok = ray.get((prefill or decode)[0].tokenizer_files.remote())

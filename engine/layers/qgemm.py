@@ -8,6 +8,7 @@ Used for every row count: a single decode row streams 2 bytes a weight instead o
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from functools import cache
 from pathlib import Path
@@ -50,17 +51,35 @@ class Packed(NamedTuple):
     has_m: bool = True  # False where every m is 0 (Q4_0, Q5_0, Q8_0): the kernel skips that term
 
 
+# Set to 1 to take the portable path on an AMX host (fp32 panels and the Python decoder stack, as on a CPU
+# without AMX): how one machine measures and tests both paths.
+NO_AMX_ENV = "PDSERVE_NO_AMX"
+
+
 @cache
 def _lib() -> ctypes.CDLL | None:
-    lib = load(_SOURCE, _FLAGS, {"qgemm_supported": ([], ctypes.c_int),
-                                 "qgemm_f32": ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, _i64,
-                                                _i64, _ptr, _ptr], None)})
+    if os.environ.get(NO_AMX_ENV, "0") not in ("", "0"):
+        return None
+    args = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, _i64, _i64, _ptr, _ptr]
+    lib = load(_SOURCE, _FLAGS, {"qgemm_supported": ([], ctypes.c_int), "qgemm_f32": (args, None)})
     return lib if lib is not None and lib.qgemm_supported() else None
 
 
 def supported() -> bool:
     """Compiled, and the CPU has AMX-BF16 and AVX512-BF16 and the kernel grants the tile state."""
     return _lib() is not None
+
+
+@cache
+def unsupported() -> str | None:
+    """Why the AMX kernel is not used here (None: it is), in words a benchmark prints."""
+    if _lib() is not None:
+        return None
+    if os.environ.get(NO_AMX_ENV, "0") not in ("", "0"):
+        return f"{NO_AMX_ENV} is set"
+    if load(_SOURCE, _FLAGS, {}) is None:
+        return "the AMX kernel did not build (no C compiler, or it failed)"
+    return "no AMX-BF16 on this CPU (or the kernel refused the tile state)"
 
 
 # Collecting a layer's shard of the quantized form while its weight loads.

@@ -85,7 +85,9 @@ def unsupported(model: nn.Module, tp_size: int, dtype: torch.dtype, device: torc
     ]
     if why := next((why for bad, why in model_reasons if bad), None):
         return why
-    if any(lib() is None for lib in (_lib, qgemm._lib, fused._lib, fused._activation_lib, paged_cpu._kernel,
+    if why := qgemm.unsupported():
+        return why
+    if any(lib() is None for lib in (_lib, fused._lib, fused._activation_lib, paged_cpu._kernel,
                                      paged_cpu._prefill_kernel)):
         return "a C kernel did not build"
     for layer in inner.layers:

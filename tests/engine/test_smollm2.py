@@ -46,3 +46,28 @@ def test_capital_of_france_is_paris(llm: LLM) -> None:
                    SamplingParams(temperature=0, max_tokens=32))[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
+
+
+def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> None:
+    """PDSERVE_NO_AMX=1 takes the path of a CPU without AMX (fp32 weights, the Python decoder stack) on any
+    host, so an AMX host tests the fallback too; it names why it took it."""
+    from engine.layers import qgemm
+
+    monkeypatch.setenv(qgemm.NO_AMX_ENV, "1")
+    for fn in (qgemm._lib, qgemm.unsupported):
+        fn.cache_clear()
+    try:
+        llm = LLM("default", max_num_batched_tokens=32)
+        assert llm.engine.runner.native_unsupported == f"{qgemm.NO_AMX_ENV} is set"
+        ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
+        outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        for prompt, out in zip(ids, outs):
+            with torch.inference_mode():
+                ref = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                        dtype=torch.long), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                        pad_token_id=2)
+            assert out.token_ids == ref[0, len(prompt):].tolist()
+    finally:
+        monkeypatch.delenv(qgemm.NO_AMX_ENV)
+        for fn in (qgemm._lib, qgemm.unsupported):
+            fn.cache_clear()
