@@ -40,6 +40,9 @@ LAYOUTS: dict[str, list[str]] = {
     # one replica with both cores: chunked prefill and decode in the same steps
     "colocated": ["--prefill-replicas", "0", "--decode-replicas", "1", "--decode-num-cpus", "2",
                   "--decode-num-threads", "2"],
+    # colocated, with prefill chunks cut so a step stays near 80 ms (EngineOptions.step_time_target_s): ITL for TTFT
+    "colocated-paced": ["--prefill-replicas", "0", "--decode-replicas", "1", "--decode-num-cpus", "2",
+                        "--decode-num-threads", "2", "--decode-step-time-target-s", "0.08"],
     # one prefill and one decode replica, a core each: every prompt prefills on the prefill replica
     "1p1d": ["--prefill-replicas", "1", "--decode-replicas", "1", "--prefill-num-threads", "1",
              "--decode-num-threads", "1", "--local-prefill-threshold", "0"],
@@ -62,9 +65,11 @@ def measure_limits(prompt_len: int, output_len: int, batch: int, conn) -> None:
         prompts = [p for p, _ in make_requests(Workload("fixed", prompt_len, output_len), batch, 7, VOCAB, 8192)]
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        t = time.perf_counter()
-        llm.generate(prompts, one)
-        prefill_s = time.perf_counter() - t
+        prefill_s = float("inf")
+        for _ in range(3):  # the best of three: one pass is short enough for a noisy host to move it 30%
+            t = time.perf_counter()
+            llm.generate(prompts, one)
+            prefill_s = min(prefill_s, time.perf_counter() - t)
         t = time.perf_counter()
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len + 1, ignore_eos=True))
         decode_s = time.perf_counter() - t - prefill_s
