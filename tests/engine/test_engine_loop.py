@@ -49,6 +49,7 @@ def test_a_failed_step_fails_later_calls() -> None:
     deadline = time.monotonic() + 5
     while loop.error is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    loop._thread.join(timeout=5)  # it re-raises as it ends: inside this test, where the warning is expected
     assert isinstance(loop.error, ZeroDivisionError) and errors == [loop.error]
     with pytest.raises(EngineDead):
         loop.call(lambda: 1).result(timeout=5)
