@@ -23,6 +23,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,8 +51,10 @@ LAYOUTS: dict[str, list[str]] = {
 COMMON = ["--decode-num-kv-blocks", "1024", "--prefill-num-kv-blocks", "256", "--decode-max-num-seqs", "64"]
 
 
-def measure_limits(prompt_len: int, output_len: int, batch: int, conn) -> None:
-    """In a child: the machine's peaks and the offline engine's rates for this workload, both cores."""
+def measure_limits(prompt_len: int, output_len: int, batch: int, env: dict[str, str], conn) -> None:
+    """In a child, with env set: the machine's peaks and the offline engine's rates for this workload,
+    both cores."""
+    os.environ.update(env)  # before the engine is imported: PDSERVE_NO_AMX is read as its kernels load
     import torch
 
     from benchmarks.machine import measure_machine
@@ -86,14 +89,8 @@ def measure_limits(prompt_len: int, output_len: int, batch: int, conn) -> None:
 def limits(prompt_len: int, output_len: int, batch: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    old = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        proc = ctx.Process(target=measure_limits, args=(prompt_len, output_len, batch, child))
-        proc.start()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    proc = ctx.Process(target=measure_limits, args=(prompt_len, output_len, batch, env or {}, child))
+    proc.start()
     result = parent.recv()
     proc.join()
     if "error" in result:
@@ -122,8 +119,6 @@ def server(cmd: list[str], ready: re.Pattern, log: Path, env: dict[str, str] | N
             if found is None:
                 raise RuntimeError(f"{' '.join(cmd[:3])} did not get ready (exit {proc.poll()}); see {log}")
             # keep draining its output into the log, or a full pipe blocks the server
-            import threading
-
             threading.Thread(target=lambda: [out.write(line) for line in proc.stdout], daemon=True).start()
             yield found
         finally:

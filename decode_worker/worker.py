@@ -30,8 +30,6 @@ class DecodeWorker(ReplicaShell):
         KV group (join_kv_group)."""
         import functools
 
-        import torch
-
         from engine import LLMEngine
         from kv_transfer.ranks import DecodeKV
         from replica.ranks import start_followers
@@ -42,16 +40,14 @@ class DecodeWorker(ReplicaShell):
         self.tokens_generated = 0
 
         def build():
-            torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
             self.engine = LLMEngine.from_model(
                 model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
                 rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.receiver = self.kv.bind(self.engine, lease_s)
             tp = self.engine.config.options.tensor_parallel_size
             self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
-            return (self.engine.step, self.engine.has_unfinished, self._on_step, self._expire,
-                    lambda: self.engine.runner.step_cost)
-        self._start_engine(build, self._on_error)
+            return self.engine.step
+        self._start_engine(build, engine_kwargs.get("num_threads"))
 
     async def info(self) -> dict[str, Any]:
         # pool: the replica's KV pool name; pools: every rank's slice of it

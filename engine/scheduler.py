@@ -79,10 +79,7 @@ class Scheduler:
         chunk = self.config.chunk_size
         bm = self.block_manager
 
-        # decode first: each decoding sequence's one token is counted out of the budget before any
-        # prefill chunk takes it, whatever their order, so a long prompt never stalls a decode
         running = self.running
-        decodes = sum(1 for seq in running if seq.num_tokens - seq.num_computed_tokens == 1)
         target = self.config.step_time_target_s
         prefill = budget if target is None else self.costs.prefill_allowance(target, budget)  # prefill tokens left
         i = 0
@@ -90,18 +87,18 @@ class Scheduler:
             seq = running[i]
             left = seq.num_tokens - seq.num_computed_tokens
             if left == 1:
-                decodes -= 1
                 n = 1
-                out.num_decodes += 1
-            elif (n := min(left, chunk, budget - decodes, prefill)) < 1:
-                i += 1  # no budget for its chunk this step: the decodes after it come first
-                continue
             else:
+                # decode first: the decodes behind this chunk keep their token out of the budget, so a
+                # long prompt never stalls them (counted only here: a decode-only step pays nothing)
+                decodes = sum(1 for j in range(i + 1, len(running))
+                              if running[j].num_tokens - running[j].num_computed_tokens == 1)
+                if (n := min(left, chunk, budget - decodes, prefill)) < 1:
+                    i += 1  # no budget for its chunk this step
+                    continue
                 prefill -= n
             while not bm.can_allocate(seq, seq.num_computed_tokens + n):
                 victim = running.pop()  # the newest
-                if victim is not seq and victim.num_tokens - victim.num_computed_tokens == 1:
-                    decodes -= 1
                 self._preempt(victim, out)
                 if victim is seq:
                     break
@@ -109,6 +106,7 @@ class Scheduler:
                 bm.allocate(seq, seq.num_computed_tokens + n)
                 out.seqs.append(seq)
                 out.num_scheduled_tokens.append(n)
+                out.num_decodes += left == 1
                 budget -= n
                 i += 1
                 continue
@@ -122,7 +120,7 @@ class Scheduler:
             prefix = bm.match_prefix(seq) if lookup else []
             computed = seq.num_computed_tokens + len(prefix) * bm.block_size
             left = seq.num_tokens - computed
-            n = min(left, chunk, budget) if left == 1 else min(left, chunk, budget, prefill)
+            n = 1 if left == 1 else min(left, chunk, budget, prefill)
             if n < 1 or not bm.can_allocate(seq, computed + n, prefix):
                 break
             if left == 1:

@@ -27,8 +27,6 @@ class PrefillWorker(ReplicaShell):
         cluster's KV group (join_kv_group)."""
         import functools
 
-        import torch
-
         from engine import LLMEngine
         from kv_transfer.ranks import PrefillKV
         from replica.ranks import start_followers
@@ -38,15 +36,13 @@ class PrefillWorker(ReplicaShell):
         self.leases_expired = 0
 
         def build():
-            torch.set_num_threads(engine_kwargs.get("num_threads") or 1)
             self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
                                                rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.sender = self.kv.bind(self.engine)
             tp = self.engine.config.options.tensor_parallel_size
             self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
-            return self.sender.step, self.engine.has_unfinished, self._on_step, self._expire, \
-                lambda: self.engine.runner.step_cost
-        self._start_engine(build, self._on_error)
+            return self.sender.step
+        self._start_engine(build, engine_kwargs.get("num_threads"))
 
     async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
         """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; returns once

@@ -31,7 +31,8 @@ def as_logprobs(lp) -> Logprobs | None:
 
 
 class ReplicaShell:
-    """Subclasses set self.engine, self.loop (an EngineLoop) and self.peaks, and define _stats()."""
+    """Subclasses start their engine with _start_engine (which sets self.loop; their build sets
+    self.engine and self.peaks), and define _stats(), _on_step, _expire and _on_error."""
     _aloop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
@@ -81,15 +82,25 @@ class ReplicaShell:
         except (TypeError, ValueError) as e:
             raise BadRequest(f"sampling parameters: {e}") from None
 
-    def _start_engine(self, build, on_error) -> None:
-        """Run build() on a new engine thread (self.loop), which then steps the engine build() made:
+    def _start_engine(self, build, num_threads: int | None) -> None:
+        """Run build() on a new engine thread (self.loop), which then steps what build() made:
         loading and stepping on one thread keeps one OpenMP team (engine.loop.EngineLoop). build()
-        sets the engine and returns the loop's bind() arguments."""
+        sets self.engine (and whatever else the replica needs) and returns the step function; the
+        loop hands each step's result to self._on_step, ticks self._expire, and reports a dead
+        engine to self._on_error."""
+        import torch
+
         from engine.loop import EngineLoop
 
-        self.loop = EngineLoop(on_error=on_error)
+        def on_thread():
+            torch.set_num_threads(num_threads or 1)
+            return build()
+
+        self.loop = EngineLoop(on_error=self._on_error)
         try:
-            self.loop.bind(*self.loop.call(build).result())
+            step = self.loop.call(on_thread).result()
+            self.loop.bind(step, self.engine.has_unfinished, self._on_step, self._expire,
+                           lambda: self.engine.runner.step_cost)
         except BaseException:
             self.loop.stop()
             raise

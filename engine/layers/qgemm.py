@@ -56,9 +56,13 @@ class Packed(NamedTuple):
 NO_AMX_ENV = "PDSERVE_NO_AMX"
 
 
+def _no_amx() -> bool:
+    return os.environ.get(NO_AMX_ENV, "0") not in ("", "0")
+
+
 @cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get(NO_AMX_ENV, "0") not in ("", "0"):
+    if _no_amx():
         return None
     args = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, _i64, _i64, _ptr, _ptr]
     lib = load(_SOURCE, _FLAGS, {"qgemm_supported": ([], ctypes.c_int), "qgemm_f32": (args, None)})
@@ -75,7 +79,7 @@ def unsupported() -> str | None:
     """Why the AMX kernel is not used here (None: it is), in words a benchmark prints."""
     if _lib() is not None:
         return None
-    if os.environ.get(NO_AMX_ENV, "0") not in ("", "0"):
+    if _no_amx():
         return f"{NO_AMX_ENV} is set"
     if load(_SOURCE, _FLAGS, {}) is None:
         return "the AMX kernel did not build (no C compiler, or it failed)"
