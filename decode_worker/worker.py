@@ -36,6 +36,7 @@ class DecodeWorker(ReplicaShell):
 
         self.kv = DecodeKV(pool_name, kv_backend)
         self._open: set[str] = set()  # requests whose stream has not ended yet
+        self.kv_bytes_saved = 0  # KV of reserved prompts not sent here: the prefix cache held it
         self._events: asyncio.Queue[list[StreamItem]] | None = None  # made on the actor's event loop
         self.tokens_generated = 0
 
@@ -46,6 +47,9 @@ class DecodeWorker(ReplicaShell):
             self.receiver = self.kv.bind(self.engine, lease_s)
             tp = self.engine.config.options.tensor_parallel_size
             self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
+            mc = self.engine.config.model_config
+            self.kv_bytes_per_token = (mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim
+                                       * self.engine.runner.kv_cache.element_size())
             return self.engine.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 
@@ -67,15 +71,20 @@ class DecodeWorker(ReplicaShell):
         await join_group(self.kv.local, self.rank_actors(), host, port, rank, world_size, prefix)
         self.kv.joined(rank, self.rank_actors())
 
-    async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str
-                      ) -> Reservation | None:
-        """Hold blocks for a prompt a prefill replica will write; None when they are not free now.
-        A request the engine cannot take at all raises BadRequest. params: SamplingParams fields."""
+    async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
+                      local_below: int = 0) -> Reservation | None:
+        """Hold blocks for a prompt a prefill replica will write (those of its prefix this replica's
+        cache holds are shared, and not sent); None when they are not free now. A prompt with fewer than
+        local_below tokens left uncached is prefilled here instead (Reservation.local: its stream starts
+        with the first token). A request the engine cannot take at all raises BadRequest. params:
+        SamplingParams fields."""
         params = self.sampling_params(params)
         self._start(request_id)
-        reservation = await self._call(self.receiver.reserve, prompt_token_ids, params, request_id)
+        reservation = await self._call(self.receiver.reserve, prompt_token_ids, params, request_id, local_below)
         if reservation is None:
             self._open.discard(request_id)
+        elif not reservation.local:
+            self.kv_bytes_saved += reservation.num_cached_tokens * self.kv_bytes_per_token
         return reservation
 
     async def commit(self, request_id: str, first_token: int, logprobs: Logprobs | None) -> None:
@@ -123,8 +132,11 @@ class DecodeWorker(ReplicaShell):
         self.unlink_pool()
 
     def _on_step(self, finished) -> None:
+        # a prompt prefilled here says with its first token how much of it came from the prefix cache
         items = [StreamItem(seq.request_id, seq.token_ids[-1], as_logprobs(seq.logprobs[-1])
-                            if seq.params.logprobs is not None else None) for seq in self.engine.sampled]
+                            if seq.params.logprobs is not None else None,
+                            num_cached_tokens=seq.num_cached_tokens if seq.num_output_tokens == 1 else 0)
+                 for seq in self.engine.sampled]
         self.tokens_generated += len(items)
         items += [StreamItem(out.request_id, finish_reason=out.finish_reason) for out in finished]
         if items:
@@ -144,7 +156,7 @@ class DecodeWorker(ReplicaShell):
 
         stats = engine_stats(self.engine, self.loop.metrics, self.peaks)
         stats.update(reserved=len(self.receiver.reservations), tokens_processed=self.tokens_generated,
-                     leases_expired=self.receiver.num_leases_expired)
+                     leases_expired=self.receiver.num_leases_expired, kv_bytes_saved=self.kv_bytes_saved)
         return stats
 
     def _start(self, request_id: str) -> None:

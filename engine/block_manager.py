@@ -2,25 +2,13 @@
 their content (the prefix cache). The scheduler never sees tensors."""
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
+from engine.block_hash import ROOT, BlockHash, hash_block
 from engine.sequence import Sequence
 
-BlockHash = bytes
-ROOT = bytes(16)  # the parent of a sequence's first block
-
-
-def hash_block(parent: BlockHash, token_ids: Seq[int], extra: bytes = b"") -> BlockHash:
-    """A full block's key: its parent block's key, its token ids, and extra keys (room for a model or
-    LoRA id), so the same tokens after another prefix never match. A cryptographic hash: a prompt
-    cannot be crafted to collide with another request's block and read its KV."""
-    h = hashlib.blake2b(parent, digest_size=16)
-    h.update(array("i", token_ids).tobytes())
-    h.update(extra)
-    return h.digest()
+__all__ = ["ROOT", "BlockHash", "BlockManager", "hash_block"]
 
 
 class BlockManager:
@@ -38,6 +26,9 @@ class BlockManager:
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.block_hashes: list[BlockHash | None] = [None] * num_blocks  # the key a block is findable by
         self.cached_blocks: dict[BlockHash, int] = {}  # key -> block id; block_hashes is its inverse
+        # (True, key) as a block becomes findable, (False, key) as it stops being: for whoever mirrors the
+        # cache's contents (a replica's router); None until record_events() asks for them
+        self.events: deque[tuple[bool, BlockHash]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -96,6 +87,8 @@ class BlockManager:
             if (h := self.block_hashes[block_id]) is not None:  # evicted: its space is needed
                 del self.cached_blocks[h]
                 self.block_hashes[block_id] = None
+                if self.events is not None:
+                    self.events.append((False, h))
             self.ref_counts[block_id] = 1
             seq.block_table.append(block_id)
 
@@ -111,6 +104,8 @@ class BlockManager:
             if self.block_hashes[block_id] is None and h not in self.cached_blocks:
                 self.cached_blocks[h] = block_id
                 self.block_hashes[block_id] = h
+                if self.events is not None:
+                    self.events.append((True, h))
         seq.num_cached_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
@@ -128,8 +123,17 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (e.g. to time a cold cache); blocks in use stay allocated."""
+        if self.events is not None:
+            self.events.extend((False, h) for h in self.cached_blocks)
         self.cached_blocks.clear()
         self.block_hashes = [None] * self.num_blocks
+
+    def record_events(self) -> deque[tuple[bool, BlockHash]]:
+        """Start logging what becomes findable and what stops being (self.events, appended on the
+        engine's thread; a deque, so another thread may pop from its left while it grows)."""
+        if self.events is None:
+            self.events = deque()
+        return self.events
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
         """seq.block_hashes grown to cover its first num_blocks full blocks."""

@@ -133,15 +133,30 @@ class LLMEngine:
         return seq
 
     def reserve(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                request_id: str | None = None) -> Sequence | None:
+                request_id: str | None = None, local_below: int = 0) -> Sequence | None:
         """Decode side of a disaggregated pair: hold KV blocks for a prompt another engine will
-        prefill. The sequence waits outside the scheduler until `admit_prefilled`; `abort` frees
-        it. Returns None when the blocks are not free now. The blocks are fresh (no prefix-cache
-        match yet) and stay unfindable in the cache until their KV has landed."""
+        prefill. The blocks of the prompt's longest cached prefix are shared, not written: their KV is
+        here already (seq.num_cached_tokens of the prompt; the other engine sends only the rest, and
+        these stay referenced, so never evicted, for as long as the reservation lives). The sequence
+        waits outside the scheduler until `admit_prefilled`; `abort` frees it. Returns None when the
+        blocks are not free now.
+        local_below: when fewer than this many of the prompt's tokens are left uncached, nothing is
+        reserved: the prompt is queued here, as add_request would (the sequence returned has no blocks
+        yet), since a short tail is prefilled here sooner than it is sent from elsewhere."""
         seq = self._new_sequence(prompt, params, request_id)
-        if not self.block_manager.can_allocate(seq, seq.num_prompt_tokens):
+        bm = self.block_manager
+        prefix = bm.match_prefix(seq)
+        cached = len(prefix) * bm.block_size
+        if seq.num_prompt_tokens - cached < local_below:
+            self.requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+            return seq
+        if not bm.can_allocate(seq, seq.num_prompt_tokens, prefix):
             return None
-        self.block_manager.allocate(seq, seq.num_prompt_tokens)
+        bm.allocate(seq, seq.num_prompt_tokens, prefix)
+        seq.num_cached_tokens = cached
+        self.scheduler.prefix_cache_queries += seq.num_prompt_tokens
+        self.scheduler.prefix_cache_hits += cached
         self.requests[seq.request_id] = seq
         return seq
 

@@ -26,7 +26,12 @@ def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None]) ->
         bs = block_size_of(target.pool)
         if bs is None:
             raise ValueError(f"request {seq.request_id!r}: KV pool {target.pool!r} is not reachable from here")
-        plan, first = plans.setdefault(target.pool, PoolPlan()), seq.num_computed_tokens
+        # rows of positions the decode side's cache holds already are not sent (its blocks there are shared)
+        skip = min(n, max(0, target.num_cached_tokens - seq.num_computed_tokens))
+        first, start, n = seq.num_computed_tokens + skip, start + skip, n - skip
+        if not n:
+            continue
+        plan = plans.setdefault(target.pool, PoolPlan())
         plan.rows.extend(range(start, start + n))
         plan.slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(first, first + n))
         plan.segments.extend((target.transfer_id, first, n))

@@ -48,15 +48,21 @@ class KVReceiver:
         self.num_leases_expired = 0
         self._transfer_ids = itertools.count(1)
 
-    def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str) -> Reservation | None:
-        """Hold blocks for the prompt; None when they are not free now (ask again, or go elsewhere)."""
-        seq = self.engine.reserve(prompt_token_ids, params, request_id)
+    def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str, local_below: int = 0
+                ) -> Reservation | None:
+        """Hold blocks for the prompt (those of its cached prefix shared); None when they are not free
+        now (ask again, or go elsewhere). local_below: a prompt with fewer uncached tokens is queued here
+        instead (Reservation.local; see LLMEngine.reserve)."""
+        seq = self.engine.reserve(prompt_token_ids, params, request_id, local_below)
         if seq is None:
             return None
+        if not seq.block_table:
+            return Reservation(self.pool, request_id, (), local=True)
         blocks, tid = tuple(seq.block_table), next(self._transfer_ids)
         self.reservations[request_id] = Lease(request_id, tid, seq.num_prompt_tokens,
                                               time.monotonic() + self.lease_s + self.grace_s)
-        return Reservation(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s)
+        return Reservation(self.pool, request_id, blocks, tid, deadline=time.time() + self.lease_s,
+                           num_cached_tokens=seq.num_cached_tokens)
 
     def commit(self, request_id: str, first_token: int, logprobs: TokenLogprobs | None = None,
                timeout: float | None = None) -> None:

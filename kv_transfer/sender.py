@@ -19,6 +19,7 @@ class PrefillDone:
     target: Reservation
     first_token: int
     logprobs: TokenLogprobs | None
+    num_cached_tokens: int = 0  # prompt tokens taken from this engine's prefix cache
 
 
 class KVSender:
@@ -33,6 +34,7 @@ class KVSender:
         # the prefill side samples only the first token; the decode side owns the rest
         seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id)
         seq.kv_target = target
+        seq.max_cached_tokens = target.num_cached_tokens  # what the decode side lacks is computed here
         self.targets[target.request_id] = target
 
     def abort(self, request_id: str) -> bool:
@@ -67,7 +69,8 @@ class KVSender:
             if target.pool in (unreachable := self.saver.unreachable()):
                 self._lost.append(self._unreachable(target, unreachable))
                 continue
-            done.append(PrefillDone(target, out.token_ids[0], out.logprobs[0] if out.logprobs else None))
+            done.append(PrefillDone(target, out.token_ids[0], out.logprobs[0] if out.logprobs else None,
+                                    out.num_cached_tokens))
         return done
 
     @staticmethod

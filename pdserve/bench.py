@@ -53,7 +53,16 @@ from pdserve.bench_report import describe_load, format_rate, format_run, format_
 from pdserve.bench_stats import PERCENTILES, SERVER_TIMINGS, distribution, goodput, percentile, summarize
 from pdserve.client import Client, RequestError
 from pdserve.request_result import BACKENDS, RequestResult, openai_models, send
-from pdserve.workload import WORKLOADS, LongtailMix, Request, Workload, arrival_times, make_requests
+from pdserve.workload import (
+    WORKLOADS,
+    Conversation,
+    LongtailMix,
+    Request,
+    Workload,
+    arrival_times,
+    make_conversations,
+    make_requests,
+)
 
 # This module once held the workloads, the measurements and the report too; what it defined stays importable from
 # here, since scripts (and the README's "From Python") import it from pdserve.bench.
@@ -75,6 +84,51 @@ async def benchmark(address: str, requests: Sequence[Request], rate: float | Non
                     model: str = "", timeout: float | None = None,
                     progress: Callable[[int, int, int], None] | None = None, detailed: bool = False) -> dict[str, Any]:
     """As run_benchmark, in the caller's event loop; progress(done, failed, total) is called as requests finish."""
+    def job(prompt: list[int], output_len: int):
+        async def run(send: Send) -> list[RequestResult]:
+            return [await send(prompt, output_len)]
+        return run
+    return await _drive(address, [job(*r) for r in requests], len(requests), rate, concurrency, backend=backend,
+                        api_key=api_key, seed=seed, warmup=[job(*r) for r in warmup], ttft_slo=ttft_slo,
+                        tpot_slo=tpot_slo, model=model, timeout=timeout, progress=progress, detailed=detailed)
+
+
+async def benchmark_conversations(address: str, conversations: Sequence[Conversation], rate: float | None = None,
+                                  concurrency: int | None = None, *, warmup: Sequence[Conversation] = (),
+                                  **kw: Any) -> dict[str, Any]:
+    """The multiturn workload (make_conversations): each conversation starts at its Poisson arrival time (`rate`
+    conversations/s; None: all at once), at most `concurrency` at once, and sends its turns one after the other;
+    a turn's prompt is the system prompt, every earlier user message and the answer the server gave it, and the new
+    user message. The answers come back as token ids over grpc only. A conversation whose turn fails ends there.
+    Keywords as benchmark's (warmup: conversations); every turn is one request in the stats."""
+    if kw.get("backend", "grpc") != "grpc":
+        raise ValueError("the multiturn workload resends the server's answers as token ids: use the grpc backend")
+
+    def job(conv: Conversation):
+        async def run(send: Send) -> list[RequestResult]:
+            history, results = list(conv.system), []
+            for user, output_len in conv.turns:
+                results.append(result := await send(history + user, output_len))
+                if not result.ok:
+                    break
+                history += user + result.token_ids
+            return results
+        return run
+    total = sum(len(c.turns) for c in conversations)
+    return await _drive(address, [job(c) for c in conversations], total, rate, concurrency,
+                        warmup=[job(c) for c in warmup], **kw)
+
+
+Send = Callable[[list[int], int], Any]  # send(prompt, output_len) -> awaitable RequestResult
+
+
+async def _drive(address: str, jobs: Sequence[Callable[[Send], Any]], total: int, rate: float | None,
+                 concurrency: int | None, *, backend: str = "grpc", api_key: str | None = None, seed: int = 0,
+                 warmup: Sequence[Callable[[Send], Any]] = (), ttft_slo: float = 1.0, tpot_slo: float = 0.2,
+                 model: str = "", timeout: float | None = None, progress: Callable[[int, int, int], None] | None = None,
+                 detailed: bool = False) -> dict[str, Any]:
+    """Start each job at its Poisson arrival time (at most `concurrency` at once): job(send) sends its requests
+    (`total` in all) and returns their results. Warmup jobs run first, left out of the stats."""
     if rate is not None and not rate > 0 or concurrency is not None and concurrency < 1:
         raise ValueError(f"rate={rate}, concurrency={concurrency}: the rate must be positive (inf: all at once) and "
                          "the concurrency at least 1 (None: no cap)")
@@ -83,32 +137,34 @@ async def benchmark(address: str, requests: Sequence[Request], rate: float | Non
     sem = asyncio.Semaphore(concurrency) if concurrency else contextlib.nullcontext()
     done, failed = 0, 0
 
-    async def one(prompt: list[int], output_len: int, t0: float, measured: bool = True) -> RequestResult:
-        nonlocal done, failed
-        async with sem:
+    async def one(job: Callable[[Send], Any], t0: float, measured: bool = True) -> list[RequestResult]:
+        async def send(prompt: list[int], output_len: int) -> RequestResult:
+            nonlocal done, failed
             result = await sender.send(prompt, output_len, t0)
-        if measured:
-            done, failed = done + 1, failed + (not result.ok)
-            if progress is not None:
-                progress(done, failed, len(requests))
-        return result
+            if measured:
+                done, failed = done + 1, failed + (not result.ok)
+                if progress is not None:
+                    progress(done, failed, total)
+            return result
+        async with sem:
+            return await job(send)
 
-    in_flight = concurrency or max(len(requests), len(warmup), 1)
+    in_flight = concurrency or max(len(jobs), len(warmup), 1)
     async with BACKENDS[backend](address, model=model, timeout=timeout, api_key=api_key,
                                  max_connections=in_flight) as sender:
         if warmup:
-            await asyncio.gather(*(one(p, n, 0.0, measured=False) for p, n in warmup))
+            await asyncio.gather(*(one(job, 0.0, measured=False) for job in warmup))
         t0 = time.perf_counter()
         tasks = []
-        for (prompt, output_len), at in zip(requests, arrival_times(len(requests), rate, seed)):
+        for job, at in zip(jobs, arrival_times(len(jobs), rate, seed)):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))  # against the start, so delays never add up
-            tasks.append(asyncio.create_task(one(prompt, output_len, t0)))
-        results = await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(one(job, t0)))
+        results = [r for rs in await asyncio.gather(*tasks) for r in rs]
         duration = time.perf_counter() - t0
     run = {"rate": None if rate is None or math.isinf(rate) else rate, "concurrency": concurrency, "seed": seed,
            "backend": backend, **summarize(results, duration, ttft_slo, tpot_slo)}
     if detailed:
-        run["requests"] = [asdict(r) | {"tpot": r.tpot} for r in results]
+        run["requests"] = [{k: v for k, v in asdict(r).items() if k != "token_ids"} | {"tpot": r.tpot} for r in results]
     return run
 
 
@@ -120,11 +176,14 @@ def run_benchmark(address: str, requests: Sequence[Request], rate: float | None 
     `Bearer KEY`; grpc without it: $PDSERVE_API_KEY), seed (arrivals), warmup (requests sent first and left out of the
     stats), ttft_slo and tpot_slo (seconds), model ("": the server's first), timeout (per request, seconds), progress
     (a callback, or True for a line on stderr), detailed (add every request's measurements). Returns summarize's dict
-    plus rate, concurrency, seed and backend."""
+    plus rate, concurrency, seed and backend. Conversations (make_conversations) in place of requests run the
+    multiturn workload (benchmark_conversations: the rate counts conversations)."""
     if kw.get("progress") is True:
         kw["progress"] = progress_line(f"{describe_load(rate, concurrency)}: ")
     elif not kw.get("progress"):
         kw["progress"] = None
+    if requests and isinstance(requests[0], Conversation):  # the multiturn workload: rate counts conversations
+        return asyncio.run(benchmark_conversations(address, requests, rate, concurrency, **kw))
     return asyncio.run(benchmark(address, requests, rate, concurrency, **kw))
 
 
@@ -169,6 +228,7 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d, mix = Workload(), LongtailMix()
+    sd, ch = d.shared_doc, d.multiturn
     p = argparse.ArgumentParser(prog="pdserve bench", description="Benchmark a running pdserve cluster, or any "
                                 "OpenAI-compatible server (--backend openai): throughput, TTFT/TPOT/ITL/E2E latency "
                                 "and SLO attainment, at a request rate or a concurrency.")
@@ -187,7 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{mix.chat_prompt[0]}-{mix.chat_prompt[1]}, output {mix.chat_output[0]}-{mix.chat_output[1]}) "
                         f"and {100 * mix.document_fraction:g}%% documents (prompt "
                         f"{mix.document_prompt[0]}-{mix.document_prompt[1]}, output "
-                        f"{mix.document_output[0]}-{mix.document_output[1]}). Default %(default)s")
+                        f"{mix.document_output[0]}-{mix.document_output[1]}); shared-doc: {sd.num_documents} documents "
+                        f"of {sd.document_len}, each prompt one of them and a question of {sd.question[0]}-"
+                        f"{sd.question[1]}, output {sd.output[0]}-{sd.output[1]}; multiturn (grpc only): "
+                        f"--num-requests conversations (and --rate conversations/s) sharing a {ch.system_len}-token "
+                        f"system prompt, {ch.turns[0]}-{ch.turns[1]} turns each, every turn the whole history and a "
+                        f"new message of {ch.user[0]}-{ch.user[1]}, answers of {ch.output[0]}-{ch.output[1]}. "
+                        "Default %(default)s")
     w.add_argument("--prompt-len", type=_positive, default=d.prompt_len, help="fixed (default %(default)s)")
     w.add_argument("--output-len", type=_positive, default=d.output_len, help="fixed (default %(default)s)")
     w.add_argument("--min-prompt-len", type=_positive, default=d.prompt_range[0], help="uniform (default %(default)s)")
@@ -284,9 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as e:
         print(f"pdserve bench: {e}", file=sys.stderr)
         return 1
-    requests = make_requests(workload, args.num_requests, args.seed, vocab, max_len)
     # Another seed for the warmup, so the measured prompts are the same with or without it.
-    warmup = make_requests(workload, args.warmup, args.seed + 1, vocab, max_len)
+    if workload.kind == "multiturn":
+        if args.backend != "grpc":
+            print("pdserve bench: the multiturn workload resends the server's answers as token ids, which only the "
+                  "grpc backend returns", file=sys.stderr)
+            return 1
+        requests = make_conversations(workload, args.num_requests, args.seed, vocab, max_len)
+        warmup = make_conversations(workload, args.warmup, args.seed + 1, vocab, max_len)
+    else:
+        requests = make_requests(workload, args.num_requests, args.seed, vocab, max_len)
+        warmup = make_requests(workload, args.warmup, args.seed + 1, vocab, max_len)
     meta = {"label": args.label, "model": model, "backend": args.backend, "address": address, "vocab_size": vocab,
             "workload": asdict(workload), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     kw = {"concurrency": args.concurrency, "backend": args.backend, "api_key": args.api_key, "seed": args.seed,

@@ -41,6 +41,8 @@ def format_run(run: dict[str, Any]) -> str:
     lines.append(f"SLO attainment  TTFT <= {slo['ttft_s'] * 1e3:g} ms: {_pct(slo['ttft'])}, TPOT <= "
                  f"{slo['tpot_s'] * 1e3:g} ms: {_pct(slo['tpot'])}, both: {_pct(slo['both'])}")
     lines.append("prefill paths   " + ", ".join(f"{k} {v}" for k, v in sorted(run["paths"].items())))
+    if run.get("prefix_cache_hit_ratio") is not None:
+        lines.append(f"prefix cache    {_pct(run['prefix_cache_hit_ratio'])} of the prompt tokens were cached")
     if run["failures"]:
         failures = (f"{status} {n} ({run['errors'][status]})" for status, n in run["failures"].items())
         lines.append("failures        " + ", ".join(failures))

@@ -55,6 +55,9 @@ def summarize(results: Sequence[RequestResult], duration: float, ttft_slo: float
         "failures": dict(Counter(r.status for r in results if not r.ok)),
         "errors": {r.status: r.error for r in reversed(results) if not r.ok},  # the first message of each status
         "paths": dict(Counter(r.server.get("path") or "unknown" for r in ok)),
+        # prompt tokens the server took from its prefix cache, of those it was sent (None: it did not say)
+        "prefix_cache_hit_ratio": (sum(r.cached_tokens for r in said) / max(1, sum(r.prompt_len for r in said))
+                                   if (said := [r for r in ok if r.cached_tokens is not None]) else None),
     }
 
 

@@ -23,6 +23,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVE_FLAGS = {
     "model": "model", "address": "ray_address", "kv_backend": "kv_backend", "host": "router.host",
     "port": "router.port", "http_port": "router.http_port", "local_prefill_threshold": "router.local_prefill_threshold",
+    "prefill_policy": "router.prefill_policy", "decode_policy": "router.decode_policy",
     "api_keys_file": "router.api_keys_file", "tls_cert": "router.tls_cert", "tls_key": "router.tls_key",
 }
 POOLS = ("prefill", "decode")
@@ -95,7 +96,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0 picks a free one)")
     p.add_argument("--kv-backend", choices=KV_BACKENDS, help="how prefill KV reaches the decode pool")
     p.add_argument("--local-prefill-threshold", type=int,
-                   help="prompts shorter than this many tokens are prefilled on the decode replica")
+                   help="prompts with fewer tokens than this that the decode replica's prefix cache lacks are "
+                        "prefilled there")
+    p.add_argument("--prefill-policy", help="how the router picks a prefill replica: least_tokens (default), "
+                   "prefix_aware (the fewest tokens left to compute, its cached prefix counted), round_robin")
+    p.add_argument("--decode-policy", help="how the router picks a decode replica: most_free_blocks (default), "
+                   "prefix_aware (the longest cached prefix unless it is busier), round_robin")
     p.add_argument("--api-key", action="append", help="require this API key on both front doors (repeatable; "
                    "$PDSERVE_API_KEY adds one)")
     p.add_argument("--api-keys-file", help="file of API keys, one per line")
@@ -199,7 +205,7 @@ def cmd_status(args) -> int:
 
 def format_status(s) -> str:
     head = ("pool", "replica", "tp", "healthy", "restarts", "busy", "mfu", "mbu", "running", "waiting", "waiting_tok",
-            "kv_used", "tokens")
+            "kv_used", "tokens", "cache_hit")
     rows = [head]
     for pool in s.pools:
         for r in pool.replicas:
@@ -207,7 +213,8 @@ def format_status(s) -> str:
                 f" ({r.kv_blocks_used / r.kv_blocks_total:.0%})" if r.kv_blocks_total else "")
             rows.append((pool.role, str(r.index), str(r.tensor_parallel_size), "yes" if r.healthy else "NO",
                          str(r.restarts), f"{r.busy_fraction:.0%}", f"{r.mfu:.0%}", f"{r.mbu:.0%}", str(r.running),
-                         str(r.waiting), str(r.waiting_prefill_tokens), kv, str(r.tokens_processed)))
+                         str(r.waiting), str(r.waiting_prefill_tokens), kv, str(r.tokens_processed),
+                         f"{r.prefix_cache_hits / r.prefix_cache_queries:.0%}" if r.prefix_cache_queries else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [f"model {s.model}  kv_backend {s.kv_backend}  in flight {s.requests_in_flight}  "
              f"queued {s.requests_queued}"]

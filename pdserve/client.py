@@ -62,6 +62,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Chunk:
             logprobs=[TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
                       for lp in response.logprobs] if logprobs else None,
             finish_reason=FINISH_REASONS.get(response.finish_reason),
-            usage=Usage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+            usage=Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if usage else None,
             timings=timings_dict(response.timings) if response.HasField("timings") else None,
         )
 
@@ -103,6 +104,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, Any]  # as Chunk.timings
+    cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
 
     @classmethod
     def from_chunks(cls, chunks: Sequence[Chunk]) -> Completion:
@@ -119,6 +121,7 @@ class Completion:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             timings=last.timings or {},
+            cached_tokens=usage.cached_tokens,
         )
 
 

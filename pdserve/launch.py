@@ -190,9 +190,10 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
 
         def make_router() -> Router:
             return Router(
-                [Replica("prefill", i, a, config.prefill.tensor_parallel_size) for i, a in enumerate(prefill)],
-                [Replica("decode", i, a, config.decode.tensor_parallel_size, free_blocks=info["num_kv_blocks"])
-                 for i, (a, info) in enumerate(zip(decode, d_info))],
+                [Replica("prefill", i, a, config.prefill.tensor_parallel_size, block_size=info["block_size"])
+                 for i, (a, info) in enumerate(zip(prefill, p_info))],
+                [Replica("decode", i, a, config.decode.tensor_parallel_size, free_blocks=info["num_kv_blocks"],
+                         block_size=info["block_size"]) for i, (a, info) in enumerate(zip(decode, d_info))],
                 Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name)
 
         cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes, r.metrics_port,

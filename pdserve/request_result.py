@@ -35,6 +35,8 @@ class RequestResult:
     num_output_tokens: int = 0
     server: dict[str, Any] = field(default_factory=dict)  # grpc: the last chunk's timings (*_ms and path)
     last_token: float | None = None  # when the last tokens arrived, from the send
+    token_ids: list[int] = field(default_factory=list)  # grpc: the tokens generated (the multiturn workload's history)
+    cached_tokens: int | None = None  # prompt tokens the server took from a prefix cache, when its usage says
 
     @property
     def ok(self) -> bool:
@@ -77,7 +79,10 @@ async def send(client: AsyncClient, prompt: list[int], output_len: int, model: s
             async for chunk in stream:
                 if n := len(chunk.token_ids):
                     result.arrived(time.perf_counter() - start, n)
+                    result.token_ids += chunk.token_ids
                 result.server = chunk.timings or result.server
+                if chunk.usage is not None:
+                    result.cached_tokens = chunk.usage.cached_tokens
                 finished = chunk.finish_reason is not None
         result.e2e = time.perf_counter() - start
         if not finished or result.ttft is None:
@@ -116,6 +121,8 @@ def read_sse(result: RequestResult, lines: Iterable[tuple[float, str]], end: flo
             finished = finished or end_marker
         if usage := body.get("usage"):
             num_tokens = usage.get("completion_tokens", num_tokens)
+            if isinstance(details := usage.get("prompt_tokens_details"), dict):
+                result.cached_tokens = details.get("cached_tokens", result.cached_tokens)
     result.e2e = end
     if num_tokens is not None:
         result.num_output_tokens = num_tokens

@@ -58,7 +58,7 @@ class Supervisor:
                 actor, info = self._start(role, len(replicas))
                 self._wire(role, actor, info)
                 self._on_loop(router.add_replica(role, actor, getattr(self.pools.config, role).tensor_parallel_size,
-                                                 info["num_kv_blocks"], kv_tokens(info)))
+                                                 info["num_kv_blocks"], kv_tokens(info), info["block_size"]))
                 added += 1
                 log.warning("%s/%d joined the pool", role, len(replicas) - 1)
             while len(replicas) > n:

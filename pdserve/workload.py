@@ -6,7 +6,7 @@ import math
 import random
 from dataclasses import dataclass
 
-WORKLOADS = ("fixed", "uniform", "longtail")
+WORKLOADS = ("fixed", "uniform", "longtail", "shared-doc", "multiturn")
 Request = tuple[list[int], int]  # (prompt token ids, output length)
 
 
@@ -21,14 +21,45 @@ class LongtailMix:
 
 
 @dataclass(frozen=True)
+class SharedDocs:
+    """The shared-doc workload: several questions about each of a few long documents (RAG, a document chat);
+    a prompt is a document then a question, the documents drawn in random order. Lengths in tokens, ranges inclusive."""
+    num_documents: int = 4
+    document_len: int = 1024
+    question: tuple[int, int] = (16, 64)
+    output: tuple[int, int] = (32, 128)
+
+
+@dataclass(frozen=True)
+class Chats:
+    """The multiturn workload: conversations that all start with one system prompt; each turn sends the whole
+    history (the system prompt, every earlier user message and the answer the server gave it) plus a new user
+    message. Lengths in tokens, ranges inclusive."""
+    system_len: int = 500
+    turns: tuple[int, int] = (3, 6)
+    user: tuple[int, int] = (16, 64)
+    output: tuple[int, int] = (32, 128)
+
+
+@dataclass
+class Conversation:
+    """One conversation of the multiturn workload: its turns' user messages and answer lengths, sent one after
+    the other (a turn's prompt holds the answers the server gave to the turns before it)."""
+    system: list[int]
+    turns: list[Request]  # (user message token ids, answer length)
+
+
+@dataclass(frozen=True)
 class Workload:
     """How long each request's prompt and output are. `kind` picks which fields apply."""
-    kind: str = "fixed"  # "fixed", "uniform" or "longtail"
+    kind: str = "fixed"  # one of WORKLOADS
     prompt_len: int = 256  # fixed
     output_len: int = 128  # fixed
     prompt_range: tuple[int, int] = (32, 512)  # uniform, inclusive
     output_range: tuple[int, int] = (16, 256)  # uniform, inclusive
     longtail: LongtailMix = LongtailMix()
+    shared_doc: SharedDocs = SharedDocs()
+    multiturn: Chats = Chats()
 
     def __post_init__(self) -> None:
         if self.kind not in WORKLOADS:
@@ -41,7 +72,7 @@ class Workload:
                 raise ValueError(f"{name} ({lo}, {hi}): the minimum must not exceed the maximum")
 
     def draw(self, rng: random.Random) -> tuple[int, int]:
-        """One (prompt_len, output_len)."""
+        """One (prompt_len, output_len) of the fixed, uniform and longtail workloads."""
         if self.kind == "fixed":
             return self.prompt_len, self.output_len
         if self.kind == "uniform":
@@ -58,7 +89,11 @@ def make_requests(workload: Workload | str, n: int, seed: int, vocab: int, max_l
     workload = Workload(workload) if isinstance(workload, str) else workload
     if max_len < 2:
         raise ValueError(f"max_len={max_len}: the context must hold at least one prompt and one output token")
+    if workload.kind == "multiturn":
+        raise ValueError("the multiturn workload's prompts hold the server's answers: make_conversations draws it")
     rng = random.Random(seed)
+    if workload.kind == "shared-doc":
+        return _shared_doc_requests(workload.shared_doc, n, rng, vocab, max_len)
     # All lengths first, so clipping (which changes how many ids are drawn) never changes another request's lengths.
     lengths = [workload.draw(rng) for _ in range(n)]
     requests = []
@@ -67,6 +102,40 @@ def make_requests(workload: Workload | str, n: int, seed: int, vocab: int, max_l
         prompt_len = min(prompt_len, max_len - output_len)
         requests.append((rng.choices(range(vocab), k=prompt_len), output_len))
     return requests
+
+
+def _shared_doc_requests(spec: SharedDocs, n: int, rng: random.Random, vocab: int, max_len: int) -> list[Request]:
+    """Documents first, then each request's document, question and output length; a question is shortened, then
+    the document, where prompt + output would pass max_len."""
+    docs = [rng.choices(range(vocab), k=spec.document_len) for _ in range(spec.num_documents)]
+    requests = []
+    for _ in range(n):
+        doc, question, output_len = rng.choice(docs), rng.randint(*spec.question), rng.randint(*spec.output)
+        question_ids = rng.choices(range(vocab), k=question)
+        output_len = min(output_len, max_len - 1)
+        prompt = (doc + question_ids)[:max_len - output_len]
+        requests.append((prompt, output_len))
+    return requests
+
+
+def make_conversations(workload: Workload, n: int, seed: int, vocab: int, max_len: int) -> list[Conversation]:
+    """n conversations of the multiturn workload: one system prompt for all, then each conversation's turns (user
+    message ids uniform in [0, vocab), answer lengths). A conversation ends early where its next turn's prompt and
+    answer would pass max_len. Same arguments, same conversations."""
+    spec = workload.multiturn
+    rng = random.Random(seed)
+    system = rng.choices(range(vocab), k=min(spec.system_len, max(1, max_len // 2)))
+    conversations = []
+    for _ in range(n):
+        turns, length = [], len(system)
+        for _ in range(rng.randint(*spec.turns)):
+            user, output_len = rng.randint(*spec.user), rng.randint(*spec.output)
+            if turns and length + user + output_len > max_len:
+                break
+            turns.append((rng.choices(range(vocab), k=user), max(1, min(output_len, max_len - length - user))))
+            length += user + output_len
+        conversations.append(Conversation(system, turns))
+    return conversations
 
 
 def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:

@@ -99,7 +99,8 @@ class PrefillWorker(ReplicaShell):
 
     def _on_step(self, done) -> None:
         for d in done:
-            self._settle(d.target.request_id, PrefillResult(d.first_token, as_logprobs(d.logprobs)))
+            self._settle(d.target.request_id, PrefillResult(d.first_token, as_logprobs(d.logprobs),
+                                                            d.num_cached_tokens))
 
     def _expire(self) -> None:
         for e in self.sender.expire():

@@ -34,6 +34,7 @@ class ReplicaShell:
     """Subclasses start their engine with _start_engine (which sets self.loop; their build sets
     self.engine and self.peaks), and define _stats(), _on_step, _expire and _on_error."""
     _aloop: asyncio.AbstractEventLoop | None = None
+    _cache_epoch = 0  # prefix-cache reports made (cache_report)
 
     @staticmethod
     def measure_peaks(device: str, tensor_parallel_size: int, given: dict[str, float] | None) -> dict[str, float]:
@@ -65,12 +66,39 @@ class ReplicaShell:
         """Ranks 1..n-1 of this replica (Ray actor handles; empty at TP 1)."""
         return list(self.engine.followers.actors) if self.engine.followers is not None else []
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, cache_epoch: int | None = None, with_cache: bool = False) -> dict[str, Any]:
         """Load and utilization, read on the actor's thread: a long step never delays the answer, so
-        a replica that does not answer is really down."""
+        a replica that does not answer is really down. with_cache: also what changed in the prefix
+        cache since the report of cache_epoch ("prefix_cache": see cache_report), for the router's index."""
         if self.loop.error is not None:
             raise ReplicaDead(f"the engine loop died: {self.loop.error!r}")
-        return self._stats()
+        stats = self._stats()
+        if with_cache and (report := self.cache_report(cache_epoch)) is not None:
+            stats["prefix_cache"] = report
+        return stats
+
+    def cache_report(self, epoch: int | None) -> dict[str, Any] | None:
+        """The prefix cache's keys for the router's index (router/cache_index.py), read on the actor's
+        thread: the changes since report `epoch` in order ("events": (added, key) pairs), or every key
+        ("full") when the caller has not applied that report (or none yet). Each report has the next
+        epoch; None when the engine caches nothing."""
+        bm = self.engine.block_manager
+        if not bm.enable_caching:
+            return None
+        events = bm.record_events()  # from now on every change is logged
+        base = self._cache_epoch
+        self._cache_epoch += 1
+        if epoch is None or epoch != base:
+            events.clear()  # what they said is in the full set below, which is read after
+            while True:
+                try:
+                    keys = list(bm.cached_blocks)  # the engine's thread may change it meanwhile: then again
+                    break
+                except RuntimeError:
+                    continue
+            return dict(epoch=self._cache_epoch, base=base, full=True, keys=keys, events=[])
+        changes = [events.popleft() for _ in range(len(events))]
+        return dict(epoch=self._cache_epoch, base=base, full=False, keys=[], events=changes)
 
     @staticmethod
     def sampling_params(params: dict[str, Any]):

@@ -20,6 +20,12 @@ class Reservation:
     block_ids: tuple[int, ...]  # decode-side blocks reserved for the prompt, in order
     transfer_id: int = 0  # the decode replica's number for this transfer (unique per pool)
     deadline: float = float("inf")  # time.time() after which the sender must not write (the lease's end)
+    # the prompt's leading tokens whose KV the decode replica's prefix cache holds already (in shared
+    # blocks, block_ids' first ones): the sender computes and sends only what follows
+    num_cached_tokens: int = 0
+    # the decode replica holds all but a short tail of the prompt and prefills that itself: nothing
+    # is reserved (block_ids is empty) and nothing is to be sent; its stream starts with the first token
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class PrefillResult:
     replica's prefill(); the router streams the first token and commits it to the decode replica."""
     first_token: int
     logprobs: Logprobs | None  # None unless the request asked for logprobs
+    num_cached_tokens: int = 0  # prompt tokens the prefill replica took from its prefix cache
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class StreamItem:
     logprobs: Logprobs | None = None  # with token_id, when the request asked for logprobs
     finish_reason: str | None = None  # on the last item: "stop" (eos, stop token) or "length"
     error: ReplicaError | None = None  # on the last item instead of finish_reason: why the request failed
+    num_cached_tokens: int = 0  # on the first token of a prompt prefilled there: how much its prefix cache held
 
     @property
     def last(self) -> bool:

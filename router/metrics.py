@@ -102,6 +102,8 @@ _COUNTERS = [
     ("pdserve_replica_restarts", "restarts", "Times the replica was replaced (its actor or engine died)"),
     ("pdserve_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the replica's prefix cache"),
     ("pdserve_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)"),
+    ("pdserve_kv_transfer_saved_bytes", "kv_bytes_saved", "KV bytes not sent to the decode replica: its prefix cache "
+                                                          "held them"),
 ]
 _HISTOGRAMS = [
     ("pdserve_step_seconds", "step_seconds", "Engine step time"),

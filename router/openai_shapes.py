@@ -108,15 +108,17 @@ def _choices(body: dict[str, Any], prompts: list[pb.GenerateRequest], sampling: 
                 default_max_tokens)
 
 
-def _usage(usage: pb.Usage) -> dict[str, int]:
+def _usage(usage: pb.Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def total_usage(finals: list[pb.GenerateResponse], n: int) -> pb.Usage:
     """Usage of a call's choices: each prompt counted once, every choice's completion."""
     return pb.Usage(prompt_tokens=sum(f.usage.prompt_tokens for f in finals[::n]),
-                    completion_tokens=sum(f.usage.completion_tokens for f in finals))
+                    completion_tokens=sum(f.usage.completion_tokens for f in finals),
+                    cached_tokens=sum(f.usage.cached_tokens for f in finals[::n]))
 
 
 def _token(tokenizer: Tokenizer | None, token_id: int) -> str:

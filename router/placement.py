@@ -15,10 +15,14 @@ from typing import Any
 import grpc
 
 from replica.contract import KVLost, LeaseEnded, PrefillResult, ReplicaDead, ReplicaError, Reservation
+from router.cache_index import CacheIndex, Prompt
 
 log = logging.getLogger("pdserve.router")
 
 RESERVE_RETRY_S = 0.02  # how often a request waiting for decode blocks asks again
+# prefix_aware decode placement: a replica running at most this many requests more than the least loaded
+# one (or half as many again, when that is more) competes on its cached prefix; a busier one on load alone
+PREFIX_LOAD_SLACK = 4
 
 
 @dataclass
@@ -34,6 +38,9 @@ class Replica:
     stats: dict[str, Any] = field(default_factory=dict)  # the last poll's; emptied when it is known dead
     restarts: int = 0  # times pdserve.supervisor replaced its actor
     draining: bool = False  # leaving the pool: no new placements
+    block_size: int = 16  # tokens per KV block
+    in_flight: int = 0  # decode: requests placed here and not yet released (kept by the router)
+    cache: CacheIndex = field(default_factory=CacheIndex)  # what its prefix cache holds, from the stats polls
 
     @property
     def serves(self) -> bool:
@@ -46,9 +53,10 @@ class Replica:
 
 
 # A prefill policy picks one of the live prefill replicas; a decode policy orders the live decode
-# replicas (the first with free blocks gets the request). Each registry maps a name to a factory.
-PrefillPolicy = Callable[[list[Replica]], Replica]
-DecodePolicy = Callable[[list[Replica]], list[Replica]]
+# replicas (the first with free blocks gets the request). Both see the prompt (router/cache_index.Prompt).
+# Each registry maps a name to a factory.
+PrefillPolicy = Callable[[list[Replica], Prompt], Replica]
+DecodePolicy = Callable[[list[Replica], Prompt], list[Replica]]
 
 
 class RoundRobin:
@@ -57,31 +65,50 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = itertools.count()
 
-    def pick(self, live: list[Replica]) -> Replica:
+    def pick(self, live: list[Replica], prompt: Prompt) -> Replica:
         return live[next(self._next) % len(live)]
 
-    def order(self, live: list[Replica]) -> list[Replica]:
+    def order(self, live: list[Replica], prompt: Prompt) -> list[Replica]:
         k = next(self._next) % len(live)
         return live[k:] + live[:k]
 
 
-def least_tokens(live: list[Replica]) -> Replica:
+def least_tokens(live: list[Replica], prompt: Prompt) -> Replica:
     """The prefill replica with the fewest prompt tokens waiting."""
     return min(live, key=lambda r: r.queued_tokens)
 
 
-def most_free_blocks(live: list[Replica]) -> list[Replica]:
+def least_uncached_tokens(live: list[Replica], prompt: Prompt) -> Replica:
+    """The prefill replica that would finish the prompt first: the fewest tokens waiting there plus the
+    prompt's tokens its prefix cache does not hold."""
+    return min(live, key=lambda r: r.queued_tokens - prompt.cached_tokens(r.cache, r.block_size))
+
+
+def most_free_blocks(live: list[Replica], prompt: Prompt) -> list[Replica]:
     """Decode replicas by free KV blocks, most first."""
     return sorted(live, key=lambda r: -r.free_blocks)
+
+
+def longest_prefix(live: list[Replica], prompt: Prompt) -> list[Replica]:
+    """Decode replicas that are not much busier than the least loaded one (PREFIX_LOAD_SLACK) by how
+    much of the prompt's prefix their cache holds, most first (then the less loaded); the busier ones
+    after them, least loaded first: load wins over a match, so one hot prefix cannot pile every
+    request onto one replica."""
+    least = min(r.in_flight for r in live)
+    near = least + max(PREFIX_LOAD_SLACK, least // 2)
+    return sorted(live, key=lambda r: (0, -prompt.cached_tokens(r.cache, r.block_size), r.in_flight)
+                  if r.in_flight <= near else (1, r.in_flight, 0))
 
 
 PREFILL_POLICIES: dict[str, Callable[[], PrefillPolicy]] = {
     "least_tokens": lambda: least_tokens,
     "round_robin": lambda: RoundRobin().pick,
+    "prefix_aware": lambda: least_uncached_tokens,
 }
 DECODE_POLICIES: dict[str, Callable[[], DecodePolicy]] = {
     "most_free_blocks": lambda: most_free_blocks,
     "round_robin": lambda: RoundRobin().order,
+    "prefix_aware": lambda: longest_prefix,
 }
 
 
@@ -130,6 +157,8 @@ class Placed:
     prefilling: bool = False  # the prefill replica may still be writing its KV
     decoding: bool = False  # the decode replica holds blocks for it
     reservation: Reservation | None = None
+    counted: bool = False  # in decode.in_flight, until released
+    cached_tokens: int = 0  # prompt tokens a prefix cache held, as the replica that prefilled it says
 
 
 class Placement:
@@ -149,12 +178,17 @@ class Placement:
     def replicas(self) -> tuple[Replica, ...]:
         return (*self.prefill, *self.decode)
 
-    def pick_prefill(self) -> Replica | None:
-        live = [r for r in self.prefill if r.serves]
-        return self._pick_prefill(live) if live else None
+    def can_prefill(self) -> bool:
+        """Some prefill replica is up."""
+        return any(r.serves for r in self.prefill)
 
-    def decode_order(self) -> list[Replica]:
-        return self._order_decode([r for r in self.decode if r.serves] or [r for r in self.decode if not r.draining])
+    def pick_prefill(self, prompt: Prompt) -> Replica | None:
+        live = [r for r in self.prefill if r.serves]
+        return self._pick_prefill(live, prompt) if live else None
+
+    def decode_order(self, prompt: Prompt) -> list[Replica]:
+        return self._order_decode([r for r in self.decode if r.serves] or [r for r in self.decode if not r.draining],
+                                  prompt)
 
     def running_on(self, replica: Replica, placed: list[Placed]) -> int:
         """How many of these placements still hold work on `replica`."""
@@ -164,40 +198,56 @@ class Placement:
         """Poll every replica's load; one that does not answer is left out of placement until it does."""
         async def one(r: Replica) -> None:
             try:
-                r.stats = await asyncio.wait_for(r.actor.stats.remote(), timeout_s)
+                r.stats = await asyncio.wait_for(r.actor.stats.remote(r.cache.epoch, with_cache=True), timeout_s)
                 r.healthy = True
                 r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
+                if (report := r.stats.pop("prefix_cache", None)) is not None:
+                    r.cache.apply(report)
             except asyncio.TimeoutError:
                 r.healthy = False  # busy or gone: keep its last figures until it is known which
             except Exception:
                 r.healthy, r.stats = False, {}  # dead (its actor or its engine): no stale figures
+                r.cache.clear()
         await asyncio.gather(*(one(r) for r in self.replicas))
 
-    async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool) -> None:
-        """Reserve blocks (or queue a local prefill) on a decode replica, waiting while all are full."""
+    async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool, local_below: int = 0
+                           ) -> bool:
+        """Reserve blocks (or queue a local prefill) on a decode replica, waiting while all are full.
+        local_below: the decode replica prefills the prompt itself when fewer tokens than this are
+        left uncached there. Returns whether the prompt is prefilled there (local)."""
+        prompt = Prompt(ids)
         while True:
-            for d in self.decode_order():
+            for d in self.decode_order(prompt):
                 try:
                     if local:
                         await call(d, p.rid, d.actor.add_local.remote(ids, params, p.rid))
-                        p.decode, p.decoding = d, True
-                        return
-                    reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid))
+                        self._placed_on(p, d)
+                        return True
+                    reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid, local_below))
                 except RequestFailed as e:
                     if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.serves for r in self.decode):
                         raise
                     continue  # that replica is gone (and now marked so): the next one
                 if reservation is not None:
-                    d.free_blocks -= len(reservation.block_ids)
-                    p.decode, p.decoding, p.reservation = d, True, reservation
-                    return
+                    self._placed_on(p, d)
+                    if reservation.local:
+                        return True
+                    d.free_blocks -= len(reservation.block_ids) - reservation.num_cached_tokens // d.block_size
+                    p.reservation = reservation
+                    return False
             await asyncio.sleep(RESERVE_RETRY_S)
+
+    @staticmethod
+    def _placed_on(p: Placed, d: Replica) -> None:
+        p.decode, p.decoding, p.counted = d, True, True
+        d.in_flight += 1
 
     async def prefill_remote(self, p: Placed, ids: list[int], params: dict, on_failure: Callable[[], None]
                              ) -> PrefillResult:
         """Prefill into the reservation on a live prefill replica; when one dies mid-way, the next
         rewrites the same blocks (the dead one writes nothing more). on_failure() counts each failure."""
-        while (replica := self.pick_prefill()) is not None:
+        prompt = Prompt(ids)
+        while (replica := self.pick_prefill(prompt)) is not None:
             p.prefill, p.prefilling = replica, True
             replica.queued_tokens += len(ids)
             try:
@@ -224,6 +274,9 @@ class Placement:
     async def release(p: Placed) -> None:
         """Whatever ended the request, stop the prefill first (nothing more is written into the
         decode blocks), then free the decode side."""
+        if p.counted:
+            p.decode.in_flight -= 1
+            p.counted = False
         for replica, live in ((p.prefill, p.prefilling), (p.decode, p.decoding)):
             if replica is not None and live:
                 try:

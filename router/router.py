@@ -173,14 +173,14 @@ class Router(pb_grpc.GenerationServicer):
         return not self.shutting_down and any(r.serves for r in self.placement.decode)
 
     async def add_replica(self, role: str, actor, tensor_parallel_size: int, num_kv_blocks: int,
-                          kv_tokens: int) -> None:
+                          kv_tokens: int, block_size: int = 16) -> None:
         """A new replica (pdserve.supervisor grew the pool, its KV wired): into placement. kv_tokens:
         the most tokens one sequence can have there (a prefill pool grown from 0 sets the limit)."""
         if role == "prefill" and self.limits.prefill_kv_tokens is None:
             self.limits = dataclasses.replace(self.limits, prefill_kv_tokens=kv_tokens)
         pool = getattr(self.placement, role)
         replica = Replica(role, len(pool), actor, tensor_parallel_size,
-                          free_blocks=num_kv_blocks if role == "decode" else 0)
+                          free_blocks=num_kv_blocks if role == "decode" else 0, block_size=block_size)
         pool.append(replica)
         if role == "decode":
             self._pumps[id(replica)] = asyncio.get_running_loop().create_task(self.inboxes.pump(replica))
@@ -233,6 +233,7 @@ class Router(pb_grpc.GenerationServicer):
         """pdserve.supervisor built `actor` in place of `replica`'s dead one and wired its KV: back into
         placement (a decode replica's event stream is subscribed again by its pump)."""
         replica.actor, replica.stats, replica.queued_tokens = actor, {}, 0
+        replica.cache.clear()
         replica.restarts += 1
         if replica.role == "decode":
             replica.free_blocks = num_kv_blocks
@@ -252,7 +253,9 @@ class Router(pb_grpc.GenerationServicer):
             pools.append(pb.PoolStatus(role=role, replicas=[pb.ReplicaStatus(
                 index=r.index, tensor_parallel_size=r.tensor_parallel_size, healthy=r.healthy, restarts=r.restarts,
                 **{k: r.stats[k] for k in ("running", "waiting", "waiting_prefill_tokens", "kv_blocks_used",
-                                           "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu")
+                                           "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu",
+                                           "prefix_cache_queries", "prefix_cache_hits", "kv_bytes_saved",
+                                           "kv_bytes_sent")
                    if k in r.stats})
                 for r in replicas]))
         return pb.ClusterStatusResponse(model=self.model_name, kv_backend=self.kv_backend, pools=pools,
@@ -308,10 +311,11 @@ class Router(pb_grpc.GenerationServicer):
         `out` (the client's stream, which may have started on an earlier placement; its prompt had
         num_prompt tokens)."""
         place = self.placement
-        # short prompts, and prompts no prefill replica could hold, prefill on the decode replica
-        local = len(ids) < self.config.local_prefill_threshold or not self.limits.fits_prefill(len(ids)) \
-            or place.pick_prefill() is None
-        await place.place_decode(p, ids, params, local)
+        # short prompts, prompts no prefill replica could hold, and prompts whose decode replica's cache
+        # holds all but a short tail prefill on the decode replica
+        threshold = self.config.local_prefill_threshold
+        local = len(ids) < threshold or not self.limits.fits_prefill(len(ids)) or not place.can_prefill()
+        local = await place.place_decode(p, ids, params, local, threshold)
         clock.placed = time.monotonic()
         self.metrics.queue.observe(clock.placed - clock.t0)
         if not local:
@@ -324,6 +328,7 @@ class Router(pb_grpc.GenerationServicer):
                 await place.prefill_locally(p, ids, params)
                 local = True
         if not local:
+            p.cached_tokens = first.num_cached_tokens
             clock.prefilled = time.monotonic()
             if chunk := self._add(out, clock, [StreamItem(p.rid, first.first_token, first.logprobs)]):
                 yield chunk
@@ -339,6 +344,8 @@ class Router(pb_grpc.GenerationServicer):
             if last is not None and last.error is not None:
                 p.decoding = False
                 raise replica_error(last.error, p.decode, p.rid)
+            if local and not p.cached_tokens:
+                p.cached_tokens = items[0].num_cached_tokens  # the first token of a prompt prefilled there says it
             if chunk := self._add(out, clock, [it for it in items if it.token_id is not None]):
                 yield chunk
             if out.stopped or last is not None:
@@ -357,4 +364,6 @@ class Router(pb_grpc.GenerationServicer):
         local = local or p.prefill is None
         self.metrics.path.labels(model=self.model_name, path="local" if local else "disaggregated").inc()
         timings = clock.timings(local, (p.decode if local else p.prefill).name, p.decode.name)
-        return out.finish(reason, pb.Usage(prompt_tokens=num_prompt, completion_tokens=len(out.token_ids)), timings)
+        usage = pb.Usage(prompt_tokens=num_prompt, completion_tokens=len(out.token_ids),
+                         cached_tokens=min(p.cached_tokens, num_prompt))
+        return out.finish(reason, usage, timings)

@@ -22,6 +22,12 @@ def hist(metric: str, p: float, by: str = "", where: str = "") -> str:
 
 PER_REPLICA = '{pool="%s", replica=~"$replica"}'
 
+
+def cache_hits(pool: str) -> str:
+    """A pool's prefix-cache hit ratio per replica: prompt tokens found over those looked up."""
+    rate = f"sum by (replica) (rate(pdserve_prefix_cache_%s_total{PER_REPLICA % pool}[{RI}]))"
+    return f"{rate % 'hits'} / {rate % 'queries'}"
+
 DASHBOARDS = {
     "pdserve-prefill": ("pdserve: prefill utilization", [
         ("Busy fraction", "percentunit", [q(f"pdserve_busy_fraction{PER_REPLICA % 'prefill'}", "prefill/{{replica}}")]),
@@ -37,6 +43,8 @@ DASHBOARDS = {
         ("Batch size in tokens (p50, p99)", "short", [
             q(hist("pdserve_batch_tokens", 0.5, "replica", PER_REPLICA % "prefill"), "p50 prefill/{{replica}}"),
             q(hist("pdserve_batch_tokens", 0.99, "replica", PER_REPLICA % "prefill"), "p99 prefill/{{replica}}")]),
+        ("Prefix cache hit ratio (prompt tokens not computed)", "percentunit",
+         [q(cache_hits("prefill"), "prefill/{{replica}}")]),
     ]),
     "pdserve-decode": ("pdserve: decode utilization", [
         ("MBU (bytes/s read over peak, while busy)", "percentunit",
@@ -57,6 +65,8 @@ DASHBOARDS = {
         ("Preemptions/s", "short",
          [q(f"sum by (replica) (rate(pdserve_preemptions_total{PER_REPLICA % 'decode'}[{RI}]))",
             "decode/{{replica}}")]),
+        ("Prefix cache hit ratio (prompt tokens held, not sent or computed)", "percentunit",
+         [q(cache_hits("decode"), "decode/{{replica}}")]),
     ]),
     "pdserve-latency": ("pdserve: latency and SLOs", [
         ("Time to first token (p50, p99)", "s", [q(hist("pdserve_time_to_first_token_seconds", 0.5), "p50"),
@@ -89,6 +99,9 @@ DASHBOARDS = {
         ("Transfer failures/s", "short", [q(f"sum(rate(pdserve_kv_transfer_failures_total[{RI}]))", "failures")]),
         ("Leases expired/s", "short",
          [q(f"sum by (pool) (rate(pdserve_kv_leases_expired_total[{RI}]))", "{{pool}}")]),
+        ("KV not sent: the decode replica's prefix cache held it", "Bps",
+         [q(f"sum by (replica) (rate(pdserve_kv_transfer_saved_bytes_total{{pool=\"decode\"}}[{RI}]))",
+            "into decode/{{replica}}")]),
     ]),
 }
 

@@ -84,10 +84,13 @@ def test_a_prefill_replica_dying_mid_prefill_is_replaced(cluster, want) -> None:
         assert not any(r.kv_blocks_used for r in status.values() if r.healthy)
 
 
-def test_a_decode_replica_dying_mid_transfer_moves_the_request(cluster, want_out) -> None:
+def test_a_decode_replica_dying_mid_transfer_moves_the_request(cluster, offline) -> None:
+    # a prompt no replica has cached (a decode replica that held LONG's KV would prefill it itself: no transfer)
+    prompt = "Another telling. " + LONG
+    want_out = offline.generate(prompt, SamplingParams(**PARAMS))[0]
     with Client(cluster.address, timeout=120) as client:
         killer = kill_during_prefill(cluster, "decode")
-        out = client.generate(LONG, request_id="moved", **PARAMS)
+        out = client.generate(prompt, request_id="moved", **PARAMS)
         killer.join()
         assert out.token_ids == want_out.token_ids and out.prompt_tokens == len(want_out.prompt_token_ids)
         time.sleep(0.5)  # the prefill replica finishes the step it was in

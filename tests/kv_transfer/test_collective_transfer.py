@@ -139,6 +139,29 @@ def test_rows_of_an_aborted_transfer_never_land(pair) -> None:
     assert decode.runner.kv_cache[:, :, list(target.block_ids)].abs().sum() == 0
 
 
+def test_only_rows_past_the_decode_cache_are_sent(pair) -> None:
+    """The decode engine ran turn 1 itself; turn 2's reservation shares those blocks and its transfer
+    starts past them: it lands (counted from there), and decodes as one engine with the cache off does."""
+    decode, receiver, thread, jobs, results, _ = pair
+    first = prompts_of([45], seed=5)[0]
+    [answer] = generate_on(decode, [first], GREEDY)
+    second = first + answer + prompts_of([11], seed=6)[0]
+    target = receiver.reserve(second, GREEDY, "turn2")
+    assert target.num_cached_tokens == 56  # 60 tokens' KV computed: 7 blocks of 8
+    jobs.put([(second, GREEDY, target)])
+    done = []
+    while not done:
+        done = results.get(timeout=60)
+    receiver.commit("turn2", done[0].first_token, done[0].logprobs)
+    outputs = {}
+    while decode.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    decode.block_manager.reset_prefix_cache()
+    assert outputs["turn2"] == generate_on(decode, [second], GREEDY)[0]
+    layers, _, _, _, heads, dim = decode.runner.kv_cache.shape
+    assert thread.bytes_received == (len(second) - 56) * layers * 2 * heads * dim * 4
+
+
 def test_default_model_over_the_collective() -> None:
     """SmolLM2 at TP 1 on both sides, chunked prefill (16-token chunks) on the sending side."""
     pair = start_pair("default")

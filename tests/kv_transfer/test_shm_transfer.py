@@ -160,3 +160,60 @@ def test_a_sender_stops_writing_at_the_lease_end_before_the_receiver_frees(tiny_
     assert receiver.expire(now=time.monotonic() + 5 + receiver.grace_s / 2) == []
     assert [e.request_id for e in receiver.expire(now=time.monotonic() + 5 + receiver.grace_s + 1)] == ["slow"]
     assert decode.block_manager.num_free_blocks == free_d
+
+
+def kv_bytes_per_token(engine: LLMEngine) -> int:
+    layers, _, _, _, heads, dim = engine.runner.kv_cache.shape
+    return layers * 2 * heads * dim * engine.runner.kv_cache.element_size()
+
+
+@pytest.mark.parametrize("prefill_forgets", [False, True])
+def test_the_next_turn_sends_only_what_the_decode_cache_lacks(tiny_checkpoints, pool_name, prefill_forgets) -> None:
+    """Turn 2 resends turn 1's prompt and answer: the decode replica shares the blocks it holds of them
+    (its block size 8, the prefill side's 16), the prefill side computes what follows from its own cache
+    at most that far, and only the rows past the decode side's cache are sent; the answer equals one
+    engine's with the cache off. prefill_forgets: the prefill side holds less than the decode side."""
+    model = str(tiny_checkpoints["llama"])
+    sender, receiver, prefill, decode = make_pair(model, pool_name, max_num_batched_tokens=32)
+    first = prompts_of([45], seed=5)[0]
+    [answer] = run_disaggregated(sender, receiver, [first], GREEDY)
+    second = first + answer + prompts_of([11], seed=6)[0]  # 80 tokens
+    if prefill_forgets:
+        prefill.block_manager.reset_prefix_cache()
+    sent = sender.saver.bytes_sent
+    target = receiver.reserve(second, GREEDY, "turn2")
+    # decode holds prompt + answer but the last answer token's KV (never computed): 68 of them, 8 blocks of 8
+    assert target.num_cached_tokens == 64 and target.block_ids[:5] == tuple(decode.requests["turn2"].block_table[:5])
+    sender.add(second, GREEDY, target)
+    while sender.engine.has_unfinished():
+        for done in sender.step():
+            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+    outputs = {}
+    while decode.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    want = LLM(model, num_kv_blocks=64, enable_prefix_caching=False).generate([second], GREEDY)[0].token_ids
+    assert outputs["turn2"] == want
+    assert sender.saver.bytes_sent - sent == (len(second) - 64) * kv_bytes_per_token(prefill)
+    # the prefill side took what it had (its turn-1 prompt: two blocks of 16) unless it forgot it
+    assert prefill.scheduler.prefix_cache_hits == (0 if prefill_forgets else 32)
+    assert not receiver.reservations and decode.block_manager.num_free_blocks == 64
+    assert prefill.block_manager.num_free_blocks == 64
+
+
+def test_a_short_uncached_tail_is_prefilled_on_the_decode_side(tiny_checkpoints, pool_name) -> None:
+    model = str(tiny_checkpoints["llama"])
+    sender, receiver, prefill, decode = make_pair(model, pool_name)
+    first = prompts_of([45], seed=5)[0]
+    [answer] = run_disaggregated(sender, receiver, [first], GREEDY)
+    second = first + answer + [7, 8, 9]
+    target = receiver.reserve(second, GREEDY, "turn2", local_below=32)  # 5 tokens past the cached 64
+    assert target.local and not target.block_ids and not receiver.reservations
+    outputs = {}
+    while decode.has_unfinished():
+        outputs.update((o.request_id, (o.token_ids, o.num_cached_tokens)) for o in decode.step())
+    want = LLM(model, num_kv_blocks=64, enable_prefix_caching=False).generate([second], GREEDY)[0].token_ids
+    assert outputs["turn2"] == (want, 64)
+    # a prompt the decode side has not seen is reserved whatever local_below, when it is long enough
+    assert not receiver.reserve(prompts_of([40], seed=9)[0], GREEDY, "new", local_below=32).local
+    receiver.abort("new")
+    assert decode.block_manager.num_free_blocks == 64

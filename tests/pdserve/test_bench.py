@@ -14,7 +14,7 @@ import pytest
 from pdserve import Chunk, RequestError, bench
 from pdserve.bench_stats import summarize
 from pdserve.request_result import RequestResult, error_message, read_sse
-from pdserve.workload import LongtailMix, Workload, make_requests
+from pdserve.workload import Chats, LongtailMix, SharedDocs, Workload, make_conversations, make_requests
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,6 +55,30 @@ def test_the_context_shortens_the_prompt_and_keeps_the_output() -> None:
     full = lengths(make_requests("longtail", 100, seed=5, vocab=10, max_len=8192))
     assert [o for _, o in short] == [o for _, o in full]
     assert [p for p, _ in short] == [min(p, 1024 - o) for p, o in full]
+
+
+def test_shared_doc_asks_several_questions_of_each_of_a_few_documents() -> None:
+    spec = SharedDocs(num_documents=3, document_len=200, question=(5, 9), output=(2, 4))
+    workload = Workload("shared-doc", shared_doc=spec)
+    got = make_requests(workload, 60, seed=2, vocab=100, max_len=8192)
+    assert got == make_requests(workload, 60, seed=2, vocab=100, max_len=8192)
+    docs = {tuple(prompt[:200]) for prompt, _ in got}
+    assert len(docs) == 3 and all(205 <= len(p) <= 209 and 2 <= o <= 4 for p, o in got)
+    assert lengths(make_requests(workload, 5, seed=2, vocab=100, max_len=100)) == [(100 - o, o) for _, o in got[:5]]
+
+
+def test_multiturn_conversations_share_a_system_prompt_and_fit_the_context() -> None:
+    workload = Workload("multiturn", multiturn=Chats(system_len=50, turns=(2, 4), user=(5, 9), output=(3, 6)))
+    convs = make_conversations(workload, 20, seed=1, vocab=100, max_len=8192)
+    assert convs == make_conversations(workload, 20, seed=1, vocab=100, max_len=8192)
+    assert all(c.system == convs[0].system for c in convs) and len(convs[0].system) == 50
+    assert {len(c.turns) for c in convs} == {2, 3, 4}
+    assert all(5 <= len(u) <= 9 and 3 <= o <= 6 for c in convs for u, o in c.turns)
+    short = make_conversations(workload, 20, seed=1, vocab=100, max_len=80)  # turns past the context are dropped
+    assert all(len(c.system) + sum(len(u) + o for u, o in c.turns) <= 80 and c.turns for c in short)
+    assert len(short[0].system) == 40  # at most half the context
+    with pytest.raises(ValueError, match="make_conversations"):
+        make_requests(workload, 1, 0, 100, 8192)
 
 
 def test_poisson_arrivals() -> None:
@@ -259,3 +283,27 @@ def test_no_cluster_is_one_line_and_exit_status_1(capsys) -> None:
 
     assert bench.main(["--address", f"127.0.0.1:{unused_port()}", "--num-requests", "1", "--quiet"]) == 1
     assert "no cluster answers" in capsys.readouterr().err
+
+
+def test_multiturn_against_a_real_cluster_resends_the_answers(ray_local, tiny_checkpoints) -> None:
+    from pdserve.launch import start_cluster
+    from tests.e2e.conftest import small_cluster
+
+    workload = Workload("multiturn", multiturn=Chats(system_len=64, turns=(3, 3), user=(8, 16), output=(4, 8)))
+    convs = make_conversations(workload, 3, seed=0, vocab=512, max_len=1024)
+    with start_cluster(small_cluster(str(tiny_checkpoints["llama"])), progress=None) as cluster:
+        run = bench.run_benchmark(cluster.address, convs, rate=None, detailed=True)
+        with pytest.raises(ValueError, match="grpc"):
+            bench.run_benchmark(cluster.address, convs, backend="openai")
+    assert (run["num_requests"], run["completed"]) == (9, 9)
+    # each turn's prompt: the one before, its answer and the new message (the order of requests is per conversation)
+    for i, conv in enumerate(convs):
+        turns = run["requests"][3 * i:3 * i + 3]
+        assert turns[0]["prompt_len"] == 64 + len(conv.turns[0][0])
+        for before, after, (user, _) in zip(turns, turns[1:], conv.turns[1:]):
+            assert after["prompt_len"] == before["prompt_len"] + before["num_output_tokens"] + len(user)
+    # a later turn takes the system prompt (4 blocks of 16) and the earlier turns from a prefix cache (the
+    # conversations start at once: their first turns may all miss)
+    later = [r for i in range(3) for r in run["requests"][3 * i + 1:3 * i + 3]]
+    assert all(r["cached_tokens"] >= 64 for r in later)
+    assert run["prefix_cache_hit_ratio"] > 0.4

@@ -102,12 +102,14 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "transfer_ms", "ttft_ms", "total_ms", "path", "prefill_replica", "decode_replica")
@@ -204,7 +206,7 @@ class ScaleResponse(_message.Message):
     def __init__(self, replicas: _Optional[int] = ..., added: _Optional[int] = ..., removed: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu", "restarts")
+    __slots__ = ("index", "tensor_parallel_size", "healthy", "running", "waiting", "waiting_prefill_tokens", "kv_blocks_used", "kv_blocks_total", "busy_fraction", "tokens_processed", "mfu", "mbu", "restarts", "prefix_cache_queries", "prefix_cache_hits", "kv_bytes_saved", "kv_bytes_sent")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +220,10 @@ class ReplicaStatus(_message.Message):
     MFU_FIELD_NUMBER: _ClassVar[int]
     MBU_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_SAVED_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     index: int
     tensor_parallel_size: int
     healthy: bool
@@ -231,7 +237,11 @@ class ReplicaStatus(_message.Message):
     mfu: float
     mbu: float
     restarts: int
-    def __init__(self, index: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    kv_bytes_saved: int
+    kv_bytes_sent: int
+    def __init__(self, index: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., waiting_prefill_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ..., restarts: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., kv_bytes_saved: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "replicas")
