@@ -21,6 +21,17 @@ class StepLayout:
 
 class KVSaver(ABC):
     """Worker half of a connector on the sending (prefill) side."""
+    # this rank's own KV cache, [layers, k|v, num_blocks, block_size, kv_heads, head_dim] (bind_local): a
+    # prompt's blocks that came from the prefix cache are sent from there, not computed
+    local_kv: torch.Tensor | None = None
+
+    def bind_local(self, kv_cache: torch.Tensor) -> None:
+        self.local_kv = kv_cache
+
+    def cached_rows(self, layer: int, kv: int, slots: torch.Tensor) -> torch.Tensor:
+        """K (kv 0) or V (1) of `layer` at these slots of this rank's cache: [len(slots), kv_heads, head_dim]."""
+        _, _, _, _, heads, dim = self.local_kv.shape
+        return self.local_kv[layer, kv].view(-1, heads, dim).index_select(0, slots)
 
     @abstractmethod
     def begin_step(self, layout: StepLayout) -> None:

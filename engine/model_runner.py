@@ -85,6 +85,8 @@ class ModelRunner:
 
     def set_kv_saver(self, saver: KVSaver | None) -> None:
         self.kv_saver = saver
+        if saver is not None:
+            saver.bind_local(self.kv_cache)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.kv_saver, layer.self_attn.layer_idx = saver, i
 

@@ -114,13 +114,9 @@ class Scheduler:
 
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            # a new or preempted sequence starts past its longest cached prefix, up to its own limit (the
-            # prefill side of a disaggregated pair sends the KV it computes: it computes all the decode side lacks)
-            limit = seq.max_cached_tokens
-            lookup = bm.enable_caching and not seq.num_computed_tokens and limit != 0
+            # a new or preempted sequence starts past its longest cached prefix
+            lookup = bm.enable_caching and not seq.num_computed_tokens
             prefix = bm.match_prefix(seq) if lookup else []
-            if limit is not None:
-                prefix = prefix[:limit // bm.block_size]
             computed = seq.num_computed_tokens + len(prefix) * bm.block_size
             left = seq.num_tokens - computed
             n = 1 if left == 1 else min(left, chunk, budget, prefill)

@@ -43,9 +43,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" or "length"
         self.num_preemptions = 0
         self.kv_target: object | None = None  # prefill side of a disaggregated pair: where this KV goes
-        # at most this many leading tokens from the prefix cache (None: no limit); the prefill side of a pair
-        # sets it to what the decode side already holds, and computes (and sends) the rest
-        self.max_cached_tokens: int | None = None
+        self.kv_sent = 0  # prefill side of a pair: positions [0, kv_sent) of its KV are at the decode side
 
     @property
     def num_tokens(self) -> int:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from engine.distributed import bind_gloo_to, kv_head_range, tcp_store
 from engine.kv_connector import KVSaver, StepLayout
 from kv_transfer.metadata import PoolHandle
-from kv_transfer.plan import plan_step
+from kv_transfer.plan import all_rows, plan_step
 
 HEADER = 6
 FORGOTTEN_KEEP_S = 600.0  # how long rows of a forgotten transfer are still recognised (and dropped)
@@ -89,7 +89,7 @@ class CollectiveKVSaver(KVSaver):
         # pool name -> per decode rank: (its rank in the group, its heads [start, end), block size,
         # how many ranks of this replica send it heads)
         self.peers: dict[str, list[tuple[int, tuple[int, int], int, int]]] = {}
-        self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None]] = []
+        self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None, torch.Tensor | None]] = []
         self._inflight: list[tuple[dist.Work, torch.Tensor, str]] = []
         self._unreachable: dict[str, str] = {}  # pool name -> why (a send to one of its ranks failed)
         self.bytes_sent = 0
@@ -111,24 +111,26 @@ class CollectiveKVSaver(KVSaver):
         return sum(1 for r in range(0, self.tp_size, replicas)
                    if (o := _overlap(kv_head_range(self.num_kv_heads, r, self.tp_size), heads))[0] < o[1])
 
-    def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int], list[int]]]:
-        """Rank 0: per destination pool, the rows of the flat batch (None: all), their slots, and the
-        segments (transfer id, first position, rows) they belong to."""
-        plans = plan_step(layout, lambda name: self.peers[name][0][2] if name in self.peers else None)
+    def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int], list[int], list[int]]]:
+        """Rank 0: per destination pool, the rows of the flat batch (None: all) then of the cached slots
+        (kv_transfer.plan.PoolPlan), their slots, the segments (transfer id, first position, rows) they
+        belong to, and the cached slots."""
+        plans = plan_step(layout, lambda name: self.peers[name][0][2] if name in self.peers else None,
+                          self.local_kv.shape[3])
         num_rows = layout.query_start_loc[-1]
-        return {name: (None if len(p.rows) == num_rows else p.rows, p.slots, p.segments)
-                for name, p in plans.items()}
+        return {name: (all_rows(p, num_rows), p.slots, p.segments, p.cached) for name, p in plans.items()}
 
-    def begin_planned(self, sends: dict[str, tuple[list[int] | None, list[int], list[int]]]) -> None:
+    def begin_planned(self, sends: dict[str, tuple[list[int] | None, list[int], list[int], list[int]]]) -> None:
         """Every rank: send each decode rank the header and index of its share of rank 0's plan."""
         self._dsts = []
         if not self.writes:
             return
         source_group = self.kv_rank - self.tp_rank
-        for name, (rows, slots, segments) in sends.items():
+        for name, (rows, slots, segments, cached) in sends.items():
             if name in self._unreachable:
                 continue
             rows_t, index = (None if rows is None else torch.tensor(rows)), torch.tensor(slots + segments)
+            cached_t = torch.tensor(cached) if cached else None
             for dst, heads, _, senders in self.peers[name]:
                 lo, hi = _overlap(heads, self.heads)
                 if lo >= hi:
@@ -137,14 +139,19 @@ class CollectiveKVSaver(KVSaver):
                                          source_group, senders]), dst, name)
                 self._send(index, dst, name)
                 mine = None if (lo, hi) == self.heads else slice(lo - self.heads[0], hi - self.heads[0])
-                self._dsts.append((dst, name, rows_t, mine))
+                self._dsts.append((dst, name, rows_t, mine, cached_t))
 
     def begin_step(self, layout: StepLayout) -> None:
         self.begin_planned(self.plan(layout))
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for dst, name, rows, heads in self._dsts:
-            k_rows, v_rows = (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
+        for dst, name, rows, heads, cached in self._dsts:
+            k_rows, v_rows = k, v
+            if cached is not None:  # the prompt's blocks from this rank's prefix cache, after the batch
+                k_rows, v_rows = torch.cat((k, self.cached_rows(layer, 0, cached))), torch.cat((v, self.cached_rows(
+                    layer, 1, cached)))
+            if rows is not None:
+                k_rows, v_rows = k_rows.index_select(0, rows), v_rows.index_select(0, rows)
             if heads is not None:
                 k_rows, v_rows = k_rows[:, heads], v_rows[:, heads]
             kv = torch.stack((k_rows, v_rows))  # [2, num_rows, heads, head_dim], contiguous

@@ -10,15 +10,22 @@ from replica.contract import Reservation
 
 @dataclass
 class PoolPlan:
-    """One decode pool's share of a step. Filled by plan_step."""
-    rows: list[int] = field(default_factory=list)  # rows of the flat batch to send
+    """One decode pool's share of a step. Filled by plan_step. Rows index the step's flat batch, then the
+    `cached` slots of the sender's own cache gathered after it (row num_rows + i is cached[i])."""
+    rows: list[int] = field(default_factory=list)  # rows to send
     slots: list[int] = field(default_factory=list)  # decode-side cache slot of each row
-    segments: list[int] = field(default_factory=list)  # flat (transfer id, first position, num rows) per request
+    segments: list[int] = field(default_factory=list)  # flat (transfer id, first position, num rows) per run of rows
+    cached: list[int] = field(default_factory=list)  # slots of the sender's cache whose KV is sent too
 
 
-def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None]) -> dict[str, PoolPlan]:
-    """Group the step's rows by destination pool; block_size_of(pool) is None for an unknown pool."""
+def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None],
+              local_block_size: int = 0) -> dict[str, PoolPlan]:
+    """Group the step's rows by destination pool; block_size_of(pool) is None for an unknown pool.
+    What the decode side holds of a prompt (its own cache's blocks, and what was sent before: seq.kv_sent,
+    which this advances) is not sent; what the sender's prefix cache gave it and the decode side lacks is
+    sent from the sender's cache (local_block_size: its block size), with the step's first rows of the prompt."""
     plans: dict[str, PoolPlan] = {}
+    num_rows = layout.query_start_loc[-1]
     for seq, n, start in zip(layout.seqs, layout.num_scheduled_tokens, layout.query_start_loc):
         target: Reservation | None = seq.kv_target
         if target is None:
@@ -26,13 +33,25 @@ def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None]) ->
         bs = block_size_of(target.pool)
         if bs is None:
             raise ValueError(f"request {seq.request_id!r}: KV pool {target.pool!r} is not reachable from here")
-        # rows of positions the decode side's cache holds already are not sent (its blocks there are shared)
-        skip = min(n, max(0, target.num_cached_tokens - seq.num_computed_tokens))
-        first, start, n = seq.num_computed_tokens + skip, start + skip, n - skip
-        if not n:
-            continue
+        first = seq.num_computed_tokens
+        held = max(target.num_cached_tokens, seq.kv_sent)  # the decode side has positions [0, held)
         plan = plans.setdefault(target.pool, PoolPlan())
-        plan.rows.extend(range(start, start + n))
-        plan.slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(first, first + n))
-        plan.segments.extend((target.transfer_id, first, n))
-    return plans
+        if first > held:  # [held, first) came from this side's prefix cache: send it from there
+            lbs = local_block_size
+            plan.rows.extend(range(num_rows + len(plan.cached), num_rows + len(plan.cached) + first - held))
+            plan.cached.extend(seq.block_table[p // lbs] * lbs + p % lbs for p in range(held, first))
+            plan.slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(held, first))
+            plan.segments.extend((target.transfer_id, held, first - held))
+            held = first
+        skip = min(n, held - first)  # positions computed again that the decode side has
+        if n > skip:
+            plan.rows.extend(range(start + skip, start + n))
+            plan.slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(first + skip, first + n))
+            plan.segments.extend((target.transfer_id, first + skip, n - skip))
+        seq.kv_sent = max(held, first + n)
+    return {name: p for name, p in plans.items() if p.rows}
+
+
+def all_rows(plan: PoolPlan, num_rows: int) -> list[int] | None:
+    """The plan's rows, or None when they are the whole batch in order (nothing to gather)."""
+    return None if not plan.cached and len(plan.rows) == num_rows else plan.rows

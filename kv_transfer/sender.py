@@ -34,7 +34,6 @@ class KVSender:
         # the prefill side samples only the first token; the decode side owns the rest
         seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id)
         seq.kv_target = target
-        seq.max_cached_tokens = target.num_cached_tokens  # what the decode side lacks is computed here
         self.targets[target.request_id] = target
 
     def abort(self, request_id: str) -> bool:

@@ -13,7 +13,7 @@ from engine.distributed import kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
 from engine.model_runner import KVAllocator
 from kv_transfer.metadata import SHM_DIR, PoolHandle, pool_path, rank_pool_name
-from kv_transfer.plan import plan_step
+from kv_transfer.plan import all_rows, plan_step
 
 __all__ = ["SHM_DIR", "ShmKVSaver", "attach_pool", "pool_path", "rank_pool_handles", "rank_pool_name",
            "shared_pool_allocator", "unlink_pool"]
@@ -82,7 +82,9 @@ class ShmKVSaver(KVSaver):
         self.writes = writes  # False for a rank whose (replicated) heads another rank already sends
         self.pools: dict[str, list[tuple[torch.Tensor, tuple[int, int] | None]]] = {
             name: [(t, None)] for name, t in (pools or {}).items()}
-        self._sends: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, slice, slice]] = []
+        # (destination slice, rows, slots, source heads, destination heads, cached slots of this rank's cache)
+        self._sends: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, slice, slice,
+                                torch.Tensor | None]] = []
         self._attached: dict[str, str] = {}  # slice name -> its pool's name
         self.bytes_sent = 0
 
@@ -102,33 +104,38 @@ class ShmKVSaver(KVSaver):
         self.pools.pop(pool_name, None)
         self._attached = {name: pool for name, pool in self._attached.items() if pool != pool_name}
 
-    def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int]]]:
-        """Rank 0: per destination pool, the rows of the flat batch (None: all) and their slots."""
-        plans = plan_step(layout, lambda name: self.pools[name][0][0].shape[3] if name in self.pools else None)
+    def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int], list[int]]]:
+        """Rank 0: per destination pool, the rows of the flat batch (None: all) then of the cached slots
+        (kv_transfer.plan.PoolPlan), their slots, and the cached slots."""
+        plans = plan_step(layout, lambda name: self.pools[name][0][0].shape[3] if name in self.pools else None,
+                          self.local_kv.shape[3])
         num_rows = layout.query_start_loc[-1]
-        return {name: (None if len(p.rows) == num_rows else p.rows, p.slots) for name, p in plans.items()}
+        return {name: (all_rows(p, num_rows), p.slots, p.cached) for name, p in plans.items()}
 
-    def begin_planned(self, sends: dict[str, tuple[list[int] | None, list[int]]]) -> None:
+    def begin_planned(self, sends: dict[str, tuple[list[int] | None, list[int], list[int]]]) -> None:
         """Every rank: turn rank 0's plan into this rank's copies (its heads into each slice that holds them)."""
         self._sends = []
         if not self.writes:
             return
-        for name, (rows, slots) in sends.items():
+        for name, (rows, slots, cached) in sends.items():
             rows_t, slots_t = (None if rows is None else torch.tensor(rows)), torch.tensor(slots)
+            cached_t = torch.tensor(cached) if cached else None
             for pool, dst_heads in self.pools[name]:
                 a, b = dst_heads or (0, pool.shape[4])
                 c, d = self.heads or (a, b)
                 lo, hi = max(a, c), min(b, d)
                 if lo < hi:
-                    self._sends.append((pool, rows_t, slots_t, slice(lo - c, hi - c), slice(lo - a, hi - a)))
+                    self._sends.append((pool, rows_t, slots_t, slice(lo - c, hi - c), slice(lo - a, hi - a), cached_t))
 
     def begin_step(self, layout: StepLayout) -> None:
         self.begin_planned(self.plan(layout))
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for pool, rows, slots, src_heads, dst_heads in self._sends:
+        for pool, rows, slots, src_heads, dst_heads, cached in self._sends:
             heads, dim = pool.shape[4:]
             for kv, src in ((0, k), (1, v)):
+                if cached is not None:
+                    src = torch.cat((src, self.cached_rows(layer, kv, cached)))
                 src = src if rows is None else src.index_select(0, rows)
                 if src_heads.stop - src_heads.start != src.shape[1]:
                     src = src[:, src_heads]

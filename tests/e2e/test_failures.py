@@ -98,6 +98,10 @@ def test_a_decode_replica_dying_mid_transfer_moves_the_request(cluster, offline)
         assert sum(r.healthy for name, r in status.items() if name.startswith("decode")) == 2
         assert sum(r.healthy for name, r in status.items() if name.startswith("prefill")) == 1  # still serving
         assert not any(r.kv_blocks_used for r in status.values() if r.healthy)
+        # the dead replicas' prefix caches left the router's index; the live ones' are there
+        replicas = cluster.server.router.placement.replicas
+        assert all(not r.cache.keys for r in replicas if not r.healthy)
+        assert any(r.cache.keys for r in replicas if r.healthy and r.role == "decode")
 
 
 def test_with_no_prefill_replica_left_the_decode_replica_prefills(cluster, want) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from engine import LLM, SamplingParams
 from pdserve import Client
 from pdserve.launch import start_cluster
@@ -69,4 +71,26 @@ def test_conversations_follow_their_cache_and_equal_the_uncached_engine(ray_loca
         stats = stats_of(client)
         for name in set(where.values()):
             assert stats[name].prefix_cache_hits > 0 and stats[name].kv_bytes_saved > 0
+        assert not any(wait_idle(client).values())
+
+
+@pytest.mark.parametrize("backend,decode_tp", [("ipc", 1), ("collective", 2)])
+def test_a_prefill_replica_sends_what_its_cache_holds_to_a_decode_replica_that_lacks_it(
+        ray_local, tiny_model, backend, decode_tp) -> None:
+    """Round-robin placement sends the second prompt to the other decode replica, which holds none of it;
+    the prefill replica (TP 2: each rank reads its own heads from its own cache) sends the blocks its
+    cache holds of it with the rows it computes, re-sharded to the decode replica's TP."""
+    config = small_cluster(tiny_model, local_prefill_threshold=1, prefill_policy="round_robin",
+                           decode_policy="round_robin").replace(kv_backend=backend, **{
+                               "decode.replicas": 2, "prefill.tensor_parallel_size": 2,
+                               "decode.tensor_parallel_size": decode_tp})
+    reference = LLM(tiny_model, num_kv_blocks=256, enable_prefix_caching=False)
+    first = prompts_of([120], seed=21)[0]
+    second = first + prompts_of([30], seed=22)[0]
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=120) as client:
+        a = client.generate(first, temperature=0, max_tokens=ANSWER, ignore_eos=True)
+        b = client.generate(second, temperature=0, max_tokens=ANSWER, ignore_eos=True)
+        assert a.timings["decode_replica"] != b.timings["decode_replica"]
+        assert b.timings["path"] == "disaggregated" and b.cached_tokens == 112  # the prefill side's 7 blocks
+        assert [a.token_ids, b.token_ids] == [o.token_ids for o in reference.generate([first, second], GREEDY)]
         assert not any(wait_idle(client).values())

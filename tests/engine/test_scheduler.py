@@ -340,22 +340,6 @@ def test_a_cached_prefix_is_not_computed_again() -> None:
     assert sched.prefix_cache_queries == 40 + 45 + 40 + 33 and sched.prefix_cache_hits == 3 * 32
 
 
-@pytest.mark.parametrize("decode_holds,computed", [(0, 40), (16, 24), (24, 24), (64, 8)])
-def test_the_prefill_side_of_a_pair_takes_from_its_cache_at_most_what_the_decode_side_holds(
-        decode_holds, computed) -> None:
-    # its KV goes to a decode replica as it is computed: what it skipped must already be there
-    sched, kv = make(), FakeKV()
-    a = distinct(list(range(40)), max_tokens=1)
-    sched.add(a)
-    cached_step(sched, kv)
-    b = distinct(list(range(40)), rid="b")
-    b.kv_target, b.max_cached_tokens = object(), decode_holds
-    sched.add(b)
-    assert scheduled(cached_step(sched, kv)) == {"b": computed}
-    assert b.num_cached_tokens == 40 - computed
-    assert sched.prefix_cache_queries == 40 + (40 if decode_holds else 0)
-
-
 def test_admission_counts_the_free_cached_blocks_it_takes() -> None:
     sched, kv = make(num_blocks=3), FakeKV()
     a = distinct(list(range(32)), max_tokens=1)

@@ -162,6 +162,36 @@ def test_only_rows_past_the_decode_cache_are_sent(pair) -> None:
     assert thread.bytes_received == (len(second) - 56) * layers * 2 * heads * dim * 4
 
 
+def test_rows_from_the_senders_cache_land_as_computed_ones_do(pair) -> None:
+    """The prefill side holds a prompt's first blocks, the decode side nothing: those rows are sent from the
+    prefill side's cache in the step of its first chunk, and the transfer lands whole."""
+    decode, receiver, thread, jobs, results, _ = pair
+
+    def transfer(prompt, rid):
+        target = receiver.reserve(prompt, GREEDY, rid)
+        jobs.put([(prompt, GREEDY, target)])
+        done = []
+        while not done:
+            done = results.get(timeout=60)
+        receiver.commit(rid, done[0].first_token, done[0].logprobs)
+        outputs = {}
+        while decode.has_unfinished():
+            outputs.update((o.request_id, o.token_ids) for o in decode.step())
+        return target, outputs[rid]
+
+    first = prompts_of([45], seed=5)[0]
+    transfer(first, "one")
+    decode.block_manager.reset_prefix_cache()
+    received = thread.bytes_received
+    second = first + prompts_of([20], seed=6)[0]
+    target, got = transfer(second, "two")
+    assert target.num_cached_tokens == 0
+    decode.block_manager.reset_prefix_cache()
+    assert got == generate_on(decode, [second], GREEDY)[0]
+    layers, _, _, _, heads, dim = decode.runner.kv_cache.shape
+    assert thread.bytes_received - received == len(second) * layers * 2 * heads * dim * 4
+
+
 def test_default_model_over_the_collective() -> None:
     """SmolLM2 at TP 1 on both sides, chunked prefill (16-token chunks) on the sending side."""
     pair = start_pair("default")

@@ -167,23 +167,25 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
     return layers * 2 * heads * dim * engine.runner.kv_cache.element_size()
 
 
-@pytest.mark.parametrize("prefill_forgets", [False, True])
-def test_the_next_turn_sends_only_what_the_decode_cache_lacks(tiny_checkpoints, pool_name, prefill_forgets) -> None:
-    """Turn 2 resends turn 1's prompt and answer: the decode replica shares the blocks it holds of them
-    (its block size 8, the prefill side's 16), the prefill side computes what follows from its own cache
-    at most that far, and only the rows past the decode side's cache are sent; the answer equals one
-    engine's with the cache off. prefill_forgets: the prefill side holds less than the decode side."""
+@pytest.mark.parametrize("forgets", [None, "prefill", "decode"])
+def test_the_next_turn_sends_only_what_the_decode_cache_lacks(tiny_checkpoints, pool_name, forgets) -> None:
+    """Turn 2 resends turn 1's prompt and answer. The decode replica shares the blocks it holds of them
+    (its block size 8, the prefill side's 16); the prefill side computes past what its own cache holds and
+    sends what the decode side lacks: the rows it computed, and the rows its cache gave it (from its cache,
+    in the step of its first chunk). The answer equals one engine's with the cache off. forgets: that
+    side's cache is emptied between the turns."""
     model = str(tiny_checkpoints["llama"])
     sender, receiver, prefill, decode = make_pair(model, pool_name, max_num_batched_tokens=32)
     first = prompts_of([45], seed=5)[0]
     [answer] = run_disaggregated(sender, receiver, [first], GREEDY)
     second = first + answer + prompts_of([11], seed=6)[0]  # 80 tokens
-    if prefill_forgets:
-        prefill.block_manager.reset_prefix_cache()
+    if forgets is not None:
+        (prefill if forgets == "prefill" else decode).block_manager.reset_prefix_cache()
     sent = sender.saver.bytes_sent
     target = receiver.reserve(second, GREEDY, "turn2")
     # decode holds prompt + answer but the last answer token's KV (never computed): 68 of them, 8 blocks of 8
-    assert target.num_cached_tokens == 64 and target.block_ids[:5] == tuple(decode.requests["turn2"].block_table[:5])
+    held = 0 if forgets == "decode" else 64
+    assert target.num_cached_tokens == held and target.block_ids[:5] == tuple(decode.requests["turn2"].block_table[:5])
     sender.add(second, GREEDY, target)
     while sender.engine.has_unfinished():
         for done in sender.step():
@@ -193,11 +195,37 @@ def test_the_next_turn_sends_only_what_the_decode_cache_lacks(tiny_checkpoints, 
         outputs.update((o.request_id, o.token_ids) for o in decode.step())
     want = LLM(model, num_kv_blocks=64, enable_prefix_caching=False).generate([second], GREEDY)[0].token_ids
     assert outputs["turn2"] == want
-    assert sender.saver.bytes_sent - sent == (len(second) - 64) * kv_bytes_per_token(prefill)
-    # the prefill side took what it had (its turn-1 prompt: two blocks of 16) unless it forgot it
-    assert prefill.scheduler.prefix_cache_hits == (0 if prefill_forgets else 32)
+    assert sender.saver.bytes_sent - sent == (len(second) - held) * kv_bytes_per_token(prefill)
+    # the prefill side took what it had: its turn-1 prompt, two blocks of 16
+    assert prefill.scheduler.prefix_cache_hits == (0 if forgets == "prefill" else 32)
     assert not receiver.reservations and decode.block_manager.num_free_blocks == 64
     assert prefill.block_manager.num_free_blocks == 64
+
+
+def test_a_lease_holds_its_cached_blocks_while_others_evict_the_cache(tiny_checkpoints, pool_name) -> None:
+    """Between the reservation and the KV's landing, other requests need every free block of the decode
+    side: the cached blocks the lease shares are not among them, and the answer is still exact."""
+    model = str(tiny_checkpoints["llama"])
+    sender, receiver, prefill, decode = make_pair(model, pool_name)
+    first = prompts_of([45], seed=5)[0]
+    [answer] = run_disaggregated(sender, receiver, [first], GREEDY)
+    second = first + answer + prompts_of([11], seed=6)[0]
+    target = receiver.reserve(second, GREEDY, "turn2")
+    assert target.num_cached_tokens == 64
+    shared = decode.requests["turn2"].block_table[:8]
+    # 54 blocks are free: these take all of them, turn 1's cached blocks too
+    others = generate_on(decode, prompts_of([60] * 3, seed=7), SamplingParams(temperature=0, max_tokens=84,
+                                                                              ignore_eos=True))
+    assert len(others) == 3 and all(decode.block_manager.ref_counts[b] == 1 for b in shared)
+    sender.add(second, GREEDY, target)
+    while sender.engine.has_unfinished():
+        for done in sender.step():
+            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+    outputs = {}
+    while decode.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    want = LLM(model, num_kv_blocks=64, enable_prefix_caching=False).generate([second], GREEDY)[0].token_ids
+    assert outputs["turn2"] == want and decode.block_manager.num_free_blocks == 64
 
 
 def test_a_short_uncached_tail_is_prefilled_on_the_decode_side(tiny_checkpoints, pool_name) -> None:
