@@ -98,10 +98,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts with fewer tokens than this that the decode replica's prefix cache lacks are "
                         "prefilled there")
-    p.add_argument("--prefill-policy", help="how the router picks a prefill replica: least_tokens (default), "
-                   "prefix_aware (the fewest tokens left to compute, its cached prefix counted), round_robin")
-    p.add_argument("--decode-policy", help="how the router picks a decode replica: most_free_blocks (default), "
-                   "prefix_aware (the longest cached prefix unless it is busier), round_robin")
+    p.add_argument("--prefill-policy", help="how the router picks a prefill replica: prefix_aware (default: the "
+                   "fewest tokens left to compute, its cached prefix counted), least_tokens, round_robin")
+    p.add_argument("--decode-policy", help="how the router picks a decode replica: prefix_aware (default: the "
+                   "longest cached prefix unless it is busier), most_free_blocks, round_robin")
     p.add_argument("--api-key", action="append", help="require this API key on both front doors (repeatable; "
                    "$PDSERVE_API_KEY adds one)")
     p.add_argument("--api-keys-file", help="file of API keys, one per line")

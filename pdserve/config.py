@@ -56,8 +56,8 @@ class RouterConfig:
     max_ongoing_requests: int = 64  # requests placed on the pools at once; the rest wait in the queue
     max_queued_requests: int = 256  # past this, RESOURCE_EXHAUSTED
     local_prefill_threshold: int = 16  # prompts shorter than this many tokens prefill on the decode replica
-    prefill_policy: str = "least_tokens"
-    decode_policy: str = "most_free_blocks"
+    prefill_policy: str = "prefix_aware"  # or least_tokens, round_robin (router/placement.py)
+    decode_policy: str = "prefix_aware"  # or most_free_blocks, round_robin
     max_request_bytes: int = 1 << 20  # a request larger than this is refused with INVALID_ARGUMENT
     max_logprobs: int = 20
     max_stop_strings: int = 16

@@ -91,13 +91,19 @@ def most_free_blocks(live: list[Replica], prompt: Prompt) -> list[Replica]:
 
 def longest_prefix(live: list[Replica], prompt: Prompt) -> list[Replica]:
     """Decode replicas that are not much busier than the least loaded one (PREFIX_LOAD_SLACK) by how
-    much of the prompt's prefix their cache holds, most first (then the less loaded); the busier ones
-    after them, least loaded first: load wins over a match, so one hot prefix cannot pile every
-    request onto one replica."""
+    much of the prompt's prefix their cache holds, most first, where that is at least half the prompt
+    (a shorter match, such as a system prompt alone, counts as none); then the less loaded, then the one
+    with more free blocks. The busier ones come after them, least loaded first: load wins over a match,
+    so one hot prefix cannot pile every request onto one replica."""
     least = min(r.in_flight for r in live)
     near = least + max(PREFIX_LOAD_SLACK, least // 2)
-    return sorted(live, key=lambda r: (0, -prompt.cached_tokens(r.cache, r.block_size), r.in_flight)
-                  if r.in_flight <= near else (1, r.in_flight, 0))
+
+    def key(r: Replica) -> tuple[int, int, int, int]:
+        if r.in_flight > near:
+            return 1, r.in_flight, 0, -r.free_blocks
+        cached = prompt.cached_tokens(r.cache, r.block_size)
+        return 0, -cached if 2 * cached >= len(prompt.ids) else 0, r.in_flight, -r.free_blocks
+    return sorted(live, key=key)
 
 
 PREFILL_POLICIES: dict[str, Callable[[], PrefillPolicy]] = {

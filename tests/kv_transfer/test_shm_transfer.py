@@ -167,6 +167,18 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
     return layers * 2 * heads * dim * engine.runner.kv_cache.element_size()
 
 
+def send_and_decode(sender: KVSender, receiver: KVReceiver, prompt, target) -> dict[str, list[int]]:
+    """Prefill the prompt into its reservation, commit it, and decode everything on the decode side."""
+    sender.add(prompt, GREEDY, target)
+    while sender.engine.has_unfinished():
+        for done in sender.step():
+            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+    outputs = {}
+    while receiver.engine.has_unfinished():
+        outputs.update((o.request_id, o.token_ids) for o in receiver.engine.step())
+    return outputs
+
+
 @pytest.mark.parametrize("forgets", [None, "prefill", "decode"])
 def test_the_next_turn_sends_only_what_the_decode_cache_lacks(tiny_checkpoints, pool_name, forgets) -> None:
     """Turn 2 resends turn 1's prompt and answer. The decode replica shares the blocks it holds of them
@@ -186,13 +198,7 @@ def test_the_next_turn_sends_only_what_the_decode_cache_lacks(tiny_checkpoints, 
     # decode holds prompt + answer but the last answer token's KV (never computed): 68 of them, 8 blocks of 8
     held = 0 if forgets == "decode" else 64
     assert target.num_cached_tokens == held and target.block_ids[:5] == tuple(decode.requests["turn2"].block_table[:5])
-    sender.add(second, GREEDY, target)
-    while sender.engine.has_unfinished():
-        for done in sender.step():
-            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
-    outputs = {}
-    while decode.has_unfinished():
-        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    outputs = send_and_decode(sender, receiver, second, target)
     want = LLM(model, num_kv_blocks=64, enable_prefix_caching=False).generate([second], GREEDY)[0].token_ids
     assert outputs["turn2"] == want
     assert sender.saver.bytes_sent - sent == (len(second) - held) * kv_bytes_per_token(prefill)
@@ -217,13 +223,7 @@ def test_a_lease_holds_its_cached_blocks_while_others_evict_the_cache(tiny_check
     others = generate_on(decode, prompts_of([60] * 3, seed=7), SamplingParams(temperature=0, max_tokens=84,
                                                                               ignore_eos=True))
     assert len(others) == 3 and all(decode.block_manager.ref_counts[b] == 1 for b in shared)
-    sender.add(second, GREEDY, target)
-    while sender.engine.has_unfinished():
-        for done in sender.step():
-            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
-    outputs = {}
-    while decode.has_unfinished():
-        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    outputs = send_and_decode(sender, receiver, second, target)
     want = LLM(model, num_kv_blocks=64, enable_prefix_caching=False).generate([second], GREEDY)[0].token_ids
     assert outputs["turn2"] == want and decode.block_manager.num_free_blocks == 64
 

@@ -92,13 +92,17 @@ def test_prefix_aware_prefers_the_cached_prefix_until_load_outweighs_it() -> Non
     decode = [Replica("decode", i, None, in_flight=n, cache=holding(k)) for i, (n, k) in enumerate(
         ((3, 1), (6, 5), (2, 0)))]
     place = Placement([], decode, "least_tokens", "prefix_aware")
-    assert [r.index for r in place.decode_order(P)] == [1, 0, 2]  # within 4 requests of the least loaded
+    # replica 1 holds 80 of the 100 tokens and is within 4 requests of the least loaded; replica 0's 16
+    # are less than half the prompt: no match, so the less loaded replica 2 goes first
+    assert [r.index for r in place.decode_order(P)] == [1, 2, 0]
     decode[1].in_flight = 7  # 5 more than replica 2: load wins over its match
-    assert [r.index for r in place.decode_order(P)] == [0, 2, 1]
+    assert [r.index for r in place.decode_order(P)] == [2, 0, 1]
     for r in decode:
         r.in_flight += 20  # the slack grows with the load: half the least loaded's requests
-    assert [r.index for r in place.decode_order(P)] == [1, 0, 2]
+    assert [r.index for r in place.decode_order(P)] == [1, 2, 0]
     assert [r.index for r in place.decode_order(Prompt(list(range(200, 300))))] == [2, 0, 1]  # no match: least loaded
+    decode[0].in_flight, decode[0].free_blocks, decode[2].free_blocks = 22, 50, 40  # equal load: more free blocks
+    assert [r.index for r in place.decode_order(Prompt(list(range(200, 300))))] == [0, 2, 1]
 
 
 def test_prefix_aware_prefill_counts_the_tokens_left_to_compute() -> None:
