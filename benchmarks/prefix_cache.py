@@ -45,10 +45,16 @@ COMMON = ["--prefill-num-threads", "1", "--decode-num-threads", "1", "--prefill-
           "--decode-max-num-seqs", "64"]
 
 
-def kv_bytes_sent(address: str) -> int:
-    """KV bytes the prefill replicas have written into decode pools so far."""
+def counters(address: str) -> dict[str, int]:
+    """The cluster's totals so far: KV bytes the prefill replicas wrote into decode pools, and per pool the
+    prompt tokens looked up in the prefix caches and found there."""
     with Client(address, timeout=30) as client:
-        return sum(r.kv_bytes_sent for p in client.status().pools if p.role == "prefill" for r in p.replicas)
+        pools = client.status().pools
+    out = {"kv_bytes_sent": sum(r.kv_bytes_sent for p in pools if p.role == "prefill" for r in p.replicas)}
+    for p in pools:
+        out[f"{p.role}_queries"] = sum(r.prefix_cache_queries for r in p.replicas)
+        out[f"{p.role}_hits"] = sum(r.prefix_cache_hits for r in p.replicas)
+    return out
 
 
 def run_one(address: str, workload: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -61,10 +67,15 @@ def run_one(address: str, workload: str, args: argparse.Namespace) -> dict[str, 
         warmup = make_requests(Workload("uniform"), 2, args.seed + 1, VOCAB, 8192)  # nothing shared with the run
     warm = run_benchmark(address, warmup, None, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=600)
     assert warm["failed"] == 0, warm["errors"]
-    middle = kv_bytes_sent(address)
+    before = counters(address)
     run = run_benchmark(address, requests, args.rate, ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo,
                         timeout=600, progress=True)
-    run["kv_bytes_per_request"] = (kv_bytes_sent(address) - middle) / max(1, run["num_requests"])
+    after = counters(address)
+    run["kv_bytes_per_request"] = (after["kv_bytes_sent"] - before["kv_bytes_sent"]) / max(1, run["num_requests"])
+    for pool in ("prefill", "decode"):  # the share of the prompt tokens each pool looked up that its caches held
+        queries = after.get(f"{pool}_queries", 0) - before.get(f"{pool}_queries", 0)
+        hits = after.get(f"{pool}_hits", 0) - before.get(f"{pool}_hits", 0)
+        run[f"{pool}_hit_ratio"] = hits / queries if queries else None
     run["goodput_rps"] = run["request_throughput"] * (run["slo"]["both"] or 0.0)
     return run
 
@@ -72,21 +83,26 @@ def run_one(address: str, workload: str, args: argparse.Namespace) -> dict[str, 
 def row(workload: str, layout: str, setting: str, run: dict[str, Any]) -> list[str]:
     def ms(d: dict[str, Any], q: str) -> str:
         return f"{d[q]:.0f}" if d.get(q) is not None else "-"
-    hit = run["prefix_cache_hit_ratio"]
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
     return [workload, layout, LABELS[setting], f"{run['completed']}/{run['num_requests']}", ms(run["ttft_ms"], "p50"),
             ms(run["ttft_ms"], "p99"), ms(run["tpot_ms"], "p50"), ms(run["tpot_ms"], "p99"),
-            "-" if hit is None else f"{hit:.0%}", f"{run['kv_bytes_per_request'] / 2**20:.2f}",
-            f"{run['goodput_rps']:.2f}"]
+            pct(run["prefix_cache_hit_ratio"]), pct(run.get("decode_hit_ratio")),
+            f"{run['kv_bytes_per_request'] / 2**20:.2f}", f"{run['goodput_rps']:.2f}"]
 
 
+# cached: prompt tokens not computed (usage.cached_tokens); decode held: of the prompt tokens decode replicas
+# looked up (a lease, or a prefill of their own), those their caches held: KV that did not move
 HEAD = ["workload", "layout", "setting", "ok", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
-        "cached", "KV MiB/req", "goodput req/s"]
+        "cached", "decode held", "KV MiB/req", "goodput req/s"]
 
 
 def markdown(rows: list[list[str]], machine: dict[str, Any], cpu: str, args: argparse.Namespace) -> str:
     lines = [f"Host: {cpu}; matmul peak {machine['matmul_peak_gflops']:.0f} GFLOP/s, memory read "
              f"{machine['mem_read_bw_gbs']:.1f} GB/s (measured in this run). Rate {args.rate} "
-             f"(multiturn: conversations/s), SLOs TTFT {args.ttft_slo:g} s, TPOT {args.tpot_slo:g} s.", "",
+             f"(multiturn: conversations/s), SLOs TTFT {args.ttft_slo:g} s, TPOT {args.tpot_slo:g} s. cached: prompt "
+             "tokens not computed (usage.cached_tokens); decode held: prompt tokens the decode replicas' caches "
+             "held (KV that did not move).", "",
              "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -99,9 +115,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     groups = sorted({(r["workload"], r["layout"]) for r in results})
     settings = list(SETTINGS)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (key, title, scale) in zip(axes, (("ttft_p50", "TTFT p50 (ms)", 1), ("kv", "KV MiB per request", 2**20),
-                                               ("hit", "prompt tokens cached (%)", 0.01))):
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
+    panels = (("ttft_p50", "TTFT p50 (ms)", 1), ("kv", "KV MiB moved per request", 2**20),
+              ("hit", "prompt tokens not computed (%)", 0.01), ("held", "held by the decode replica (%)", 0.01))
+    for ax, (key, title, scale) in zip(axes, panels):
         width = 0.8 / len(settings)
         for i, setting in enumerate(settings):
             values = []
@@ -109,7 +126,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 r = next((x for x in results if (x["workload"], x["layout"]) == g and x["setting"] == setting), None)
                 run = r["run"] if r else None
                 v = None if run is None else {"ttft_p50": run["ttft_ms"]["p50"], "kv": run["kv_bytes_per_request"],
-                                              "hit": run["prefix_cache_hit_ratio"] or 0.0}[key]
+                                              "hit": run["prefix_cache_hit_ratio"] or 0.0,
+                                              "held": run.get("decode_hit_ratio") or 0.0}[key]
                 values.append(0 if v is None else v / scale)
             ax.bar([j + i * width for j in range(len(groups))], values, width, label=LABELS[setting])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{w}\n{lay}" for w, lay in groups])

@@ -39,6 +39,24 @@ def test_chat_equals_the_grpc_sdk_and_the_offline_engine(api) -> None:
     assert got.object == "chat.completion" and got.id.startswith("chatcmpl-")
 
 
+def test_a_resent_conversation_reports_its_cached_prompt_tokens(api) -> None:
+    """The second turn resends the first with its answer: usage.prompt_tokens_details.cached_tokens says how
+    much of it came from a prefix cache (a fresh prompt: none), and the gRPC SDK says the same."""
+    cluster, _, client = api
+    system = {"role": "system", "content": "You answer questions about rivers. " * 40}
+    first = [system, {"role": "user", "content": "Which river is the longest?"}]
+    one = client.chat.completions.create(model="default", messages=first, temperature=0, max_tokens=16)
+    assert one.usage.prompt_tokens_details.cached_tokens == 0
+    second = [*first, {"role": "assistant", "content": one.choices[0].message.content},
+              {"role": "user", "content": "And the widest?"}]
+    two = client.chat.completions.create(model="default", messages=second, temperature=0, max_tokens=16)
+    cached = two.usage.prompt_tokens_details.cached_tokens
+    assert one.usage.prompt_tokens // 16 * 16 - 16 <= cached < two.usage.prompt_tokens
+    with Client(cluster.address, timeout=60) as sdk:
+        again = sdk.chat(second, temperature=0, max_tokens=16)
+    assert again.text == two.choices[0].message.content and again.cached_tokens >= cached
+
+
 def test_completions_stream_and_not_agree_and_take_every_prompt_form(api) -> None:
     _, base, client = api
     whole = client.completions.create(model="default", prompt="The capital of France is", temperature=0,
