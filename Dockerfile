@@ -24,6 +24,7 @@ COPY --chown=ray:users router/ router/
 COPY --chown=ray:users engine/ engine/
 COPY --chown=ray:users replica/ replica/
 COPY --chown=ray:users detok/ detok/
+COPY --chown=ray:users blockkeys/ blockkeys/
 COPY --chown=ray:users benchmarks/ benchmarks/
 COPY --chown=ray:users kv_transfer/ kv_transfer/
 COPY --chown=ray:users prefill_worker/ prefill_worker/

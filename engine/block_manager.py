@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
-from engine.block_hash import ROOT, BlockHash, hash_block
+from blockkeys import ROOT, BlockHash, hash_block
 from engine.sequence import Sequence
 
 __all__ = ["ROOT", "BlockHash", "BlockManager", "hash_block"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.block_hash import BlockHash, prompt_block_hashes
+from blockkeys import BlockHash, prompt_block_hashes
 
 
 @dataclass

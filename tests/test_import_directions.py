@@ -15,7 +15,7 @@ from tests.import_rules import ANY, STDLIB, Import, Rule, check, cycles, read_im
 ROOT = Path(__file__).resolve().parent.parent
 # the project's packages (tests/ is not read); a missing one (detok/ today) is skipped
 PACKAGES = ("engine", "kv_transfer", "replica", "prefill_worker", "decode_worker", "router", "pdserve", "protos",
-            "benchmarks", "detok")
+            "benchmarks", "detok", "blockkeys")
 RUNTIME = tuple(f"{p}/" for p in PACKAGES if p != "benchmarks")  # what a deployment runs
 
 # rule name -> the direction it forbids. Importers are files ("replica/contract.py") or folders
@@ -29,7 +29,7 @@ RULES: dict[str, Rule] = {
     # the router must import without torch: protos, the replica contract, detok and torch-free libraries
     "router torch-free": Rule(
         ("router/",), ("torch", "engine", "kv_transfer", "prefill_worker", "decode_worker", "benchmarks", "replica"),
-        allowed=("replica.contract", "engine.block_hash")),
+        allowed=("replica.contract",)),
     # kv_transfer moves KV under the roles: engine's KV types and the contract's Reservation and
     # errors, never the roles, the actor shell or the serving face
     "kv_transfer below the roles": Rule(
@@ -44,8 +44,8 @@ RULES: dict[str, Rule] = {
     "protos import nothing of ours": Rule(("protos/",), PACKAGES, allowed=("protos",)),
     # the router<->replica contract is unpickled in the router's process: none of ours, no torch
     "replica contract stands alone": Rule(("replica/contract.py",), (*PACKAGES, "torch")),
-    # the prefix cache's block keys, which the router computes as the engine does: the standard library only
-    "block keys stand alone": Rule(("engine/block_hash.py",), (ANY,), allowed=(STDLIB,)),
+    # the prefix cache's block keys, which the router computes as the engine does: a leaf, the standard library only
+    "blockkeys stands alone": Rule(("blockkeys/",), (ANY,), allowed=(STDLIB,)),
     # the router's detokenizer, a leaf for the same reason: none of ours, no torch
     "detok stands alone": Rule(("detok/",), (*PACKAGES, "torch"), allowed=("detok",)),
     # benchmarks measure the runtime; nothing a deployment runs may depend on them
@@ -98,7 +98,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "protos import nothing of ours": ("protos/v1/extra.py", "class Stub:\n    def f(self):\n"
                                                             "        return __import__('engine.config')\n"),
     "replica contract stands alone": ("replica/contract.py", "from . import ranks\n"),  # relative
-    "block keys stand alone": ("engine/block_hash.py", "def f():\n    from engine.sequence import Sequence\n"),
+    "blockkeys stands alone": ("blockkeys/__init__.py", "def f():\n    from engine.sequence import Sequence\n"),
     "detok stands alone": ("detok/stream.py", "from typing import TYPE_CHECKING\n"
                                               "if TYPE_CHECKING:\n    import torch\n"),  # types only still counts
     "nothing imports benchmarks": ("pdserve/cli.py", "def bench():\n    from benchmarks import serving\n"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_hash import prompt_block_hashes
+from blockkeys import prompt_block_hashes
 from router.cache_index import CacheIndex, Prompt
 from router.placement import DECODE_POLICIES, PREFILL_POLICIES, Placement, Replica
 

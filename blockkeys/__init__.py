@@ -1,4 +1,4 @@
-"""The prefix cache's block keys, in a module of their own with only the standard library: the
+"""The prefix cache's block keys, a leaf package with only the standard library (like detok): the
 engine files its full blocks under them, and the router (which has no torch and no engine)
 computes the same keys for a prompt to find the replica that holds its prefix."""
 from __future__ import annotations
