@@ -157,10 +157,13 @@ def test_default_model_runs_on_the_integers() -> None:
 def test_without_amx_the_panels_take_over(monkeypatch) -> None:
     from engine import LLM
 
+    if gemm._lib() is None:
+        pytest.skip("the fp32 panel kernel (engine/layers/gemm.py) did not build on this CPU: no panels to take over")
     monkeypatch.setattr(qgemm, "supported", lambda: False)
     llm = LLM("default")
-    layers = _layers(llm)
-    assert all(m.weight_amx is None and m.weight_panels is not None for m in layers if gemm.packable(m.panel_source()))
+    packable = [m for m in _layers(llm) if gemm.packable(m.panel_source())]
+    assert len(packable) == 30 * 4 + 1  # each layer's qkv, o, gate_up, down, and the tied lm head
+    assert all(m.weight_amx is None and m.weight_panels is not None for m in packable)
 
 
 @needs_amx
