@@ -47,9 +47,6 @@ class DecodeWorker(ReplicaShell):
             self.receiver = self.kv.bind(self.engine, lease_s)
             tp = self.engine.config.options.tensor_parallel_size
             self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
-            mc = self.engine.config.model_config
-            self.kv_bytes_per_token = (mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim
-                                       * self.engine.runner.kv_cache.element_size())
             return self.engine.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 
@@ -84,7 +81,7 @@ class DecodeWorker(ReplicaShell):
         if reservation is None:
             self._open.discard(request_id)
         elif not reservation.local:
-            self.kv_bytes_saved += reservation.num_cached_tokens * self.kv_bytes_per_token
+            self.kv_bytes_saved += int(reservation.num_cached_tokens * self.engine.runner.cost.kv_bytes_per_token)
         return reservation
 
     async def commit(self, request_id: str, first_token: int, logprobs: Logprobs | None) -> None:

@@ -28,10 +28,14 @@ class KVSaver(ABC):
     def bind_local(self, kv_cache: torch.Tensor) -> None:
         self.local_kv = kv_cache
 
-    def cached_rows(self, layer: int, kv: int, slots: torch.Tensor) -> torch.Tensor:
-        """K (kv 0) or V (1) of `layer` at these slots of this rank's cache: [len(slots), kv_heads, head_dim]."""
-        _, _, _, _, heads, dim = self.local_kv.shape
-        return self.local_kv[layer, kv].view(-1, heads, dim).index_select(0, slots)
+    def rows(self, layer: int, kv: int, x: torch.Tensor, rows: torch.Tensor | None,
+             cached: torch.Tensor | None) -> torch.Tensor:
+        """The rows to send of K (kv 0) or V (1) of `layer`: x, this step's [num_tokens, kv_heads, head_dim],
+        followed by this rank's cache at the `cached` slots (None: none), then `rows` of that (None: all)."""
+        if cached is not None:
+            _, _, _, _, heads, dim = self.local_kv.shape
+            x = torch.cat((x, self.local_kv[layer, kv].view(-1, heads, dim).index_select(0, cached)))
+        return x if rows is None else x.index_select(0, rows)
 
     @abstractmethod
     def begin_step(self, layout: StepLayout) -> None:

@@ -127,7 +127,9 @@ class LLMEngine:
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
         """Validate and queue one request; a bad one raises ValueError and changes nothing."""
-        seq = self._new_sequence(prompt, params, request_id)
+        return self._queue(self._new_sequence(prompt, params, request_id))
+
+    def _queue(self, seq: Sequence) -> Sequence:
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -148,9 +150,7 @@ class LLMEngine:
         prefix = bm.match_prefix(seq)
         cached = len(prefix) * bm.block_size
         if seq.num_prompt_tokens - cached < local_below:
-            self.requests[seq.request_id] = seq
-            self.scheduler.add(seq)
-            return seq
+            return self._queue(seq)
         if not bm.can_allocate(seq, seq.num_prompt_tokens, prefix):
             return None
         bm.allocate(seq, seq.num_prompt_tokens, prefix)

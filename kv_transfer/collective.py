@@ -146,12 +146,7 @@ class CollectiveKVSaver(KVSaver):
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for dst, name, rows, heads, cached in self._dsts:
-            k_rows, v_rows = k, v
-            if cached is not None:  # the prompt's blocks from this rank's prefix cache, after the batch
-                k_rows, v_rows = torch.cat((k, self.cached_rows(layer, 0, cached))), torch.cat((v, self.cached_rows(
-                    layer, 1, cached)))
-            if rows is not None:
-                k_rows, v_rows = k_rows.index_select(0, rows), v_rows.index_select(0, rows)
+            k_rows, v_rows = self.rows(layer, 0, k, rows, cached), self.rows(layer, 1, v, rows, cached)
             if heads is not None:
                 k_rows, v_rows = k_rows[:, heads], v_rows[:, heads]
             kv = torch.stack((k_rows, v_rows))  # [2, num_rows, heads, head_dim], contiguous

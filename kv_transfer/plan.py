@@ -18,8 +18,13 @@ class PoolPlan:
     cached: list[int] = field(default_factory=list)  # slots of the sender's cache whose KV is sent too
 
 
+def _slots(block_ids, block_size: int, start: int, end: int) -> list[int]:
+    """The cache slots of positions [start, end) of a sequence whose blocks are block_ids."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None],
-              local_block_size: int = 0) -> dict[str, PoolPlan]:
+              local_block_size: int) -> dict[str, PoolPlan]:
     """Group the step's rows by destination pool; block_size_of(pool) is None for an unknown pool.
     What the decode side holds of a prompt (its own cache's blocks, and what was sent before: seq.kv_sent,
     which this advances) is not sent; what the sender's prefix cache gave it and the decode side lacks is
@@ -37,16 +42,15 @@ def plan_step(layout: StepLayout, block_size_of: Callable[[str], int | None],
         held = max(target.num_cached_tokens, seq.kv_sent)  # the decode side has positions [0, held)
         plan = plans.setdefault(target.pool, PoolPlan())
         if first > held:  # [held, first) came from this side's prefix cache: send it from there
-            lbs = local_block_size
             plan.rows.extend(range(num_rows + len(plan.cached), num_rows + len(plan.cached) + first - held))
-            plan.cached.extend(seq.block_table[p // lbs] * lbs + p % lbs for p in range(held, first))
-            plan.slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(held, first))
+            plan.cached.extend(_slots(seq.block_table, local_block_size, held, first))
+            plan.slots.extend(_slots(target.block_ids, bs, held, first))
             plan.segments.extend((target.transfer_id, held, first - held))
             held = first
         skip = min(n, held - first)  # positions computed again that the decode side has
         if n > skip:
             plan.rows.extend(range(start + skip, start + n))
-            plan.slots.extend(target.block_ids[p // bs] * bs + p % bs for p in range(first + skip, first + n))
+            plan.slots.extend(_slots(target.block_ids, bs, first + skip, first + n))
             plan.segments.extend((target.transfer_id, first + skip, n - skip))
         seq.kv_sent = max(held, first + n)
     return {name: p for name, p in plans.items() if p.rows}

@@ -134,9 +134,7 @@ class ShmKVSaver(KVSaver):
         for pool, rows, slots, src_heads, dst_heads, cached in self._sends:
             heads, dim = pool.shape[4:]
             for kv, src in ((0, k), (1, v)):
-                if cached is not None:
-                    src = torch.cat((src, self.cached_rows(layer, kv, cached)))
-                src = src if rows is None else src.index_select(0, rows)
+                src = self.rows(layer, kv, src, rows, cached)
                 if src_heads.stop - src_heads.start != src.shape[1]:
                     src = src[:, src_heads]
                 dst = pool[layer, kv].view(-1, heads, dim)
