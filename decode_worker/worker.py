@@ -46,7 +46,7 @@ class DecodeWorker(ReplicaShell):
                 rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.receiver = self.kv.bind(self.engine, lease_s)
             tp = self.engine.config.options.tensor_parallel_size
-            self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
+            self.peaks = self.measure_peaks(self.engine.runner, tp, peaks)
             return self.engine.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 

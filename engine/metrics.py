@@ -99,17 +99,31 @@ def _cumulative(counts: list[int]) -> list[int]:
     return out  # the last entry is the +Inf bucket (count of all)
 
 
-def measure_peaks(device: str = "cpu") -> dict[str, float]:
-    """This process's fp32 matmul FLOP/s and memory copy bytes/s (read + write) with its current
-    torch threads (engine.peaks, sized for a replica's start-up): the denominators of MFU and MBU
-    when none are configured. The copy over 64 MiB is what MBU has always been measured against,
-    kept so dashboards read as before; on a host whose last-level cache holds 64 MiB it reads above
-    DRAM (benchmarks report DRAM read bandwidth beside it, `mem_read_bw_gbs`)."""
+def measure_peaks(device: str = "cpu", tiles: bool = False, read_bytes: int = 0) -> dict[str, float]:
+    """The denominators of MFU and MBU when none are configured, measured in this process with its
+    current torch threads (engine.peaks, sized for a replica's start-up), for the path its steps take:
+
+    peak_flops      the fp32 matmul peak; where the weights run on the AMX tile unit (tiles=True,
+                    layers/qgemm.py), the unit's bf16 matmul peak over 3, since each fp32-exact
+                    product is three bf16 passes: the most useful FLOP/s that path can reach
+                    (SmolLM2 prefill read MFU 1.44 against the fp32 peak)
+    peak_bandwidth  bytes/s read by a matrix-vector product over a buffer the size of the weights one
+                    step reads (read_bytes, at least 64 MiB): the steps' own access and working set,
+                    so weights that sit in the last-level cache are measured against that cache
+                    (SmolLM2's decode read MBU 1.07 against a 64 MiB copy)
+
+    A step can still read a little above the probe (its KV adds bytes, the host's load drifts between
+    start-up and the step): MBU and MFU are reported as measured, not clipped."""
+    import torch
+
     from engine import peaks
 
-    measured = peaks.measure(peaks.replica_size(device), device)
-    return {"peak_flops": float(round(measured["matmul_peak_gflops"] * 1e9)),
-            "peak_bandwidth": float(round(2 * measured["mem_copy_read_gbs"] * 1e9))}
+    measured = peaks.measure(peaks.replica_size(device, read_bytes), device)
+    flops = measured["matmul_peak_gflops"]
+    if tiles:
+        n, reps = peaks.replica_size(device).matmuls[0]
+        flops = max(flops, peaks.matmul_gflops(n, reps, device, torch.bfloat16) / 3)
+    return {"peak_flops": float(round(flops * 1e9)), "peak_bandwidth": float(round(measured["mem_read_bw_gbs"] * 1e9))}
 
 
 def engine_stats(engine, metrics: StepMetrics, peaks: dict[str, float]) -> dict:

@@ -1,6 +1,10 @@
 """Small C kernels for the CPU, compiled with the system C compiler on first use and cached by
 source hash (in $PDSERVE_CACHE, default ~/.cache/pdserve); None where no compiler is found or
-the build fails, so every caller keeps a torch path."""
+the build fails, so every caller keeps a torch path.
+
+PDSERVE_PORTABLE_C=1 builds every kernel with AVX-512 off (-mno-avx512f): each kernel's portable
+branch, the code a CPU without AVX-512 runs, built and tested on any host (tests/engine/test_portable_c.py).
+AMX needs AVX-512 too, so the tile paths (qgemm, the C decoder stack) report themselves unsupported."""
 from __future__ import annotations
 
 import ctypes
@@ -27,12 +31,20 @@ def load(source: Path, flags: list[str], functions: dict[str, tuple[list, type |
 # stay compile flags only. A kernel that wants denormals flushed sets it around its own work.
 _FAST_MATH = {"-ffast-math", "-Ofast", "-funsafe-math-optimizations"}
 _RECIPE = b"compile, then link without fast-math"  # in the cache tag: libraries built otherwise are not reused
+PORTABLE_ENV = "PDSERVE_PORTABLE_C"
+
+
+def portable() -> bool:
+    """Whether this process builds the kernels' portable branches only (PDSERVE_PORTABLE_C)."""
+    return os.environ.get(PORTABLE_ENV, "0") not in ("", "0")
 
 
 def build(source: Path, flags: list[str]) -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None
+    if portable():
+        flags = [*flags, "-mno-avx512f"]  # after -march=native, so it wins
     src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # its headers too
     tag = hashlib.sha256(src + " ".join(flags).encode() + _RECIPE).hexdigest()[:16]
     cache_dir = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))

@@ -45,11 +45,14 @@ QUICK = ProbeSize(matmuls=((2048, 4), (3072, 2)), read_bytes=1 << 30, read_reps=
 DRIFT = ProbeSize(matmuls=((2048, 4),), read_bytes=256 << 20, read_reps=4, read_ways=("matvec",))
 
 
-def replica_size(device: str = "cpu") -> ProbeSize:
-    """A probe for a replica's start-up, where every second counts (~0.1 s on a CPU): one matmul
-    size and a copy of 64 MiB, the MFU/MBU denominators' measurement since the metrics began."""
+def replica_size(device: str = "cpu", read_bytes: int = 64 << 20) -> ProbeSize:
+    """A probe for a replica's start-up, where every second counts (~0.1-0.3 s on a CPU): one matmul
+    size, and a matrix-vector product (a batch-1 decode step's access) over read_bytes, which the
+    replica sets to the weights one step of its rank reads: so the bandwidth comes from the same
+    level of the memory hierarchy the steps read from (a 300 MiB last-level cache holds a small
+    model's weights; a 64 MiB buffer would fit it whatever the model)."""
     n = 4096 if device.startswith("cuda") else 1024  # a GPU needs a larger matmul to reach its peak
-    return ProbeSize(matmuls=((n, 5),), read_bytes=64 << 20, read_reps=5, read_ways=("copy",))
+    return ProbeSize(matmuls=((n, 5),), read_bytes=max(read_bytes, 64 << 20), read_reps=5, read_ways=("matvec",))
 
 
 def best_seconds(fn: Callable[[], Any], reps: int, device: str = "cpu") -> float:
@@ -66,9 +69,9 @@ def best_seconds(fn: Callable[[], Any], reps: int, device: str = "cpu") -> float
     return best
 
 
-def matmul_gflops(n: int, reps: int, device: str = "cpu") -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+def matmul_gflops(n: int, reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / best_seconds(lambda: torch.mm(a, b, out=c), reps, device) / 1e9
 
 

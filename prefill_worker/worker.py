@@ -40,7 +40,7 @@ class PrefillWorker(ReplicaShell):
                                                rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.sender = self.kv.bind(self.engine)
             tp = self.engine.config.options.tensor_parallel_size
-            self.peaks = self.measure_peaks(self.engine.runner.device.type, tp, peaks)
+            self.peaks = self.measure_peaks(self.engine.runner, tp, peaks)
             return self.sender.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 

@@ -37,11 +37,16 @@ class ReplicaShell:
     _cache_epoch = 0  # prefix-cache reports made (cache_report)
 
     @staticmethod
-    def measure_peaks(device: str, tensor_parallel_size: int, given: dict[str, float] | None) -> dict[str, float]:
-        """The replica's peak_flops and peak_bandwidth: given, or this rank's measured times the ranks."""
+    def measure_peaks(runner, tensor_parallel_size: int, given: dict[str, float] | None) -> dict[str, float]:
+        """The replica's peak_flops and peak_bandwidth: given, or this rank's measured (for the path
+        its steps take and the weights they read) times the ranks."""
+        if given:
+            return given
         from engine.metrics import measure_peaks
 
-        return given or {k: v * tensor_parallel_size for k, v in measure_peaks(device).items()}
+        measured = measure_peaks(runner.device.type, tiles=runner.uses_tiles,
+                                 read_bytes=int(runner.cost.weight_bytes / tensor_parallel_size))
+        return {k: v * tensor_parallel_size for k, v in measured.items()}
 
     async def info(self) -> dict[str, Any]:
         """What the cluster's start-up needs to know of the replica (and a sign that it is built)."""

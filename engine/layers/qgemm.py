@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from engine import native
 from engine.native import load
 
 _SOURCE = Path(__file__).parent / "csrc" / "qgemm.c"
@@ -81,6 +82,8 @@ def unsupported() -> str | None:
         return None
     if _no_amx():
         return f"{NO_AMX_ENV} is set"
+    if native.portable():
+        return f"{native.PORTABLE_ENV} is set (AVX-512 off, so no AMX either)"
     if load(_SOURCE, _FLAGS, {}) is None:
         return "the AMX kernel did not build (no C compiler, or it failed)"
     return "no AMX-BF16 on this CPU (or the kernel refused the tile state)"

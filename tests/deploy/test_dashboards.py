@@ -1,10 +1,11 @@
 """Observability against the real thing: a real Prometheus (Debian's package, started here on
 127.0.0.1) scrapes a running cluster under load through the shipped scrape configuration, and
-every query of every Grafana panel returns data."""
+every query of every Grafana panel returns data that moves with the load and stays in its range."""
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -98,12 +99,12 @@ def prometheus(tmp_path, monkeypatch):
 @needs_prometheus
 def test_every_panel_query_returns_data_from_a_loaded_cluster(ray_local, tiny_checkpoints, prometheus) -> None:
     config = small_cluster(str(tiny_checkpoints["llama"]), local_prefill_threshold=8)
-    prompts = prompts_of([3, 20, 60, 150] * 4, seed=5)  # both prefill paths
+    prompts = prompts_of([3, 20, 60, 150] * 4, seed=5)  # both prefill paths; 200 tokens each: gauges see it
 
     async def load(address):
         async with AsyncClient(address, timeout=120) as client:
             for _ in range(3):
-                await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=24, ignore_eos=True)
+                await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=200, ignore_eos=True)
                                        for p in prompts))
                 await asyncio.sleep(1.5)
 
@@ -114,15 +115,46 @@ def test_every_panel_query_returns_data_from_a_loaded_cluster(ray_local, tiny_ch
                       for t in _get(prometheus, "/api/v1/targets")["data"]["activeTargets"]):
             assert time.monotonic() < deadline, "Prometheus never scraped the cluster"
             time.sleep(0.5)
+        start = time.time()
         asyncio.run(load(cluster.address))
         time.sleep(3)  # a few more scrapes after the load
-        empty = []
+        end = time.time()
+        empty, wrong = [], []
         for board, panel, expr in panel_queries():
             answer = _get(prometheus, "/api/v1/query", query=expr)
             assert answer["status"] == "success", (board, panel, expr, answer)
             if not answer["data"]["result"]:
                 empty.append(f"{board} / {panel}: {expr}")
+            # every value the panel would have drawn over the load, each series, one a second
+            series = _get(prometheus, "/api/v1/query_range", query=expr, start=start, end=end, step=1)
+            values = [float(v) for r in series["data"]["result"] for _, v in r["values"]]
+            if why := wrong_values(panel, expr, values):
+                wrong.append(f"{board} / {panel}: {expr}: {why}")
         assert not empty, "panels with no data:\n" + "\n".join(empty)
+        assert not wrong, "panels whose values do not follow the load:\n" + "\n".join(wrong)
         # and the figures mean something: both pools did work that Prometheus saw
         tokens = _get(prometheus, "/api/v1/query", query="pdserve_tokens_processed_total")["data"]["result"]
         assert {r["metric"]["pool"] for r in tokens if float(r["value"][1]) > 0} == {"prefill", "decode"}
+
+
+# What a fault-free load below the admission limit leaves at zero: the panels of faults and overload.
+MAY_STAY_ZERO = ("preemptions", "failures", "leases_expired", "requests_queued", "admission_refusals",
+                 "waiting_prefill_tokens", "saved_bytes", "prefix_cache_hits")
+FRACTIONS = ("pdserve_mfu", "pdserve_mbu", "busy_fraction", "kv_blocks_used", "prefix_cache_hits", "slo_met")
+
+
+def wrong_values(panel: str, expr: str, values: list[float]) -> str | None:
+    """Why a panel's values over a load are wrong (None: they are right). A ratio of rates or a
+    quantile is NaN while nothing happens (0/0): that is a gap in the graph; some value must be finite."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return f"no finite value in {len(values)}"
+    if any(v < 0 for v in finite):
+        return f"negative: {min(finite)}"
+    if any(f in expr for f in FRACTIONS) and max(finite) > 1:
+        return f"a fraction above 1: {max(finite)}"
+    if "histogram_quantile" in expr and not all(v > 0 for v in finite):
+        return "a quantile of 0"
+    if not any(z in expr for z in MAY_STAY_ZERO) and max(finite) == 0:
+        return "never above 0 under load"
+    return None

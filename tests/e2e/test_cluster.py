@@ -219,3 +219,62 @@ def test_cli_chat_streams_a_conversation(default_cluster) -> None:
     assert chat.returncode == 0, chat.stderr
     replies = [line for line in chat.stdout.split("you> ") if "assistant> " in line]
     assert len(replies) == 2 and "Paris" in replies[0]  # two turns; the second sees the first as history
+
+
+def test_stop_token_ids_and_top_k_through_both_prefill_paths_match_offline(default_cluster, offline) -> None:
+    # each case its own prompt (a new first word), so no cached prefix moves a long one to the local path
+    doc = " ".join(QUESTIONS * 6)
+    prompts = {(path, case): offline.tokenizer.encode(f"{case}: " + ("Once upon a time" if path == "local" else doc))
+               for path in ("local", "disaggregated") for case in ("Stop", "First", "Greedy", "Sample")}
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = dict(zip(prompts, offline.generate(list(prompts.values()), greedy)))
+    with Client(default_cluster.address, timeout=120) as client:
+        for (path, case), ids in prompts.items():
+            if case in ("Stop", "First"):
+                # the 4th token, or the first: the one the prefill side samples on the disaggregated path
+                stop_at = 3 if case == "Stop" else 0
+                params = dict(temperature=0, max_tokens=12, stop_token_ids=[want[path, case].token_ids[stop_at]])
+            elif case == "Greedy":  # top_k=1 is greedy whatever the temperature
+                params = dict(temperature=1.5, top_k=1, seed=3, max_tokens=12, ignore_eos=True)
+            else:  # top_k=5, seeded: the offline engine's draw
+                params = dict(temperature=1.0, top_k=5, seed=7, max_tokens=12, ignore_eos=True)
+            (ref,) = offline.generate([ids], SamplingParams(**params)) if case != "Greedy" else (want[path, case],)
+            got = client.generate(ids, **params)
+            assert got.token_ids == ref.token_ids, (path, case)
+            assert got.timings["path"] == path, case
+            if case in ("Stop", "First"):
+                assert got.finish_reason == ref.finish_reason == "stop" and len(got.token_ids) <= stop_at + 1
+
+
+def test_utilization_figures_stay_in_their_ranges_under_load(default_cluster) -> None:
+    # MFU against the peak of the unit the weights run on, MBU against the bandwidth of the level the
+    # weights are read from (engine.metrics.measure_peaks): in [0, 1], and moving while busy
+    import threading
+
+    samples: list[tuple[str, float, float, float]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with Client(default_cluster.address) as client:
+            while not done.is_set():
+                for pool in client.status().pools:
+                    samples.extend((pool.role, r.mfu, r.mbu, r.busy_fraction) for r in pool.replicas)
+                done.wait(0.2)
+
+    async def load():
+        async with AsyncClient(default_cluster.address, timeout=300) as client:
+            doc = " ".join(QUESTIONS * 8)
+            return await asyncio.gather(*(client.generate(f"{i}. {doc}", temperature=0, max_tokens=48,
+                                                          ignore_eos=True) for i in range(8)))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        asyncio.run(load())
+    finally:
+        done.set()
+        poller.join()
+    for role in ("prefill", "decode"):
+        mine = [s[1:] for s in samples if s[0] == role]
+        assert all(0 <= mfu <= 1 and 0 <= mbu <= 1 and 0 <= busy <= 1 for mfu, mbu, busy in mine), (role, mine)
+        assert max(m[0] for m in mine) > 0 and max(m[1] for m in mine) > 0 and max(m[2] for m in mine) > 0.1, role

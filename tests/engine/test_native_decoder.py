@@ -77,3 +77,22 @@ def test_the_python_forward_runs_where_a_part_is_not_in_c(tiny_checkpoints, tmp_
     write_tiny_gguf(path, "llama", quant=gguf.GGMLQuantizationType.Q8_0)
     torch_attn = LLM(str(path), num_threads=2, attention_backend="torch", load_tokenizer=False)
     assert torch_attn.engine.runner.native_unsupported == "not the paged CPU attention"
+
+
+@pytest.mark.parametrize("arch,why", [("mixtral", "MoE"), ("qwen3_moe", "MoE"), ("qwen3", "q/k norm")])
+def test_the_model_reasons_need_no_amx(tiny_checkpoints, arch: str, why: str) -> None:
+    # checked before the tile unit is asked for: the same answer on every host
+    llm = LLM(str(tiny_checkpoints[arch]), num_threads=2, num_kv_blocks=16)
+    assert llm.engine.runner.native_unsupported == why
+    assert llm.engine.runner.model.model.native is None
+
+
+def test_a_quantized_llama_runs_in_c_exactly_where_the_tile_unit_does(tmp_path: Path) -> None:
+    # on an AMX host both are None; elsewhere the engine gives the tile unit's own reason (no AMX,
+    # PDSERVE_NO_AMX, PDSERVE_PORTABLE_C), not "a C kernel did not build"
+    path = tmp_path / "q.gguf"
+    write_tiny_gguf(path, "llama", quant=gguf.GGMLQuantizationType.Q8_0)
+    llm = LLM(str(path), num_threads=2, num_kv_blocks=16, load_tokenizer=False)
+    assert llm.engine.runner.native_unsupported == qgemm.unsupported()
+    off = LLM(str(path), num_threads=2, num_kv_blocks=16, load_tokenizer=False, native_decoder=False)
+    assert off.engine.runner.native_unsupported == "native_decoder=False"

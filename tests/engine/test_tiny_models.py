@@ -84,3 +84,28 @@ def test_step_cost_counts_the_flat_batch(tiny_checkpoints) -> None:
     assert bytes_read == c.weight_bytes + 4 * c.kv_bytes_per_token
     engine.step()  # one decode token over a context of 5
     assert engine.runner.step_cost[0] == 1 and engine.runner.step_cost[2] == c.weight_bytes + 5 * c.kv_bytes_per_token
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_cost_is_the_checkpoints_parameter_count(tiny_checkpoints, arch: str) -> None:
+    """ModelCost's formulas against what transformers builds from the same checkpoint, counted
+    tensor by tensor: 2 FLOPs a multiplied weight (an expert's weights a token's top-k share of them),
+    4 bytes a stored weight, K and V of every layer a token (from the engine's cache shape)."""
+    from engine import LLMEngine
+    from tests.engine.tiny_models import _load
+
+    hf = _load(tiny_checkpoints[arch])
+    cfg = hf.config
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    share = cfg.num_experts_per_tok / experts if experts else 1.0
+    matrices = {n: p for n, p in hf.named_parameters() if p.dim() >= 2}  # norms and biases are not counted
+    multiplied = sum(p.numel() * (share if ".experts." in n else 1.0) for n, p in matrices.items()
+                     if ".layers." in n)
+    engine = LLMEngine.from_model(str(tiny_checkpoints[arch]), num_kv_blocks=8, weight_panels=False)
+    c = engine.runner.cost
+    assert c.matmul_flops_per_token == pytest.approx(2 * multiplied)
+    assert c.lm_head_flops == 2 * hf.lm_head.weight.numel()
+    assert c.weight_bytes == 4 * sum(p.numel() for p in matrices.values())  # named_parameters counts a tied one once
+    cache = engine.runner.kv_cache
+    assert c.kv_bytes_per_token == cache.numel() * cache.element_size() / (8 * engine.runner.block_size)
+    assert c.attention_flops_per_context == 4 * cfg.num_hidden_layers * hf.model.layers[0].self_attn.q_proj.out_features
