@@ -218,3 +218,38 @@ def test_a_dead_tensor_parallel_rank_gets_its_replica_replaced(ray_local, tiny_m
         assert [(r.healthy, r.restarts, r.tensor_parallel_size) for r in decode] == [(True, 1, 2)]
         (new_rank1,) = ray.get(cluster.decode[0].rank_actors.remote())
         assert new_rank1._actor_id != rank1._actor_id
+
+
+def test_a_reservation_whose_kv_never_comes_is_freed_at_its_lease_end(ray_local, tiny_model) -> None:
+    """A decode reservation no sender writes to (one that vanished without a word): its blocks are
+    freed at the lease's end plus the grace period, counted, and the replica goes on serving exactly."""
+    import re
+
+    import ray
+
+    config = small_cluster(tiny_model, local_prefill_threshold=1).replace(kv_lease_s=1.0)
+    prompt = prompts_of([40], seed=9)[0]
+    want = LLM(tiny_model, num_kv_blocks=64).generate([prompt], GREEDY)[0].token_ids
+
+    def decode_blocks(client: Client) -> int:
+        return client.status().pools[1].replicas[0].kv_blocks_used
+
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=60) as client:
+        reservation = ray.get(cluster.decode[0].reserve.remote(prompt, {"temperature": 0, "max_tokens": 4}, "orphan"))
+        reserved_at = time.monotonic()
+        assert reservation is not None and not reservation.local and reservation.block_ids
+        deadline = reserved_at + 20
+        while decode_blocks(client) == 0:  # the router's stats poll sees the blocks held
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        while decode_blocks(client) > 0:
+            assert time.monotonic() < deadline, "the orphan reservation was never freed"
+            time.sleep(0.1)
+        held = time.monotonic() - reserved_at
+        assert held >= 1.0 + 5.0 - 0.5, held  # not before the lease (1 s) plus the grace (5 s)
+        metrics = httpx.get(f"http://127.0.0.1:{cluster.server.metrics_port}/metrics", timeout=10).text
+        assert re.search(r'pdserve_kv_leases_expired_total\{[^}]*pool="decode",replica="0"\} 1\.0', metrics), \
+            [line for line in metrics.splitlines() if "leases_expired" in line]
+        got = client.generate(prompt, temperature=0, max_tokens=48, ignore_eos=True)
+        assert got.token_ids == want and got.timings["path"] == "disaggregated"
+        assert not any(wait_idle(client).values())

@@ -53,6 +53,20 @@ def pools(client: Client) -> dict:
     return {f"{p.role}/{r.index}": r for p in client.status().pools for r in p.replicas}
 
 
+def healthy(client: Client, role: str) -> list[str]:
+    return [name for name, r in pools(client).items() if r.healthy and name.startswith(role)]
+
+
+def blocks_held(client: Client, timeout_s: float = 5.0) -> dict[str, int]:
+    """The KV blocks the live replicas hold, once they are back to 0 (or the timeout says they are not)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = {name: r.kv_blocks_used for name, r in pools(client).items() if r.healthy and r.kv_blocks_used}
+        if not held or time.monotonic() > deadline:
+            return held
+        time.sleep(0.1)
+
+
 def kill_during_prefill(cluster, role: str) -> threading.Thread:
     """Kill the replica of `role` that is busy with the long prompt, while it is being prefilled."""
     def run():
@@ -72,16 +86,21 @@ def kill_during_prefill(cluster, role: str) -> threading.Thread:
     return t
 
 
+# The tests kill replicas one by one and each counts from what is alive when it starts, so any one of
+# them also runs alone (-k); each needs one more replica of the pool it kills than it leaves.
+
+
 def test_a_prefill_replica_dying_mid_prefill_is_replaced(cluster, want) -> None:
     with Client(cluster.address, timeout=120) as client:
+        before = healthy(client, "prefill")
+        assert len(before) >= 2
         killer = kill_during_prefill(cluster, "prefill")
         out = client.generate(LONG, **PARAMS)
         killer.join()
         assert out.token_ids == want and out.timings["path"] == "disaggregated"
-        status = pools(client)
-        survivor = out.timings["prefill_replica"]
-        assert status[survivor].healthy and sum(not status[f"prefill/{i}"].healthy for i in (0, 1)) == 1
-        assert not any(r.kv_blocks_used for r in status.values() if r.healthy)
+        after = healthy(client, "prefill")
+        assert out.timings["prefill_replica"] in after and len(after) == len(before) - 1
+        assert not blocks_held(client)
 
 
 def test_a_decode_replica_dying_mid_transfer_moves_the_request(cluster, offline) -> None:
@@ -89,15 +108,15 @@ def test_a_decode_replica_dying_mid_transfer_moves_the_request(cluster, offline)
     prompt = "Another telling. " + LONG
     want_out = offline.generate(prompt, SamplingParams(**PARAMS))[0]
     with Client(cluster.address, timeout=120) as client:
+        decode, prefill = healthy(client, "decode"), healthy(client, "prefill")
+        assert len(decode) >= 2 and prefill
         killer = kill_during_prefill(cluster, "decode")
         out = client.generate(prompt, request_id="moved", **PARAMS)
         killer.join()
         assert out.token_ids == want_out.token_ids and out.prompt_tokens == len(want_out.prompt_token_ids)
-        time.sleep(0.5)  # the prefill replica finishes the step it was in
-        status = pools(client)
-        assert sum(r.healthy for name, r in status.items() if name.startswith("decode")) == 2
-        assert sum(r.healthy for name, r in status.items() if name.startswith("prefill")) == 1  # still serving
-        assert not any(r.kv_blocks_used for r in status.values() if r.healthy)
+        assert not blocks_held(client)  # the prefill replica finished the step it was in, and freed
+        assert len(healthy(client, "decode")) == len(decode) - 1
+        assert healthy(client, "prefill") == prefill  # the sender to the dead one still serves
         # the dead replicas' prefix caches left the router's index; the live ones' are there
         replicas = cluster.server.router.placement.replicas
         assert all(not r.cache.keys for r in replicas if not r.healthy)
@@ -106,13 +125,18 @@ def test_a_decode_replica_dying_mid_transfer_moves_the_request(cluster, offline)
 
 def test_with_no_prefill_replica_left_the_decode_replica_prefills(cluster, want) -> None:
     with Client(cluster.address, timeout=120) as client:
-        killer = kill_during_prefill(cluster, "prefill")  # the last one
+        for name in healthy(client, "prefill")[1:]:  # all but one (none when the tests above ran)
+            ray.kill(cluster.prefill[int(name.split("/")[1])])
+        deadline = time.monotonic() + 10
+        while len(healthy(client, "prefill")) > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        killer = kill_during_prefill(cluster, "prefill")  # the last one, mid-prefill
         out = client.generate(LONG, **PARAMS)
         killer.join()
         assert out.token_ids == want and out.timings["path"] == "local"
-        status = pools(client)
-        assert not any(r.healthy for name, r in status.items() if name.startswith("prefill"))
-        assert not any(r.kv_blocks_used for r in status.values() if r.healthy)
+        assert not healthy(client, "prefill")
+        assert not blocks_held(client)
         # and it keeps serving
         assert client.generate("The capital of France is", max_tokens=4, temperature=0).token_ids
 
@@ -123,6 +147,8 @@ def test_a_decode_replica_dying_mid_stream_continues_the_stream_exactly(cluster,
     prompt, params = "Write a long essay about the sea.", dict(temperature=0.8, seed=7, max_tokens=160, ignore_eos=True)
     want = offline.generate(prompt, SamplingParams(**params))[0]
     with Client(cluster.address, timeout=120) as client:
+        decode = healthy(client, "decode")
+        assert len(decode) >= 2
         stream = client.stream(prompt, request_id="streaming", **params)
         chunks = [next(stream)]
         running = [i for i in range(3) if pools(client)[f"decode/{i}"].healthy and pools(client)[f"decode/{i}"].running]
@@ -135,8 +161,8 @@ def test_a_decode_replica_dying_mid_stream_continues_the_stream_exactly(cluster,
         assert [t for c in chunks for t in c.token_ids] == want.token_ids
         assert "".join(c.text for c in chunks) == want.text and chunks[-1].finish_reason == "length"
         assert chunks[-1].usage.completion_tokens == 160 and max(gaps) < 10
-        assert sum(r.healthy for name, r in pools(client).items() if name.startswith("decode")) == 1
-        assert not any(r.kv_blocks_used for r in pools(client).values() if r.healthy)
+        assert len(healthy(client, "decode")) == len(decode) - 1
+        assert not blocks_held(client)
 
 
 def test_with_no_decode_replica_left_both_front_doors_say_unavailable(cluster) -> None:
@@ -145,7 +171,7 @@ def test_with_no_decode_replica_left_both_front_doors_say_unavailable(cluster) -
             if pools(client)[f"decode/{i}"].healthy:
                 ray.kill(replica)
         base = f"http://{cluster.http_address}"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 2  # within a stats poll or two (0.25 s each) of the deaths
         while httpx.get(f"{base}/health", timeout=10).status_code != 503:
             assert time.monotonic() < deadline, "/health still 200 with every decode replica dead"
             time.sleep(0.1)

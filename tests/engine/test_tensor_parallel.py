@@ -100,13 +100,15 @@ def test_a_rank_that_dies_mid_step_fails_the_replica_fast(ray_local, tiny_checkp
     llm = LLM(str(tiny_checkpoints["llama"]), num_kv_blocks=256, tensor_parallel_size=2, num_threads=1,
               rank_launcher=start_followers)
     follower = llm.engine.followers.actors[0]
-    killer = threading.Timer(1.0, lambda: ray.kill(follower))
+    killed_at: list[float] = []
+    killer = threading.Timer(1.0, lambda: (ray.kill(follower), killed_at.append(time.monotonic())))
     killer.start()
-    start = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match="lost a rank"):
             llm.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
-        assert time.monotonic() - start < 10
+        failed_after = time.monotonic() - killed_at[0]
+        print(f"the replica failed {failed_after:.2f} s after its rank was killed")
+        assert failed_after < 1.0  # the README's "within a second"
     finally:
         killer.cancel()
         llm.shutdown()
