@@ -12,7 +12,7 @@ connectors do during a prefill:
               itself. It is kept as it was so figures compare across rounds; a DRAM-sized bar is
               a follow-up
   ipc         ShmKVSaver into a decode pool in /dev/shm (index_copy into reserved slots)
-  collective  CollectiveKVSaver -> CollectiveKVReceiverThread over gloo on loopback, two processes
+  collective  CollectiveKVSaver -> CollectiveKVReceiver over gloo on loopback, two processes
 and `overlap_ttft_ratio`: time to first token of that prompt through prefill with the ipc
 saver attached, over the same prefill with no transfer (layer-wise streaming hides the copy
 behind the remaining layers' compute when the ratio is near 1)."""
@@ -64,14 +64,14 @@ def _gbs(num_bytes: int, seconds: float) -> float:
 
 
 def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, ready: mp.Queue, out: mp.Queue) -> None:
-    from kv_transfer.collective import CollectiveKVReceiverThread
+    from kv_transfer.collective import CollectiveKVReceiver
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", store=tcp_store("127.0.0.1", port, False, 2), rank=1,
                             world_size=2)
-    thread = CollectiveKVReceiverThread(torch.zeros(shape))
-    thread.start()
+    thread = CollectiveKVReceiver(torch.zeros(shape))
+    thread.add_group("prefill")  # the default group: this process and the sender
     ready.put(True)
     times = []
     for tid in range(1, REPS + 2):

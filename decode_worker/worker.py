@@ -18,7 +18,7 @@ from replica.contract import BadRequest, Logprobs, ReplicaDead, Reservation, Str
 
 
 class DecodeWorker(ReplicaShell):
-    """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_group),
+    """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_pair),
     then by the router (events, once; reserve, commit, add_local, abort per request); the _on_*
     methods run on the engine thread, the rest on the actor's event loop."""
 
@@ -26,8 +26,8 @@ class DecodeWorker(ReplicaShell):
                  peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
         kv_backend "ipc": each rank's slice of the KV pool in shared memory (or CUDA IPC) that prefill
-        replicas on this host write into; "collective": each rank receives its slice over the cluster's
-        KV group (join_kv_group)."""
+        replicas on this host write into; "collective": each rank receives its slice over a pair group
+        with each prefill replica (join_kv_pair)."""
         import functools
 
         from engine import LLMEngine
@@ -44,7 +44,7 @@ class DecodeWorker(ReplicaShell):
             self.engine = LLMEngine.from_model(
                 model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
                 rank_launcher=functools.partial(start_followers, role=self.kv.role))
-            self.receiver = self.kv.bind(self.engine, lease_s)
+            self.receiver = self.kv.bind(self.engine, lease_s, self.rank_actors())
             tp = self.engine.config.options.tensor_parallel_size
             self.peaks = self.measure_peaks(self.engine.runner, tp, peaks)
             return self.engine.step
@@ -60,13 +60,14 @@ class DecodeWorker(ReplicaShell):
     def start_kv_store(self) -> tuple[str, int]:
         return self.kv.start_store()
 
-    async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the KV group as ranks rank.. rank+TP-1 (returns once every member has); each rank
-        then receives its slice of the KV heads."""
-        from kv_transfer.ranks import join_group
+    async def join_kv_pair(self, host: str, port: int, prefill_uid: int, prefill_tp: int, prefix: str) -> None:
+        """Form the pair group with prefill replica `prefill_uid` (its TP prefill_tp), this replica's
+        ranks first (returns once every member has joined); each rank then receives its slice of the
+        KV heads from it."""
+        from kv_transfer.ranks import join_pair
 
-        await join_group(self.kv.local, self.rank_actors(), host, port, rank, world_size, prefix)
-        self.kv.joined(rank, self.rank_actors())
+        tp = self.engine.config.options.tensor_parallel_size
+        await join_pair(self.kv.local, self.rank_actors(), host, port, 0, tp + prefill_tp, prefix, str(prefill_uid))
 
     async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
                       local_below: int = 0) -> Reservation | None:

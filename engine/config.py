@@ -2,12 +2,15 @@
 against each other (EngineConfig). The options themselves are declared once, in engine/options.py."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine.options import DTYPES, EngineOptions
+
+logger = logging.getLogger(__name__)
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -46,6 +49,9 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # the attention window of the model's sliding-window layers (Mistral-7B-v0.1: 4096); None: every layer attends
+    # to the whole context. The engine has no sliding-window attention: EngineConfig caps max_model_len to it
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -89,7 +95,25 @@ class ModelConfig:
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=_sliding_window(hf),
         )
+
+
+def _sliding_window(hf: dict[str, Any]) -> int | None:
+    """The window of the layers that attend to only the last `sliding_window` tokens, read as transformers reads
+    it: `layer_types` where the config lists them; else Qwen2/Qwen3 have windows only with use_sliding_window,
+    on layers max_window_layers and up; Mistral and Mixtral wherever sliding_window is set."""
+    window = hf.get("sliding_window")
+    if not window:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"config.json: sliding_window={window!r} must be a positive integer or null")
+    if hf.get("layer_types") is not None:
+        return window if "sliding_attention" in hf["layer_types"] else None
+    if "use_sliding_window" in hf:  # (28: transformers' default max_window_layers)
+        windowed = hf["use_sliding_window"] and hf.get("max_window_layers", 28) < hf["num_hidden_layers"]
+        return window if windowed else None
+    return window
 
 
 def check_parallel(options: EngineOptions, cfg: ModelConfig) -> None:
@@ -123,6 +147,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_parallel(self.options, self.model_config)
         limit = self.model_config.max_position_embeddings
+        window = self.model_config.sliding_window
+        if window is not None and window < limit:
+            # attention is exact only while no query is `window` or more tokens past a key: within the window,
+            # full attention is sliding-window attention, past it the engine would attend where the model does not
+            if self.options.max_model_len > window:
+                raise ValueError(
+                    f"max_model_len={self.options.max_model_len} is past this model's sliding_window={window}: the "
+                    f"engine has no sliding-window attention, so a sequence may have at most {window} tokens (prompt "
+                    f"+ output); give max_model_len <= {window}, or leave it out")
+            if not self.options.max_model_len:
+                logger.warning("%s: max_model_len capped to the model's sliding_window=%d (of %d positions): the "
+                               "engine has no sliding-window attention", self.model, window, limit)
+            limit = window
         max_model_len = self.options.max_model_len or limit
         if not 0 < max_model_len <= limit:
             raise ValueError(f"max_model_len={max_model_len} must be in [1, {limit}] for this model")

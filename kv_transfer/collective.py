@@ -1,15 +1,20 @@
 """The `collective` backend: torch.distributed send/recv between prefill ranks and decode ranks
 over gloo (TCP, so it works across hosts; on CUDA each layer is staged through host memory:
-an NCCL data plane would skip that, but NCCL wants a GPU per rank to be tested). Every rank of
-every replica is a member of the cluster's KV group, so the two pools may run different TP
-degrees: each prefill rank sends each decode rank the KV heads both of them hold (re-sharding
-in flight), and a decode rank counts a transfer as landed once every prefill rank that owes it
+an NCCL data plane would skip that, but NCCL wants a GPU per rank to be tested). Each pair of a
+prefill replica and a decode replica forms a group of its own, its pair group: the decode
+replica's ranks first (0..TP_d-1), then the prefill replica's. So the two pools may run different
+TP degrees (each prefill rank sends each decode rank the KV heads both of them hold, re-sharding
+in flight), a replica that joins (a replacement, a scale-up) forms groups with the live replicas
+of the other pool while the rest go on, and one that dies breaks only its own pairs (a gloo group
+cannot take a new member; one group for the whole cluster would have to be formed again). A
+decode rank receives on each of its pair groups on a thread of its own, into one record of what
+has landed, and counts a transfer as landed once every rank of some sending replica that owes it
 heads has delivered.
 
-Wire protocol per step, prefill rank and decode rank, all on one (src, dst) pair, in order:
+Wire protocol per step, prefill rank and decode rank, all within their pair group, in order:
   header  int64 [6]              num_rows, num_segments, first and end head in the decode rank's
-                                 slice, source group (the sending replica's first KV rank), and
-                                 how many ranks of that group send this decode rank heads
+                                 slice, the sending replica's id (its kv_uid, the same on each of
+                                 its ranks), and how many of its ranks send this decode rank heads
   index   int64 [num_rows + 3 * num_segments]
           slots (decode-side cache slot of each row), then per segment of rows:
           transfer id, first position, number of rows
@@ -46,29 +51,16 @@ def _recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup) -> in
 
 def kv_group(store_host: str, store_port: int, rank: int, world_size: int, prefix: str,
              rendezvous_timeout_s: float = 600.0) -> dist.ProcessGroup:
-    """A gloo group of its own for KV transfer (every rank of every replica of a cluster), apart
-    from the default group a tensor-parallel replica uses; the store is a decode replica's TCPStore.
-    Its operations never time out: a gloo receive that times out closes the group's connections,
-    and a decode rank's receiver waits for as long as the cluster is idle (a dead peer fails a
-    send or receive at once)."""
+    """A gloo group of its own for KV transfer (the ranks of one prefill and one decode replica),
+    apart from the default group a tensor-parallel replica uses; the store is the decode replica's
+    TCPStore. Its operations never time out: a gloo receive that times out closes the group's
+    connections, and a decode rank's receiver waits for as long as the pair is idle (a dead peer
+    fails a send or receive at once)."""
     import datetime
 
     bind_gloo_to(store_host)
     store = tcp_store(store_host, store_port, is_master=False, timeout_s=rendezvous_timeout_s)
     return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, datetime.timedelta(days=3650))
-
-
-def join_kv_group(runner, host: str, port: int, rank: int, world_size: int, prefix: str
-                  ) -> CollectiveKVReceiverThread | None:
-    """Join the KV group as `rank` (blocks until every member has). A prefill rank (its runner has a
-    CollectiveKVSaver) sends from then on; a decode rank starts receiving into its KV slice."""
-    group = kv_group(host, port, rank, world_size, prefix)
-    if isinstance(runner.kv_saver, CollectiveKVSaver):
-        runner.kv_saver.join(group, rank)
-        return None
-    thread = CollectiveKVReceiverThread(runner.kv_cache, group)
-    thread.start()
-    return thread
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -78,24 +70,34 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
 class CollectiveKVSaver(KVSaver):
     """Worker half on prefill rank `rank` of a replica at TP `world_size`. Each step it sends every
     decode rank that holds some of its KV heads those heads' rows (a rank whose heads are
-    replicated on a lower rank sends nothing)."""
+    replicated on a lower rank sends nothing), over the pair group of that decode replica
+    (join_pair; without one, the default torch.distributed group as rank 0: tests)."""
 
-    def __init__(self, num_kv_heads: int, rank: int = 0, world_size: int = 1,
-                 group: dist.ProcessGroup | None = None, kv_rank: int = 0) -> None:
+    def __init__(self, num_kv_heads: int, rank: int = 0, world_size: int = 1) -> None:
         self.num_kv_heads, self.tp_rank, self.tp_size = num_kv_heads, rank, world_size
         self.heads = kv_head_range(num_kv_heads, rank, world_size)
         self.writes = rank % max(1, world_size // num_kv_heads) == 0
-        self.group, self.kv_rank = group, kv_rank  # group None: the default torch.distributed group (tests)
-        # pool name -> per decode rank: (its rank in the group, its heads [start, end), block size,
-        # how many ranks of this replica send it heads)
+        self.uid = 0  # the sending replica's id (join_pair), the same on each of its ranks
+        self.groups: dict[str, dist.ProcessGroup] = {}  # decode pool name -> its pair group
+        # pool name -> per decode rank: (its rank in the pair group, its heads [start, end), block
+        # size, how many ranks of this replica send it heads)
         self.peers: dict[str, list[tuple[int, tuple[int, int], int, int]]] = {}
         self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None, torch.Tensor | None]] = []
         self._inflight: list[tuple[dist.Work, torch.Tensor, str]] = []
         self._unreachable: dict[str, str] = {}  # pool name -> why (a send to one of its ranks failed)
         self.bytes_sent = 0
 
-    def join(self, group: dist.ProcessGroup, kv_rank: int) -> None:
-        self.group, self.kv_rank = group, kv_rank
+    def join_pair(self, pool_name: str, group: dist.ProcessGroup, uid: int) -> None:
+        """The pair group with decode replica `pool_name` is formed (attach its ranks next); uid: this
+        replica's id. Called between steps, before any prompt is bound there."""
+        self.groups[pool_name], self.uid = group, uid
+
+    def detach(self, pool_name: str) -> None:
+        """Forget a decode replica (it died or left): its ranks and its pair group. Called between
+        steps, once no prompt is bound there."""
+        self.peers.pop(pool_name, None)
+        self.groups.pop(pool_name, None)
+        self._unreachable.pop(pool_name, None)
 
     def attach(self, handle: PoolHandle) -> None:
         """Learn one decode rank of a decode replica (attaching it again is a no-op)."""
@@ -125,9 +127,10 @@ class CollectiveKVSaver(KVSaver):
         self._dsts = []
         if not self.writes:
             return
-        source_group = self.kv_rank - self.tp_rank
         for name, (rows, slots, segments, cached) in sends.items():
-            if name in self._unreachable:
+            # the pair group, taken once for the whole step (detach may drop it from another thread)
+            group = self.groups.get(name) or (None if self.groups else dist.group.WORLD)
+            if name in self._unreachable or group is None:
                 continue
             rows_t, index = (None if rows is None else torch.tensor(rows)), torch.tensor(slots + segments)
             cached_t = torch.tensor(cached) if cached else None
@@ -136,21 +139,21 @@ class CollectiveKVSaver(KVSaver):
                 if lo >= hi:
                     continue
                 self._send(torch.tensor([len(slots), len(segments) // 3, lo - heads[0], hi - heads[0],
-                                         source_group, senders]), dst, name)
-                self._send(index, dst, name)
+                                         self.uid, senders]), dst, name, group)
+                self._send(index, dst, name, group)
                 mine = None if (lo, hi) == self.heads else slice(lo - self.heads[0], hi - self.heads[0])
-                self._dsts.append((dst, name, rows_t, mine, cached_t))
+                self._dsts.append((dst, name, group, rows_t, mine, cached_t))
 
     def begin_step(self, layout: StepLayout) -> None:
         self.begin_planned(self.plan(layout))
 
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for dst, name, rows, heads, cached in self._dsts:
+        for dst, name, group, rows, heads, cached in self._dsts:
             k_rows, v_rows = self.rows(layer, 0, k, rows, cached), self.rows(layer, 1, v, rows, cached)
             if heads is not None:
                 k_rows, v_rows = k_rows[:, heads], v_rows[:, heads]
             kv = torch.stack((k_rows, v_rows))  # [2, num_rows, heads, head_dim], contiguous
-            self._send(kv.cpu(), dst, name)  # gloo sends host memory: a CUDA layer is staged through it
+            self._send(kv.cpu(), dst, name, group)  # gloo sends host memory: a CUDA layer is staged through it
             self.bytes_sent += kv.numel() * kv.element_size()
 
     def end_step(self) -> None:
@@ -165,83 +168,93 @@ class CollectiveKVSaver(KVSaver):
     def unreachable(self) -> dict[str, str]:
         return self._unreachable
 
-    def _send(self, tensor: torch.Tensor, dst: int, pool: str) -> None:
+    def _send(self, tensor: torch.Tensor, dst: int, pool: str, group: dist.ProcessGroup) -> None:
         """Send asynchronously; a peer that died makes its pool unreachable, not this replica fail."""
         if pool in self._unreachable:
             return
         try:  # keep the tensor alive until sent
-            self._inflight.append((_isend(tensor, dst, self.group or dist.group.WORLD), tensor, pool))
+            self._inflight.append((_isend(tensor, dst, group), tensor, pool))
         except RuntimeError as e:
             self._unreachable[pool] = str(e).splitlines()[0][:200]
 
 
 @dataclass
 class _Landed:
-    """What of one transfer has landed on a decode rank: per sending replica (source group), per
-    sending rank, per layer, positions [0, n)."""
-    groups: dict[int, tuple[int, dict[int, list[int]]]] = field(default_factory=dict)
+    """What of one transfer has landed on a decode rank: per sending replica (its id), per sending
+    rank, per layer, positions [0, n)."""
+    senders: dict[int, tuple[int, dict[int, list[int]]]] = field(default_factory=dict)
 
     def layer(self, layer: int) -> int:
         """Positions [0, n) in `layer` from every rank of some sending replica."""
-        return max((min(per_layer[layer] for per_layer in srcs.values())
-                    for senders, srcs in self.groups.values() if len(srcs) == senders), default=0)
+        return max((min(per_layer[layer] for per_layer in ranks.values())
+                    for owed, ranks in self.senders.values() if len(ranks) == owed), default=0)
 
 
-class CollectiveKVReceiverThread(threading.Thread):
-    """Worker half on a decode rank: receives steps from any prefill rank and writes them into its
-    KV slice; records per transfer how far the prompt has landed in every layer. A transfer is
-    known from its first rows; once forgotten (committed or aborted) its late rows are dropped."""
+class CollectiveKVReceiver:
+    """Worker half on a decode rank: receives steps from the prefill ranks of each of its pair
+    groups (a thread each, add_group) and writes them into its KV slice; records per transfer how
+    far the prompt has landed in every layer, whichever sender it came from (a prompt prefilled
+    again elsewhere lands from another replica). A transfer is known from its first rows; once
+    forgotten (committed or aborted) its late rows are dropped."""
 
-    def __init__(self, pool: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
-        super().__init__(daemon=True, name="kv-receiver")
+    def __init__(self, pool: torch.Tensor) -> None:
         self.pool = pool  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
-        self.group = group or dist.group.WORLD  # None: the default group, as it is now (tests)
         self.transfers: dict[int, _Landed] = {}
         self.forgotten: dict[int, float] = {}  # transfer id -> when
         self.cond = threading.Condition()
+        self.threads: dict[str, threading.Thread] = {}  # pair key -> its receiving thread
+        self.broken: dict[str, str] = {}  # pair key -> why its group failed (a member died)
         self._stopped = False
         self.num_errors = 0  # receives that failed (a sender died mid-step)
         self.bytes_received = 0
 
-    def run(self) -> None:
-        """Receive steps until the process ends. A sender that dies loses only what it had not
-        finished sending; the other senders go on."""
+    def add_group(self, key: str, group: dist.ProcessGroup | None = None) -> None:
+        """Receive from the prefill ranks of a pair group (None: the default group, as it is now:
+        tests) on a thread of its own, until the group fails."""
+        thread = threading.Thread(target=self._run, args=(key, group or dist.group.WORLD), daemon=True,
+                                  name=f"kv-receiver-{key}")
+        self.threads[key] = thread
+        thread.start()
+
+    def _run(self, key: str, group: dist.ProcessGroup) -> None:
+        """Receive steps until the group fails. A pair group fails for good when a member dies (its
+        prefill replica, or this replica, which then goes too): what the sender had not finished
+        sending of a step is dropped, and the thread ends."""
         layers, _, _, _, heads, dim = self.pool.shape
         flat = [(self.pool[layer, 0].view(-1, heads, dim), self.pool[layer, 1].view(-1, heads, dim))
                 for layer in range(layers)]
         header = torch.empty(HEADER, dtype=torch.int64)
-        failing = 0  # receives failed in a row
         while True:
             try:
-                src = _recv(header, None, self.group)  # from any prefill rank
-                self._receive_step(src, header.tolist(), flat)
-                failing = 0
-            except RuntimeError:  # the sender died mid-step: what it sent of the step is dropped
-                if self._stopped:
-                    return
-                self.num_errors += 1
-                failing += 1
-                time.sleep(min(1.0, 0.01 * 2 ** failing))  # a group that stays broken is not polled hot
+                src = _recv(header, None, group)  # from any prefill rank of the pair
+                self._receive_step(src, header.tolist(), flat, group)
+            except RuntimeError as e:
+                if not self._stopped:
+                    self.num_errors += 1
+                    self.broken[key] = str(e).splitlines()[0][:200] if str(e) else repr(e)
+                del self.threads[key]
+                return
 
     def stop(self) -> None:
-        """End the thread when its group is torn down (a receive pending until then stays so)."""
+        """The groups are about to be torn down: the failures that follow are not errors."""
         self._stopped = True
 
-    def _receive_step(self, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        num_rows, num_segments, lo, hi, source_group, senders = header
+    def _receive_step(self, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]],
+                      group: dist.ProcessGroup) -> None:
+        num_rows, num_segments, lo, hi, sender, senders = header
         heads, dim = self.pool.shape[4:]
         index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64)
-        _recv(index, src, self.group)
+        _recv(index, src, group)
         slots, segments = index[:num_rows].to(self.pool.device), index[num_rows:].view(-1, 3).tolist()
         buf = torch.empty(2, num_rows, hi - lo, dim, dtype=self.pool.dtype)  # host memory, for gloo
         for layer, (k_flat, v_flat) in enumerate(flat):
-            _recv(buf, src, self.group)
+            _recv(buf, src, group)
             rows = buf.to(self.pool.device)  # no copy on CPU
             if (lo, hi) != (0, heads):
                 k_flat, v_flat = k_flat[:, lo:hi], v_flat[:, lo:hi]
             # under the lock: once forget() returns, not one more row of that transfer is written
             with self.cond:
-                landed = [self._landed(tid, source_group, senders, src) for tid, _, _ in segments]
+                landed = [self._landed(tid, sender, senders, src) for tid, _, _ in segments]
                 if all(x is not None for x in landed):
                     k_flat.index_copy_(0, slots, rows[0])
                     v_flat.index_copy_(0, slots, rows[1])
@@ -254,15 +267,15 @@ class CollectiveKVReceiverThread(threading.Thread):
                     if per_layer is not None:
                         per_layer[layer] = max(per_layer[layer], first + n)
                 self.cond.notify_all()
-            self.bytes_received += buf.numel() * buf.element_size()
+                self.bytes_received += buf.numel() * buf.element_size()
 
-    def _landed(self, tid: int, source_group: int, senders: int, src: int) -> list[int] | None:
-        """The per-layer counts of (transfer, sending rank); None for a forgotten transfer."""
+    def _landed(self, tid: int, sender: int, senders: int, src: int) -> list[int] | None:
+        """The per-layer counts of (transfer, sending replica, its rank); None for a forgotten transfer."""
         if tid in self.forgotten:
             return None
         t = self.transfers.setdefault(tid, _Landed())
-        _, srcs = t.groups.setdefault(source_group, (senders, {}))
-        return srcs.setdefault(src, [0] * self.pool.shape[0])
+        _, ranks = t.senders.setdefault(sender, (senders, {}))
+        return ranks.setdefault(src, [0] * self.pool.shape[0])
 
     def expect(self, transfer_id: int) -> None:
         """Nothing to do: a transfer is known from its first rows."""

@@ -14,7 +14,7 @@ from typing import Any
 from engine.kv_connector import KVSaver
 from engine.model_runner import KVAllocator, ModelRunner
 from kv_transfer import BACKENDS
-from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver, join_kv_group
+from kv_transfer.collective import CollectiveKVReceiver, CollectiveKVSaver, kv_group
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.receiver import KVLanding, KVReceiver
 from kv_transfer.sender import KVSender
@@ -23,11 +23,11 @@ from kv_transfer.shm import ShmKVSaver, rank_pool_handles, rank_pool_name, share
 
 class RankKV:
     """One rank's KV endpoint (rank 0's or a follower's). Its operations are what a follower
-    runs when rank 0 asks: `attach`, `join_group`, `wait`, `forget`."""
+    runs when rank 0 asks: `attach`, `detach`, `join_pair`, `wait`, `forget`."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, receiver: CollectiveKVReceiver | None = None) -> None:
         self.runner = runner
-        self.receiver: CollectiveKVReceiverThread | None = None  # a decode rank on the collective backend
+        self.receiver = receiver  # a decode rank on the collective backend
 
     def attach(self, handles: list[dict[str, Any]]) -> None:
         """Prefill rank: reach decode pools (PoolHandle fields) with this rank's saver. Called
@@ -39,10 +39,15 @@ class RankKV:
         """Prefill rank: forget a decode pool whose replica was replaced (no prompt is bound there)."""
         self.runner.kv_saver.detach(pool_name)
 
-    def join_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the cluster's KV group as `rank`: a prefill rank sends its heads from then on, a
-        decode rank receives its slice of the KV heads."""
-        self.receiver = join_kv_group(self.runner, host, port, rank, world_size, prefix)
+    def join_pair(self, host: str, port: int, rank: int, world_size: int, prefix: str, key: str, uid: int) -> None:
+        """Join a pair group (collective backend) as `rank` (blocks until every member has): a prefill
+        rank sends there to decode pool `key` once its ranks are attached (uid: the sending replica's
+        id); a decode rank receives there from prefill replica `key` on a thread of its own."""
+        group = kv_group(host, port, rank, world_size, prefix)
+        if self.receiver is not None:
+            self.receiver.add_group(key, group)
+        else:
+            self.runner.kv_saver.join_pair(key, group, uid)
 
     def wait(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
         """Decode rank: True once positions [0, num_tokens) of the transfer are in every layer."""
@@ -93,13 +98,17 @@ class DecodeRole(RankRole):
     def kv_allocator(self, rank: int) -> KVAllocator | None:
         return shared_pool_allocator(rank_pool_name(self.pool, rank)) if self.backend == "ipc" else None
 
+    def endpoint(self, runner: ModelRunner) -> RankKV:
+        return RankKV(runner, CollectiveKVReceiver(runner.kv_cache) if self.backend == "collective" else None)
 
-async def join_group(local: RankKV, followers: list[Any], host: str, port: int, rank: int, world_size: int,
-                     prefix: str) -> None:
-    """Rank 0 and its followers (Ray actors) join the KV group as ranks rank.. rank+TP-1; returns
+
+async def join_pair(local: RankKV, followers: list[Any], host: str, port: int, rank: int, world_size: int,
+                    prefix: str, key: str, uid: int = 0) -> None:
+    """Rank 0 and its followers (Ray actors) join a pair group as ranks rank.. rank+TP-1; returns
     once every member has (the group forms only when all have joined)."""
-    joins = [a.kv.remote("join_group", host, port, rank + i, world_size, prefix) for i, a in enumerate(followers, 1)]
-    await asyncio.get_running_loop().run_in_executor(None, local.join_group, host, port, rank, world_size, prefix)
+    args = (world_size, prefix, key, uid)
+    joins = [a.kv.remote("join_pair", host, port, rank + i, *args) for i, a in enumerate(followers, 1)]
+    await asyncio.get_running_loop().run_in_executor(None, local.join_pair, host, port, rank, *args)
     await asyncio.gather(*joins)
 
 
@@ -108,7 +117,7 @@ class RanksLanding:
     its own heads, so a transfer has landed when it has on each of them (rank 0's receiver thread
     here, the followers' over Ray)."""
 
-    def __init__(self, local: CollectiveKVReceiverThread, followers: list[Any]) -> None:
+    def __init__(self, local: CollectiveKVReceiver, followers: list[Any]) -> None:
         self.local, self.followers = local, followers
         self._everywhere: set[int] = set()  # transfers seen landed on every rank
 
@@ -141,9 +150,12 @@ class PrefillKV:
     sender that runs its prompts and writes their KV into decode reservations."""
 
     def __init__(self, backend: str) -> None:
+        import secrets
+
         self.role = PrefillRole(backend)
         self.sender: KVSender | None = None
         self.local: RankKV | None = None
+        self.uid = secrets.randbits(62)  # the replica's id in its pair groups: a replacement has a new one
 
     def bind(self, engine) -> KVSender:
         """The engine is built (followers included): give rank 0 its saver and the sender."""
@@ -170,34 +182,35 @@ class DecodeKV:
         """Rank 0's KV allocator for the engine (None: the engine's own)."""
         return shared_pool_allocator(self.pool, self._rank0) if self.backend == "ipc" else None
 
-    def bind(self, engine, lease_s: float) -> KVReceiver:
+    def bind(self, engine, lease_s: float, followers: list[Any]) -> KVReceiver:
+        """The engine is built (followers: its rank actors). On the collective backend commits wait
+        for every rank's receiver, and each handle carries its rank in the replica's pair groups
+        (the decode ranks come first in each), so senders know where to send."""
         if self.backend == "collective":
             kv = engine.runner.kv_cache
             self._rank0.append(PoolHandle(self.pool, tuple(kv.shape), str(kv.dtype).removeprefix("torch.")))
         tp = engine.config.options.tensor_parallel_size
         self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
             self.pool, self._rank0[0], engine.config.model_config.num_key_value_heads, tp)]
-        self.receiver = KVReceiver(engine, self.pool, lease_s)
         self.local = self.role.endpoint(engine.runner)
+        landing: KVLanding | None = None
+        if self.backend == "collective":
+            landing = RanksLanding(self.local.receiver, followers) if followers else self.local.receiver
+            for i, h in enumerate(self.handles):
+                h["kv_rank"] = i
+        self.receiver = KVReceiver(engine, self.pool, lease_s, landing=landing)
         return self.receiver
 
     def start_store(self) -> tuple[str, int]:
-        """Host the rendezvous store of the cluster's KV group (collective backend) on this node."""
+        """Host the rendezvous store of this replica's pair groups (collective backend) on its node;
+        the one already started, when there is one."""
         import ray
 
         from engine.distributed import tcp_store
 
-        host = ray.util.get_node_ip_address()
-        self._store = tcp_store(host, 0, is_master=True)
-        return host, self._store.port
-
-    def joined(self, rank: int, followers: list[Any]) -> None:
-        """The replica is in the KV group as ranks rank..: commits wait for every rank's receiver,
-        and each handle carries its rank, so senders know where to send."""
-        landing: KVLanding = self.local.receiver if not followers else RanksLanding(self.local.receiver, followers)
-        self.receiver.landing = landing
-        for i, h in enumerate(self.handles):
-            h["kv_rank"] = rank + i
+        if self._store is None:
+            self._store = tcp_store(ray.util.get_node_ip_address(), 0, is_master=True)
+        return self._store.host, self._store.port
 
     def unlink(self) -> None:
         """At shutdown: drop the pool's names (the memory goes when the last mapping does)."""

@@ -142,7 +142,6 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     import ray
 
     from decode_worker import DecodeWorker
-    from kv_transfer.wiring import connect_pools
     from prefill_worker import PrefillWorker
     from router.placement import Replica
     from router.router import Router
@@ -178,8 +177,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         say("pools up (" + "; ".join(f"{role}: {info[0]['kernels']}" for role, info in
                                      (("prefill", p_info), ("decode", infos)) if info) + ")")
         say("connecting the prefill pool to the decode pool's KV")
-        d_info = connect_pools(prefill, decode, config.kv_backend, config.prefill.tensor_parallel_size,
-                               config.decode.tensor_parallel_size, f"{config.name}-{tag}/kv")
+        d_info = pools.link(prefill, decode)
         tok = ray.get((prefill or decode)[0].tokenizer_files.remote())
         name = "default" if config.model in (None, "default") else Path(config.model).name
         limits = Limits(vocab_size=d_info[0]["vocab_size"], max_model_len=d_info[0]["max_model_len"],
@@ -205,11 +203,10 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     if cluster.server.metrics_port:
         cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
         metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
-    if config.kv_backend == "ipc":
-        from pdserve.supervisor import Supervisor
+    from pdserve.supervisor import Supervisor
 
-        cluster.supervisor = Supervisor(cluster.server, pools, replace_dead=config.replace_dead_replicas).start()
-        cluster.server.router.scaler = cluster.supervisor.scale
+    cluster.supervisor = Supervisor(cluster.server, pools, replace_dead=config.replace_dead_replicas).start()
+    cluster.server.router.scaler = cluster.supervisor.scale
     say(f"serving {name!r} on {cluster.address}{' (TLS)' if r.tls else ''}{metrics}")
     if cluster.openai_base_url:
         say(f"OpenAI-compatible API on {cluster.openai_base_url}")
@@ -260,6 +257,16 @@ class Pools:
             args = (c.model, pool.engine_kwargs(), pool.peaks(), c.kv_backend)
         self.actors[role][index] = _actor(self.classes[role], pool, self.groups[role][index], *args)
         return self.actors[role][index]
+
+    def link(self, prefill: list[Any], decode: list[Any]) -> list[dict[str, Any]]:
+        """Connect these prefill replicas to these decode replicas' KV (kv_transfer.wiring.link: all of
+        them at start-up, a newcomer and the live replicas of the other pool later); returns the
+        decode replicas' info()."""
+        from kv_transfer.wiring import link
+
+        c = self.config
+        return link(prefill, decode, c.kv_backend, c.prefill.tensor_parallel_size, c.decode.tensor_parallel_size,
+                    f"{self.prefix}kv")
 
     def remove_last(self, role: str) -> None:
         """The pool's last replica has drained and stopped: drop its actor and placement group."""

@@ -11,7 +11,8 @@ uses Ray's blocking API and never blocks the router's loop).
   new placements; the requests on it get drain_timeout_s to finish, the rest move elsewhere once
   it stops), then it stops and its placement group goes.
 
-The ipc KV backend only: on `collective` a new member would need the KV group formed again."""
+Both KV backends: on `collective` a newcomer forms a pair group with each live replica of the other
+pool (kv_transfer.wiring.link)."""
 from __future__ import annotations
 
 import asyncio
@@ -125,15 +126,18 @@ class Supervisor:
         return actor, ray.get(actor.info.remote())
 
     def _wire(self, role: str, actor, info: dict[str, Any], dead_pool: str | None = None) -> None:
-        """A new decode replica's pool is mapped by every live prefill replica (which first drop the
-        dead predecessor's, if any); a new prefill replica maps every live decode pool."""
-        from kv_transfer.wiring import rewire_decode, wire_prefill
+        """A new decode replica is connected to every live prefill replica (which first drop the dead
+        predecessor's pool, if any); a new prefill replica to every live decode replica."""
+        from kv_transfer.wiring import drop_decode
 
         placement = self.server.router.placement
+        prefill = [r.actor for r in placement.prefill if r.healthy]
         if role == "decode":
-            rewire_decode([r.actor for r in placement.prefill if r.healthy], info, dead_pool)
+            if dead_pool is not None:
+                drop_decode(prefill, dead_pool)
+            self.pools.link(prefill, [actor])
         else:
-            wire_prefill(actor, [r.actor for r in placement.decode if r.healthy])
+            self.pools.link([actor], [r.actor for r in placement.decode if r.healthy])
 
     def _on_loop(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout=timeout)

@@ -17,14 +17,14 @@ from replica.contract import KVLost, LeaseEnded, PrefillResult, ReplicaDead, Res
 
 
 class PrefillWorker(ReplicaShell):
-    """Called at start-up by kv_transfer.wiring (info, join_kv_group, attach), then by the router
+    """Called at start-up by kv_transfer.wiring (info, join_kv_pair, attach), then by the router
     (prefill, abort); the _on_* and _expire methods run on the engine thread."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None,
                  kv_backend: str = "ipc") -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
-        kv_backend "ipc": write into decode pools mapped on this host; "collective": send over the
-        cluster's KV group (join_kv_group)."""
+        kv_backend "ipc": write into decode pools mapped on this host; "collective": send over a pair
+        group with each decode replica (join_kv_pair)."""
         import functools
 
         from engine import LLMEngine
@@ -44,12 +44,18 @@ class PrefillWorker(ReplicaShell):
             return self.sender.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 
-    async def join_kv_group(self, host: str, port: int, rank: int, world_size: int, prefix: str) -> None:
-        """Join the cluster's KV group as ranks rank.. rank+TP-1 (collective backend; returns once
-        every member has)."""
-        from kv_transfer.ranks import join_group
+    async def info(self) -> dict[str, Any]:
+        # kv_uid: this replica's id in its pair groups (collective backend)
+        return {**await super().info(), "kv_uid": self.kv.uid}
 
-        await join_group(self.kv.local, self.rank_actors(), host, port, rank, world_size, prefix)
+    async def join_kv_pair(self, host: str, port: int, pool: str, decode_tp: int, prefix: str) -> None:
+        """Form the pair group with decode replica `pool` (its TP decode_tp; its ranks come first),
+        between steps (returns once every member has joined); attach its ranks next."""
+        from kv_transfer.ranks import join_pair
+
+        tp = self.engine.config.options.tensor_parallel_size
+        await join_pair(self.kv.local, self.rank_actors(), host, port, decode_tp, decode_tp + tp, prefix, pool,
+                        self.kv.uid)
 
     async def attach(self, handles: list[dict[str, Any]]) -> None:
         """Reach the decode replicas' KV pools (PoolHandle fields, one per decode rank): map them
@@ -60,10 +66,8 @@ class PrefillWorker(ReplicaShell):
         await self._call(self.kv.local.attach, handles)
 
     async def detach(self, pool_name: str) -> None:
-        """Forget a decode replica's pool (it died and was replaced): the prompts bound there fail with
-        KVLost, then every rank unmaps it, between steps."""
-        if self.kv.role.backend != "ipc":
-            return  # a collective pool is a rank in the KV group, not a mapping
+        """Forget a decode replica's pool (it died, was replaced or left): the prompts bound there fail
+        with KVLost, then every rank unmaps it (ipc) or drops its pair group (collective), between steps."""
         await self._call(self._detach, pool_name)
         if self.engine.followers is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.followers.call, "kv", "detach",

@@ -36,6 +36,8 @@ class RouterMetrics:
         self.path = Counter("pdserve_prefill_path", "Where prompts were prefilled", ["model", "path"], registry=r)
         self.slo = Counter("pdserve_slo_met", "Finished requests within the TTFT target, the TPOT target, or both",
                            ["model", "slo"], registry=r)
+        for slo in ("ttft", "tpot", "both"):  # every series from the start, at 0, as the base's is
+            self.slo.labels(slo=slo, **m)
         self.finished = Counter("pdserve_requests_finished", "Requests that finished with tokens (the SLO base)",
                                 ["model"], registry=r).labels(**m)
         g = Gauge("pdserve_slo_target_seconds", "The configured SLO targets", ["model", "slo"], registry=r)

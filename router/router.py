@@ -215,7 +215,7 @@ class Router(pb_grpc.GenerationServicer):
         await self.owner(context)
         if self.scaler is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "this cluster cannot scale: pools are resized on the ipc KV backend only")
+                                "this cluster cannot scale: it was started without a supervisor")
         if request.pool not in ("prefill", "decode") or request.replicas > MAX_REPLICAS \
                 or request.pool == "decode" and request.replicas < 1 or request.drain_timeout_s < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"scale pool={request.pool!r} to "

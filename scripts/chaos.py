@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="default", help="'default' or a Hugging Face folder")
-    p.add_argument("--kv-backend", default="ipc", help="ipc (replicas are replaced on ipc only)")
+    p.add_argument("--kv-backend", default="ipc", help="ipc (default) or collective")
     p.add_argument("--drain-timeout", type=float, default=180.0, help="most seconds to wait for the last requests")
     p.add_argument("--recover-timeout", type=float, default=120.0, help="most seconds to wait for a pool's recovery")
     p.add_argument("--max-tokens", default="32-96", help="LO-HI: each variant's max_tokens (default 32-96); longer "

@@ -49,7 +49,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return out, residual
     if residual is not None:
         x = residual = x + residual
-    return F.rms_norm(x, weight.shape, weight, eps), residual
+    if x.dtype is torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps), residual
+    # half precision: normalize in fp32, round to x's dtype, then scale by the weight in that dtype, as
+    # transformers and vLLM do (F.rms_norm scales in fp32 and rounds once: a different bf16/fp16 result)
+    return F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype) * weight, residual
 
 
 def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor

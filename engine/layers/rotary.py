@@ -51,7 +51,10 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(head_dim, theta, scaling))
-        cos, sin = freqs.cos(), freqs.sin()  # [max_positions, head_dim / 2]
+        # computed in fp32, kept in the model's dtype (the default dtype while it is built): in bf16/fp16 the
+        # rotation then rounds as transformers' and vLLM's do (cos/sin cast to the activations' dtype first)
+        dtype = torch.get_default_dtype()
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)  # [max_positions, head_dim / 2]
         self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin): the sign is folded in here, once
         self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)

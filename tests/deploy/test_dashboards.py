@@ -99,14 +99,18 @@ def prometheus(tmp_path, monkeypatch):
 @needs_prometheus
 def test_every_panel_query_returns_data_from_a_loaded_cluster(ray_local, tiny_checkpoints, prometheus) -> None:
     config = small_cluster(str(tiny_checkpoints["llama"]), local_prefill_threshold=8)
-    prompts = prompts_of([3, 20, 60, 150] * 4, seed=5)  # both prefill paths; 200 tokens each: gauges see it
+    prompts = prompts_of([3, 20, 60, 150] * 4, seed=5)  # both prefill paths
 
-    async def load(address):
+    async def load(address, seconds: float = 8.0):
+        """8 clients, each sending its prompts back to back for `seconds`: the gauges stay up across
+        several of Prometheus's 1 s scrapes (a burst can fall between two)."""
+        end = time.monotonic() + seconds
         async with AsyncClient(address, timeout=120) as client:
-            for _ in range(3):
-                await asyncio.gather(*(client.generate(p, temperature=0, max_tokens=200, ignore_eos=True)
-                                       for p in prompts))
-                await asyncio.sleep(1.5)
+            async def user(mine: list) -> None:
+                while time.monotonic() < end:
+                    for p in mine:
+                        await client.generate(p, temperature=0, max_tokens=64, ignore_eos=True)
+            await asyncio.gather(*(user(prompts[i::8]) for i in range(8)))
 
     with start_cluster(config, progress=None) as cluster:
         target = f"127.0.0.1:{cluster.server.metrics_port}"

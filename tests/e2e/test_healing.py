@@ -100,3 +100,41 @@ def test_a_dead_prefill_replica_is_replaced(cluster, want) -> None:
     for pool in ("prefill", "decode"):
         assert any(line.startswith("pdserve_replica_restarts_total") and f'pool="{pool}"' in line
                    and line.endswith(" 1.0") for line in metrics.splitlines()), metrics
+
+
+def test_on_the_collective_backend_replicas_are_replaced_and_pools_resize(ray_local, tiny_model, want) -> None:
+    """The same supervision where KV moves over gloo: each (prefill, decode) pair of replicas has a group
+    of its own, so a replacement or a newcomer forms groups with the live replicas of the other pool."""
+    long = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
+    want_long = LLM(tiny_model, num_kv_blocks=128).generate([PROMPT], long)[0].token_ids
+    config = small_cluster(tiny_model, local_prefill_threshold=8).replace(kv_backend="collective")
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=60) as client:
+        assert client.generate(PROMPT, max_tokens=16, ignore_eos=True, temperature=0).token_ids == want
+        # the decode replica dies mid-stream: the stream waits for its replacement and goes on exactly
+        stream = client.stream(PROMPT, max_tokens=900, ignore_eos=True, temperature=0)
+        chunks = [next(stream)]
+        ray.kill(cluster.decode[0])
+        chunks += list(stream)
+        assert [t for c in chunks for t in c.token_ids] == want_long
+        assert replica(client, "decode").restarts == 1
+        got = client.generate(PROMPT, max_tokens=16, ignore_eos=True, temperature=0)
+        assert got.token_ids == want and got.timings["path"] == "disaggregated"  # the old prefill reaches the new
+        # the prefill replica dies: replaced, and its pair group with the decode replica formed again
+        ray.kill(cluster.prefill[0])
+        wait_for(lambda: replica(client, "prefill").restarts == 1 and replica(client, "prefill").healthy, 90,
+                 "the prefill replica back", every_s=0.2)
+        got = client.generate(PROMPT, max_tokens=16, ignore_eos=True, temperature=0)
+        assert got.token_ids == want and got.timings["path"] == "disaggregated"
+        # a second decode replica joins (pairs with the prefill replica), takes a request, then leaves
+        assert client.scale("decode", 2).replicas == 2
+        prompts = prompts_of([60, 61, 62, 63], seed=11)
+        wants = [o.token_ids for o in LLM(tiny_model, num_kv_blocks=128).generate(
+            prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+        outs = [client.generate(p, max_tokens=16, ignore_eos=True, temperature=0) for p in prompts]
+        assert [o.token_ids for o in outs] == wants
+        assert {o.timings["decode_replica"] for o in outs} == {"decode/0", "decode/1"}
+        assert {o.timings["path"] for o in outs} == {"disaggregated"}
+        assert client.scale("decode", 1).replicas == 1
+        assert client.generate(PROMPT, max_tokens=16, ignore_eos=True, temperature=0).token_ids == want
+        assert not any(wait_idle(client).values())
+        assert cluster.supervisor.failures == []

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 
 _COMMON: dict[str, Any] = dict(
     hidden_size=64,
@@ -38,6 +38,9 @@ _ARCH_KW: dict[str, dict[str, Any]] = {
         attention_bias=False,
         mlp_bias=False,
     ),
+    # Mistral is Llama's layer without Llama-3 rope scaling; sliding_window=None here (Mistral-7B-v0.1's 4096 is
+    # tested on its own: tests/engine/test_sliding_window.py)
+    "mistral": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0), sliding_window=None),
     "qwen2": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0), use_sliding_window=False),
     "qwen3": dict(
         rope_parameters=dict(rope_type="default", rope_theta=10000.0),
@@ -113,7 +116,8 @@ def make_tiny_checkpoint(
     model.save_pretrained(path, safe_serialization=True)
     if hub_style_config:
         _to_hub_style(path / "config.json")
-    _MODELS.pop(str(path.resolve()), None)
+    for key in [k for k in _MODELS if k[0] == str(path.resolve())]:
+        del _MODELS[key]
     return path
 
 
@@ -128,22 +132,25 @@ def _to_hub_style(cfg_path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _load(path: str | Path) -> Any:
+def _load(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager") -> Any:
+    """transformers' model of the checkpoint in `dtype` (cached). In bf16/fp16 pass attn_implementation="sdpa":
+    the engine's torch attention is the same torch SDPA call, where "eager" rounds the scores to the dtype."""
     from transformers import AutoModelForCausalLM
 
-    key = str(Path(path).resolve())
+    key = (str(Path(path).resolve()), dtype, attn_implementation)
     if key not in _MODELS:
         model = AutoModelForCausalLM.from_pretrained(
-            key, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+            key[0], dtype=dtype, attn_implementation=attn_implementation, experts_implementation="eager"
         )
         _MODELS[key] = model.eval()
     return _MODELS[key]
 
 
 @torch.inference_mode()
-def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int, dtype: torch.dtype = torch.float32,
+              attn_implementation: str = "eager") -> list[list[int]]:
     """Greedy continuation of each prompt (one at a time, no eos stop); new tokens only."""
-    model = _load(path)
+    model = _load(path, dtype, attn_implementation)
     outs: list[list[int]] = []
     for prompt in prompts:
         ids = torch.tensor([prompt], dtype=torch.long)
@@ -161,13 +168,20 @@ def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -
 
 
 @torch.inference_mode()
-def hf_logprobs(path: str | Path, prompt: list[int], continuation: list[int]) -> torch.Tensor:
-    """Float32 log-probs the model assigns to each continuation token: shape [len(continuation)]."""
-    model = _load(path)
+def hf_logits(path: str | Path, prompt: list[int], continuation: list[int], dtype: torch.dtype = torch.float32,
+              attn_implementation: str = "eager") -> torch.Tensor:
+    """The logits (as float32) from which each continuation token is picked, from one forward over prompt +
+    continuation (teacher-forced): shape [len(continuation), vocab]."""
+    model = _load(path, dtype, attn_implementation)
     ids = torch.tensor([prompt + continuation], dtype=torch.long)
-    logits = model(ids, use_cache=False).logits[0].float()
     n = len(prompt)
-    lp = torch.log_softmax(logits[n - 1 : n - 1 + len(continuation)], dim=-1)
+    return model(ids, use_cache=False).logits[0, n - 1 : n - 1 + len(continuation)].float()
+
+
+def hf_logprobs(path: str | Path, prompt: list[int], continuation: list[int], dtype: torch.dtype = torch.float32,
+                attn_implementation: str = "eager") -> torch.Tensor:
+    """Log-probs (float32) the model assigns to each continuation token: shape [len(continuation)]."""
+    lp = torch.log_softmax(hf_logits(path, prompt, continuation, dtype, attn_implementation), dim=-1)
     return lp.gather(-1, torch.tensor(continuation, dtype=torch.long)[:, None])[:, 0]
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from engine import LLMEngine, SamplingParams
 from engine.distributed import tcp_store
 from kv_transfer import KVReceiver, KVSender
-from kv_transfer.collective import CollectiveKVReceiverThread, CollectiveKVSaver
+from kv_transfer.collective import CollectiveKVReceiver, CollectiveKVSaver
 from kv_transfer.metadata import PoolHandle
 from replica.contract import KVLost
 from tests.kv_transfer.test_shm_transfer import generate_on, prompts_of
@@ -51,8 +51,8 @@ def start_pair(model: str, device: str = "cpu"):
     child.start()
     dist.init_process_group("gloo", store=store, rank=1, world_size=2)
     decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8, device=device)
-    thread = CollectiveKVReceiverThread(decode.runner.kv_cache)
-    thread.start()
+    thread = CollectiveKVReceiver(decode.runner.kv_cache)
+    thread.add_group("prefill")  # the default group: this process and the child
     receiver = KVReceiver(decode, "d0", landing=thread, commit_timeout_s=20)
     kv = decode.runner.kv_cache
     jobs.put(dict(name="d0", shape=tuple(kv.shape), dtype="float32", kv_rank=1))
