@@ -24,7 +24,8 @@ class DecodeWorker(ReplicaShell):
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
                  peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
-        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
+        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured (measure_peaks) when not
+        given.
         kv_backend "ipc": each rank's slice of the KV pool in shared memory (or CUDA IPC) that prefill
         replicas on this host write into; "collective": each rank receives its slice over a pair group
         with each prefill replica (join_kv_pair)."""
@@ -45,8 +46,7 @@ class DecodeWorker(ReplicaShell):
                 model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
                 rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.receiver = self.kv.bind(self.engine, lease_s, self.rank_actors())
-            tp = self.engine.config.options.tensor_parallel_size
-            self.peaks = self.measure_peaks(self.engine.runner, tp, peaks)
+            self.peaks = peaks or {"peak_flops": 0.0, "peak_bandwidth": 0.0}  # 0: MFU/MBU 0 until measured
             return self.engine.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 

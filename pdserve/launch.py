@@ -173,6 +173,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         prefill, decode = cluster.prefill, cluster.decode
         say(f"loading {config.model!r}: {len(prefill)} prefill and {len(decode)} decode replica(s)")
         infos = ray.get([a.info.remote() for a in (*decode, *prefill)])
+        for a in (*decode, *prefill):  # one at a time, with nothing else running: MFU/MBU's denominators
+            ray.get(a.measure_peaks.remote())
         p_info = infos[len(decode):]
         say("pools up (" + "; ".join(f"{role}: {info[0]['kernels']}" for role, info in
                                      (("prefill", p_info), ("decode", infos)) if info) + ")")

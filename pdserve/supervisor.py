@@ -123,7 +123,9 @@ class Supervisor:
         import ray
 
         actor = self.pools.start(role, index)
-        return actor, ray.get(actor.info.remote())
+        info = ray.get(actor.info.remote())
+        ray.get(actor.measure_peaks.remote())  # while the others serve: it may read low, MBU high
+        return actor, info
 
     def _wire(self, role: str, actor, info: dict[str, Any], dead_pool: str | None = None) -> None:
         """A new decode replica is connected to every live prefill replica (which first drop the dead

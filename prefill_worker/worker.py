@@ -22,7 +22,8 @@ class PrefillWorker(ReplicaShell):
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None,
                  kv_backend: str = "ipc") -> None:
-        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured here when not given.
+        """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured (measure_peaks) when not
+        given.
         kv_backend "ipc": write into decode pools mapped on this host; "collective": send over a pair
         group with each decode replica (join_kv_pair)."""
         import functools
@@ -39,8 +40,7 @@ class PrefillWorker(ReplicaShell):
             self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
                                                rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.sender = self.kv.bind(self.engine)
-            tp = self.engine.config.options.tensor_parallel_size
-            self.peaks = self.measure_peaks(self.engine.runner, tp, peaks)
+            self.peaks = peaks or {"peak_flops": 0.0, "peak_bandwidth": 0.0}  # 0: MFU/MBU 0 until measured
             return self.sender.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 

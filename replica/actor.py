@@ -36,17 +36,23 @@ class ReplicaShell:
     _aloop: asyncio.AbstractEventLoop | None = None
     _cache_epoch = 0  # prefix-cache reports made (cache_report)
 
-    @staticmethod
-    def measure_peaks(runner, tensor_parallel_size: int, given: dict[str, float] | None) -> dict[str, float]:
-        """The replica's peak_flops and peak_bandwidth: given, or this rank's measured (for the path
-        its steps take and the weights they read) times the ranks."""
-        if given:
-            return given
+    async def measure_peaks(self) -> dict[str, float]:
+        """Measure this replica's peak_flops and peak_bandwidth (where none were configured) on its engine
+        thread, for the path its steps take and the weights they read (engine.metrics.measure_peaks),
+        this rank's times the ranks. The cluster asks each replica in turn once all are loaded, so no
+        replica's probe shares the memory bus with another's (or with a load): a probe that does reads
+        low, and MBU high. Returns the peaks."""
+        if not self.peaks.get("peak_flops"):
+            self.peaks = await self._call(self._measure_peaks)
+        return self.peaks
+
+    def _measure_peaks(self) -> dict[str, float]:
         from engine.metrics import measure_peaks
 
+        runner, tp = self.engine.runner, self.engine.config.options.tensor_parallel_size
         measured = measure_peaks(runner.device.type, tiles=runner.uses_tiles,
-                                 read_bytes=int(runner.cost.weight_bytes / tensor_parallel_size))
-        return {k: v * tensor_parallel_size for k, v in measured.items()}
+                                 read_bytes=int(runner.cost.weight_bytes / tp))
+        return {k: v * tp for k, v in measured.items()}
 
     async def info(self) -> dict[str, Any]:
         """What the cluster's start-up needs to know of the replica (and a sign that it is built)."""
