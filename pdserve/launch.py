@@ -164,6 +164,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
     tag = uuid.uuid4().hex[:8]
     _remove_orphan_pools()
+    _remove_stale_targets()
+    if owns_ray:
+        _stop_orphan_ray_agents()
     pools = Pools(config, f"{config.name}-{tag}-", {"prefill": PrefillWorker, "decode": DecodeWorker})
     cluster = Cluster(config, None, pools, owns_ray)
     try:
@@ -297,6 +300,60 @@ def _remove_orphan_pools(min_age_s: float = 60.0) -> None:
             continue  # gone, or not ours to read
     for path in pools:
         Path(path).unlink(missing_ok=True)
+
+
+def _remove_stale_targets() -> None:
+    """Prometheus discovery files whose /metrics no longer answers: left by a cluster that was killed
+    (a running one publishes its file only once its /metrics listens)."""
+    import json
+    import socket
+
+    for path in PROMETHEUS_SD_DIR.glob("*.json"):
+        try:
+            targets = [t for entry in json.loads(path.read_text()) for t in entry["targets"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # not a file of ours, or being written
+        alive = False
+        for target in targets:
+            host, _, port = target.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=0.5).close()
+                alive = True
+            except (OSError, ValueError):
+                pass
+        if targets and not alive:
+            path.unlink(missing_ok=True)
+
+
+def _stop_orphan_ray_agents() -> None:
+    """Ray's dashboard and runtime-env agents (this user's) whose raylet is gone: a `pdserve serve`
+    that was SIGKILLed leaves them running, reparented away from their raylet."""
+    import signal
+    from glob import glob
+
+    def read(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    for proc in glob("/proc/[0-9]*"):
+        name = read(f"{proc}/cmdline").split("\0", 1)[0]
+        if not (name.startswith("ray::") and name.endswith("Agent")):
+            continue
+        try:
+            if os.stat(proc).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        stat = read(f"{proc}/stat")
+        ppid = stat.rsplit(")", 1)[-1].split()[1] if ")" in stat else ""
+        if ppid and read(f"/proc/{ppid}/comm").strip() != "raylet":
+            try:
+                os.kill(int(proc.rsplit("/", 1)[1]), signal.SIGKILL)  # their SIGTERM handler waits on the raylet
+            except OSError:
+                pass
 
 
 def _placement_group(cls, pool: PoolConfig):

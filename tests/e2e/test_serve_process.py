@@ -1,6 +1,7 @@
 """`pdserve serve` as a process, the way an operator runs it: SIGTERM (a Kubernetes preStop, a
 Ctrl-C) drains it, the request in flight finishes, new ones are refused, and it exits 0 leaving no
-process (Ray's daemons and agents included) and no Prometheus discovery file behind."""
+process (Ray's daemons and agents included) and no Prometheus discovery file behind. After a
+SIGKILL, which no process can clean up after, the next `pdserve serve` removes what it left."""
 from __future__ import annotations
 
 import os
@@ -63,3 +64,42 @@ def test_sigterm_drains_and_leaves_nothing_behind(tiny_checkpoints, tmp_path) ->
         if server.poll() is None:
             server.kill()
             server.wait(30)
+
+
+def start_serve(tiny_model, tmp_path, name: str, sd_dir) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """`pdserve serve` on the tiny model, once ready: the process and every process below it."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model), "name": name, "prefill": {"num_kv_blocks": 64}, "decode": {"num_kv_blocks": 64},
+        "router": {"port": 0, "http_port": None, "metrics_port": 0}}))
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "PDSERVE_PROMETHEUS_SD_DIR": str(sd_dir)}
+    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while not any("pdserve is ready" in line for line in lines):
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise AssertionError("".join(lines))
+        lines.append(server.stdout.readline())
+    return server, psutil.Process(server.pid).children(recursive=True)
+
+
+def test_the_next_serve_cleans_up_after_a_sigkilled_one(tiny_checkpoints, tmp_path) -> None:
+    sd_dir = tmp_path / "sd"
+    killed, its_processes = start_serve(tiny_checkpoints["llama"], tmp_path, "killed", sd_dir)
+    (stale,) = sd_dir.iterdir()
+    killed.kill()
+    killed.wait(30)
+    time.sleep(2)  # what dies with it has died: Ray's daemons and workers; its agents stay
+    left = [p for p in its_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    print("left by the SIGKILL:", [p.name() for p in left])
+    assert stale.exists()  # nothing ran to remove it
+    server, _ = start_serve(tiny_checkpoints["llama"], tmp_path, "after", sd_dir)
+    try:
+        _, alive = psutil.wait_procs(left, timeout=15)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+        assert not stale.exists() and len(list(sd_dir.iterdir())) == 1  # its own target only
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
