@@ -10,6 +10,7 @@ that starts the cluster (and hosts the router) never imports torch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -78,7 +79,11 @@ class DecodeWorker(ReplicaShell):
         SamplingParams fields."""
         params = self.sampling_params(params)
         self._start(request_id)
-        reservation = await self._call(self.receiver.reserve, prompt_token_ids, params, request_id, local_below)
+        try:
+            reservation = await self._call(self.receiver.reserve, prompt_token_ids, params, request_id, local_below)
+        except BaseException:
+            self._open.discard(request_id)
+            raise
         if reservation is None:
             self._open.discard(request_id)
         elif not reservation.local:
@@ -90,11 +95,12 @@ class DecodeWorker(ReplicaShell):
         from engine.sequence import TokenLogprobs
 
         lp = TokenLogprobs(logprobs.token_id, logprobs.logprob, logprobs.top) if logprobs is not None else None
-        if (r := self.receiver.reservations.get(request_id)) is not None:  # wait off the engine thread
-            wait = self.receiver.landing.wait_for_request
-            await asyncio.get_running_loop().run_in_executor(
-                None, wait, r.transfer_id, r.num_tokens, self.receiver.commit_timeout_s)
-        await self._call(self.receiver.commit, request_id, first_token, lp, 0.0)  # landed, or it never will
+        with self._ranks_alive(request_id):
+            if (r := self.receiver.reservations.get(request_id)) is not None:  # wait off the engine thread
+                wait = self.receiver.landing.wait_for_request
+                await asyncio.get_running_loop().run_in_executor(
+                    None, wait, r.transfer_id, r.num_tokens, self.receiver.commit_timeout_s)
+            await self._call(self.receiver.commit, request_id, first_token, lp, 0.0)  # landed, or it never will
 
     async def add_local(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str) -> None:
         """Prefill here too (a short prompt): the stream then starts with the first token."""
@@ -109,9 +115,24 @@ class DecodeWorker(ReplicaShell):
     async def abort(self, request_id: str) -> bool:
         """End the request here and free its blocks; its stream ends without a last item (the
         router, which asked, no longer reads it)."""
-        found = await self._call(self.receiver.abort, request_id)
-        self._open.discard(request_id)
-        return found
+        try:
+            with self._ranks_alive(request_id):
+                return await self._call(self.receiver.abort, request_id)
+        finally:
+            self._open.discard(request_id)
+
+    @contextlib.contextmanager
+    def _ranks_alive(self, request_id: str):
+        """Around a call that reaches the replica's other ranks (a transfer's landing on each): a rank
+        found dead means the replica is, as when a step finds it (its engine loop ends, its streams fail,
+        the supervisor replaces it): ReplicaDead, not the rank actor's error."""
+        from ray.exceptions import RayActorError
+
+        try:
+            yield
+        except RayActorError as e:
+            self.loop.fail(e)
+            raise ReplicaDead(f"request {request_id!r}: a rank of the decode replica died ({e!r})", request_id) from e
 
     async def events(self) -> AsyncIterator[list[StreamItem]]:
         """Every request's stream, for the router's one subscription: a message per engine step
@@ -159,6 +180,8 @@ class DecodeWorker(ReplicaShell):
 
     def _start(self, request_id: str) -> None:
         self._aloop = self._aloop or asyncio.get_running_loop()
+        if self.loop.error is not None:  # a dead engine takes nothing: the router moves the request elsewhere
+            raise ReplicaDead(f"request {request_id!r}: the engine loop died: {self.loop.error!r}", request_id)
         if request_id in self._open:
             raise BadRequest(f"request id {request_id!r} is already running on this replica", request_id)
         self._open.add(request_id)

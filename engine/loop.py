@@ -14,6 +14,13 @@ from engine.metrics import StepMetrics
 _STOP = object()
 
 
+class _Fail:
+    """An inbox item that ends the loop with its error (EngineLoop.fail)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 class EngineDead(RuntimeError):
     """The engine loop stopped on an error (e.g. a tensor-parallel rank died): nothing more runs here."""
 
@@ -65,6 +72,11 @@ class EngineLoop:
             self._inbox.put((fn, args, fut))
         return fut
 
+    def fail(self, error: BaseException) -> None:
+        """End the loop as a failed step would, before its next step: for a replica that lost a rank
+        between steps (found by a call to it). Waiting calls and the replica's requests fail."""
+        self._inbox.put(_Fail(error))
+
     def stop(self) -> None:
         self._inbox.put(_STOP)
         self._thread.join(timeout=10)
@@ -79,6 +91,8 @@ class EngineLoop:
                 while item is not None:
                     if item is _STOP:
                         return
+                    if isinstance(item, _Fail):
+                        raise item.error
                     self._run_call(*item)
                     try:
                         item = self._inbox.get_nowait()
@@ -100,7 +114,7 @@ class EngineLoop:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                if item is not _STOP:
+                if item is not _STOP and not isinstance(item, _Fail):
                     item[2].set_exception(EngineDead(f"the engine loop died: {e!r}"))
             if self._on_error is not None:
                 self._on_error(e)

@@ -47,7 +47,9 @@ class Cluster:
     @property
     def http_address(self) -> str | None:
         """Where the OpenAI-compatible API answers (its base URL is http://ADDRESS/v1); None when off."""
-        return f"{self.server.host}:{self.server.http_port}" if self.server.http_port else None
+        from router.server import host_port
+
+        return host_port(self.server.host, self.server.http_port) if self.server.http_port else None
 
     @property
     def openai_base_url(self) -> str | None:
@@ -145,7 +147,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     from prefill_worker import PrefillWorker
     from router.placement import Replica
     from router.router import Router
-    from router.server import RouterServer
+    from router.server import RouterServer, host_port
     from router.tokenizer import Tokenizer
     from router.validate import Limits, kv_tokens
 
@@ -207,7 +209,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     metrics = ""
     if cluster.server.metrics_port:
         cluster.sd_file = _publish_metrics_target(config, tag, r.host, cluster.server.metrics_port)
-        metrics = f"; metrics on http://{r.host}:{cluster.server.metrics_port}/metrics"
+        metrics = f"; metrics on http://{host_port(r.host, cluster.server.metrics_port)}/metrics"
     from pdserve.supervisor import Supervisor
 
     cluster.supervisor = Supervisor(cluster.server, pools, replace_dead=config.replace_dead_replicas).start()
@@ -224,12 +226,14 @@ def _publish_metrics_target(config: ClusterConfig, tag: str, host: str, port: in
 
     import ray
 
+    from router.server import host_port
+
     if host in ("0.0.0.0", "::"):  # reachable on the node's own address
         host = ray.util.get_node_ip_address()
     PROMETHEUS_SD_DIR.mkdir(parents=True, exist_ok=True)
     path = PROMETHEUS_SD_DIR / f"{config.name}-{tag}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"cluster": config.name}}]))
+    tmp.write_text(json.dumps([{"targets": [host_port(host, port)], "labels": {"cluster": config.name}}]))
     tmp.rename(path)  # Prometheus never reads half a file
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class Replica:
     queued_tokens: int = 0  # prefill: prompt tokens sent and not yet prefilled (kept by the router)
     free_blocks: int = 0  # decode: from the last stats poll, lowered by each reservation since
     healthy: bool = True
+    down_at: float = 0.0  # time.monotonic() when a call or stream last found it dead (a poll sent before says nothing)
     stats: dict[str, Any] = field(default_factory=dict)  # the last poll's; emptied when it is known dead
     restarts: int = 0  # times pdserve.supervisor replaced its actor
     draining: bool = False  # leaving the pool: no new placements
@@ -134,7 +136,7 @@ def replica_error(e: BaseException, replica: Replica, rid: str) -> RequestFailed
 
     cause = getattr(e, "cause", None) or e  # Ray wraps what a method raised
     if isinstance(e, RayActorError) or isinstance(cause, (RayActorError, ReplicaDead)):
-        replica.healthy = False
+        replica.healthy, replica.down_at = False, time.monotonic()
         return RequestFailed(grpc.StatusCode.UNAVAILABLE,
                               f"request {rid!r}: replica {replica.name} is down ({type(cause).__name__})")
     if isinstance(cause, ReplicaError):
@@ -203,9 +205,10 @@ class Placement:
     async def refresh_stats(self, timeout_s: float = 2.0) -> None:
         """Poll every replica's load; one that does not answer is left out of placement until it does."""
         async def one(r: Replica) -> None:
+            sent = time.monotonic()
             try:
                 r.stats = await asyncio.wait_for(r.actor.stats.remote(r.cache.epoch, with_cache=True), timeout_s)
-                r.healthy = True
+                r.healthy = sent > r.down_at  # an answer to a poll sent before a request found it dead is stale
                 r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
                 if (report := r.stats.pop("prefix_cache", None)) is not None:
                     r.cache.apply(report)

@@ -18,6 +18,11 @@ from router.validate import InvalidRequest, parse
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC and URLs want it: an IPv6 literal in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class RouterServer:
     """Runs `make_router()` and its grpc.aio server on a background thread; `port` is the bound one.
     With `tls` (a PEM certificate chain file and its key file), gRPC and HTTP serve TLS only."""
@@ -42,7 +47,7 @@ class RouterServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def start(self, timeout_s: float = 30.0) -> RouterServer:
         self._thread.start()
@@ -79,14 +84,14 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        where = f"{self.host}:{self._want_port}"
+        where = host_port(self.host, self._want_port)
         if self.tls is None:
             self.port = self.server.add_insecure_port(where)
         else:
             cert, key = (open(path, "rb").read() for path in self.tls)
             self.port = self.server.add_secure_port(where, grpc.ssl_server_credentials([(key, cert)]))
         if not self.port:
-            raise OSError(f"could not bind the router to {self.host}:{self._want_port}")
+            raise OSError(f"could not bind the router to {where}")
         await self.server.start()
         self.router.start()
         if self._want_metrics_port is not None:
@@ -124,7 +129,8 @@ class RouterServer:
         task = asyncio.get_running_loop().create_task(self._http.serve())
         while not self._http.started:  # bound, or failed to
             if task.done():
-                raise OSError(f"could not serve HTTP on {self.host}:{self._want_http_port}: {task.exception()!r}")
+                raise OSError(f"could not serve HTTP on {host_port(self.host, self._want_http_port)}: "
+                              f"{task.exception()!r}")
             await asyncio.sleep(0.01)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._http_task = task

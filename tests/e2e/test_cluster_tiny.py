@@ -253,3 +253,65 @@ def test_a_reservation_whose_kv_never_comes_is_freed_at_its_lease_end(ray_local,
         got = client.generate(prompt, temperature=0, max_tokens=48, ignore_eos=True)
         assert got.token_ids == want and got.timings["path"] == "disaggregated"
         assert not any(wait_idle(client).values())
+
+
+def test_tensor_parallel_followers_of_both_pools_die_on_the_collective_backend(ray_local, tiny_model) -> None:
+    """TP 2 on both sides, KV over pair groups: rank 1 of the prefill replica dies mid-prefill, then rank 1
+    of the decode replica mid-stream. Each replica fails at its next step, is replaced whole (both ranks)
+    and paired again, and every request goes on with the fault-free tokens."""
+    import threading
+
+    import ray
+
+    config = small_cluster(tiny_model, local_prefill_threshold=8).replace(
+        kv_backend="collective", **{"prefill.tensor_parallel_size": 2, "decode.tensor_parallel_size": 2,
+                                    "prefill.max_num_batched_tokens": 32})
+    prompts = prompts_of([480] * 4, seed=13)  # ~60 prefill steps of 32 tokens
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)  # 980 of the model's 1024 positions
+    offline = LLM(tiny_model, num_kv_blocks=256)
+    want = [o.token_ids for o in offline.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
+                                                                          ignore_eos=True))]
+    want_long = offline.generate([prompts[0]], long)[0].token_ids
+
+    def replica(client: Client, role: str):
+        return next(r for p in client.status().pools if p.role == role for r in p.replicas)
+
+    def back(client: Client, role: str) -> None:
+        deadline = time.monotonic() + 90
+        while not (replica(client, role).restarts == 1 and replica(client, role).healthy):
+            assert time.monotonic() < deadline, f"the {role} replica never came back"
+            time.sleep(0.2)
+
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=120) as client:
+        (prefill_rank1,) = ray.get(cluster.prefill[0].rank_actors.remote())
+        killed_mid_prefill = threading.Event()
+
+        def kill_mid_prefill() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if replica(client, "prefill").waiting_prefill_tokens > 0:
+                    ray.kill(prefill_rank1)
+                    killed_mid_prefill.set()
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_mid_prefill)
+        killer.start()
+        got = generate_all(cluster.address, prompts)  # 48 tokens each: the first 8 are `want`'s
+        killer.join()
+        assert killed_mid_prefill.is_set()
+        assert [g.token_ids[:8] for g in got] == want
+        back(client, "prefill")
+
+        (decode_rank1,) = ray.get(cluster.decode[0].rank_actors.remote())
+        stream = client.stream(prompts[0], max_tokens=500, ignore_eos=True, temperature=0)
+        chunks = [next(stream)]
+        ray.kill(decode_rank1)
+        chunks += list(stream)
+        assert [t for c in chunks for t in c.token_ids] == want_long
+        back(client, "decode")
+
+        again = client.generate(prompts[1], max_tokens=8, ignore_eos=True, temperature=0)
+        assert again.token_ids == want[1] and again.timings["path"] == "disaggregated"
+        assert not any(wait_idle(client).values())
+        assert cluster.supervisor.failures == []
