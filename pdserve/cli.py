@@ -53,6 +53,12 @@ def _open_to_others(config) -> bool:
     return not loopback and not r.api_keys and r.api_keys_file is None
 
 
+def _warn_if_open(config) -> None:
+    if _open_to_others(config):
+        print(f"warning: the router listens on {config.router.host} and no API key is set: anyone who can reach "
+              "it can use the cluster (set --api-key or PDSERVE_API_KEY)", file=sys.stderr, flush=True)
+
+
 def _pool_fields() -> list[tuple[str, type]]:
     """PoolConfig's fields (the engine options and the pool's placement) that one flag can set, with their
     types: the scalar ones (`int | None` gives int); dicts such as resources stay YAML-only."""
@@ -143,9 +149,7 @@ def cmd_serve(args) -> int:
     from pdserve.launch import start_cluster
 
     config = _cluster_config(args)
-    if _open_to_others(config):
-        print(f"warning: the router listens on {config.router.host} and no API key is set: anyone who can reach "
-              "it can use the cluster (set --api-key or PDSERVE_API_KEY)", file=sys.stderr, flush=True)
+    _warn_if_open(config)
     cluster = start_cluster(config)
     print(f"pdserve is ready: call it at {cluster.address}  (pdserve generate --address {cluster.address} ...)",
           flush=True)
@@ -229,6 +233,7 @@ def cmd_demo(args) -> int:
 
     args.port = 0 if args.port is None else args.port
     config = _cluster_config(args).replace(**{"router.metrics_port": 0, "router.http_port": 0})
+    _warn_if_open(config)
     keys, r = config.router.keys(), config.router
     with start_cluster(config) as cluster, Client(cluster.address, timeout=120, api_key=keys[0] if keys else None,
                                                   root_certificates=r.tls_cert if r.tls else None) as client:
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # a bad value, a file that is not there, a port taken
         print(f"error: {e}", file=sys.stderr)
         return 2
 

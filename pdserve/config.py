@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from engine.options import EngineOptions
+from engine.options import DTYPES, EngineOptions
 from kv_transfer import BACKENDS as KV_BACKENDS
 
 
@@ -114,7 +114,7 @@ class ClusterConfig:
     ray_address: str | None = None  # None: start a local Ray bound to 127.0.0.1; "auto": join the running one
     kv_backend: str = "ipc"
     kv_lease_s: float = 30.0  # a decode reservation that gets no KV this long is freed
-    replace_dead_replicas: bool = True  # a replica whose actor or engine dies is replaced (ipc backend)
+    replace_dead_replicas: bool = True  # a replica whose actor or engine dies is replaced (both KV backends)
     prefill: PoolConfig = PoolConfig(max_num_batched_tokens=512, num_kv_blocks=256)
     decode: PoolConfig = PoolConfig(max_num_batched_tokens=256, num_kv_blocks=512)
     router: RouterConfig = RouterConfig()
@@ -125,6 +125,10 @@ class ClusterConfig:
                              "prefill too: a colocated cluster)")
         if self.kv_backend not in KV_BACKENDS:
             raise ValueError(f"kv_backend={self.kv_backend!r}; available: {KV_BACKENDS}")
+        p, d = (DTYPES.get(str(pool.dtype), pool.dtype) for pool in (self.prefill, self.decode))
+        if self.prefill.replicas and p != d:  # the KV moves between them as it is: one dtype for both
+            raise ValueError(f"prefill.dtype={self.prefill.dtype!r} and decode.dtype={self.decode.dtype!r}: the "
+                             "prefill pool writes KV into the decode pool's cache, so both pools need one dtype")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
@@ -147,10 +151,13 @@ class ClusterConfig:
     def replace(self, **changes: Any) -> ClusterConfig:
         """Dotted keys reach into the pools and the router: replace(**{"prefill.replicas": 2})."""
         top = {k: v for k, v in changes.items() if "." not in k}
+        parts: dict[str, dict[str, Any]] = {}
         for k, v in changes.items():
             if "." in k:
                 part, key = k.split(".", 1)
-                top[part] = dataclasses.replace(top.get(part, getattr(self, part)), **{key: v})
+                parts.setdefault(part, {})[key] = v
+        for part, values in parts.items():  # all of a part's keys at once: some go together (tls_cert, tls_key)
+            top[part] = dataclasses.replace(top.get(part, getattr(self, part)), **values)
         return dataclasses.replace(self, **top)
 
 

@@ -44,10 +44,16 @@ def test_flags_override_the_file(tmp_path) -> None:
     ({"prefill": {"dtype": "fp8"}}, "dtype 'fp8' is not supported"),
     ({"prefill": {"device": "tpu"}}, "device='tpu'; choose 'cpu' or 'cuda'"),
     ({"router": {"prefill_policy": "random"}}, "prefill_policy='random'"),
+    ({"decode": {"dtype": "bf16"}}, "prefill.dtype='float32' and decode.dtype='bf16'"),
 ])
 def test_bad_config_names_the_mistake(bad, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         ClusterConfig.from_dict(bad)
+
+
+def test_one_dtype_spelled_two_ways_and_a_colocated_pool_of_its_own_dtype_are_fine() -> None:
+    assert ClusterConfig.from_dict({"prefill": {"dtype": "bf16"}, "decode": {"dtype": "bfloat16"}})
+    assert ClusterConfig.from_dict({"prefill": {"replicas": 0}, "decode": {"dtype": "float16"}})
 
 
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys) -> None:
@@ -72,7 +78,7 @@ def test_serve_flags_for_every_pool_option_reach_the_cluster_config() -> None:
         "serve", "--prefill-tp", "2", "--decode-tensor-parallel-size", "4", "--prefill-replicas", "3",
         "--prefill-max-num-batched-tokens", "128", "--decode-num-kv-blocks", "64", "--decode-max-prefill-chunk", "32",
         "--no-decode-native-decoder", "--prefill-expert-parallel", "--decode-num-cpus", "0.5",
-        "--decode-dtype", "bf16", "--kv-backend", "collective", "--port", "0"])
+        "--prefill-dtype", "bfloat16", "--decode-dtype", "bf16", "--kv-backend", "collective", "--port", "0"])
     config = _cluster_config(args)
     prefill, decode = config.prefill, config.decode
     assert (prefill.tensor_parallel_size, decode.tensor_parallel_size) == (2, 4)
@@ -126,3 +132,10 @@ def test_api_keys_come_from_the_file_the_flags_and_the_environment(tmp_path, mon
 def test_bad_keys_and_tls_settings_are_named(router, message) -> None:
     with pytest.raises(ValueError, match=message):
         ClusterConfig.from_dict({"router": router})
+
+
+def test_tls_flags_go_together_and_a_missing_file_is_named(capsys) -> None:
+    flags = ["serve", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/k.pem"]
+    assert _cluster_config(build_parser().parse_args(flags)).router.tls  # both flags at once: no "go together" error
+    assert main(flags) == 2
+    assert "/nonexistent/cert.pem" in capsys.readouterr().err  # before any actor starts, without a traceback
