@@ -199,14 +199,18 @@ class ModelRunner:
 
 def _as_stored(cost: ModelCost, model: torch.nn.Module, itemsize: int, tp_size: int) -> ModelCost:
     """The model's cost with the weights a step reads counted as the engine stores them: a weight
-    in AMX tiles streams its bf16 integers and fp32 scales (~2.25 bytes a weight, not fp32's 4),
-    so bandwidth figures (MBU) stay within the machine's. Ranks hold equal slices."""
+    in AMX tiles streams its bf16 integers and fp32 scales (~2.25 bytes a weight, not fp32's 4), one in
+    int8 blocks (no tile unit) ~1.03 bytes for a decode step, so bandwidth figures (MBU) stay within
+    the machine's. Ranks hold equal slices."""
     logical = stored = 0
     for m in model.modules():
-        tiles = getattr(m, "weight_amx", None)
+        tiles, blocks = getattr(m, "weight_amx", None), getattr(m, "weight_bq", None)
         if tiles is not None:
             logical += tiles.out_features * tiles.bq.shape[1] * qgemm.BLOCK * itemsize
             stored += tiles.bq.numel() * tiles.bq.element_size() + tiles.dm.numel() * tiles.dm.element_size()
+        elif blocks is not None:  # what a decode step reads (a prefill chunk reads the fp32 panels)
+            logical += blocks.out_features * blocks.q8.shape[1] * itemsize
+            stored += blocks.q8.numel() + blocks.dm.numel() * blocks.dm.element_size()
     if not logical:
         return cost
     return dataclasses.replace(cost, weight_bytes=cost.weight_bytes + (stored - logical) * tp_size)

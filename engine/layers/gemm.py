@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import hugepages
-from engine.layers import qgemm
+from engine.layers import bqgemm, qgemm
 from engine.native import load
 
 _SOURCE = Path(__file__).parent / "csrc" / "gemm.c"
@@ -62,7 +62,8 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
     several rows, each kind in one buffer on huge pages (together they are the bulk of what a
     decode step reads): AMX tiles for a weight that came block-quantized (qgemm), where the CPU
     has them (they then take every step, and a linear layer drops its fp32 copy), else fp32
-    panels. The integers collected while loading are dropped either way."""
+    panels, and for such a weight on a CPU without tiles its integers as int8 too (bqgemm, for
+    steps of up to bqgemm.MAX_ROWS rows). The integers collected while loading are dropped after."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         tiled = [m for m in slots if qgemm.packable(m.block_quant)]
@@ -73,6 +74,9 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
+        for layer in slots:  # no tile unit: decode-sized steps stream the integers through AVX-512 FMAs
+            if layer.weight_amx is None and bqgemm.packable(layer.block_quant):
+                layer.weight_bq = bqgemm.pack(layer.block_quant)
         paneled = [m for m in slots if m.weight_amx is None and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
         for layer, panels in zip(paneled, hugepages.empty(sum(sizes)).split(sizes)):
@@ -82,11 +86,14 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
 
 
 def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | None, weight_t: torch.Tensor | None,
-           bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T (+ bias) by the first of W's layouts that takes x: the AMX tiles, the fp32 panels,
-    else MKL on the [in, out] weight_t (None only where the tiles take every fp32 step)."""
+           bias: torch.Tensor | None, bq: bqgemm.Packed8 | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) by the first of W's layouts that takes x: the AMX tiles, the int8 blocks
+    (a decode-sized step without tiles), the fp32 panels, else MKL on the [in, out] weight_t (None
+    only where the tiles take every fp32 step)."""
     if qgemm.usable(x, amx):
         return qgemm.linear(x, amx, bias)
+    if bqgemm.usable(x, bq):
+        return bqgemm.linear(x, bq, bias)
     if usable(x, panels):
         return linear(x, panels, weight_t.shape[1], bias)
     return torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)

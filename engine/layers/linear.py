@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from engine.distributed import get_tp_group
-from engine.layers import gemm, qgemm
+from engine.layers import bqgemm, gemm, qgemm
 
 
 class _Linear(nn.Module):
@@ -20,6 +20,7 @@ class _Linear(nn.Module):
 
     weight_panels: torch.Tensor | None = None
     weight_amx: qgemm.Packed | None = None
+    weight_bq: bqgemm.Packed8 | None = None
     block_quant: qgemm.BlockQuant | None = None
 
     def __init__(self) -> None:
@@ -41,7 +42,7 @@ class _Linear(nn.Module):
             self.weight_t = None
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return gemm.matmul(x, self.weight_amx, self.weight_panels, self.weight_t, bias)
+        return gemm.matmul(x, self.weight_amx, self.weight_panels, self.weight_t, bias, self.weight_bq)
 
 
 class ColumnParallelLinear(_Linear):

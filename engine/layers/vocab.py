@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
-from engine.layers import gemm, qgemm
+from engine.layers import bqgemm, gemm, qgemm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -22,6 +22,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
         self.weight_panels: torch.Tensor | None = None  # the LM head's layouts for steps of
         self.weight_amx: qgemm.Packed | None = None  # several rows (gemm.pack_model)
+        self.weight_bq: bqgemm.Packed8 | None = None
         self.block_quant: qgemm.BlockQuant | None = None
         self._quant_parts: list | None = []
 
@@ -49,7 +50,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """As the LM head (its own weight, or the embedding's when tied):
         [num_rows, hidden] -> [num_rows, vocab]."""
-        local = gemm.matmul(hidden, self.weight_amx, self.weight_panels, self.weight.t(), None)
+        local = gemm.matmul(hidden, self.weight_amx, self.weight_panels, self.weight.t(), None, self.weight_bq)
         logits = self.tp.all_gather(local)
         return logits[:, :self.vocab_size] if logits.shape[1] != self.vocab_size else logits
 

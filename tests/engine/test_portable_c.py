@@ -18,6 +18,7 @@ ROOT = Path(__file__).parents[2]
 SELECTION = ["tests/engine/test_fused.py", "tests/engine/test_attention.py",
              "tests/engine/test_native_decoder.py::test_the_model_reasons_need_no_amx",
              "tests/engine/test_native_decoder.py::test_a_quantized_llama_runs_in_c_exactly_where_the_tile_unit_does",
+             "tests/engine/test_bqgemm.py::test_it_runs_exactly_where_the_cpu_has_avx512_and_names_why_not",
              "-k", "not test_cpu_prefill_kernel"]
 
 

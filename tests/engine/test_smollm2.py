@@ -59,6 +59,11 @@ def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> Non
     try:
         llm = LLM("default", max_num_batched_tokens=32)
         assert llm.engine.runner.native_unsupported == f"{qgemm.NO_AMX_ENV} is set"
+        # with AVX-512, decode-sized steps stream every linear layer's integers (30 x 4 and the tied head)
+        from engine.layers import bqgemm
+
+        blocks = sum(getattr(m, "weight_bq", None) is not None for m in llm.engine.runner.model.modules())
+        assert blocks == (121 if bqgemm.supported() else 0)
         ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
         outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         for prompt, out in zip(ids, outs):

@@ -1,0 +1,99 @@
+"""x @ W^T with AVX-512 FMAs for weights that came block-quantized (GGUF Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0), on CPUs without the AMX tile unit (qgemm.py is the AMX path): the integers streamed as int8
+(~1.03 bytes a weight against fp32's 4), widened in registers, scaled per block; exact to fp32 up to
+the order of its roundings (how: csrc/bqgemm.c). For decode-sized steps: a batch-1 decode reads
+its weights once a token, so the bytes a weight takes are its speed."""
+from __future__ import annotations
+
+import ctypes
+import threading
+from functools import cache
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from engine import native
+from engine.layers.qgemm import BLOCK, GROUP, BlockQuant
+
+_SOURCE = Path(__file__).parent / "csrc" / "bqgemm.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+MAX_ROWS = 16  # the steps it takes; more rows go to the fp32 panels (a register-blocked GEMM)
+
+
+class Packed8(NamedTuple):
+    q8: torch.Tensor  # int8 [groups, in, 16]: per column group, each k's 16 integers
+    dm: torch.Tensor  # fp32 [groups, blocks, 2, 16]: d then m
+    out_features: int
+    has_m: bool = True  # False where every m is 0 (Q4_0, Q5_0, Q8_0): the kernel skips that term
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    lib = native.load(_SOURCE, _FLAGS, {
+        "bqgemm_supported": ([], ctypes.c_int),
+        "bqgemm_f32": ([_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _ptr, _i64, _i64, _ptr],
+                       ctypes.c_int)})
+    return lib if lib is not None and lib.bqgemm_supported() else None
+
+
+def supported() -> bool:
+    return _lib() is not None
+
+
+@cache
+def unsupported() -> str | None:
+    """Why the AVX-512 block-quant kernel is not used here (None: it is), in words a benchmark prints."""
+    if _lib() is not None:
+        return None
+    if native.load(_SOURCE, _FLAGS, {}) is None:
+        return "the block-quant kernel did not build (no C compiler, or it failed)"
+    if native.portable():
+        return f"{native.PORTABLE_ENV} is set (AVX-512 off)"
+    return "no AVX-512 on this CPU"
+
+
+def packable(quant: BlockQuant | None) -> bool:
+    return quant is not None and quant.q.shape[1] % BLOCK == 0 and supported()
+
+
+def pack(quant: BlockQuant) -> Packed8:
+    """The weight's integers by column group (int8, as stored) and its scales per block."""
+    rows, cols = quant.q.shape
+    groups, blocks = -(-rows // GROUP), cols // BLOCK
+    pad = groups * GROUP - rows
+    q, d, m = (F.pad(t, (0, 0, 0, pad)) for t in quant) if pad else quant
+    q8 = q.to(torch.int8).view(groups, GROUP, cols).permute(0, 2, 1).contiguous()
+    dm = torch.stack([d.view(groups, GROUP, blocks), m.view(groups, GROUP, blocks)], 2).permute(0, 3, 2, 1)
+    return Packed8(q8, dm.contiguous(), rows, bool(quant.m.any()))
+
+
+def usable(x: torch.Tensor, packed: Packed8 | None) -> bool:
+    return (packed is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype is torch.float32
+            and x.is_cpu and x.shape[1] == packed.q8.shape[1])
+
+
+_scratch = threading.local()  # per thread: two engines in one process may step at once
+
+
+def _sums(numel: int) -> torch.Tensor:
+    buf = getattr(_scratch, "sums", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.sums = torch.empty(numel)
+    return buf
+
+
+def linear(x: torch.Tensor, packed: Packed8, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in] @ W^T (+ bias) -> a new [rows, out_features]."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, k = x.shape
+    n = packed.out_features
+    y = torch.empty(rows, n)
+    xs = _sums(rows * (k // BLOCK))
+    _lib().bqgemm_f32(x.data_ptr(), x.stride(0), rows, k, packed.q8.data_ptr(), packed.dm.data_ptr(),
+                      packed.q8.shape[0], packed.has_m, bias.data_ptr() if bias is not None else None,
+                      y.data_ptr(), n, n, xs.data_ptr())
+    return y

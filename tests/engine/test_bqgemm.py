@@ -1,0 +1,61 @@
+"""The AVX-512 matmul over block-quantized weights (engine/layers/bqgemm.py, hosts without AMX):
+within a few fp32 roundings of a float64 reference, a row's result independent of the batch, and
+its portable build declining (nothing written) rather than computing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.layers import bqgemm
+from tests.engine.test_qgemm import random_quant
+
+torch.set_num_threads(2)
+needs_avx512 = pytest.mark.skipif(not bqgemm.supported(), reason=str(bqgemm.unsupported()))
+
+
+@needs_avx512
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_1", "q8_0"])
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (4, 48, 96), (5, 960, 576),
+                                      (16, 100, 1536)])
+def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
+    quant = random_quant(n, k, kind, seed=rows + n + k)
+    w = quant.dequantize()
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(n)
+    y = bqgemm.linear(x, bqgemm.pack(quant), bias)
+    ref = x.double() @ w.double().T + bias.double()
+    fp32_err = ((x @ w.T + bias).double() - ref).abs().max()  # what a plain fp32 matmul is off by
+    bound = 2 * fp32_err + 4 * 2.0 ** -24 * (x.abs() @ w.abs().T + bias.abs()).double()  # + a few roundings
+    assert y.shape == (rows, n) and y.dtype is torch.float32
+    assert ((y.double() - ref).abs() <= bound).all()
+    # the bound is tight enough to catch a kernel that read x at bf16 precision
+    coarse = x.bfloat16().double() @ w.double().T + bias.double()
+    assert ((coarse - ref).abs() > bound).any()
+
+
+@needs_avx512
+def test_formats_without_offsets_skip_the_m_term_and_no_bias() -> None:
+    quant = random_quant(48, 96, "q8_0")
+    packed = bqgemm.pack(quant)
+    assert not packed.has_m and bqgemm.pack(random_quant(48, 96, "q4_1")).has_m
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(bqgemm.linear(x, packed, None), x @ quant.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+def test_a_row_does_not_depend_on_the_batch_and_strided_rows_work() -> None:
+    quant = random_quant(70, 128, "q4_1", seed=3)
+    packed = bqgemm.pack(quant)
+    x = torch.randn(16, 256)[:, ::2]  # rows with a stride: copied to contiguous
+    alone = torch.cat([bqgemm.linear(x[i:i + 1], packed, None) for i in range(16)])
+    assert torch.equal(bqgemm.linear(x, packed, None), alone)
+    assert bqgemm.usable(x, packed) and not bqgemm.usable(torch.randn(17, 128), packed)
+
+
+def test_it_runs_exactly_where_the_cpu_has_avx512_and_names_why_not() -> None:
+    from engine import native
+
+    has = "avx512f" in open("/proc/cpuinfo").read() and not native.portable()
+    assert bqgemm.supported() == has
+    assert bqgemm.unsupported() == (None if has else f"{native.PORTABLE_ENV} is set (AVX-512 off)"
+                                    if native.portable() else "no AVX-512 on this CPU")
