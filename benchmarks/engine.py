@@ -56,6 +56,7 @@ from benchmarks.engine_workloads import DECODE_METHOD, decode_workload, prefill_
 from benchmarks.machine import THREADS, MachineProbe, cpu_name
 from benchmarks.roofline import FLOPS_FORMULA, ROOFLINE_FORMULA, decode_roofline, model_counts, prefill_flops
 from benchmarks.step_profiler import run_profile
+from engine.layers import gemm
 
 SEED = 0
 
@@ -226,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_counts": counts,
         "engine_commit": _git_commit(),
         "attention_backend": type(ours.llm.engine.runner.model.model.layers[0].self_attn.backend).__name__,
+        "matmul": gemm.matmul_path(ours.llm.engine.runner.model),
         "decoder_stack": ("one C call" if ours.llm.engine.runner.native_unsupported is None
                           else f"Python ({ours.llm.engine.runner.native_unsupported})"),
         "load_s": {"pdserve": round(ours.load_s, 1), "transformers": round(hf_info["load_s"], 1) if hf_info else None},

@@ -56,7 +56,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"greedy agreement with transformers: single {r['single_greedy_match_prefix']} leading tokens; "
           f"batch32 min {r['batch32_greedy_match_prefix_min']} mean {r['batch32_greedy_match_prefix_mean']}")
     print(f"engine {r['engine_commit']}, attention backend {r['attention_backend']}, "
-          f"decoder stack {r.get('decoder_stack')}")
+          f"decoder stack {r.get('decoder_stack')}, matmuls {r.get('matmul')}")
     print(f"peak RSS: pdserve {r['peak_rss_mb']:.0f} MB (KV cache {r['kv_cache_mb']:.0f} MB), "
           f"transformers {_fmt(r['peak_rss_hf_mb'], '.0f')} MB;  load s: {r['load_s']}")
     print("targets: " + ", ".join(f"{k}: {v}" for k, v in r["targets"].items()))

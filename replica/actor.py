@@ -64,8 +64,11 @@ class ReplicaShell:
 
     def kernels(self) -> str:
         """The path this replica's forward takes, and why (a CPU without AMX takes the portable one)."""
+        from engine.layers.gemm import matmul_path
+
         why = self.engine.runner.native_unsupported
-        return "the C decoder stack on AMX tiles" if why is None else f"the Python forward ({why})"
+        stack = "the C decoder stack" if why is None else f"the Python forward ({why})"
+        return f"{stack}; matmuls: {matmul_path(self.engine.runner.model)}"
 
     def tokenizer_files(self) -> dict[str, str] | None:
         """The model's tokenizer as text, for the router (which has no engine)."""

@@ -85,6 +85,22 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
         layer.block_quant = None
 
 
+def matmul_path(model: nn.Module) -> str:
+    """Which layouts the model's matmuls run on and why, in words a benchmark and `pdserve serve` print."""
+    slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
+    tiles = sum(m.weight_amx is not None for m in slots)
+    blocks = sum(getattr(m, "weight_bq", None) is not None for m in slots)
+    panels = sum(m.weight_panels is not None for m in slots)
+    if tiles:
+        return f"AMX tiles over the checkpoint's integers ({tiles} of {len(slots)} layers)"
+    parts = []
+    if blocks:
+        parts.append(f"int8 blocks on AVX-512 FMAs for steps of up to {bqgemm.MAX_ROWS} rows ({blocks} layers; "
+                     f"no tiles: {qgemm.unsupported()})")
+    parts.append(f"fp32 panels ({panels} layers)" if panels else "MKL on fp32 weights")
+    return ", ".join(parts)
+
+
 def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | None, weight_t: torch.Tensor | None,
            bias: torch.Tensor | None, bq: bqgemm.Packed8 | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) by the first of W's layouts that takes x: the AMX tiles, the int8 blocks

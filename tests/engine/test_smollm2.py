@@ -64,6 +64,10 @@ def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> Non
 
         blocks = sum(getattr(m, "weight_bq", None) is not None for m in llm.engine.runner.model.modules())
         assert blocks == (121 if bqgemm.supported() else 0)
+        from engine.layers.gemm import matmul_path
+
+        path = matmul_path(llm.engine.runner.model)  # what the benchmark and `pdserve serve` print
+        assert ("int8 blocks on AVX-512" in path and "PDSERVE_NO_AMX is set" in path) == bqgemm.supported()
         ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
         outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         for prompt, out in zip(ids, outs):
