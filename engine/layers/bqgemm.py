@@ -20,7 +20,7 @@ from engine.layers.qgemm import BLOCK, GROUP, BlockQuant
 _SOURCE = Path(__file__).parent / "csrc" / "bqgemm.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-MAX_ROWS = 4  # the steps it takes (here it beats the panels up to ~4 rows); more go to the fp32 panels
+MAX_ROWS = 8  # the steps it takes (a model step beats the panels up to ~8 rows here); more go to the panels
 
 
 class Packed8(NamedTuple):

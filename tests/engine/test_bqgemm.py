@@ -15,7 +15,7 @@ needs_avx512 = pytest.mark.skipif(not bqgemm.supported(), reason=str(bqgemm.unsu
 
 @needs_avx512
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_1", "q8_0"])
-@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (4, 48, 96), (5, 960, 576),
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (4, 48, 96), (5, 960, 576), (11, 33, 64),
                                       (16, 100, 1536)])
 def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
     quant = random_quant(n, k, kind, seed=rows + n + k)

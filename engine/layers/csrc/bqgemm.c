@@ -12,8 +12,8 @@
  * Layouts (made once at load, bqgemm.py):
  *   q8 [G][K][16] int8: column group g (16 output columns), for each k the group's 16 integers;
  *   dm [G][nb][2][16] fp32: d then m for the group's 16 columns in block b (as qgemm.c's).
- * Work: OpenMP over column groups; each group walks the rows in tiles of up to 4, so one load and
- * widening of 16 integers feeds 4 FMAs. A row's result does not depend on the other rows. */
+ * Work: OpenMP over column groups; each group walks the rows in tiles of up to 8, so one load and
+ * widening of 16 integers feeds 8 FMAs (8 partial and 8 running sums: 16 of the 32 zmm registers). A row's result does not depend on the other rows. */
 #include <stdint.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -21,7 +21,7 @@
 
 #define BLK 32 /* k per quant block */
 #define G 16   /* output columns per group: one zmm of fp32 */
-#define RT 4   /* rows per tile */
+#define RT 8   /* rows per tile */
 
 int bqgemm_supported(void) {
 #if defined(__AVX512F__)
@@ -82,6 +82,10 @@ int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_
             const float *xr = x + r0 * ldx, *xsr = xs + r0 * nb;
             __m512 acc[RT];
             switch (rt) {
+                case 8: tile(8, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
+                case 7: tile(7, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
+                case 6: tile(6, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
+                case 5: tile(5, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
                 case 4: tile(4, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
                 case 3: tile(3, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
                 case 2: tile(2, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
