@@ -102,7 +102,7 @@ class CollectiveKVSaver(KVSaver):
     def attach(self, handle: PoolHandle) -> None:
         """Learn one decode rank of a decode replica (attaching it again is a no-op)."""
         if handle.kv_rank is None:
-            raise ValueError(f"KV pool {handle.name!r} has no rank in the KV group; was the group joined?")
+            raise ValueError(f"KV pool {handle.name!r} has no rank in a pair group (kv_rank)")
         peer = (handle.kv_rank, handle.head_range, handle.shape[3], self._senders_of(handle.head_range))
         if peer not in (peers := self.peers.setdefault(handle.pool_name, [])):
             peers.append(peer)

@@ -46,7 +46,7 @@ def transfer_failed(request_id: str, reason: str, kind: type[KVLost] = KVLost) -
 @dataclass(frozen=True)
 class PoolHandle:
     """How a sender finds one rank's slice of a decode replica's KV pool: its memory (ipc) or its
-    rank in the KV group (collective). Filled by the decode side at start-up. A replica at TP n
+    rank in its pair groups (collective). Filled by the decode side at start-up. A replica at TP n
     has n handles: one pool, n slices of its KV heads."""
     name: str  # unique per decode replica and rank
     shape: tuple[int, ...]  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
@@ -54,7 +54,7 @@ class PoolHandle:
     pool: str = ""  # the replica's pool, as Reservation.pool names it ("": the same as name)
     kv_heads: tuple[int, int] | None = None  # the model's KV heads this slice holds, [start, end) (None: all)
     cuda_ipc: tuple | None = None  # on CUDA: the pool's IPC handle (torch's rebuild_cuda_tensor arguments)
-    kv_rank: int | None = None  # collective backend: the rank in the KV group that receives into this slice
+    kv_rank: int | None = None  # collective backend: its rank in each pair group (the decode ranks come first)
 
     @property
     def pool_name(self) -> str:

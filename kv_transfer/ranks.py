@@ -176,7 +176,7 @@ class DecodeKV:
         self.handles: list[dict[str, Any]] = []  # every rank's PoolHandle fields, filled by bind
         self.receiver: KVReceiver | None = None
         self.local: RankKV | None = None
-        self._store = None  # the KV group's rendezvous store, when this replica hosts it
+        self._store = None  # the rendezvous store of this replica's pair groups (collective)
 
     def allocator(self) -> KVAllocator | None:
         """Rank 0's KV allocator for the engine (None: the engine's own)."""

@@ -59,7 +59,7 @@ class PrefillWorker(ReplicaShell):
 
     async def attach(self, handles: list[dict[str, Any]]) -> None:
         """Reach the decode replicas' KV pools (PoolHandle fields, one per decode rank): map them
-        (ipc) or learn their ranks in the KV group (collective), on every rank of this replica."""
+        (ipc) or learn their ranks in the pair groups (collective), on every rank of this replica."""
         if self.engine.followers is not None:  # before any step sends there
             await asyncio.get_running_loop().run_in_executor(None, self.engine.followers.call, "kv", "attach",
                                                              handles)

@@ -190,7 +190,7 @@ def test_the_collective_backend_in_the_cluster(ray_local, tiny_model) -> None:
 
 
 def test_tensor_parallel_and_collective_rendezvous_listen_on_loopback_only(ray_local, tiny_model) -> None:
-    """The stores and gloo groups of TP ranks and of the KV group bind 127.0.0.1, not every interface."""
+    """The stores and gloo groups of TP ranks and of the KV pair groups bind 127.0.0.1, not every interface."""
     config = small_cluster(tiny_model, local_prefill_threshold=1).replace(
         kv_backend="collective", **{"decode.tensor_parallel_size": 2})
     with start_cluster(config, progress=None) as cluster:
