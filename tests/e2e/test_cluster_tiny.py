@@ -255,16 +255,18 @@ def test_a_reservation_whose_kv_never_comes_is_freed_at_its_lease_end(ray_local,
         assert not any(wait_idle(client).values())
 
 
-def test_tensor_parallel_followers_of_both_pools_die_on_the_collective_backend(ray_local, tiny_model) -> None:
-    """TP 2 on both sides, KV over pair groups: rank 1 of the prefill replica dies mid-prefill, then rank 1
-    of the decode replica mid-stream. Each replica fails at its next step, is replaced whole (both ranks)
-    and paired again, and every request goes on with the fault-free tokens."""
+@pytest.mark.parametrize("backend", ["ipc", "collective"])
+def test_tensor_parallel_followers_of_both_pools_die(ray_local, tiny_model, backend) -> None:
+    """TP 2 on both sides: rank 1 of the prefill replica dies mid-prefill, then rank 1 of the decode
+    replica mid-stream. Each replica fails at its next step (or at the call that finds the rank gone),
+    is replaced whole (both ranks) and wired in again (shared memory, or its pair groups), and every
+    request goes on with the fault-free tokens."""
     import threading
 
     import ray
 
     config = small_cluster(tiny_model, local_prefill_threshold=8).replace(
-        kv_backend="collective", **{"prefill.tensor_parallel_size": 2, "decode.tensor_parallel_size": 2,
+        kv_backend=backend, **{"prefill.tensor_parallel_size": 2, "decode.tensor_parallel_size": 2,
                                     "prefill.max_num_batched_tokens": 32})
     prompts = prompts_of([480] * 4, seed=13)  # ~60 prefill steps of 32 tokens
     long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)  # 980 of the model's 1024 positions
