@@ -28,7 +28,8 @@ def print_table(r: dict[str, Any]) -> None:
         return _fmt(w[work].get(eng, {}).get("cpu_util"), ".2f")
     rows = [
         ("single decode tok/s", r["single_decode_tok_s"], r["single_decode_hf_tok_s"],
-         f"roofline {r['single_decode_roofline_tok_s']:.1f}", r["single_decode_vs_hf"],
+         f"roofline {r['single_decode_roofline_tok_s']:.1f} (stored "
+         f"{r.get('single_decode_roofline_stored_tok_s', float('nan')):.1f})", r["single_decode_vs_hf"],
          util("single", "pdserve"), util("single", "transformers")),
         ("  time to first token s", r["single_ttft_s"], r["single_ttft_hf_s"], "", None, "", ""),
         ("batch32 decode tok/s", r["batch32_decode_tok_s"], r["batch32_hf_tok_s"],
@@ -41,10 +42,10 @@ def print_table(r: dict[str, Any]) -> None:
          f"peak {r['matmul_peak_gflops']:.1f}", None, "", ""),
     ]
     print()
-    print(f"{'workload':<26}{'pdserve':>10}{'transformers':>14}{'limit':>18}{'ours/hf':>9}{'cpu util':>13}")
+    print(f"{'workload':<26}{'pdserve':>10}{'transformers':>14}{'limit':>30}{'ours/hf':>9}{'cpu util':>13}")
     for name, a, b, lim, ratio, ua, ub in rows:
         ut = f"{ua}/{ub}" if ua else ""
-        print(f"{name:<26}{_fmt(a, '.2f'):>10}{_fmt(b, '.2f'):>14}{lim:>18}{_fmt(ratio, '.2f'):>9}{ut:>13}")
+        print(f"{name:<26}{_fmt(a, '.2f'):>10}{_fmt(b, '.2f'):>14} {lim:>29}{_fmt(ratio, '.2f'):>9}{ut:>13}")
     print()
     print(f"fractions: batch32 of roofline ours {_fmt(r['batch32_frac_of_roofline'], '.3f')} "
           f"hf {_fmt(r['batch32_hf_frac_of_roofline'], '.3f')} (roofline with KV reads "

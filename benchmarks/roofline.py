@@ -32,7 +32,9 @@ ROOFLINE_FORMULA = ("decode step of B sequences: bytes = weight_bytes (fp32 para
                     "counted once); FLOPs = 2*(linear_params + lm_head_params)*B + 4*layers*heads*head_dim*ctx*B "
                     "with ctx = prompt_len + new_tokens/2 the average context; roofline tok/s = "
                     "B / max(bytes / mem_read_bw, FLOPs / matmul_peak). The _with_kv variant adds the KV-cache "
-                    "bytes read per step (B*ctx*layers*2*kv_heads*head_dim*4).")
+                    "bytes read per step (B*ctx*layers*2*kv_heads*head_dim*4). The \"stored\" single-decode roofline "
+                    "puts the weights' bytes as the engine keeps them (its ModelCost: AMX tiles, int8 blocks "
+                    "or fp32) in place of fp32's.")
 
 
 def prefill_flops(c: dict[str, int], num: int, n: int) -> float:
