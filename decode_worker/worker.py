@@ -47,7 +47,8 @@ class DecodeWorker(ReplicaShell):
                 model, **engine_kwargs, load_tokenizer=False, kv_allocator=self.kv.allocator(),
                 rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.receiver = self.kv.bind(self.engine, lease_s, self.rank_actors())
-            self.peaks = peaks or {"peak_flops": 0.0, "peak_bandwidth": 0.0}  # 0: MFU/MBU 0 until measured
+            if peaks:  # else the shell's zeros until measure_peaks
+                self.peaks = peaks
             return self.engine.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 

@@ -118,11 +118,11 @@ def measure_peaks(device: str = "cpu", tiles: bool = False, read_bytes: int = 0)
 
     from engine import peaks
 
-    measured = peaks.measure(peaks.replica_size(device, read_bytes), device)
+    size = peaks.replica_size(device, read_bytes)
+    measured = peaks.measure(size, device)
     flops = measured["matmul_peak_gflops"]
     if tiles:
-        n, reps = peaks.replica_size(device).matmuls[0]
-        flops = max(flops, peaks.matmul_gflops(n, reps, device, torch.bfloat16) / 3)
+        flops = max(flops, peaks.matmul_gflops(*size.matmuls[0], device, torch.bfloat16) / 3)
     return {"peak_flops": float(round(flops * 1e9)), "peak_bandwidth": float(round(measured["mem_read_bw_gbs"] * 1e9))}
 
 

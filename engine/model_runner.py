@@ -79,8 +79,6 @@ class ModelRunner:
             self.model.model.native = native_decoder.NativeDecoder(self.model.model, cfg)
         self.sampler = Sampler()
         self.kv_saver: KVSaver | None = None
-        # whether any weight runs on the AMX tile unit (what MFU's peak is measured on: engine.metrics)
-        self.uses_tiles = any(getattr(m, "weight_amx", None) is not None for m in self.model.modules())
         self.cost = _as_stored(ModelCost.of(cfg, config.dtype.itemsize), self.model, config.dtype.itemsize,
                                self.tp.world_size)
         self._last_plan: StepPlan | None = None

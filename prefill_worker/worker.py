@@ -40,7 +40,8 @@ class PrefillWorker(ReplicaShell):
             self.engine = LLMEngine.from_model(model, **engine_kwargs, load_tokenizer=False,
                                                rank_launcher=functools.partial(start_followers, role=self.kv.role))
             self.sender = self.kv.bind(self.engine)
-            self.peaks = peaks or {"peak_flops": 0.0, "peak_bandwidth": 0.0}  # 0: MFU/MBU 0 until measured
+            if peaks:  # else the shell's zeros until measure_peaks
+                self.peaks = peaks
             return self.sender.step
         self._start_engine(build, engine_kwargs.get("num_threads"))
 

@@ -35,6 +35,7 @@ class ReplicaShell:
     self.engine and self.peaks), and define _stats(), _on_step, _expire and _on_error."""
     _aloop: asyncio.AbstractEventLoop | None = None
     _cache_epoch = 0  # prefix-cache reports made (cache_report)
+    peaks: dict[str, float] = {"peak_flops": 0.0, "peak_bandwidth": 0.0}  # MFU/MBU 0 until measure_peaks
 
     async def measure_peaks(self) -> dict[str, float]:
         """Measure this replica's peak_flops and peak_bandwidth (where none were configured) on its engine
@@ -50,8 +51,8 @@ class ReplicaShell:
         from engine.metrics import measure_peaks
 
         runner, tp = self.engine.runner, self.engine.config.options.tensor_parallel_size
-        measured = measure_peaks(runner.device.type, tiles=runner.uses_tiles,
-                                 read_bytes=int(runner.cost.weight_bytes / tp))
+        tiles = any(getattr(m, "weight_amx", None) is not None for m in runner.model.modules())
+        measured = measure_peaks(runner.device.type, tiles=tiles, read_bytes=int(runner.cost.weight_bytes / tp))
         return {k: v * tp for k, v in measured.items()}
 
     async def info(self) -> dict[str, Any]:

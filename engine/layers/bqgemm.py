@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from engine import native
-from engine.layers.qgemm import BLOCK, GROUP, BlockQuant
+from engine.layers.qgemm import BLOCK, GROUP, BlockQuant, by_group, packed_numel
 
 _SOURCE = Path(__file__).parent / "csrc" / "bqgemm.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -59,15 +58,15 @@ def packable(quant: BlockQuant | None) -> bool:
     return quant is not None and quant.q.shape[1] % BLOCK == 0 and supported()
 
 
-def pack(quant: BlockQuant) -> Packed8:
-    """The weight's integers by column group (int8, as stored) and its scales per block."""
-    rows, cols = quant.q.shape
-    groups, blocks = -(-rows // GROUP), cols // BLOCK
-    pad = groups * GROUP - rows
-    q, d, m = (F.pad(t, (0, 0, 0, pad)) for t in quant) if pad else quant
-    q8 = q.to(torch.int8).view(groups, GROUP, cols).permute(0, 2, 1).contiguous()
-    dm = torch.stack([d.view(groups, GROUP, blocks), m.view(groups, GROUP, blocks)], 2).permute(0, 3, 2, 1)
-    return Packed8(q8, dm.contiguous(), rows, bool(quant.m.any()))
+def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None) -> Packed8:
+    """The weight's integers by column group (int8, as stored) and its scales per block (qgemm's
+    layout), written into the given flat buffers (sized by qgemm.packed_numel) where given."""
+    q, dm, groups, _ = by_group(quant, dm_out)
+    cols = quant.q.shape[1]
+    q8 = (q8_out if q8_out is not None else torch.empty(packed_numel(quant)[0], dtype=torch.int8))
+    q8 = q8.view(groups, cols, GROUP)
+    q8.copy_(q.view(groups, GROUP, cols).permute(0, 2, 1))
+    return Packed8(q8, dm, quant.q.shape[0], bool(quant.m.any()))
 
 
 def usable(x: torch.Tensor, packed: Packed8 | None) -> bool:

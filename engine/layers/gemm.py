@@ -67,22 +67,27 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         tiled = [m for m in slots if qgemm.packable(m.block_quant)]
-        n_bq, n_dm = zip(*(qgemm.packed_numel(m.block_quant) for m in tiled)) if tiled else ((), ())
-        bqs = hugepages.empty(sum(n_bq), torch.bfloat16).split(n_bq)
-        dms = hugepages.empty(sum(n_dm)).split(n_dm)
-        for layer, bq, dm in zip(tiled, bqs, dms):
+        for layer, bq, dm in _quant_buffers(tiled, torch.bfloat16):
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
-        for layer in slots:  # no tile unit: decode-sized steps stream the integers through AVX-512 FMAs
-            if layer.weight_amx is None and bqgemm.packable(layer.block_quant):
-                layer.weight_bq = bqgemm.pack(layer.block_quant)
+        # no tile unit: decode-sized steps stream the integers through AVX-512 FMAs
+        blocked = [m for m in slots if m.weight_amx is None and bqgemm.packable(m.block_quant)]
+        for layer, q8, dm in _quant_buffers(blocked, torch.int8):
+            layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
         paneled = [m for m in slots if m.weight_amx is None and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
         for layer, panels in zip(paneled, hugepages.empty(sum(sizes)).split(sizes)):
             layer.weight_panels = pack(layer.panel_source(), panels)
     for layer in slots:
         layer.block_quant = None
+
+
+def _quant_buffers(layers: list[nn.Module], dtype: torch.dtype):
+    """(layer, its integers' buffer, its scales' buffer) for each layer's block_quant: the integers
+    of all of them in one buffer of `dtype` on huge pages, the scales in another."""
+    n_q, n_dm = zip(*(qgemm.packed_numel(m.block_quant) for m in layers)) if layers else ((), ())
+    return zip(layers, hugepages.empty(sum(n_q), dtype).split(n_q), hugepages.empty(sum(n_dm)).split(n_dm))
 
 
 def matmul_path(model: nn.Module) -> str:

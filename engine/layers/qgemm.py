@@ -129,27 +129,34 @@ def packable(quant: BlockQuant | None) -> bool:
 
 
 def packed_numel(quant: BlockQuant) -> tuple[int, int]:
-    """(bf16 elements of bq, fp32 elements of dm)."""
+    """(elements of the integers, bf16 here and int8 in bqgemm's layout; fp32 elements of dm)."""
     rows, cols = quant.q.shape
     groups = -(-rows // GROUP)
     return groups * GROUP * cols, groups * GROUP * (cols // BLOCK) * 2
 
 
-def pack(quant: BlockQuant, bq_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None) -> Packed:
-    """The weight's integers as B tiles (bf16, exact) and its scales per block, written into the
-    given flat buffers where given."""
+def by_group(quant: BlockQuant, dm_out: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """What both block-quant kernels (this one and bqgemm's) lay out alike: the integers padded to
+    whole groups of GROUP output rows, and the scales as dm [groups, blocks, 2 (d then m), GROUP],
+    written into dm_out where given. Returns (padded q, dm, groups, blocks)."""
     rows, cols = quant.q.shape
     groups, blocks = -(-rows // GROUP), cols // BLOCK
     pad = groups * GROUP - rows
     q, d, m = (F.pad(t, (0, 0, 0, pad)) for t in quant) if pad else quant
-    n_bq, n_dm = packed_numel(quant)
-    bq = (bq_out if bq_out is not None else torch.empty(n_bq, dtype=torch.bfloat16))
-    dm = (dm_out if dm_out is not None else torch.empty(n_dm))
+    dm = (dm_out if dm_out is not None else torch.empty(packed_numel(quant)[1])).view(groups, blocks, 2, GROUP)
+    dm.copy_(torch.stack([d.view(groups, GROUP, blocks), m.view(groups, GROUP, blocks)], 2).permute(0, 3, 2, 1))
+    return q, dm, groups, blocks
+
+
+def pack(quant: BlockQuant, bq_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None) -> Packed:
+    """The weight's integers as B tiles (bf16, exact) and its scales per block, written into the
+    given flat buffers where given."""
+    q, dm, groups, blocks = by_group(quant, dm_out)
+    bq = (bq_out if bq_out is not None else torch.empty(packed_numel(quant)[0], dtype=torch.bfloat16))
     bq = bq.view(groups, blocks, BLOCK // 2, GROUP, 2)
     bq.copy_(q.view(groups, GROUP, blocks, BLOCK // 2, 2).permute(0, 2, 3, 1, 4))
-    dm = dm.view(groups, blocks, 2, GROUP)
-    dm.copy_(torch.stack([d.view(groups, GROUP, blocks), m.view(groups, GROUP, blocks)], 2).permute(0, 3, 2, 1))
-    return Packed(bq, dm, rows, bool(quant.m.any()))
+    return Packed(bq, dm, quant.q.shape[0], bool(quant.m.any()))
 
 
 def usable(x: torch.Tensor, packed: Packed | None) -> bool:

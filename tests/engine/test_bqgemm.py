@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.layers import bqgemm
-from tests.engine.test_qgemm import random_quant
+from tests.engine.test_qgemm import check_against_float64, random_quant
 
 torch.set_num_threads(2)
 needs_avx512 = pytest.mark.skipif(not bqgemm.supported(), reason=str(bqgemm.unsupported()))
@@ -18,19 +18,7 @@ needs_avx512 = pytest.mark.skipif(not bqgemm.supported(), reason=str(bqgemm.unsu
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (4, 48, 96), (5, 960, 576), (11, 33, 64),
                                       (16, 100, 1536)])
 def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
-    quant = random_quant(n, k, kind, seed=rows + n + k)
-    w = quant.dequantize()
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    bias = torch.randn(n)
-    y = bqgemm.linear(x, bqgemm.pack(quant), bias)
-    ref = x.double() @ w.double().T + bias.double()
-    fp32_err = ((x @ w.T + bias).double() - ref).abs().max()  # what a plain fp32 matmul is off by
-    bound = 2 * fp32_err + 4 * 2.0 ** -24 * (x.abs() @ w.abs().T + bias.abs()).double()  # + a few roundings
-    assert y.shape == (rows, n) and y.dtype is torch.float32
-    assert ((y.double() - ref).abs() <= bound).all()
-    # the bound is tight enough to catch a kernel that read x at bf16 precision
-    coarse = x.bfloat16().double() @ w.double().T + bias.double()
-    assert ((coarse - ref).abs() > bound).any()
+    check_against_float64(lambda x, quant, bias: bqgemm.linear(x, bqgemm.pack(quant), bias), kind, rows, n, k)
 
 
 @needs_avx512

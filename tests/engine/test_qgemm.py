@@ -35,17 +35,23 @@ def random_quant(rows: int, cols: int, kind: str, seed: int = 0) -> BlockQuant:
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (16, 48, 96), (32, 960, 576),
                                       (33, 100, 1536), (200, 576, 576)])
 def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
+    check_against_float64(lambda x, quant, bias: qgemm.linear(x, qgemm.pack(quant), bias), kind, rows, n, k)
+
+
+def check_against_float64(linear, kind: str, rows: int, n: int, k: int) -> None:
+    """linear(x, quant, bias) within a few fp32 roundings of float64 over the dequantized weight (this
+    kernel's test and bqgemm's)."""
     quant = random_quant(n, k, kind, seed=rows + n + k)
     w = quant.dequantize()
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
-    y = qgemm.linear(x, qgemm.pack(quant), bias)
+    y = linear(x, quant, bias)
     ref = x.double() @ w.double().T + bias.double()
     fp32_err = ((x @ w.T + bias).double() - ref).abs().max()  # what a plain fp32 matmul is off by
     bound = 2 * fp32_err + 4 * 2.0 ** -24 * (x.abs() @ w.abs().T + bias.abs()).double()  # + a few roundings
     assert y.shape == (rows, n) and y.dtype is torch.float32
     assert ((y.double() - ref).abs() <= bound).all()
-    # the bound catches a kernel that multiplied x rounded to bf16 (one part of the three)
+    # the bound catches a kernel that multiplied x rounded to bf16 (AMX: one part of the three)
     coarse = x.bfloat16().double() @ w.double().T + bias.double()
     assert ((coarse - ref).abs() > bound).any()
 
