@@ -30,12 +30,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench import run_sweep
+from pdserve.bench import goodput, run_benchmark, run_sweep
 from pdserve.bench_report import format_sweep, plot_sweeps
 from pdserve.workload import Workload, arrival_times, make_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32000  # the prompts' ids are drawn below it: a valid prompt for nearly any model
+FRESH_SEED = 100  # --fresh-prompts: the prompts of the i-th rate have seed FRESH_SEED + i
 # pdserve's layouts on a 2-core host, as `pdserve serve` flags
 LAYOUTS: dict[str, list[str]] = {
     # one replica with both cores: chunked prefill and decode in the same steps
@@ -44,6 +45,9 @@ LAYOUTS: dict[str, list[str]] = {
     # colocated, with prefill chunks cut so a step stays near 80 ms (EngineOptions.step_time_target_s): ITL for TTFT
     "colocated-paced": ["--prefill-replicas", "0", "--decode-replicas", "1", "--decode-num-cpus", "2",
                         "--decode-num-threads", "2", "--decode-step-time-target-s", "0.08"],
+    # two replicas, a core each, each prefilling and decoding its own requests
+    "colocated-2x1": ["--prefill-replicas", "0", "--decode-replicas", "2", "--decode-num-cpus", "1",
+                      "--decode-num-threads", "1"],
     # one prefill and one decode replica, a core each: every prompt prefills on the prefill replica
     "1p1d": ["--prefill-replicas", "1", "--decode-replicas", "1", "--prefill-num-threads", "1",
              "--decode-num-threads", "1", "--local-prefill-threshold", "0"],
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--door", choices=("grpc", "openai"), default="grpc", help="pdserve's front door")
     ap.add_argument("--portable", action="store_true", help="also each layout with PDSERVE_NO_AMX=1 (the path "
                                                            "of a CPU without AMX), and its engine rates")
+    ap.add_argument("--fresh-prompts", action="store_true",
+                    help="new prompts at each rate (by default every rate sends the same ones, which a layout whose "
+                         "prefix caches hold them all then serves from its caches)")
     ap.add_argument("--vllm", action="store_true", help="also `vllm serve` (scripts/vllm_serve.sh)")
     ap.add_argument("--server", action="append", default=[], metavar="NAME=URL",
                     help="also a running OpenAI-compatible server, by its base URL (repeatable)")
@@ -193,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload("fixed", args.prompt_len, args.output_len)
     requests = make_requests(workload, args.requests, 0, VOCAB, 8192)
     warmup = make_requests(workload, 4, 1, VOCAB, 8192)
+    # --fresh-prompts: rate i sends prompts of seed FRESH_SEED + i
+    fresh = [make_requests(workload, args.requests, FRESH_SEED + i, VOCAB, 8192) for i in range(len(rates))]
     (out / "workload.json").write_text(json.dumps({
         "prompt_len": args.prompt_len, "output_len": args.output_len, "seed": 0,
-        "prompts": [p for p, _ in requests], "arrivals": {str(r): arrival_times(len(requests), r, 0) for r in rates}}))
+        "prompts": [p for p, _ in requests], "arrivals": {str(r): arrival_times(len(requests), r, 0) for r in rates},
+        "fresh_prompts": args.fresh_prompts, "fresh_seed": FRESH_SEED if args.fresh_prompts else None}))
     cpu = cpu_name()
     print(f"host: {cpu}, {os.cpu_count()} CPUs; {args.requests} requests of {args.prompt_len} prompt and "
           f"{args.output_len} output tokens per rate; SLO TTFT <= {args.ttft_slo:g} s, TPOT <= {args.tpot_slo:g} s",
@@ -215,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def sweep(label: str, target: str, backend: str) -> None:
         print(f"--- {label}", flush=True)
-        s = run_sweep(target, requests, rates, label=label, backend=backend, **kw)
+        if args.fresh_prompts:  # each rate its own prompts: none is in a prefix cache from the rate before
+            runs = [run_benchmark(target, fresh[i], rate, backend=backend,
+                                  **{**kw, "warmup": warmup if i == 0 else ()}) for i, rate in enumerate(rates)]
+            s = {"label": label, "runs": runs, "goodput_rps": goodput(runs), "attainment_target": 0.9}
+        else:
+            s = run_sweep(target, requests, rates, label=label, backend=backend, **kw)
         s |= {"host": cpu}
         (out / f"{label}.json").write_text(json.dumps(s, indent=1))
         print(format_sweep(s), flush=True)

@@ -139,7 +139,27 @@ class Scheduler:
             out.seqs.append(seq)
             out.num_scheduled_tokens.append(n)
             budget -= n
+        if not out.seqs and not self.running and self.waiting:
+            self._admit_holders(out, budget)
         return out
+
+    def _admit_holders(self, out: SchedulerOutput, budget: int) -> None:
+        """Nothing runs and the head of waiting cannot get its blocks, so no step would ever free any: the
+        sequences that already hold every block their next token needs (a prompt prefilled elsewhere, its
+        KV landed in blocks reserved for it) run ahead of the head rather than the replica wait forever."""
+        bm = self.block_manager
+        for seq in list(self.waiting):
+            if budget < 1 or len(self.running) >= self.config.max_num_seqs:
+                return
+            if seq.num_computed_tokens != seq.num_tokens - 1 or bm.num_missing_blocks(seq, seq.num_tokens):
+                continue
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_scheduled_tokens.append(1)
+            out.num_decodes += 1
+            budget -= 1
 
     def advance(self, out: SchedulerOutput) -> None:
         """The step ran: each scheduled sequence's KV now covers its scheduled tokens, and each block

@@ -226,20 +226,10 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    """The workload's flags, shared by `pdserve bench` and `pdserve simulate` (workload_of reads them)."""
     d, mix = Workload(), LongtailMix()
     sd, ch = d.shared_doc, d.multiturn
-    p = argparse.ArgumentParser(prog="pdserve bench", description="Benchmark a running pdserve cluster, or any "
-                                "OpenAI-compatible server (--backend openai): throughput, TTFT/TPOT/ITL/E2E latency "
-                                "and SLO attainment, at a request rate or a concurrency.")
-    p.add_argument("--backend", choices=BACKENDS, default="grpc",
-                   help="grpc: the router's gRPC front door (--address); openai: POST {--base-url}/completions on any "
-                        "OpenAI-compatible server, e.g. pdserve's HTTP front door or vllm serve (default %(default)s)")
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"grpc: router address (default {DEFAULT_ADDRESS})")
-    p.add_argument("--base-url", help="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` (default $PDSERVE_API_KEY, then, for "
-                                     "openai, $OPENAI_API_KEY)")
-    p.add_argument("--model", default="", help="model name (default: the server's first)")
     w = p.add_argument_group("workload (prompts are seeded random token ids, outputs exactly output-len tokens)")
     w.add_argument("--workload", choices=WORKLOADS, default=d.kind,
                    help=f"fixed: --prompt-len/--output-len; uniform: lengths uniform in --min/--max-*-len; longtail: "
@@ -266,6 +256,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times (default 0)")
     w.add_argument("--num-requests", type=_positive, default=100, help="measured requests per run (default 100)")
     w.add_argument("--warmup", type=int, default=0, help="requests sent first, all at once, left out of the stats")
+
+
+def workload_of(args: argparse.Namespace) -> Workload:
+    return Workload(args.workload, args.prompt_len, args.output_len, (args.min_prompt_len, args.max_prompt_len),
+                    (args.min_output_len, args.max_output_len))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pdserve bench", description="Benchmark a running pdserve cluster, or any "
+                                "OpenAI-compatible server (--backend openai): throughput, TTFT/TPOT/ITL/E2E latency "
+                                "and SLO attainment, at a request rate or a concurrency.")
+    p.add_argument("--backend", choices=BACKENDS, default="grpc",
+                   help="grpc: the router's gRPC front door (--address); openai: POST {--base-url}/completions on any "
+                        "OpenAI-compatible server, e.g. pdserve's HTTP front door or vllm serve (default %(default)s)")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"grpc: router address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--base-url", help="openai: the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` (default $PDSERVE_API_KEY, then, for "
+                                     "openai, $OPENAI_API_KEY)")
+    p.add_argument("--model", default="", help="model name (default: the server's first)")
+    add_workload_flags(p)
     load = p.add_argument_group("load")
     load.add_argument("--rate", type=_rate, help="open loop: Poisson arrivals at this many requests/s (default inf: "
                       "all at once)")
@@ -343,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_sweeps([load_sweep(path) for path in args.plot_from], args.plot)
         print(f"wrote {args.plot}")
         return 0
-    workload = Workload(args.workload, args.prompt_len, args.output_len, (args.min_prompt_len, args.max_prompt_len),
-                        (args.min_output_len, args.max_output_len))
+    workload = workload_of(args)
     try:
         address, model, max_len, vocab = served_model(args)
     except LookupError as e:

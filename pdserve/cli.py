@@ -7,10 +7,13 @@
     pdserve scale decode 3            # grow or shrink a pool while serving (leaving replicas drain)
     pdserve demo "What is the capital of France?"   # start, answer through the SDK, stop
     pdserve bench --workload longtail --rate 2 --num-requests 100   # load, latency, SLO attainment
+    pdserve profile --out profile.json [--config cluster.yaml]     # fit each pool's step time on this hardware
+    pdserve simulate --profile profile.json [--config cluster.yaml] --workload longtail --sweep 1,2,4
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -249,6 +252,115 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from planner.cost import Profile
+    from planner.profile import profile_config
+
+    into = Profile.load(args.out) if args.merge and os.path.exists(args.out) else None
+    profile = profile_config(_cluster_config(args), args.reps, args.quick, into)
+    with open(args.out, "w") as f:
+        f.write(profile.to_json())
+    print(f"wrote {args.out}: {', '.join(profile.pools)}")
+    return 0
+
+
+def _model_inputs(args, command: str):
+    """(cluster config, profile, workload, requests) from simulate's and plan's flags."""
+    from pdserve.bench import workload_of
+    from pdserve.workload import make_requests
+    from planner.cost import Profile
+
+    config, profile = _cluster_config(args), Profile.load(args.profile)
+    workload = workload_of(args)
+    if workload.kind == "multiturn":
+        raise ValueError(f"pdserve {command} does not replay the multiturn workload (its turns wait on the answers)")
+    return config, profile, workload, make_requests(workload, args.num_requests, args.seed, args.vocab_size,
+                                                    args.max_model_len)
+
+
+def cmd_simulate(args) -> int:
+    import json
+
+    from pdserve.bench import format_run, format_sweep, goodput
+    from planner.simulate import simulate, simulate_sweep
+
+    config, profile, workload, requests = _model_inputs(args, "simulate")
+    if args.calibrate:
+        return _calibrate(args, config, profile, requests)
+    meta = {"label": args.label, "model": config.model, "backend": "simulated", "profile": args.profile,
+            "workload": dataclasses.asdict(workload)}
+    if args.sweep:  # the rates one after the other on one cluster, as pdserve bench --sweep runs them
+        runs = [run | meta for run in simulate_sweep(config, profile, requests, args.sweep, args.seed,
+                                                     args.ttft_slo, args.tpot_slo)]
+        result = meta | {"runs": runs, "goodput_rps": goodput(runs, args.attainment),
+                         "attainment_target": args.attainment}
+        print(format_sweep(result))
+    else:
+        result = simulate(config, profile, requests, args.rate, args.seed, args.ttft_slo, args.tpot_slo) | meta
+        print(format_run(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from planner.plan import as_json, format_plan, plan
+
+    config, profile, _, requests = _model_inputs(args, "plan")
+    found = plan(config, profile, requests, args.devices, args.ttft_slo, args.tpot_slo, args.attainment,
+                 seed=args.seed)
+    if not found:
+        raise ValueError(f"no layout of at most {args.devices} devices uses only the profile's pools "
+                         f"({', '.join(profile.pools)})")
+    print(format_plan(found, args.top))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(as_json(found), indent=1) + "\n")
+    return 0
+
+
+def _calibrate(args, config, profile, requests) -> int:
+    """Fit the profile's service costs to measured runs of this workload (--calibrate RUN.json[=CONFIG.yaml])."""
+    import json
+
+    from pdserve.config import ClusterConfig
+    from planner.calibrate import Case, calibrate, format_errors
+
+    cases = []
+    for spec in args.calibrate:
+        run_path, _, config_path = spec.partition("=")
+        with open(run_path) as f:
+            measured = json.load(f)
+        cases.append(Case(ClusterConfig.from_yaml(config_path) if config_path else config, requests, measured,
+                          args.seed))
+    service, rows = calibrate(profile, cases)
+    start = 0
+    for spec, case in zip(args.calibrate, cases):
+        print(f"{spec}:\n{format_errors(rows[start:start + len(case.runs)])}")
+        start += len(case.runs)
+    fitted = dataclasses.asdict(service)
+    with open(args.profile, "w") as f:
+        f.write(dataclasses.replace(profile, service=fitted).to_json())
+    print(f"wrote the service costs into {args.profile}: {json.dumps(fitted)}")
+    return 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """What simulate and plan share: the cluster (serve's flags), the profile, the workload and the SLOs."""
+    from pdserve.bench import add_workload_flags
+
+    _add_serve_flags(p)
+    p.add_argument("--profile", required=True, help="a JSON written by pdserve profile")
+    add_workload_flags(p)
+    p.add_argument("--max-model-len", type=int, default=8192, help="prompts are cut to fit (default %(default)s)")
+    p.add_argument("--ttft-slo", type=float, default=1.0, help="seconds (default %(default)s)")
+    p.add_argument("--tpot-slo", type=float, default=0.2, help="seconds (default %(default)s)")
+    p.add_argument("--attainment", type=float, default=0.9, help="goodput's share (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="disaggregated prefill/decode LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +369,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start a cluster and serve until interrupted")
     _add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("profile", help="measure each pool's engine steps on this hardware and fit their cost")
+    _add_serve_flags(p)
+    p.add_argument("--out", required=True, help="the profile JSON to write")
+    p.add_argument("--merge", action="store_true", help="add the pools --out lacks to it (one file, many layouts)")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per step shape, after one warm-up (median)")
+    p.add_argument("--quick", action="store_true", help="fewer context lengths (about half the time)")
+    p.set_defaults(func=cmd_profile)
+    from pdserve.bench import _rate, _rates
+
+    p = sub.add_parser("simulate", help="replay a workload through a model of the cluster on a profile")
+    _add_model_flags(p)
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=_rate, help="Poisson arrivals, requests/s (default: all at once)")
+    load.add_argument("--sweep", type=_rates, help="comma-separated rates; reports goodput")
+    p.add_argument("--label", help="stored in the JSON")
+    p.add_argument("--json", help="write the run (or sweep) here: the JSON pdserve bench writes")
+    p.add_argument("--calibrate", action="append", metavar="RUN.json[=CONFIG.yaml]",
+                   help="instead of simulating: fit the profile's service costs (hops, per-step and per-token "
+                        "costs, each pool's slowdown in the cluster) to this measured `pdserve bench --json` run or "
+                        "sweep of the workload the flags give, on CONFIG.yaml (default: --config and the flags); "
+                        "repeatable, one fit over all; written into --profile")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("plan", help="search the layouts of N devices for the most goodput per device (simulated)")
+    _add_model_flags(p)
+    p.add_argument("--devices", type=int, required=True, help="cores on a CPU host (TP x threads a replica), GPUs")
+    p.add_argument("--top", type=int, default=5, help="layouts to print (default %(default)s; the JSON has all)")
+    p.add_argument("--json", help="every layout tried, with its goodput, the rates tried and its latencies there")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="start a cluster, answer one chat question through the SDK, stop")
     p.add_argument("question", nargs="?", default="What is the capital of France?")

@@ -15,7 +15,7 @@ from tests.import_rules import ANY, STDLIB, Import, Rule, check, cycles, read_im
 ROOT = Path(__file__).resolve().parent.parent
 # the project's packages (tests/ is not read); a missing one (detok/ today) is skipped
 PACKAGES = ("engine", "kv_transfer", "replica", "prefill_worker", "decode_worker", "router", "pdserve", "protos",
-            "benchmarks", "detok", "blockkeys")
+            "benchmarks", "detok", "blockkeys", "planner")
 RUNTIME = tuple(f"{p}/" for p in PACKAGES if p != "benchmarks")  # what a deployment runs
 
 # rule name -> the direction it forbids. Importers are files ("replica/contract.py") or folders
@@ -48,6 +48,13 @@ RULES: dict[str, Rule] = {
     "blockkeys stands alone": Rule(("blockkeys/",), (ANY,), allowed=(STDLIB,)),
     # the router's detokenizer, a leaf for the same reason: none of ours, no torch
     "detok stands alone": Rule(("detok/",), (*PACKAGES, "torch"), allowed=("detok",)),
+    # the step model the router's dispatch will read: the standard library only, like the router's other leaves
+    "the cost model stands alone": Rule(("planner/cost.py",), (ANY,), allowed=(STDLIB,)),
+    # the planner runs the real scheduler, block manager and placement policies on a simulated clock: it sits
+    # above them, and nothing below the public face depends on it
+    "nothing below the face imports the planner": Rule(
+        ("engine/", "kv_transfer/", "replica/", "prefill_worker/", "decode_worker/", "protos/", "detok/",
+         "blockkeys/"), ("planner",)),
     # benchmarks measure the runtime; nothing a deployment runs may depend on them
     "nothing imports benchmarks": Rule(RUNTIME, ("benchmarks",)),
     # the client SDK works with only grpcio and protobuf installed: as `import pdserve` loads, only the
@@ -102,6 +109,8 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "detok stands alone": ("detok/stream.py", "from typing import TYPE_CHECKING\n"
                                               "if TYPE_CHECKING:\n    import torch\n"),  # types only still counts
     "nothing imports benchmarks": ("pdserve/cli.py", "def bench():\n    from benchmarks import serving\n"),
+    "the cost model stands alone": ("planner/cost.py", "from planner.simulate import Service\n"),
+    "nothing below the face imports the planner": ("engine/scheduler.py", "from planner import cost\n"),
     "SDK needs only grpcio and protobuf": ("pdserve/client.py", "import grpc\nimport numpy as np\n"),
 }
 
@@ -118,6 +127,9 @@ ALLOWED: dict[str, str] = {
                            "def __getattr__(name):\n    import importlib\n"
                            "    return importlib.import_module('engine')\n",  # lazy: the serving side
     "benchmarks/serving.py": "import engine\nimport router.router\nimport ray\n",
+    "planner/simulate.py": "from engine.scheduler import Scheduler\nfrom router.placement import Replica\n"
+                           "from planner.cost import Profile\n",
+    "planner/cost.py": "import json\nfrom bisect import bisect_right\n",
 }
 
 

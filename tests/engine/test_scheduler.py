@@ -444,3 +444,31 @@ def test_without_a_target_costs_are_learnt_but_change_nothing() -> None:
     sched.costs.prefill_token_s, sched.costs.decode_step_s = 1.0, 1.0
     sched.add(seq(100, rid="c"))
     assert scheduled(step(sched)) == {"c": 64}
+
+
+def test_a_landed_transfer_runs_when_the_head_of_waiting_can_never_get_its_blocks() -> None:
+    # 4 blocks: a prompt prefilled elsewhere landed in 2 reserved blocks and waits for its next token (which
+    # needs no new block); another reservation holds the other 2; at the head of waiting, a preempted request
+    # needs 3. Nothing runs, so FCFS alone would never schedule anything again (found by planner.simulate)
+    sched = make(num_blocks=4)
+    bm = sched.block_manager
+    head = seq(40, rid="head")
+    landed, reserved = seq(20, rid="landed"), seq(30, rid="reserved")
+    for s in (landed, reserved):
+        bm.allocate(s, s.num_prompt_tokens)
+    landed.num_computed_tokens = 20
+    landed.token_ids.append(5)  # the first token, sampled by the prefill side
+    sched.add(head)
+    sched.add(landed)
+    assert bm.num_free_blocks == 0
+    out = sched.schedule()
+    assert scheduled(out) == {"landed": 1} and out.num_decodes == 1
+    assert list(sched.waiting) == [head] and sched.running == [landed]
+    # with something running, FCFS holds again: the head is not overtaken by a later landed prompt
+    later = seq(20, rid="later")
+    sched.finish(reserved, "abort")
+    bm.allocate(later, 20)
+    later.num_computed_tokens = 20
+    later.token_ids.append(5)
+    sched.add(later)
+    assert "later" not in scheduled(sched.schedule())

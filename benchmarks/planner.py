@@ -1,0 +1,116 @@
+"""The simulator against measurement: calibrate its service costs on one workload's measured runs, then
+predict another workload's runs it never saw, and print predicted beside measured.
+
+    python -m benchmarks.planner --profile profile.json --calibrate-on bench-vs --validate-on bench-serving
+
+--calibrate-on and --validate-on: each the output folder of `python -m benchmarks.serving_vs` (its
+pdserve-<layout>.json sweeps of the fixed 256/128 workload and workload.json) or of
+`python -m benchmarks.serving` (the long-tail sweeps of its disaggregated, conditional and colocated
+configurations); swap them to validate the other way. The profile must hold every pool
+configuration those layouts use (`pdserve profile`, once per layout with --merge). The fitted service costs
+are written into the profile. Per run: TTFT and TPOT p50 and p90, measured / simulated, and the share of
+requests within both SLOs; then the goodput each way."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks import serving, serving_vs
+from pdserve.bench_stats import goodput
+from pdserve.cli import _cluster_config, build_parser
+from pdserve.workload import Workload, make_requests
+from planner.calibrate import METRICS, Case, calibrate, errors, format_errors
+from planner.cost import Profile
+from planner.simulate import Service, simulate_sweep
+
+
+def layout_config(layout: str):
+    """The ClusterConfig `pdserve serve` builds from serving_vs's flags for `layout`."""
+    args = build_parser().parse_args(["serve", *serving_vs.LAYOUTS[layout], *serving_vs.COMMON])
+    return _cluster_config(args)
+
+
+def cases_in(folder: Path) -> tuple[list[Case], tuple[float, float]]:
+    """The measured sweeps of a benchmarks.serving_vs folder (it has workload.json) or of a benchmarks.serving one,
+    each with the configuration, requests and warm-up it ran with; and that benchmark's SLOs."""
+    if (folder / "workload.json").exists():
+        spec = json.loads((folder / "workload.json").read_text())
+        workload = Workload("fixed", spec["prompt_len"], spec["output_len"])
+        requests = make_requests(workload, len(spec["prompts"]), spec["seed"], serving_vs.VOCAB, 8192)
+        assert [p for p, _ in requests] == spec["prompts"], "the workload differs from the one measured"
+        if spec.get("fresh_prompts"):  # each rate sent its own
+            requests = [make_requests(workload, len(requests), spec["fresh_seed"] + i, serving_vs.VOCAB, 8192)
+                        for i in range(len(spec["arrivals"]))]
+        warmup = make_requests(workload, 4, 1, serving_vs.VOCAB, 8192)  # as serving_vs sends before the first rate
+        return [Case(layout_config(layout), requests, json.loads((folder / f"pdserve-{layout}.json").read_text()),
+                     warmup=warmup)
+                for layout in serving_vs.LAYOUTS if (folder / f"pdserve-{layout}.json").exists()], (1.0, 0.1)
+    cases = []
+    for label, config in serving.configs().items():
+        if (path := folder / f"{label}.json").exists():
+            sweep = json.loads(path.read_text())
+            requests = make_requests(serving.WORKLOAD, sweep["runs"][0]["num_requests"], 0, 49152, 8192)
+            warmup = make_requests(serving.WORKLOAD, 2, 1, 49152, 8192)  # as benchmarks.serving sends first
+            cases.append(Case(config, requests, sweep, warmup=warmup))
+    return cases, (serving.TTFT_SLO, serving.TPOT_SLO)
+
+
+def report(profile: Profile, service: Service, case: Case, slos: tuple[float, float]) -> tuple[str, float, float]:
+    """A table of measured against simulated runs, and both goodputs (at the SLOs the runs were measured at)."""
+    slo = case.runs[0].get("slo", {})
+    slos = (slo.get("ttft_s", slos[0]), slo.get("tpot_s", slos[1]))
+    sims = simulate_sweep(case.config, profile, case.requests, [run["rate"] for run in case.runs], 0, *slos,
+                          service, case.warmup)
+    lines = format_errors(errors(profile, service, [case])).splitlines()
+    lines[0] += "   both SLOs meas/sim"
+    for i, (run, sim) in enumerate(zip(case.runs, sims)):
+        lines[i + 1] += f"   {100 * run['slo']['both']:5.1f}%/{100 * sim['slo']['both']:5.1f}%"
+    return "\n".join(lines), goodput(case.runs), goodput(sims)
+
+
+def summary_errors(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for m, q in METRICS:
+        errs = sorted(abs(r[f"{m}.{q}"][1] / r[f"{m}.{q}"][0] - 1) for r in rows if r[f"{m}.{q}"][0])
+        out[f"{m}.{q}"] = errs[len(errs) // 2] if errs else float("nan")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.planner", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--calibrate-on", required=True, help="a benchmarks.serving_vs or benchmarks.serving output folder")
+    ap.add_argument("--validate-on", required=True, help="another")
+    ap.add_argument("--json", help="write every run's measured and simulated figures here")
+    args = ap.parse_args(argv)
+    profile = Profile.load(args.profile)
+    fit_cases, fit_slos = cases_in(Path(args.calibrate_on))
+    held_cases, held_slos = cases_in(Path(args.validate_on))
+    service, _ = calibrate(profile, fit_cases)
+    print(f"calibrated on {args.calibrate_on}: {dataclasses.asdict(service)}")
+    out: dict[str, Any] = {"service": dataclasses.asdict(service), "calibration": {}, "held_out": {}}
+    for part, cases, slos in (("calibration", fit_cases, fit_slos), ("held_out", held_cases, held_slos)):
+        rows = []
+        for case in cases:
+            table, measured, simulated = report(profile, service, case, slos)
+            case_rows = errors(profile, service, [case])
+            rows += case_rows
+            out[part][case.measured["label"]] = {"rows": case_rows, "goodput": [measured, simulated]}
+            print(f"--- {case.measured['label']} ({part.replace('_', ' ')})\n{table}\n"
+                  f"goodput measured {measured} req/s, simulated {simulated} req/s")
+        medians = summary_errors(rows)
+        out[part]["median_abs_error"] = medians
+        print(f"median |simulated / measured - 1|, {part.replace('_', ' ')}: "
+              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in medians.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    Path(args.profile).write_text(dataclasses.replace(profile, service=dataclasses.asdict(service)).to_json())
+    print(f"wrote the service costs into {args.profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""`pdserve profile` on a tiny checkpoint (the real engine's steps, measured and fitted), `pdserve simulate`
+on the profile it wrote (the JSON `pdserve bench` writes, read back by its own report and plots) and
+`pdserve plan` over the layouts that profile covers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pdserve.bench_report import load_sweep
+from pdserve.cli import main
+from planner.cost import Profile
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # a pool's engine sets its own
+
+
+def test_profile_then_simulate(tiny_checkpoints, tmp_path, capsys, torch_threads):
+    model, out = str(tiny_checkpoints["llama"]), tmp_path / "profile.json"
+    pools = ["--prefill-max-num-batched-tokens", "128", "--decode-max-num-batched-tokens", "128",
+             "--decode-max-num-seqs", "16", "--prefill-num-kv-blocks", "64", "--decode-num-kv-blocks", "128"]
+    assert main(["profile", "--model", model, "--quick", "--reps", "1", "--out", str(out), *pools]) == 0
+    profile = Profile.load(str(out))
+    assert list(profile.pools) == ["tp1-threads1-float32-cpu"]  # both pools have one config: measured once
+    pool = profile.pools["tp1-threads1-float32-cpu"]
+    assert {"dense", "decode", "context", "sampled"} <= set(pool.fit)
+    assert pool.step.knots[-1] == 128 and pool.step.sample_knots[-1] == 64  # the prefill pool, measured first
+    assert all(p["seconds"] > 0 for p in pool.points)
+    # the tiny model's steps are sub-millisecond and noisy on a shared host: a loose bound, which a fit that
+    # mixed up its terms (or a model of the wrong shape) still misses by far
+    assert pool.fit["dense"]["median_rel_error"] < 0.5 and pool.fit["decode"]["median_rel_error"] < 0.5
+    assert "dense" in capsys.readouterr().out
+
+    # another layout's pool joins the same file
+    assert main(["profile", "--model", model, "--quick", "--reps", "1", "--out", str(out), "--merge", *pools,
+                 "--prefill-replicas", "0", "--decode-num-threads", "2"]) == 0
+    assert set(Profile.load(str(out)).pools) == {"tp1-threads1-float32-cpu", "tp1-threads2-float32-cpu"}
+
+    sweep = tmp_path / "sweep.json"
+    assert main(["simulate", "--profile", str(out), "--model", model, *pools, "--workload", "fixed",
+                 "--prompt-len", "100", "--output-len", "8", "--num-requests", "12", "--sweep", "2,50",
+                 "--json", str(sweep), "--label", "sim"]) == 0
+    result = load_sweep(str(sweep))
+    assert result["label"] == "sim" and [r["rate"] for r in result["runs"]] == [2.0, 50.0]
+    assert all(r["completed"] == 12 and r["backend"] == "simulated" for r in result["runs"])
+    first, second = result["runs"]
+    assert first["ttft_ms"]["p50"] >= 1e3 * pool.step.prefill_seconds(100, 128) * (1 - 1e-9)  # its own prefill
+    # the sweep's runs share one simulated cluster, as pdserve bench's share a live one: the prompts sent again
+    # find their prefixes in the decode replica's cache
+    assert second["ttft_ms"]["p50"] < first["ttft_ms"]["p50"]
+    assert "goodput" in capsys.readouterr().out
+    assert json.loads(sweep.read_text())["profile"] == str(out)
+
+    planned = tmp_path / "plan.json"
+    assert main(["plan", "--profile", str(out), "--model", model, *pools, "--devices", "2", "--workload", "fixed",
+                 "--prompt-len", "100", "--output-len", "8", "--num-requests", "8", "--ttft-slo", "0.05",
+                 "--json", str(planned)]) == 0
+    layouts = json.loads(planned.read_text())
+    assert {p["layout"] for p in layouts} >= {"colocated 1x(tp1, 2 thr)", "colocated 2x(tp1, 1 thr)",
+                                              "1P(tp1, 1 thr) + 1D(tp1, 1 thr), disaggregated"}
+    per_device = [p["goodput_per_device"] for p in layouts]
+    assert per_device == sorted(per_device, reverse=True) and per_device[0] > 0
+    assert layouts[0]["layout"] in capsys.readouterr().out
+
+
+def test_simulate_names_the_pool_its_profile_lacks(tiny_checkpoints, tmp_path, capsys):
+    from planner.cost import PoolProfile, StepModel
+
+    step = StepModel((1, 2), (0.01, 0.02), (1, 2), (0.0, 0.0))
+    opts = {"tensor_parallel_size": 1, "num_threads": 1, "dtype": "float32", "device": "cpu"}
+    path = tmp_path / "p.json"
+    path.write_text(Profile("m", {}, {"tp1-threads1-float32-cpu": PoolProfile(opts, step)}).to_json())
+    assert main(["simulate", "--profile", str(path), "--decode-tp", "2", "--num-requests", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "no step model for the decode pool (tp2-threads1-float32-cpu)" in err and "pdserve profile" in err
