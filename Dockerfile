@@ -30,6 +30,7 @@ COPY --chown=ray:users kv_transfer/ kv_transfer/
 COPY --chown=ray:users prefill_worker/ prefill_worker/
 COPY --chown=ray:users decode_worker/ decode_worker/
 COPY --chown=ray:users protos/ protos/
+COPY --chown=ray:users planner/ planner/
 
 # pdserve with the serving stack (Ray, transformers, gguf, gRPC health and reflection,
 # prometheus-client) and the GPU extra (cupy, flash attention); then the default model,

@@ -9,7 +9,12 @@ pdserve-<layout>.json sweeps of the fixed 256/128 workload and workload.json) or
 configurations); swap them to validate the other way. The profile must hold every pool
 configuration those layouts use (`pdserve profile`, once per layout with --merge). The fitted service costs
 are written into the profile. Per run: TTFT and TPOT p50 and p90, measured / simulated, and the share of
-requests within both SLOs; then the goodput each way."""
+requests within both SLOs; then the goodput each way.
+
+    python -m benchmarks.planner --profile profile.json --dispatch-table
+
+prints the simulated goodput of the 1P1D dispatches (disaggregated, conditional, slo_aware) and colocated on
+long-tail, chat-only and document-heavy work."""
 from __future__ import annotations
 
 import argparse
@@ -21,10 +26,10 @@ from typing import Any
 from benchmarks import serving, serving_vs
 from pdserve.bench_stats import goodput
 from pdserve.cli import _cluster_config, build_parser
-from pdserve.workload import Workload, make_requests
+from pdserve.workload import LongtailMix, Workload, make_requests
 from planner.calibrate import METRICS, Case, calibrate, errors, format_errors
 from planner.cost import Profile
-from planner.simulate import Service, simulate_sweep
+from planner.simulate import Service, simulate, simulate_sweep
 
 
 def layout_config(layout: str):
@@ -79,13 +84,56 @@ def summary_errors(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def sim_goodput(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float, steps: int = 6) -> float:
+    """The highest rate at which 90% of the requests meet both SLOs in simulation: doubling, then bisection."""
+    def meets(rate: float) -> bool:
+        return (simulate(config, profile, requests, rate, 0, ttft_slo, tpot_slo)["slo"]["both"] or 0) >= 0.9
+    lo, hi = 0.0, 0.25
+    while meets(hi) and hi < 100:
+        lo, hi = hi, 2 * hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return lo
+
+
+def dispatch_table(profile_path: str, requests_per_rate: int = 100) -> str:
+    """Simulated goodput of the 1P1D dispatches (disaggregated, conditional, slo_aware) and colocated, on
+    benchmarks.serving's pools, for long-tail, chat-only and document-heavy work at two pairs of SLOs."""
+    profile = Profile.load(profile_path)
+    workloads = {"long-tail": serving.WORKLOAD,
+                 "chat-only": Workload("longtail", longtail=LongtailMix(document_fraction=0.0)),
+                 "document-heavy": Workload("longtail", longtail=LongtailMix(document_fraction=0.8,
+                                                                             document_prompt=(512, 1536)))}
+    c = serving.configs()
+    lines = ["| SLOs TTFT / TPOT | workload | 1P1D disaggregated | 1P1D conditional < 300 | 1P1D slo_aware | "
+             "colocated |", "|---|---|---|---|---|---|"]
+    for ttft, tpot in ((4.0, 0.25), (2.0, 0.1)):
+        slo_aware = c["disaggregated"].replace(**{"router.dispatch": "slo_aware", "router.profile": profile_path,
+                                                  "router.ttft_slo_s": ttft, "router.tpot_slo_s": tpot})
+        layouts = [c["disaggregated"], c["conditional"], slo_aware, c["colocated"]]
+        for name, workload in workloads.items():
+            requests = make_requests(workload, requests_per_rate, 0, 49152, 8192)
+            cells = " | ".join(f"{sim_goodput(cfg, profile, requests, ttft, tpot):.2f}" for cfg in layouts)
+            lines.append(f"| {ttft:g} s / {1e3 * tpot:g} ms | {name} | {cells} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.planner", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True)
-    ap.add_argument("--calibrate-on", required=True, help="a benchmarks.serving_vs or benchmarks.serving output folder")
-    ap.add_argument("--validate-on", required=True, help="another")
+    ap.add_argument("--calibrate-on", help="a benchmarks.serving_vs or benchmarks.serving output folder")
+    ap.add_argument("--validate-on", help="another")
     ap.add_argument("--json", help="write every run's measured and simulated figures here")
+    ap.add_argument("--dispatch-table", action="store_true",
+                    help="instead: the simulated goodput of each 1P1D dispatch and colocated, on the profile")
     args = ap.parse_args(argv)
+    if args.dispatch_table:
+        dispatch_table(args.profile)
+        return 0
+    if not (args.calibrate_on and args.validate_on):
+        ap.error("give --calibrate-on and --validate-on (or --dispatch-table)")
     profile = Profile.load(args.profile)
     fit_cases, fit_slos = cases_in(Path(args.calibrate_on))
     held_cases, held_slos = cases_in(Path(args.validate_on))

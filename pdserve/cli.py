@@ -27,6 +27,7 @@ SERVE_FLAGS = {
     "model": "model", "address": "ray_address", "kv_backend": "kv_backend", "host": "router.host",
     "port": "router.port", "http_port": "router.http_port", "local_prefill_threshold": "router.local_prefill_threshold",
     "prefill_policy": "router.prefill_policy", "decode_policy": "router.decode_policy",
+    "dispatch": "router.dispatch", "dispatch_profile": "router.profile",
     "api_keys_file": "router.api_keys_file", "tls_cert": "router.tls_cert", "tls_key": "router.tls_key",
 }
 POOLS = ("prefill", "decode")
@@ -107,6 +108,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts with fewer tokens than this that the decode replica's prefix cache lacks are "
                         "prefilled there")
+    p.add_argument("--dispatch", choices=("threshold", "slo_aware"),
+                   help="where prompts prefill: threshold (default: under --local-prefill-threshold tokens on the "
+                        "decode replica) or slo_aware (per request, the path predicted to keep more requests within "
+                        "the SLOs; needs --dispatch-profile)")
+    p.add_argument("--dispatch-profile", help="slo_aware: a JSON written by `pdserve profile` (router.profile)")
     p.add_argument("--prefill-policy", help="how the router picks a prefill replica: prefix_aware (default: the "
                    "fewest tokens left to compute, its cached prefix counted), least_tokens, round_robin")
     p.add_argument("--decode-policy", help="how the router picks a decode replica: prefix_aware (default: the "
@@ -270,7 +276,9 @@ def _model_inputs(args, command: str):
     from pdserve.workload import make_requests
     from planner.cost import Profile
 
+    args.dispatch_profile = args.dispatch_profile or args.profile  # slo_aware predicts with the one simulated on
     config, profile = _cluster_config(args), Profile.load(args.profile)
+    config = config.replace(**{"router.ttft_slo_s": args.ttft_slo, "router.tpot_slo_s": args.tpot_slo})
     workload = workload_of(args)
     if workload.kind == "multiturn":
         raise ValueError(f"pdserve {command} does not replay the multiturn workload (its turns wait on the answers)")

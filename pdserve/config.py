@@ -56,6 +56,10 @@ class RouterConfig:
     max_ongoing_requests: int = 64  # requests placed on the pools at once; the rest wait in the queue
     max_queued_requests: int = 256  # past this, RESOURCE_EXHAUSTED
     local_prefill_threshold: int = 16  # prompts shorter than this many tokens prefill on the decode replica
+    # where a prompt prefills: "threshold" (local_prefill_threshold) or "slo_aware" (per request, the path the
+    # profile's step models and the live load predict keeps more requests within ttft_slo_s and tpot_slo_s)
+    dispatch: str = "threshold"
+    profile: str | None = None  # a `pdserve profile` JSON: what slo_aware predicts with
     prefill_policy: str = "prefix_aware"  # or least_tokens, round_robin (router/placement.py)
     decode_policy: str = "prefix_aware"  # or most_free_blocks, round_robin
     max_request_bytes: int = 1 << 20  # a request larger than this is refused with INVALID_ARGUMENT
@@ -89,6 +93,13 @@ class RouterConfig:
             raise ValueError(f"prefill_policy={self.prefill_policy!r}; choose one of {tuple(PREFILL_POLICIES)}")
         if self.decode_policy not in DECODE_POLICIES:
             raise ValueError(f"decode_policy={self.decode_policy!r}; choose one of {tuple(DECODE_POLICIES)}")
+        from router.dispatch import DISPATCH
+
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"dispatch={self.dispatch!r}; choose one of {DISPATCH}")
+        if self.dispatch == "slo_aware" and not self.profile:
+            raise ValueError("router.dispatch='slo_aware' predicts with a profile: set router.profile to a JSON "
+                             "written by `pdserve profile`")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_ongoing_requests must be >= 1 and max_queued_requests >= 0")
 

@@ -155,6 +155,13 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     r.keys()  # a key file or TLS file that is missing fails here, before any actor starts
     for path in (r.tls_cert, r.tls_key) if r.tls else ():
         Path(path).read_bytes()
+    slo_aware = None  # a profile that is missing or lacks a pool fails here too
+    if r.dispatch == "slo_aware":
+        from planner.cost import Profile
+        from router.dispatch import SloAware
+
+        slo_aware = SloAware.from_profile(Profile.load(r.profile), config.prefill, config.decode, r.ttft_slo_s,
+                                          r.tpot_slo_s)
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -199,7 +206,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                  for i, (a, info) in enumerate(zip(prefill, p_info))],
                 [Replica("decode", i, a, config.decode.tensor_parallel_size, free_blocks=info["num_kv_blocks"],
                          block_size=info["block_size"]) for i, (a, info) in enumerate(zip(decode, d_info))],
-                Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name)
+                Tokenizer(tok) if tok else None, limits, config.router, config.kv_backend, name, slo_aware)
 
         cluster.server = RouterServer(make_router, r.host, r.port, r.max_request_bytes, r.metrics_port,
                                       r.http_port, (r.tls_cert, r.tls_key) if r.tls else None).start()

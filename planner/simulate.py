@@ -35,7 +35,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from engine.block_manager import BlockManager
@@ -45,6 +45,8 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from planner.cost import Profile, StepModel, pool_key
 from router.cache_index import Prompt
+from router.dispatch import Load, SloAware
+from router.dispatch import Prediction as SloPrediction
 from router.placement import DECODE_POLICIES, PREFILL_POLICIES, RESERVE_RETRY_S, Replica
 
 OUTPUT_TOKEN = 1  # the id every simulated output token gets (nothing reads it but the prefix cache)
@@ -79,6 +81,7 @@ class SimRequest:
     times: list[float] = field(default_factory=list)  # when each output token reached the client
     placed_at: float | None = None
     prefilled_at: float | None = None
+    prediction: SloPrediction | None = None  # slo_aware: what decided its path
 
 
 class SimEngine:
@@ -130,6 +133,10 @@ class Simulator:
                         for i in range(config.prefill.replicas)]
         self.decode = [self._replica("decode", i, config.decode, profile, self.service)
                        for i in range(config.decode.replicas)]
+        self.dispatch = None
+        if self.router.dispatch == "slo_aware":  # the router's own dispatch, on this simulation's service costs
+            self.dispatch = SloAware.from_profile(replace(profile, service=asdict(self.service)), config.prefill,
+                                                  config.decode, self.router.ttft_slo_s, self.router.tpot_slo_s)
         self._pick_prefill = PREFILL_POLICIES[self.router.prefill_policy]()
         self._order_decode = DECODE_POLICIES[self.router.decode_policy]()
         self.ongoing = 0
@@ -178,9 +185,15 @@ class Simulator:
 
     def _place(self, r: SimRequest) -> None:
         threshold = self.router.local_prefill_threshold
-        live_prefill = self.prefill
-        local = len(r.prompt) < threshold or not live_prefill
         prompt = Prompt(r.prompt)
+        if self.dispatch is not None and self.prefill:
+            d = self._order_decode(self.decode, prompt)[0]
+            r.prediction = self.dispatch.decide(len(r.prompt), r.output_len,
+                                                Load.of(d.stats, d.block_size, d.local_tokens),
+                                                min(p.queued_tokens for p in self.prefill))
+            local = r.prediction.local
+        else:
+            local = len(r.prompt) < threshold or not self.prefill
         params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
         for d in self._order_decode(self.decode, prompt):
             engine: SimEngine = d.actor
@@ -198,6 +211,7 @@ class Simulator:
             d.in_flight += 1
             engine.owner[seq.seq_id] = r
             if r.local:
+                d.local_tokens += len(r.prompt)
                 engine.scheduler.add(seq)
                 self._kick(d)
             else:
@@ -244,7 +258,13 @@ class Simulator:
         """The router's stats poll: what each replica's prefix cache holds, as its index would have it after
         applying the poll's report (placement.Placement.refresh_stats), every POLL_S while requests are out."""
         for replica in (*self.prefill, *self.decode):
-            replica.cache.keys = set(replica.actor.block_manager.cached_blocks)
+            bm, sched = replica.actor.block_manager, replica.actor.scheduler
+            replica.cache.keys = set(bm.cached_blocks)
+            replica.local_tokens = 0
+            replica.stats = {"running": len(sched.running), "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+                             "waiting_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens
+                                                           for s in (*sched.waiting, *sched.running)
+                                                           if s.num_computed_tokens < s.num_prompt_tokens)}
         if self._unfinished:
             self.at(self.now + POLL_S, self._poll)
 
@@ -305,6 +325,7 @@ def results(reqs: Seq[SimRequest]):
             res.status, res.error = "NOT_FINISHED", "the simulation ended before it did"
         prefill_ms = ((r.prefilled_at or r.first_at or 0) - (r.placed_at or 0)) * 1e3
         res.server = {"path": "local" if r.local else "disaggregated",
+                      "dispatch_reason": r.prediction.reason if r.prediction else "threshold",
                       "queue_ms": ((r.placed_at or 0) - r.arrival) * 1e3, "prefill_ms": prefill_ms}
         out.append(res)
     return out

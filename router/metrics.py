@@ -34,6 +34,8 @@ class RouterMetrics:
         self.refused = Counter("pdserve_admission_refusals", "Requests refused with RESOURCE_EXHAUSTED", ["model"],
                                registry=r).labels(**m)
         self.path = Counter("pdserve_prefill_path", "Where prompts were prefilled", ["model", "path"], registry=r)
+        self.dispatch = Counter("pdserve_dispatch", "Where prompts were sent to prefill, and why (Timings."
+                                "dispatch_reason)", ["model", "path", "reason"], registry=r)
         self.slo = Counter("pdserve_slo_met", "Finished requests within the TTFT target, the TPOT target, or both",
                            ["model", "slo"], registry=r)
         for slo in ("ttft", "tpot", "both"):  # every series from the start, at 0, as the base's is

@@ -42,6 +42,7 @@ class Replica:
     draining: bool = False  # leaving the pool: no new placements
     block_size: int = 16  # tokens per KV block
     in_flight: int = 0  # decode: requests placed here and not yet released (kept by the router)
+    local_tokens: int = 0  # decode: prompt tokens sent here to prefill since its last stats poll (kept by the router)
     cache: CacheIndex = field(default_factory=CacheIndex)  # what its prefix cache holds, from the stats polls
 
     @property
@@ -167,6 +168,8 @@ class Placed:
     reservation: Reservation | None = None
     counted: bool = False  # in decode.in_flight, until released
     cached_tokens: int = 0  # prompt tokens a prefix cache held, as the replica that prefilled it says
+    reason: str = ""  # why it prefilled where it did (Timings.dispatch_reason)
+    predicted: tuple[float, float] = (0.0, 0.0)  # slo_aware: predicted TTFT of its path and TPOT there, seconds
 
 
 class Placement:
@@ -210,6 +213,7 @@ class Placement:
                 r.stats = await asyncio.wait_for(r.actor.stats.remote(r.cache.epoch, with_cache=True), timeout_s)
                 r.healthy = sent > r.down_at  # an answer to a poll sent before a request found it dead is stale
                 r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
+                r.local_tokens = 0  # its waiting_prefill_tokens count them now
                 if (report := r.stats.pop("prefix_cache", None)) is not None:
                     r.cache.apply(report)
             except asyncio.TimeoutError:

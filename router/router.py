@@ -20,6 +20,8 @@ from protos.pdserve.v1 import pdserve_pb2_grpc as pb_grpc
 from replica.contract import StreamItem
 from router.admission import Admission, QueueFull
 from router.auth import Keys, Unauthenticated
+from router.cache_index import Prompt
+from router.dispatch import Load, SloAware
 from router.metrics import RouterMetrics
 from router.placement import Placed, Placement, Replica, RequestFailed, call, replica_error
 from router.stream import Clock, Inboxes, Output
@@ -45,11 +47,13 @@ class _Request:
 
 class Router(pb_grpc.GenerationServicer):
     def __init__(self, prefill: list[Replica], decode: list[Replica], tokenizer: Tokenizer | None,
-                 limits: Limits, config, kv_backend: str = "ipc", model_name: str = "default") -> None:
+                 limits: Limits, config, kv_backend: str = "ipc", model_name: str = "default",
+                 slo_aware: SloAware | None = None) -> None:
         self.placement = Placement(prefill, decode, config.prefill_policy, config.decode_policy)
         self.tokenizer = tokenizer
         self.limits = limits
         self.config = config  # pdserve.config.RouterConfig
+        self.slo_aware = slo_aware  # config.dispatch "slo_aware": the predictions that place each prompt
         self.kv_backend = kv_backend
         self.model_name = model_name
         self.admission = Admission(config.max_ongoing_requests, config.max_queued_requests)
@@ -314,8 +318,24 @@ class Router(pb_grpc.GenerationServicer):
         # short prompts, prompts no prefill replica could hold, and prompts whose decode replica's cache
         # holds all but a short tail prefill on the decode replica
         threshold = self.config.local_prefill_threshold
-        local = len(ids) < threshold or not self.limits.fits_prefill(len(ids)) or not place.can_prefill()
+        p.reason, p.predicted = "threshold", (0.0, 0.0)
+        if not self.limits.fits_prefill(len(ids)) or not place.can_prefill():
+            local, p.reason = True, "no_prefill"
+        elif self.slo_aware is not None:
+            d = place.decode_order(Prompt(ids))[0]
+            queued = min(r.queued_tokens for r in place.prefill if r.serves)
+            guess = self.slo_aware.decide(len(ids), params["max_tokens"], Load.of(d.stats, d.block_size,
+                                                                                  d.local_tokens), queued)
+            local, p.reason = guess.local, guess.reason
+            p.predicted = (guess.ttft_local_s if local else guess.ttft_remote_s, guess.tpot_s)
+        else:
+            local = len(ids) < threshold
+        chosen = local
         local = await place.place_decode(p, ids, params, local, threshold)
+        if local:
+            p.decode.local_tokens += len(ids)
+        if local and not chosen:
+            p.reason = "short_tail"  # fewer than the threshold's tokens were left uncached on the decode replica
         clock.placed = time.monotonic()
         self.metrics.queue.observe(clock.placed - clock.t0)
         if not local:
@@ -326,7 +346,7 @@ class Router(pb_grpc.GenerationServicer):
                     raise
                 log.warning("%s; prefilling on %s instead", e, p.decode.name)
                 await place.prefill_locally(p, ids, params)
-                local = True
+                local, p.reason = True, "no_prefill"
         if not local:
             p.cached_tokens = first.num_cached_tokens
             clock.prefilled = time.monotonic()
@@ -362,8 +382,10 @@ class Router(pb_grpc.GenerationServicer):
 
     def _finish(self, out: Output, reason: str, num_prompt: int, clock: Clock, local: bool, p: Placed):
         local = local or p.prefill is None
-        self.metrics.path.labels(model=self.model_name, path="local" if local else "disaggregated").inc()
-        timings = clock.timings(local, (p.decode if local else p.prefill).name, p.decode.name)
+        path = "local" if local else "disaggregated"
+        self.metrics.path.labels(model=self.model_name, path=path).inc()
+        self.metrics.dispatch.labels(model=self.model_name, path=path, reason=p.reason).inc()
+        timings = clock.timings(local, (p.decode if local else p.prefill).name, p.decode.name, p.reason, p.predicted)
         usage = pb.Usage(prompt_tokens=num_prompt, completion_tokens=len(out.token_ids),
                          cached_tokens=min(p.cached_tokens, num_prompt))
         return out.finish(reason, usage, timings)

@@ -148,7 +148,8 @@ class Clock:
         self.last_token_at, self.num_tokens = now, self.num_tokens + n
         return gaps
 
-    def timings(self, local: bool, prefill_replica: str, decode_replica: str) -> pb.Timings:
+    def timings(self, local: bool, prefill_replica: str, decode_replica: str, reason: str = "",
+                predicted: tuple[float, float] = (0.0, 0.0)) -> pb.Timings:
         ms = lambda t: (t - self.t0) * 1e3 if t is not None else 0.0  # noqa: E731
         prefilled = self.prefilled or self.first
         committed = self.committed or prefilled
@@ -157,4 +158,5 @@ class Clock:
             transfer_ms=(committed - prefilled) * 1e3 if (committed and prefilled) else 0.0,
             ttft_ms=ms(self.first), total_ms=ms(time.monotonic()),
             path=pb.PREFILL_PATH_LOCAL if local else pb.PREFILL_PATH_DISAGGREGATED,
-            prefill_replica=prefill_replica, decode_replica=decode_replica)
+            prefill_replica=prefill_replica, decode_replica=decode_replica, dispatch_reason=reason,
+            predicted_ttft_ms=predicted[0] * 1e3, predicted_tpot_ms=predicted[1] * 1e3)

@@ -26,10 +26,12 @@ RULES: dict[str, Rule] = {
     "engine below serving": Rule(
         ("engine/",), ("ray", "grpc", "kv_transfer", "replica", "router", "prefill_worker", "decode_worker",
                        "pdserve", "benchmarks")),
-    # the router must import without torch: protos, the replica contract, detok and torch-free libraries
+    # the router must import without torch: protos, the replica contract, the cost model (slo_aware dispatch),
+    # detok and torch-free libraries
     "router torch-free": Rule(
-        ("router/",), ("torch", "engine", "kv_transfer", "prefill_worker", "decode_worker", "benchmarks", "replica"),
-        allowed=("replica.contract",)),
+        ("router/",), ("torch", "engine", "kv_transfer", "prefill_worker", "decode_worker", "benchmarks", "replica",
+                       "planner"),
+        allowed=("replica.contract", "planner.cost")),
     # kv_transfer moves KV under the roles: engine's KV types and the contract's Reservation and
     # errors, never the roles, the actor shell or the serving face
     "kv_transfer below the roles": Rule(
@@ -130,6 +132,7 @@ ALLOWED: dict[str, str] = {
     "planner/simulate.py": "from engine.scheduler import Scheduler\nfrom router.placement import Replica\n"
                            "from planner.cost import Profile\n",
     "planner/cost.py": "import json\nfrom bisect import bisect_right\n",
+    "router/dispatch.py": "from planner.cost import StepModel\n",
 }
 
 

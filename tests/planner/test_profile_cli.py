@@ -56,6 +56,13 @@ def test_profile_then_simulate(tiny_checkpoints, tmp_path, capsys, torch_threads
     assert "goodput" in capsys.readouterr().out
     assert json.loads(sweep.read_text())["profile"] == str(out)
 
+    # slo_aware dispatch in the simulation predicts with the profile simulated on
+    assert main(["simulate", "--profile", str(out), "--model", model, *pools, "--workload", "fixed",
+                 "--prompt-len", "100", "--output-len", "8", "--num-requests", "12", "--rate", "20",
+                 "--dispatch", "slo_aware", "--json", str(tmp_path / "slo.json")]) == 0
+    slo_run = json.loads((tmp_path / "slo.json").read_text())
+    assert slo_run["completed"] == 12 and sum(slo_run["paths"].values()) == 12
+
     planned = tmp_path / "plan.json"
     assert main(["plan", "--profile", str(out), "--model", model, *pools, "--devices", "2", "--workload", "fixed",
                  "--prompt-len", "100", "--output-len", "8", "--num-requests", "8", "--ttft-slo", "0.05",

@@ -122,3 +122,19 @@ def test_calibration_recovers_the_service_that_made_the_measurements():
             if key != "rate":
                 measured, simulated = value
                 assert simulated == pytest.approx(measured, rel=0.05), (row["rate"], key)
+
+
+def test_slo_aware_dispatch_runs_in_the_simulator_as_in_the_router():
+    # a burst of long prompts: the prefill replica's queue soon holds more than the TTFT target, and the
+    # prompts behind it are better off prefilled on the decode replica
+    cfg = cluster().replace(**{"router.dispatch": "slo_aware", "router.profile": "unused: the simulator's",
+                               "router.ttft_slo_s": 1.0, "router.tpot_slo_s": 0.5})
+    requests = [([1 + i] * 300, 8) for i in range(12)]
+    sim = Simulator(cfg, profile(), Service(hop_s=0.002))
+    from planner.simulate import results
+
+    reqs = sim.run(requests, [0.05 * i for i in range(12)])
+    assert all(len(r.times) == 8 for r in reqs)
+    reasons = {(r.local, r.prediction.reason) for r in reqs}
+    assert (True, "slo") in reasons and any(not local for local, _ in reasons), reasons
+    assert {res.server["dispatch_reason"] for res in results(reqs)} <= {"slo", "delay"}

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/pdserve/v1/pdserve.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x89\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xcf\x01\n\x0fGenerateRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.ChatMessages\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\tB\x07\n\x05_text\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbf\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12%\n\x04path\x18\x06 \x01(\x0e\x32\x17.pdserve.v1.PrefillPath\x12\x17\n\x0fprefill_replica\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x08 \x01(\t\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\"\x16\n\x14\x43lusterStatusRequest\"G\n\x0cScaleRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"A\n\rScaleResponse\x12\x10\n\x08replicas\x18\x01 \x01(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x0f\n\x07removed\x18\x03 \x01(\r\"\x85\x03\n\rReplicaStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x02 \x01(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x06 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x15\n\rbusy_fraction\x18\t \x01(\x01\x12\x18\n\x10tokens_processed\x18\n \x01(\x04\x12\x0b\n\x03mfu\x18\x0b \x01(\x01\x12\x0b\n\x03mbu\x18\x0c \x01(\x01\x12\x10\n\x08restarts\x18\r \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x0e \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0f \x01(\x04\x12\x16\n\x0ekv_bytes_saved\x18\x10 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x11 \x01(\x04\"G\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x08replicas\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.ReplicaStatus\"\x96\x01\n\x15\x43lusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nkv_backend\x18\x02 \x01(\t\x12%\n\x05pools\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.PoolStatus\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\r\x12\x17\n\x0frequests_queued\x18\x05 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*c\n\x0bPrefillPath\x12\x1c\n\x18PREFILL_PATH_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPREFILL_PATH_DISAGGREGATED\x10\x01\x12\x16\n\x12PREFILL_PATH_LOCAL\x10\x02\x32\xf7\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12?\n\x06\x43\x61ncel\x12\x19.pdserve.v1.CancelRequest\x1a\x1a.pdserve.v1.CancelResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12T\n\rClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a!.pdserve.v1.ClusterStatusResponse\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/pdserve/v1/pdserve.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x89\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xcf\x01\n\x0fGenerateRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.ChatMessages\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\tB\x07\n\x05_text\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x8e\x02\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x13\n\x0btransfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12%\n\x04path\x18\x06 \x01(\x0e\x32\x17.pdserve.v1.PrefillPath\x12\x17\n\x0fprefill_replica\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x08 \x01(\t\x12\x17\n\x0f\x64ispatch_reason\x18\t \x01(\t\x12\x19\n\x11predicted_ttft_ms\x18\n \x01(\x01\x12\x19\n\x11predicted_tpot_ms\x18\x0b \x01(\x01\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.pdserve.v1.Timings\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\"\x16\n\x14\x43lusterStatusRequest\"G\n\x0cScaleRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"A\n\rScaleResponse\x12\x10\n\x08replicas\x18\x01 \x01(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x0f\n\x07removed\x18\x03 \x01(\r\"\x85\x03\n\rReplicaStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x02 \x01(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x06 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x15\n\rbusy_fraction\x18\t \x01(\x01\x12\x18\n\x10tokens_processed\x18\n \x01(\x04\x12\x0b\n\x03mfu\x18\x0b \x01(\x01\x12\x0b\n\x03mbu\x18\x0c \x01(\x01\x12\x10\n\x08restarts\x18\r \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x0e \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0f \x01(\x04\x12\x16\n\x0ekv_bytes_saved\x18\x10 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x11 \x01(\x04\"G\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x08replicas\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.ReplicaStatus\"\x96\x01\n\x15\x43lusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nkv_backend\x18\x02 \x01(\t\x12%\n\x05pools\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.PoolStatus\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\r\x12\x17\n\x0frequests_queued\x18\x05 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*c\n\x0bPrefillPath\x12\x1c\n\x18PREFILL_PATH_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPREFILL_PATH_DISAGGREGATED\x10\x01\x12\x16\n\x12PREFILL_PATH_LOCAL\x10\x02\x32\xf7\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12?\n\x06\x43\x61ncel\x12\x19.pdserve.v1.CancelRequest\x1a\x1a.pdserve.v1.CancelResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12T\n\rClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a!.pdserve.v1.ClusterStatusResponse\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2315
-  _globals['_FINISHREASON']._serialized_end=2410
-  _globals['_PREFILLPATH']._serialized_start=2412
-  _globals['_PREFILLPATH']._serialized_end=2511
+  _globals['_FINISHREASON']._serialized_start=2394
+  _globals['_FINISHREASON']._serialized_end=2489
+  _globals['_PREFILLPATH']._serialized_start=2491
+  _globals['_PREFILLPATH']._serialized_end=2590
   _globals['_CHATMESSAGE']._serialized_start=47
   _globals['_CHATMESSAGE']._serialized_end=91
   _globals['_CHATMESSAGES']._serialized_start=93
@@ -52,31 +52,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=792
   _globals['_USAGE']._serialized_end=872
   _globals['_TIMINGS']._serialized_start=875
-  _globals['_TIMINGS']._serialized_end=1066
-  _globals['_GENERATERESPONSE']._serialized_start=1069
-  _globals['_GENERATERESPONSE']._serialized_end=1305
-  _globals['_CANCELREQUEST']._serialized_start=1307
-  _globals['_CANCELREQUEST']._serialized_end=1342
-  _globals['_CANCELRESPONSE']._serialized_start=1344
-  _globals['_CANCELRESPONSE']._serialized_end=1379
-  _globals['_LISTMODELSREQUEST']._serialized_start=1381
-  _globals['_LISTMODELSREQUEST']._serialized_end=1400
-  _globals['_MODELINFO']._serialized_start=1402
-  _globals['_MODELINFO']._serialized_end=1470
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1472
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1531
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1533
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1555
-  _globals['_SCALEREQUEST']._serialized_start=1557
-  _globals['_SCALEREQUEST']._serialized_end=1628
-  _globals['_SCALERESPONSE']._serialized_start=1630
-  _globals['_SCALERESPONSE']._serialized_end=1695
-  _globals['_REPLICASTATUS']._serialized_start=1698
-  _globals['_REPLICASTATUS']._serialized_end=2087
-  _globals['_POOLSTATUS']._serialized_start=2089
-  _globals['_POOLSTATUS']._serialized_end=2160
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2163
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2313
-  _globals['_GENERATION']._serialized_start=2514
-  _globals['_GENERATION']._serialized_end=2889
+  _globals['_TIMINGS']._serialized_end=1145
+  _globals['_GENERATERESPONSE']._serialized_start=1148
+  _globals['_GENERATERESPONSE']._serialized_end=1384
+  _globals['_CANCELREQUEST']._serialized_start=1386
+  _globals['_CANCELREQUEST']._serialized_end=1421
+  _globals['_CANCELRESPONSE']._serialized_start=1423
+  _globals['_CANCELRESPONSE']._serialized_end=1458
+  _globals['_LISTMODELSREQUEST']._serialized_start=1460
+  _globals['_LISTMODELSREQUEST']._serialized_end=1479
+  _globals['_MODELINFO']._serialized_start=1481
+  _globals['_MODELINFO']._serialized_end=1549
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1551
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1610
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1612
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1634
+  _globals['_SCALEREQUEST']._serialized_start=1636
+  _globals['_SCALEREQUEST']._serialized_end=1707
+  _globals['_SCALERESPONSE']._serialized_start=1709
+  _globals['_SCALERESPONSE']._serialized_end=1774
+  _globals['_REPLICASTATUS']._serialized_start=1777
+  _globals['_REPLICASTATUS']._serialized_end=2166
+  _globals['_POOLSTATUS']._serialized_start=2168
+  _globals['_POOLSTATUS']._serialized_end=2239
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2242
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2392
+  _globals['_GENERATION']._serialized_start=2593
+  _globals['_GENERATION']._serialized_end=2968
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,115 @@
+"""Where a prompt prefills: on its decode replica (local) or on a prefill replica (disaggregated).
+
+`threshold` (the default): a prompt under router.local_prefill_threshold tokens prefills locally.
+`slo_aware`: per request, the step models of a profile (planner/cost.py) and the replicas' live load predict
+the time to first token of each path and the time per output token the decode replica's running requests
+would see, and the path that leaves fewer requests outside the SLOs wins. When both leave as many outside
+(none, usually), the path that delays requests less in all wins: this one's first token, plus, locally, the
+time each running decode waits through the prefill's steps beyond its own (request-seconds):
+
+    local           the decode replica prefills the prompt (and the prompts queued there before it) in chunks
+                    of what its token budget leaves beside its running decodes: TTFT is the sum of those mixed
+                    steps; each of them is also a step the running decodes wait through, so their TPOT grows by
+                    the steps' excess over a decode-only step, spread over an output of max_tokens
+    disaggregated   the least-loaded prefill replica prefills the tokens queued there and the prompt in chunks
+                    alone, and the first token takes a hop back; the decodes keep their decode-only steps
+
+Standard library and the router's own types only: the router's process loads it (no torch)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.cost import StepModel
+
+DISPATCH = ("threshold", "slo_aware")
+
+
+@dataclass(frozen=True)
+class Load:
+    """A decode replica as its last stats poll saw it."""
+    running: int = 0  # sequences in its batch
+    waiting_prefill_tokens: int = 0  # prompt tokens queued there, not yet prefilled
+    context: int = 0  # mean tokens of KV a running sequence reads
+
+    @classmethod
+    def of(cls, stats: dict, block_size: int, sent_since: int = 0) -> Load:
+        """From a replica's last stats poll, plus the prompt tokens sent to it to prefill since (a poll every
+        0.25 s is stale for the requests between: without them, every one of them would see the same load)."""
+        running = stats.get("running", 0)
+        used = stats.get("kv_blocks_used", 0) * block_size
+        return cls(running, stats.get("waiting_prefill_tokens", 0) + sent_since, used // running if running else 0)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    local: bool
+    reason: str  # slo (fewer requests outside the SLOs), delay (as many: less delay in all), no_prefill
+    ttft_local_s: float
+    ttft_remote_s: float  # inf without a prefill replica
+    tpot_s: float  # the decode replica's running requests' TPOT on the path taken
+
+
+@dataclass(frozen=True)
+class SloAware:
+    decode: StepModel
+    prefill: StepModel | None
+    ttft_slo_s: float
+    tpot_slo_s: float
+    decode_budget: int  # the decode pool's max_num_batched_tokens
+    decode_chunk: int  # and its chunk size
+    prefill_chunk: int
+    hop_s: float = 0.0
+    decode_slowdown: float = 1.0  # the profile's fitted service costs (planner.simulate.Service)
+    prefill_slowdown: float = 1.0
+
+    def decide(self, prompt_len: int, max_tokens: int, load: Load, prefill_queued: int | None) -> Prediction:
+        """prefill_queued: prompt tokens queued on the least-loaded live prefill replica (None: none is up)."""
+        b, ctx = load.running, load.context
+        decodes = [(1, ctx, True)] * b
+        t_decode = self.decode_slowdown * self.decode.step_seconds(decodes) if b else 0.0
+        chunk = max(1, min(self.decode_chunk, self.decode_budget - b))
+        ttft_local, excess, done = 0.0, 0.0, 0
+        total = load.waiting_prefill_tokens + prompt_len
+        while done < total:
+            n = min(chunk, total - done)
+            t = self.decode_slowdown * self.decode.step_seconds([*decodes, (n, done, done + n == total)])
+            ttft_local += t
+            excess += t - t_decode
+            done += n
+        ttft_local += self.hop_s
+        tpot_local = t_decode + excess / max(1, max_tokens)
+        if prefill_queued is None or self.prefill is None:
+            return Prediction(True, "no_prefill", ttft_local, math.inf, tpot_local)
+        ttft_remote = self.prefill_slowdown * self.prefill.prefill_seconds(prefill_queued + prompt_len,
+                                                                            self.prefill_chunk) + 2 * self.hop_s
+        outside_local = (ttft_local > self.ttft_slo_s) + b * (tpot_local > self.tpot_slo_s)
+        outside_remote = int(ttft_remote > self.ttft_slo_s) + b * (t_decode > self.tpot_slo_s)
+        if outside_local != outside_remote:
+            local, reason = outside_local < outside_remote, "slo"
+        else:  # as many outside either way: the path that delays requests less, in all (request-seconds): this
+            # one's first token, and locally also the steps each running decode waits through beyond its own
+            local, reason = ttft_local + b * excess <= ttft_remote, "delay"
+        return Prediction(local, reason, ttft_local, ttft_remote, tpot_local if local else t_decode)
+
+    @classmethod
+    def from_profile(cls, profile, prefill_pool, decode_pool, ttft_slo_s: float, tpot_slo_s: float) -> SloAware:
+        """From a planner.cost.Profile and the cluster's pools (pdserve.config.PoolConfig; the prefill one may
+        have no replicas); ValueError naming the pool configuration the profile lacks."""
+        from planner.cost import pool_key
+
+        def step(pool) -> StepModel:
+            key = pool_key(pool.engine_kwargs())
+            found = next((p.step for p in profile.pools.values() if pool_key(p.options) == key), None)
+            if found is None:
+                raise ValueError(f"router.dispatch='slo_aware' needs a step model for the pool configuration {key}; "
+                                 f"the profile has {sorted(profile.pools)}: measure it with `pdserve profile`")
+            return found
+
+        service = profile.service
+        slowdown = service.get("slowdown", {})
+        split = prefill_pool.replicas > 0
+        return cls(step(decode_pool), step(prefill_pool) if split else None, ttft_slo_s, tpot_slo_s,
+                   decode_pool.max_num_batched_tokens, decode_pool.chunk_size, prefill_pool.chunk_size,
+                   service.get("hop_s", 0.0), slowdown.get(pool_key(decode_pool.engine_kwargs()), 1.0),
+                   slowdown.get(pool_key(prefill_pool.engine_kwargs()), 1.0))

@@ -1,0 +1,66 @@
+"""router.dispatch "slo_aware" in a real cluster (the tiny model, its profile measured here): the same tokens
+as the offline engine on whichever path each prompt took, and every request's Timings and the router's
+metrics say where it prefilled, why, and what was predicted."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from pdserve import Client
+from pdserve.launch import start_cluster
+from planner.profile import profile_config
+from tests.e2e.conftest import small_cluster
+from tests.kv_transfer.test_shm_transfer import prompts_of
+
+
+@pytest.fixture(scope="module")
+def profile_path(tiny_model, tmp_path_factory):
+    threads = torch.get_num_threads()
+    profile = profile_config(small_cluster(tiny_model), reps=1, quick=True, log=lambda msg: None)
+    torch.set_num_threads(threads)  # the pool's engine set its own
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    path.write_text(profile.to_json())
+    return str(path)
+
+
+def test_slo_aware_dispatch_serves_exact_tokens_and_says_why(ray_local, tiny_model, profile_path) -> None:
+    prompts = prompts_of([5, 40, 120, 300], seed=3)
+    with LLM(tiny_model, max_num_batched_tokens=128, num_kv_blocks=256) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24,
+                                                                           ignore_eos=True))]
+    config = small_cluster(tiny_model, dispatch="slo_aware", profile=profile_path, ttft_slo_s=2.0, tpot_slo_s=0.5,
+                           local_prefill_threshold=0)  # no short-tail rule: every prompt as slo_aware decides
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=120) as client:
+        got = [client.generate(p, temperature=0, max_tokens=24, ignore_eos=True) for p in prompts]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster.server.metrics_port}/metrics").read().decode()
+    assert [g.token_ids for g in got] == want
+    for g in got:
+        t = g.timings
+        assert t["dispatch_reason"] in ("slo", "delay"), t
+        assert t["predicted_ttft_ms"] > 0 and t["predicted_tpot_ms"] >= 0
+    # the router counts each request under the path it took and the reason it gave
+    counted = {}
+    for line in metrics.splitlines():
+        if line.startswith("pdserve_dispatch_total{"):
+            labels = dict(kv.split("=") for kv in line[line.index("{") + 1:line.index("}")].split(","))
+            counted[labels["path"].strip('"'), labels["reason"].strip('"')] = float(line.split()[-1])
+    want_counts = {}
+    for g in got:
+        key = (g.timings["path"], g.timings["dispatch_reason"])
+        want_counts[key] = want_counts.get(key, 0) + 1
+    assert counted == want_counts
+
+
+def test_slo_aware_without_a_profile_of_the_pools_fails_before_anything_starts(tiny_model, tmp_path) -> None:
+    from planner.cost import Profile
+
+    path = tmp_path / "empty.json"
+    path.write_text(Profile(tiny_model, {}, {}).to_json())
+    config = small_cluster(tiny_model, dispatch="slo_aware", profile=str(path))
+    with pytest.raises(ValueError, match="needs a step model for the pool configuration tp1-threads1"):
+        start_cluster(config, progress=None)
+    with pytest.raises(ValueError, match="set router.profile"):
+        small_cluster(tiny_model, dispatch="slo_aware")
