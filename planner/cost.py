@@ -123,6 +123,16 @@ class Profile:
     service: dict[str, float] = field(default_factory=dict)
     version: int = PROFILE_VERSION
 
+    def pool(self, options: dict[str, Any]) -> PoolProfile:
+        """The pool profile measured with these engine options' pool key; ValueError naming what it holds."""
+        key = pool_key(options)
+        found = next((p for p in self.pools.values() if pool_key(p.options) == key), None)
+        if found is None:
+            raise ValueError(f"the profile has no step model for the pool configuration {key}; it has "
+                             f"{sorted(pool_key(p.options) for p in self.pools.values())}: measure it with "
+                             "`pdserve profile`")
+        return found
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
 

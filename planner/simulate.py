@@ -144,14 +144,13 @@ class Simulator:
 
     @staticmethod
     def _replica(role: str, index: int, pool, profile: Profile, service: Service) -> Replica:
-        key = pool_key({**pool.engine_kwargs()})
-        found = next((p for p in profile.pools.values() if pool_key(p.options) == key), None)
-        if found is None:
-            have = sorted(pool_key(p.options) for p in profile.pools.values())
-            raise ValueError(f"the profile has no step model for the {role} pool ({key}); it has {have}: measure "
-                             f"this pool with `pdserve profile`")
-        options = EngineOptions(**pool.engine_kwargs())
-        engine = SimEngine(options, found.step, pool.num_kv_blocks or 1024, service, service.slowdown.get(key, 1.0))
+        try:
+            step = profile.pool(pool.engine_kwargs()).step
+        except ValueError as e:
+            raise ValueError(f"the {role} pool: {e}") from None
+        slowdown = service.slowdown.get(pool_key(pool.engine_kwargs()), 1.0)
+        engine = SimEngine(EngineOptions(**pool.engine_kwargs()), step, pool.num_kv_blocks or 1024, service, slowdown)
+        # the engine stands where the router keeps a replica's actor handle
         r = Replica(role, index, actor=engine, tensor_parallel_size=pool.tensor_parallel_size,
                     block_size=pool.block_size)
         r.free_blocks = engine.block_manager.num_free_blocks

@@ -99,12 +99,10 @@ class SloAware:
         from planner.cost import pool_key
 
         def step(pool) -> StepModel:
-            key = pool_key(pool.engine_kwargs())
-            found = next((p.step for p in profile.pools.values() if pool_key(p.options) == key), None)
-            if found is None:
-                raise ValueError(f"router.dispatch='slo_aware' needs a step model for the pool configuration {key}; "
-                                 f"the profile has {sorted(profile.pools)}: measure it with `pdserve profile`")
-            return found
+            try:
+                return profile.pool(pool.engine_kwargs()).step
+            except ValueError as e:
+                raise ValueError(f"router.dispatch='slo_aware': {e}") from None
 
         service = profile.service
         slowdown = service.get("slowdown", {})

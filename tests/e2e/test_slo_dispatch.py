@@ -60,7 +60,7 @@ def test_slo_aware_without_a_profile_of_the_pools_fails_before_anything_starts(t
     path = tmp_path / "empty.json"
     path.write_text(Profile(tiny_model, {}, {}).to_json())
     config = small_cluster(tiny_model, dispatch="slo_aware", profile=str(path))
-    with pytest.raises(ValueError, match="needs a step model for the pool configuration tp1-threads1"):
+    with pytest.raises(ValueError, match="slo_aware.: the profile has no step model for the pool configuration tp1"):
         start_cluster(config, progress=None)
     with pytest.raises(ValueError, match="set router.profile"):
         small_cluster(tiny_model, dispatch="slo_aware")

@@ -84,4 +84,5 @@ def test_simulate_names_the_pool_its_profile_lacks(tiny_checkpoints, tmp_path, c
     path.write_text(Profile("m", {}, {"tp1-threads1-float32-cpu": PoolProfile(opts, step)}).to_json())
     assert main(["simulate", "--profile", str(path), "--decode-tp", "2", "--num-requests", "2"]) == 2
     err = capsys.readouterr().err
-    assert "no step model for the decode pool (tp2-threads1-float32-cpu)" in err and "pdserve profile" in err
+    assert "the decode pool: the profile has no step model for the pool configuration tp2-threads1-float32-cpu" in err
+    assert "pdserve profile" in err

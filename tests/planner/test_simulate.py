@@ -90,7 +90,8 @@ def test_requests_wait_for_decode_blocks_and_still_all_finish():
 
 
 def test_a_pool_the_profile_lacks_is_named():
-    with pytest.raises(ValueError, match="no step model for the decode pool .tp1-threads2-float32-cpu."):
+    with pytest.raises(ValueError, match="the decode pool: the profile has no step model for the pool configuration "
+                                         "tp1-threads2"):
         simulate(cluster(prefill=0).replace(**{"decode.num_threads": 2}), profile(threads=(1,)), [([1] * 10, 2)],
                  None, service=Service())
 
