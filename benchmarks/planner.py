@@ -38,7 +38,7 @@ def layout_config(layout: str):
     return _cluster_config(args)
 
 
-def cases_in(folder: Path) -> tuple[list[Case], tuple[float, float]]:
+def cases_in(folder: Path, profile: str | None = None) -> tuple[list[Case], tuple[float, float]]:
     """The measured sweeps of a benchmarks.serving_vs folder (it has workload.json) or of a benchmarks.serving one,
     each with the configuration, requests and warm-up it ran with; and that benchmark's SLOs."""
     if (folder / "workload.json").exists():
@@ -54,7 +54,7 @@ def cases_in(folder: Path) -> tuple[list[Case], tuple[float, float]]:
                      warmup=warmup)
                 for layout in serving_vs.LAYOUTS if (folder / f"pdserve-{layout}.json").exists()], (1.0, 0.1)
     cases = []
-    for label, config in serving.configs().items():
+    for label, config in serving.configs(profile).items():
         if (path := folder / f"{label}.json").exists():
             sweep = json.loads(path.read_text())
             requests = make_requests(serving.WORKLOAD, sweep["runs"][0]["num_requests"], 0, 49152, 8192)
@@ -123,7 +123,8 @@ def dispatch_table(profile_path: str, requests_per_rate: int = 100) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.planner", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True)
-    ap.add_argument("--calibrate-on", help="a benchmarks.serving_vs or benchmarks.serving output folder")
+    ap.add_argument("--calibrate-on", help="a benchmarks.serving_vs or benchmarks.serving output folder (none: the "
+                                           "profile's own service costs)")
     ap.add_argument("--validate-on", help="another")
     ap.add_argument("--json", help="write every run's measured and simulated figures here")
     ap.add_argument("--dispatch-table", action="store_true",
@@ -132,15 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.dispatch_table:
         dispatch_table(args.profile)
         return 0
-    if not (args.calibrate_on and args.validate_on):
-        ap.error("give --calibrate-on and --validate-on (or --dispatch-table)")
+    if not args.validate_on:
+        ap.error("give --validate-on (and --calibrate-on, or the profile's own service costs are used), or "
+                 "--dispatch-table")
     profile = Profile.load(args.profile)
-    fit_cases, fit_slos = cases_in(Path(args.calibrate_on))
-    held_cases, held_slos = cases_in(Path(args.validate_on))
-    service, _ = calibrate(profile, fit_cases)
-    print(f"calibrated on {args.calibrate_on}: {dataclasses.asdict(service)}")
+    held_cases, held_slos = cases_in(Path(args.validate_on), args.profile)
+    parts = [("held_out", held_cases, held_slos)]
+    if args.calibrate_on:
+        fit_cases, fit_slos = cases_in(Path(args.calibrate_on), args.profile)
+        service, _ = calibrate(profile, fit_cases)
+        print(f"calibrated on {args.calibrate_on}: {dataclasses.asdict(service)}")
+        parts.insert(0, ("calibration", fit_cases, fit_slos))
+    else:
+        service = Service.of(profile)
+        print(f"the profile's service costs: {dataclasses.asdict(service)}")
     out: dict[str, Any] = {"service": dataclasses.asdict(service), "calibration": {}, "held_out": {}}
-    for part, cases, slos in (("calibration", fit_cases, fit_slos), ("held_out", held_cases, held_slos)):
+    for part, cases, slos in parts:
         rows = []
         for case in cases:
             table, measured, simulated = report(profile, service, case, slos)
@@ -155,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {100 * v:.0f}%" for k, v in medians.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
-    Path(args.profile).write_text(dataclasses.replace(profile, service=dataclasses.asdict(service)).to_json())
-    print(f"wrote the service costs into {args.profile}")
+    if args.calibrate_on:
+        Path(args.profile).write_text(dataclasses.replace(profile, service=dataclasses.asdict(service)).to_json())
+        print(f"wrote the service costs into {args.profile}")
     return 0
 
 

@@ -42,7 +42,9 @@ WORKLOAD = Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536)
 TTFT_SLO, TPOT_SLO = 4.0, 0.25
 
 
-def configs() -> dict[str, ClusterConfig]:
+def configs(profile: str | None = None) -> dict[str, ClusterConfig]:
+    """The layouts compared; with a `pdserve profile` JSON, also "slo_aware": the 1P1D pools with
+    router.dispatch slo_aware at this benchmark's SLOs (local_prefill_threshold 0: every prompt as it decides)."""
     router = RouterConfig(port=0, metrics_port=None, http_port=None, local_prefill_threshold=0,
                           max_ongoing_requests=64)
     split = dict(prefill=PoolConfig(num_cpus=1, num_threads=1, max_num_batched_tokens=512, num_kv_blocks=256),
@@ -55,7 +57,9 @@ def configs() -> dict[str, ClusterConfig]:
         "colocated": ClusterConfig(
             name="bench-coloc", router=router, prefill=PoolConfig(replicas=0),
             decode=PoolConfig(num_cpus=2, num_threads=2, max_num_batched_tokens=512, num_kv_blocks=1024)),
-    }
+    } | ({"slo_aware": ClusterConfig(name="bench-slo", router=dataclasses.replace(
+        router, dispatch="slo_aware", profile=profile, ttft_slo_s=TTFT_SLO, tpot_slo_s=TPOT_SLO), **split)}
+        if profile else {})
 
 
 def offline_throughput(requests: list[tuple[list[int], int]]) -> dict[str, float]:
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-serving")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--rates", default="0.25,0.5,1,1.5")
+    ap.add_argument("--profile", help="a `pdserve profile` JSON of these pools: adds the slo_aware configuration")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all); the chart and the "
                                    "summary take every <config>.json already in --out")
     ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
@@ -178,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
     warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
     burst = {}
-    chosen = args.only.split(",") if args.only else list(configs())
-    for label, config in configs().items():
+    chosen = args.only.split(",") if args.only else list(configs(args.profile))
+    for label, config in configs(args.profile).items():
         if label not in chosen:
             continue
         with start_cluster(config) as cluster:
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_sweep(sweep), flush=True)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     sweeps = [json.loads((out / f"{label}.json").read_text())
-              for label in configs() if (out / f"{label}.json").exists()]
+              for label in configs(args.profile) if (out / f"{label}.json").exists()]
     plot_sweeps(sweeps, out / "serving.png")
     offline = offline_throughput(requests) if not args.only or "offline_engine" not in previous else \
         previous["offline_engine"]
