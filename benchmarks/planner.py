@@ -57,7 +57,11 @@ def cases_in(folder: Path, profile: str | None = None) -> tuple[list[Case], tupl
     for label, config in serving.configs(profile).items():
         if (path := folder / f"{label}.json").exists():
             sweep = json.loads(path.read_text())
-            requests = make_requests(serving.WORKLOAD, sweep["runs"][0]["num_requests"], 0, 49152, 8192)
+            n = sweep["runs"][0]["num_requests"]
+            requests = make_requests(serving.WORKLOAD, n, 0, 49152, 8192)
+            if (fresh := sweep.get("fresh_seed")) is not None:  # each rate sent its own
+                requests = [make_requests(serving.WORKLOAD, n, fresh + i, 49152, 8192)
+                            for i in range(len(sweep["runs"]))]
             warmup = make_requests(serving.WORKLOAD, 2, 1, 49152, 8192)  # as benchmarks.serving sends first
             cases.append(Case(config, requests, sweep, warmup=warmup))
     return cases, (serving.TTFT_SLO, serving.TPOT_SLO)

@@ -3,6 +3,8 @@ a rate sweep for each (latency percentiles, SLO attainment, goodput) and one cha
 the cluster's end-to-end throughput against the offline engine on the same requests.
 
     python -m benchmarks.serving --out bench-serving [--requests 24] [--rates 0.25,0.5,1,1.5] [--only LABELS]
+        [--profile profile.json]   # also the slo_aware layout (1P1D, router.dispatch slo_aware)
+        [--fresh-prompts]          # new prompts at each rate (else each rate re-sends the same ones)
     python -m benchmarks.serving --burst [--only colocated]   # only the all-at-once throughput, beside offline
     python -m benchmarks.serving --front-doors [--only colocated] [--requests 24] [--rate 1] [--repeats 2]
 
@@ -30,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench import run_benchmark, run_sweep
+from pdserve.bench import goodput, run_benchmark, run_sweep
 from pdserve.bench_report import format_sweep, plot_sweeps
 from pdserve.bench_stats import summarize
 from pdserve.config import ClusterConfig, PoolConfig, RouterConfig
@@ -40,6 +42,7 @@ from pdserve.workload import LongtailMix, Workload, make_requests
 
 WORKLOAD = Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536)))
 TTFT_SLO, TPOT_SLO = 4.0, 0.25
+FRESH_SEED = 100  # --fresh-prompts: the prompts of the i-th rate have seed FRESH_SEED + i
 
 
 def configs(profile: str | None = None) -> dict[str, ClusterConfig]:
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-serving")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--rates", default="0.25,0.5,1,1.5")
+    ap.add_argument("--fresh-prompts", action="store_true", help="new prompts at each rate (by default every rate "
+                    "sends the same ones, which a layout whose prefix caches hold them then serves from cache)")
     ap.add_argument("--profile", help="a `pdserve profile` JSON of these pools: adds the slo_aware configuration")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all); the chart and the "
                                    "summary take every <config>.json already in --out")
@@ -188,8 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         if label not in chosen:
             continue
         with start_cluster(config) as cluster:
-            sweep = run_sweep(cluster.address, requests, rates, label=label, warmup=warmup, ttft_slo=TTFT_SLO,
-                              tpot_slo=TPOT_SLO, progress=True)
+            if args.fresh_prompts:  # each rate its own prompts (seed FRESH_SEED + i): none cached from the last
+                runs = [run_benchmark(cluster.address, make_requests(WORKLOAD, args.requests, FRESH_SEED + i, 49152,
+                                                                     8192), rate, warmup=warmup if i == 0 else (),
+                                      ttft_slo=TTFT_SLO, tpot_slo=TPOT_SLO, progress=True)
+                        for i, rate in enumerate(rates)]
+                sweep = {"label": label, "runs": runs, "goodput_rps": goodput(runs), "attainment_target": 0.9,
+                         "fresh_seed": FRESH_SEED}
+            else:
+                sweep = run_sweep(cluster.address, requests, rates, label=label, warmup=warmup, ttft_slo=TTFT_SLO,
+                                  tpot_slo=TPOT_SLO, progress=True)
             burst[label] = run_benchmark(cluster.address, requests, None, ttft_slo=TTFT_SLO, tpot_slo=TPOT_SLO)
         (out / f"{label}.json").write_text(json.dumps(sweep, indent=2))
         print(format_sweep(sweep), flush=True)
