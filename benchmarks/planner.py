@@ -26,10 +26,11 @@ from typing import Any
 from benchmarks import serving, serving_vs
 from pdserve.bench_stats import goodput
 from pdserve.cli import _cluster_config, build_parser
-from pdserve.workload import LongtailMix, Workload, make_requests
-from planner.calibrate import METRICS, Case, calibrate, errors, format_errors
+from pdserve.workload import LongtailMix, Workload, fresh_requests, make_requests
+from planner.calibrate import METRICS, Case, calibrate, compared, format_errors
 from planner.cost import Profile
-from planner.simulate import Service, simulate, simulate_sweep
+from planner.plan import search
+from planner.simulate import Service, simulate_sweep
 
 
 def layout_config(layout: str):
@@ -47,8 +48,8 @@ def cases_in(folder: Path, profile: str | None = None) -> tuple[list[Case], tupl
         requests = make_requests(workload, len(spec["prompts"]), spec["seed"], serving_vs.VOCAB, 8192)
         assert [p for p, _ in requests] == spec["prompts"], "the workload differs from the one measured"
         if spec.get("fresh_prompts"):  # each rate sent its own
-            requests = [make_requests(workload, len(requests), spec["fresh_seed"] + i, serving_vs.VOCAB, 8192)
-                        for i in range(len(spec["arrivals"]))]
+            requests = fresh_requests(workload, len(requests), spec["fresh_seed"], len(spec["arrivals"]),
+                                      serving_vs.VOCAB, 8192)
         warmup = make_requests(workload, 4, 1, serving_vs.VOCAB, 8192)  # as serving_vs sends before the first rate
         return [Case(layout_config(layout), requests, json.loads((folder / f"pdserve-{layout}.json").read_text()),
                      warmup=warmup)
@@ -60,24 +61,26 @@ def cases_in(folder: Path, profile: str | None = None) -> tuple[list[Case], tupl
             n = sweep["runs"][0]["num_requests"]
             requests = make_requests(serving.WORKLOAD, n, 0, 49152, 8192)
             if (fresh := sweep.get("fresh_seed")) is not None:  # each rate sent its own
-                requests = [make_requests(serving.WORKLOAD, n, fresh + i, 49152, 8192)
-                            for i in range(len(sweep["runs"]))]
+                requests = fresh_requests(serving.WORKLOAD, n, fresh, len(sweep["runs"]), 49152, 8192)
             warmup = make_requests(serving.WORKLOAD, 2, 1, 49152, 8192)  # as benchmarks.serving sends first
             cases.append(Case(config, requests, sweep, warmup=warmup))
     return cases, (serving.TTFT_SLO, serving.TPOT_SLO)
 
 
-def report(profile: Profile, service: Service, case: Case, slos: tuple[float, float]) -> tuple[str, float, float]:
-    """A table of measured against simulated runs, and both goodputs (at the SLOs the runs were measured at)."""
+def report(profile: Profile, service: Service, case: Case, slos: tuple[float, float]
+           ) -> tuple[str, list[dict], float, float]:
+    """A table of measured against simulated runs, its rows, and both goodputs (at the SLOs the runs were
+    measured at). One simulation of the case serves the table, the rows and the goodput."""
     slo = case.runs[0].get("slo", {})
     slos = (slo.get("ttft_s", slos[0]), slo.get("tpot_s", slos[1]))
     sims = simulate_sweep(case.config, profile, case.requests, [run["rate"] for run in case.runs], 0, *slos,
                           service, case.warmup)
-    lines = format_errors(errors(profile, service, [case])).splitlines()
+    rows = compared(case, sims)
+    lines = format_errors(rows).splitlines()
     lines[0] += "   both SLOs meas/sim"
     for i, (run, sim) in enumerate(zip(case.runs, sims)):
         lines[i + 1] += f"   {100 * run['slo']['both']:5.1f}%/{100 * sim['slo']['both']:5.1f}%"
-    return "\n".join(lines), goodput(case.runs), goodput(sims)
+    return "\n".join(lines), rows, goodput(case.runs), goodput(sims)
 
 
 def summary_errors(rows: list[dict]) -> dict[str, float]:
@@ -86,19 +89,6 @@ def summary_errors(rows: list[dict]) -> dict[str, float]:
         errs = sorted(abs(r[f"{m}.{q}"][1] / r[f"{m}.{q}"][0] - 1) for r in rows if r[f"{m}.{q}"][0])
         out[f"{m}.{q}"] = errs[len(errs) // 2] if errs else float("nan")
     return out
-
-
-def sim_goodput(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float, steps: int = 6) -> float:
-    """The highest rate at which 90% of the requests meet both SLOs in simulation: doubling, then bisection."""
-    def meets(rate: float) -> bool:
-        return (simulate(config, profile, requests, rate, 0, ttft_slo, tpot_slo)["slo"]["both"] or 0) >= 0.9
-    lo, hi = 0.0, 0.25
-    while meets(hi) and hi < 100:
-        lo, hi = hi, 2 * hi
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-    return lo
 
 
 def dispatch_table(profile_path: str, requests_per_rate: int = 100) -> str:
@@ -118,7 +108,7 @@ def dispatch_table(profile_path: str, requests_per_rate: int = 100) -> str:
         layouts = [c["disaggregated"], c["conditional"], slo_aware, c["colocated"]]
         for name, workload in workloads.items():
             requests = make_requests(workload, requests_per_rate, 0, 49152, 8192)
-            cells = " | ".join(f"{sim_goodput(cfg, profile, requests, ttft, tpot):.2f}" for cfg in layouts)
+            cells = " | ".join(f"{search(cfg, profile, requests, ttft, tpot)[0]:.2f}" for cfg in layouts)
             lines.append(f"| {ttft:g} s / {1e3 * tpot:g} ms | {name} | {cells} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
@@ -155,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for part, cases, slos in parts:
         rows = []
         for case in cases:
-            table, measured, simulated = report(profile, service, case, slos)
-            case_rows = errors(profile, service, [case])
+            table, case_rows, measured, simulated = report(profile, service, case, slos)
             rows += case_rows
             out[part][case.measured["label"]] = {"rows": case_rows, "goodput": [measured, simulated]}
             print(f"--- {case.measured['label']} ({part.replace('_', ' ')})\n{table}\n"

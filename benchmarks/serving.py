@@ -32,13 +32,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench import goodput, run_benchmark, run_sweep
+from pdserve.bench import run_benchmark, run_sweep
 from pdserve.bench_report import format_sweep, plot_sweeps
 from pdserve.bench_stats import summarize
 from pdserve.config import ClusterConfig, PoolConfig, RouterConfig
 from pdserve.launch import start_cluster
 from pdserve.request_result import RequestResult
-from pdserve.workload import LongtailMix, Workload, make_requests
+from pdserve.workload import LongtailMix, Workload, fresh_requests, make_requests
 
 WORKLOAD = Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536)))
 TTFT_SLO, TPOT_SLO = 4.0, 0.25
@@ -193,16 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         if label not in chosen:
             continue
         with start_cluster(config) as cluster:
-            if args.fresh_prompts:  # each rate its own prompts (seed FRESH_SEED + i): none cached from the last
-                runs = [run_benchmark(cluster.address, make_requests(WORKLOAD, args.requests, FRESH_SEED + i, 49152,
-                                                                     8192), rate, warmup=warmup if i == 0 else (),
-                                      ttft_slo=TTFT_SLO, tpot_slo=TPOT_SLO, progress=True)
-                        for i, rate in enumerate(rates)]
-                sweep = {"label": label, "runs": runs, "goodput_rps": goodput(runs), "attainment_target": 0.9,
-                         "fresh_seed": FRESH_SEED}
-            else:
-                sweep = run_sweep(cluster.address, requests, rates, label=label, warmup=warmup, ttft_slo=TTFT_SLO,
-                                  tpot_slo=TPOT_SLO, progress=True)
+            sent = fresh_requests(WORKLOAD, args.requests, FRESH_SEED, len(rates), 49152, 8192) \
+                if args.fresh_prompts else requests
+            sweep = run_sweep(cluster.address, sent, rates, label=label, warmup=warmup, ttft_slo=TTFT_SLO,
+                              tpot_slo=TPOT_SLO, progress=True)
+            if args.fresh_prompts:
+                sweep["fresh_seed"] = FRESH_SEED
             burst[label] = run_benchmark(cluster.address, requests, None, ttft_slo=TTFT_SLO, tpot_slo=TPOT_SLO)
         (out / f"{label}.json").write_text(json.dumps(sweep, indent=2))
         print(format_sweep(sweep), flush=True)

@@ -30,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench import goodput, run_benchmark, run_sweep
+from pdserve.bench import run_sweep
 from pdserve.bench_report import format_sweep, plot_sweeps
-from pdserve.workload import Workload, arrival_times, make_requests
+from pdserve.workload import Workload, arrival_times, fresh_requests, make_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32000  # the prompts' ids are drawn below it: a valid prompt for nearly any model
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = make_requests(workload, args.requests, 0, VOCAB, 8192)
     warmup = make_requests(workload, 4, 1, VOCAB, 8192)
     # --fresh-prompts: rate i sends prompts of seed FRESH_SEED + i
-    fresh = [make_requests(workload, args.requests, FRESH_SEED + i, VOCAB, 8192) for i in range(len(rates))]
+    fresh = fresh_requests(workload, args.requests, FRESH_SEED, len(rates), VOCAB, 8192)
     (out / "workload.json").write_text(json.dumps({
         "prompt_len": args.prompt_len, "output_len": args.output_len, "seed": 0,
         "prompts": [p for p, _ in requests], "arrivals": {str(r): arrival_times(len(requests), r, 0) for r in rates},
@@ -225,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def sweep(label: str, target: str, backend: str) -> None:
         print(f"--- {label}", flush=True)
-        if args.fresh_prompts:  # each rate its own prompts: none is in a prefix cache from the rate before
-            runs = [run_benchmark(target, fresh[i], rate, backend=backend,
-                                  **{**kw, "warmup": warmup if i == 0 else ()}) for i, rate in enumerate(rates)]
-            s = {"label": label, "runs": runs, "goodput_rps": goodput(runs), "attainment_target": 0.9}
-        else:
-            s = run_sweep(target, requests, rates, label=label, backend=backend, **kw)
+        s = run_sweep(target, fresh if args.fresh_prompts else requests, rates, label=label, backend=backend, **kw)
         s |= {"host": cpu}
         (out / f"{label}.json").write_text(json.dumps(s, indent=1))
         print(format_sweep(s), flush=True)

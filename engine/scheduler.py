@@ -134,10 +134,7 @@ class Scheduler:
                     seq.num_cached_tokens = computed
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += computed
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.seqs.append(seq)
-            out.num_scheduled_tokens.append(n)
+            self._start(seq, n, out)
             budget -= n
         if not out.seqs and not self.running and self.waiting:
             self._admit_holders(out, budget)
@@ -154,12 +151,16 @@ class Scheduler:
             if seq.num_computed_tokens != seq.num_tokens - 1 or bm.num_missing_blocks(seq, seq.num_tokens):
                 continue
             self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.seqs.append(seq)
-            out.num_scheduled_tokens.append(1)
+            self._start(seq, 1, out)
             out.num_decodes += 1
             budget -= 1
+
+    def _start(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
+        """A waiting sequence joins the running batch with n tokens this step."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        out.seqs.append(seq)
+        out.num_scheduled_tokens.append(n)
 
     def advance(self, out: SchedulerOutput) -> None:
         """The step ran: each scheduled sequence's KV now covers its scheduled tokens, and each block

@@ -62,6 +62,7 @@ from pdserve.workload import (
     arrival_times,
     make_conversations,
     make_requests,
+    per_rate,
 )
 
 # This module once held the workloads, the measurements and the report too; what it defined stays importable from
@@ -189,10 +190,11 @@ def run_benchmark(address: str, requests: Sequence[Request], rate: float | None 
 
 def run_sweep(address: str, requests: Sequence[Request], rates: Sequence[float], *, label: str | None = None,
               warmup: Sequence[Request] = (), target: float = 0.9, **kw: Any) -> dict[str, Any]:
-    """One run per rate, in order, the same requests each time (warmup before the first only). Keywords as
-    run_benchmark's. Returns {"label", "runs", "goodput_rps", "attainment_target"}."""
-    runs = [run_benchmark(address, requests, rate, warmup=warmup if i == 0 else (), **kw)
-            for i, rate in enumerate(rates)]
+    """One run per rate, in order, the same requests each time or, given one list of them per rate, each rate its
+    own (workload.fresh_requests); warmup before the first only. Keywords as run_benchmark's. Returns
+    {"label", "runs", "goodput_rps", "attainment_target"}."""
+    runs = [run_benchmark(address, reqs, rate, warmup=warmup if i == 0 else (), **kw)
+            for i, (reqs, rate) in enumerate(zip(per_rate(requests, len(rates)), rates))]
     return {"label": label, "runs": runs, "goodput_rps": goodput(runs, target), "attainment_target": target}
 
 

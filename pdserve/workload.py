@@ -149,3 +149,16 @@ def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:
         times.append(t)
         t += rng.expovariate(rate)
     return times
+
+
+def per_rate(requests, count: int) -> list:
+    """A sweep's requests as one list per rate: `requests` is the same for every rate (a list of requests or
+    conversations) or already one list per rate (lists of them)."""
+    return list(requests) if requests and isinstance(requests[0], list) else [requests] * count
+
+
+def fresh_requests(workload: Workload | str, n: int, first_seed: int, count: int, vocab: int, max_len: int
+                   ) -> list[list[Request]]:
+    """`count` sets of requests, the i-th of seed first_seed + i: a sweep whose every rate sends new prompts, so
+    none is in a prefix cache from the rate before."""
+    return [make_requests(workload, n, first_seed + i, vocab, max_len) for i in range(count)]

@@ -47,9 +47,14 @@ def errors(profile: Profile, service: Service, cases: Seq[Case]) -> list[dict[st
     for case in cases:
         sims = simulate_sweep(case.config, profile, case.requests, [run["rate"] for run in case.runs],
                               case.runs[0].get("seed", case.seed), service=service, warmup=case.warmup)
-        for run, sim in zip(case.runs, sims):
-            rows.append({"rate": run["rate"], **{f"{m}.{q}": (run[m][q], sim[m][q]) for m, q in METRICS}})
+        rows += compared(case, sims)
     return rows
+
+
+def compared(case: Case, sims: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per measured run of the case and its simulated twin: the rate and, per metric, (measured, simulated) ms."""
+    return [{"rate": run["rate"], **{f"{m}.{q}": (run[m][q], sim[m][q]) for m, q in METRICS}}
+            for run, sim in zip(case.runs, sims)]
 
 
 def _loss(rows: list[dict[str, Any]]) -> float:

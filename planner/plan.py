@@ -78,17 +78,21 @@ def layouts(profile: Profile, devices: int, thresholds: Seq[int] = THRESHOLDS) -
     return out
 
 
-def goodput(layout: Layout, base, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
-            attainment: float = 0.9, service: Service | None = None, seed: int = 0, steps: int = 6) -> Planned:
-    config = layout.config(base)
-    planned = Planned(layout, 0.0)
+def search(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float, attainment: float = 0.9,
+           service: Service | None = None, seed: int = 0, steps: int = 6
+           ) -> tuple[float, dict[str, Any] | None, list[tuple[float, float]]]:
+    """(goodput, the simulated run at it, every (rate, attainment) tried) of one cluster configuration: the rate
+    doubled from 0.25 req/s until fewer than `attainment` meet both SLOs, then `steps` bisections."""
+    best: tuple[float, dict[str, Any] | None] = (0.0, None)
+    tried: list[tuple[float, float]] = []
 
     def meets(rate: float) -> bool:
+        nonlocal best
         run = simulate(config, profile, requests, rate, seed, ttft_slo, tpot_slo, service)
         share = run["slo"]["both"] or 0.0
-        planned.rates_tried.append((rate, share))
-        if share >= attainment and rate > planned.goodput:
-            planned.goodput, planned.run = rate, run
+        tried.append((rate, share))
+        if share >= attainment and rate > best[0]:
+            best = (rate, run)
         return share >= attainment
 
     lo, hi = 0.0, 0.25
@@ -97,7 +101,14 @@ def goodput(layout: Layout, base, profile: Profile, requests, ttft_slo: float, t
     for _ in range(steps):  # then halve the gap
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-    return planned
+    return (*best, tried)
+
+
+def goodput(layout: Layout, base, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
+            attainment: float = 0.9, service: Service | None = None, seed: int = 0, steps: int = 6) -> Planned:
+    rate, run, tried = search(layout.config(base), profile, requests, ttft_slo, tpot_slo, attainment, service,
+                              seed, steps)
+    return Planned(layout, rate, run, tried)
 
 
 def plan(base, profile: Profile, requests, devices: int, ttft_slo: float, tpot_slo: float,

@@ -28,6 +28,10 @@ from typing import Any
 
 from planner.cost import PoolProfile, StepModel, knot_weights, step_features
 
+# the engine options a profile records with each pool (its key, planner.cost.pool_key, reads the first four)
+MEASURED_WITH = ("tensor_parallel_size", "num_threads", "dtype", "device", "max_num_batched_tokens",
+                 "max_prefill_chunk", "max_num_seqs", "num_kv_blocks", "block_size")
+
 
 @dataclass(frozen=True)
 class Point:
@@ -155,13 +159,9 @@ def profile_pool(model: str, options: dict[str, Any], reps: int = 3, quick: bool
             log(f"  [{i + 1}/{len(points)}] {pt.kind:8s} tokens={t:<5d} sampled={s:<4d} pairs={p:<10.0f} "
                 f"decode_context={k:<6d} {1e3 * seconds[-1]:8.2f} ms")
         step, report = fit(knots, points, seconds)
-        used = {k: v for k, v in options.items() if k in ("tensor_parallel_size", "num_threads", "dtype", "device",
-                                                           "max_num_batched_tokens", "max_prefill_chunk",
-                                                           "max_num_seqs", "num_kv_blocks", "block_size")}
         rows = [dict(zip(("tokens", "sampled", "prefill_pairs", "decode_context"), step_features(pt.chunks)),
                      kind=pt.kind, seconds=sec) for pt, sec in zip(points, seconds)]
-        return PoolProfile(used | {"num_threads": opts.num_threads, "tensor_parallel_size": opts.tensor_parallel_size,
-                                   "dtype": opts.dtype, "device": opts.device}, step, report, rows)
+        return PoolProfile({k: getattr(opts, k) for k in MEASURED_WITH}, step, report, rows)
     finally:
         engine.shutdown()
 

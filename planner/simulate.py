@@ -356,10 +356,10 @@ def simulate_sweep(config, profile: Profile, requests, rates: Seq[float | None],
     """pdserve bench's sweep on one simulated cluster: the warmup requests all at once, then one run per rate, in
     order, each starting where the last left the replicas (so a prompt sent again may find its prefix cached).
     requests: the same for every rate, or a list of them, one per rate."""
-    flat = not requests or isinstance(requests[0][1], int)  # (prompt, output_len) pairs, not lists of them
-    per_rate = [requests] * len(rates) if flat else requests
+    from pdserve.workload import per_rate
+
     sim = Simulator(config, profile, service)
     if warmup:
         sim.run(warmup, [0.0] * len(warmup))
-    return [simulate(config, profile, reqs, rate, seed, ttft_slo, tpot_slo, sim=sim) for reqs, rate in zip(per_rate,
-                                                                                                           rates)]
+    return [simulate(config, profile, reqs, rate, seed, ttft_slo, tpot_slo, sim=sim)
+            for reqs, rate in zip(per_rate(requests, len(rates)), rates)]
