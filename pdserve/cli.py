@@ -44,7 +44,22 @@ def _cluster_config(args):
     # API keys: the config's, each --api-key, and $PDSERVE_API_KEY
     env = os.environ.get("PDSERVE_API_KEY")
     api_keys = [*config.router.api_keys, *(getattr(args, "api_key", None) or ()), *([env] if env else [])]
-    return config.replace(**{"router.api_keys": tuple(dict.fromkeys(api_keys))})
+    config = config.replace(**{"router.api_keys": tuple(dict.fromkeys(api_keys))})
+    autoscale = {k: getattr(args, f"autoscale_{k}") for k in ("prefill", "decode", "target_ongoing_requests")
+                 if getattr(args, f"autoscale_{k}", None) is not None}
+    if autoscale:  # any autoscale flag turns it on, over the config's other autoscale settings
+        return config.replace(**{"router.autoscale": dataclasses.replace(config.router.autoscale, enabled=True,
+                                                                          **autoscale)})
+    return config
+
+
+def _bounds(text: str) -> tuple[int, int]:
+    """'1:4' -> (1, 4), the --autoscale-* pool bounds."""
+    try:
+        low, high = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN:MAX replicas, e.g. 1:4") from None
+    return low, high
 
 
 def _open_to_others(config) -> bool:
@@ -113,6 +128,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "decode replica) or slo_aware (per request, the path predicted to keep more requests within "
                         "the SLOs; needs --dispatch-profile)")
     p.add_argument("--dispatch-profile", help="slo_aware: a JSON written by `pdserve profile` (router.profile)")
+    p.add_argument("--autoscale-prefill", type=_bounds, metavar="MIN:MAX", help="autoscale the prefill pool "
+                   "between MIN and MAX replicas (router.autoscale; see README: autoscaling)")
+    p.add_argument("--autoscale-decode", type=_bounds, metavar="MIN:MAX", help="autoscale the decode pool")
+    p.add_argument("--autoscale-target-ongoing-requests", type=float, metavar="N",
+                   help="autoscaling: a replica per N requests running on a pool (the signal without a profile; "
+                        "with one, --dispatch-profile, a pool wants the most of this and the planner's size)")
     p.add_argument("--prefill-policy", help="how the router picks a prefill replica: prefix_aware (default: the "
                    "fewest tokens left to compute, its cached prefix counted), least_tokens, round_robin")
     p.add_argument("--decode-policy", help="how the router picks a decode replica: prefix_aware (default: the "
@@ -262,6 +283,14 @@ def cmd_profile(args) -> int:
     from planner.cost import Profile
     from planner.profile import profile_config
 
+    if args.paper:
+        from planner.roofline import GPUS, MODELS, calibrate, paper_profile
+
+        profile = paper_profile(MODELS[args.paper], GPUS[args.gpu], eff=calibrate())
+        with open(args.out, "w") as f:
+            f.write(profile.to_json())
+        print(f"wrote {args.out}: {profile.model} on {args.gpu}, from the roofline ({', '.join(profile.pools)})")
+        return 0
     into = Profile.load(args.out) if args.merge and os.path.exists(args.out) else None
     profile = profile_config(_cluster_config(args), args.reps, args.quick, into)
     with open(args.out, "w") as f:
@@ -278,6 +307,11 @@ def _model_inputs(args, command: str):
 
     args.dispatch_profile = args.dispatch_profile or args.profile  # slo_aware predicts with the one simulated on
     config, profile = _cluster_config(args), Profile.load(args.profile)
+    if profile.host.get("source") == "roofline":  # a profile on paper: GPU pools
+        from planner.plan import kv_sized
+        from planner.roofline import gpu_config
+
+        config = kv_sized(gpu_config(config, profile), profile)
     config = config.replace(**{"router.ttft_slo_s": args.ttft_slo, "router.tpot_slo_s": args.tpot_slo})
     workload = workload_of(args)
     if workload.kind == "multiturn":
@@ -384,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="add the pools --out lacks to it (one file, many layouts)")
     p.add_argument("--reps", type=int, default=5, help="timed runs per step shape, after one warm-up (median)")
     p.add_argument("--quick", action="store_true", help="fewer context lengths (about half the time)")
+    p.add_argument("--paper", choices=("llama-2-7b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b"),
+                   help="measure nothing: this model's step models on --gpu from its spec sheet's roofline, "
+                        "efficiencies fitted to TensorRT-LLM's published figures (see README: Planning past this "
+                        "machine)")
+    p.add_argument("--gpu", choices=("a100", "h100", "h200"), default="h100", help="with --paper")
     p.set_defaults(func=cmd_profile)
     from pdserve.bench import _rate, _rates
 

@@ -49,6 +49,42 @@ class PoolConfig(EngineOptions):
 
 
 @dataclass(frozen=True)
+class AutoscaleConfig:
+    """router.autoscale: the pools follow the load. Every every_s the autoscaler reads the router's last window_s
+    (arrival rate, prompt and output lengths, requests on each pool) and wants, per pool, the most of: the fewest
+    replicas the planner's simulator (router.profile) says keep `attainment` of requests within the SLOs at
+    headroom x the observed rate, and ongoing requests / target_ongoing_requests. A pool grows once it has wanted
+    more for upscale_delay_s and shrinks (its last replicas drain) once it has wanted fewer for downscale_delay_s."""
+    enabled: bool = False
+    prefill: tuple[int, int] = (0, 4)  # (min, max) replicas
+    decode: tuple[int, int] = (1, 4)
+    every_s: float = 5.0
+    window_s: float = 30.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+    headroom: float = 1.25  # plan for this multiple of the observed arrival rate
+    attainment: float = 0.9  # the share of requests within both SLOs (router.ttft_slo_s, tpot_slo_s) to plan for
+    target_ongoing_requests: float | None = None  # per replica; None: the planner alone decides (needs a profile)
+    placement_timeout_s: float = 600.0  # a new replica waits this long to be placed (Ray's autoscaler adding a node)
+
+    def __post_init__(self) -> None:
+        for pool, least in (("prefill", 0), ("decode", 1)):
+            bounds = tuple(getattr(self, pool))
+            object.__setattr__(self, pool, bounds)  # YAML gives a list
+            if len(bounds) != 2 or not least <= bounds[0] <= bounds[1] <= 64:
+                raise ValueError(f"router.autoscale.{pool}={list(bounds)}: give [min, max] replicas with "
+                                 f"{least} <= min <= max <= 64")
+        if min(self.every_s, self.window_s) <= 0 or min(self.upscale_delay_s, self.downscale_delay_s) < 0:
+            raise ValueError("router.autoscale: every_s and window_s must be positive, the delays >= 0")
+        if self.placement_timeout_s <= 0:
+            raise ValueError("router.autoscale.placement_timeout_s must be positive")
+        if self.headroom <= 0 or not 0 < self.attainment <= 1:
+            raise ValueError("router.autoscale: headroom must be positive and attainment in (0, 1]")
+        if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
+            raise ValueError("router.autoscale.target_ongoing_requests must be positive (or unset)")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
@@ -77,6 +113,7 @@ class RouterConfig:
     api_keys_file: str | None = None  # one key per line (blank lines and # comments skipped)
     tls_cert: str | None = None  # PEM files: gRPC and HTTP both serve TLS with them
     tls_key: str | None = None
+    autoscale: AutoscaleConfig = AutoscaleConfig()
 
     def __post_init__(self) -> None:
         from router.placement import DECODE_POLICIES, PREFILL_POLICIES  # the registries (no torch)
@@ -102,6 +139,13 @@ class RouterConfig:
                              "written by `pdserve profile`")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_ongoing_requests must be >= 1 and max_queued_requests >= 0")
+        if isinstance(self.autoscale, dict):
+            object.__setattr__(self, "autoscale", _sub(AutoscaleConfig, self.autoscale, "router.autoscale",
+                                                       AutoscaleConfig()))
+        a = self.autoscale
+        if a.enabled and not self.profile and a.target_ongoing_requests is None:
+            raise ValueError("router.autoscale decides with the planner (set router.profile to a JSON written by "
+                             "`pdserve profile`) or by load (set router.autoscale.target_ongoing_requests)")
 
     def keys(self) -> tuple[str, ...]:
         """Every API key: api_keys, then api_keys_file's lines."""
@@ -137,6 +181,13 @@ class ClusterConfig:
         if self.kv_backend not in KV_BACKENDS:
             raise ValueError(f"kv_backend={self.kv_backend!r}; available: {KV_BACKENDS}")
         p, d = (DTYPES.get(str(pool.dtype), pool.dtype) for pool in (self.prefill, self.decode))
+        a = self.router.autoscale
+        if a.enabled:
+            for pool in ("prefill", "decode"):
+                low, high = getattr(a, pool)
+                if not low <= getattr(self, pool).replicas <= high:
+                    raise ValueError(f"{pool}.replicas={getattr(self, pool).replicas} is outside "
+                                     f"router.autoscale.{pool}={[low, high]}")
         if self.prefill.replicas and p != d:  # the KV moves between them as it is: one dtype for both
             raise ValueError(f"prefill.dtype={self.prefill.dtype!r} and decode.dtype={self.decode.dtype!r}: the "
                              "prefill pool writes KV into the decode pool's cache, so both pools need one dtype")

@@ -64,7 +64,7 @@ class Cluster:
     def scale(self, pool: str, replicas: int, drain_timeout_s: float | None = None) -> tuple[int, int, int]:
         """Resize a pool while serving (as the Scale RPC): (replicas now, started, drained)."""
         if self.supervisor is None:
-            raise RuntimeError("this cluster cannot scale: pools are resized on the ipc KV backend only")
+            raise RuntimeError("this cluster cannot scale: it has no supervisor")
         if pool not in ("prefill", "decode") or replicas < (pool == "decode"):
             raise ValueError(f"scale {pool!r} to {replicas}: 'prefill' (>= 0 replicas) or 'decode' (>= 1)")
         timeout = self.config.router.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
@@ -155,13 +155,19 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     r.keys()  # a key file or TLS file that is missing fails here, before any actor starts
     for path in (r.tls_cert, r.tls_key) if r.tls else ():
         Path(path).read_bytes()
-    slo_aware = None  # a profile that is missing or lacks a pool fails here too
-    if r.dispatch == "slo_aware":
+    slo_aware = autoscaler = None  # a profile that is missing or lacks a pool fails here too
+    if r.profile and (r.dispatch == "slo_aware" or r.autoscale.enabled):
         from planner.cost import Profile
+
+        profile = Profile.load(r.profile)
+    if r.dispatch == "slo_aware":
         from router.dispatch import SloAware
 
-        slo_aware = SloAware.from_profile(Profile.load(r.profile), config.prefill, config.decode, r.ttft_slo_s,
-                                          r.tpot_slo_s)
+        slo_aware = SloAware.from_profile(profile, config.prefill, config.decode, r.ttft_slo_s, r.tpot_slo_s)
+    if r.autoscale.enabled:
+        from planner.autoscale import Autoscaler
+
+        autoscaler = Autoscaler(config, profile if r.profile else None)
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -221,6 +227,11 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
 
     cluster.supervisor = Supervisor(cluster.server, pools, replace_dead=config.replace_dead_replicas).start()
     cluster.server.router.scaler = cluster.supervisor.scale
+    if autoscaler is not None:
+        a = r.autoscale
+        cluster.supervisor.autoscale(autoscaler)
+        say(f"autoscaling prefill {list(a.prefill)}, decode {list(a.decode)} replicas every {a.every_s:g} s "
+            f"({'the planner' if autoscaler.profile else 'load'} decides)")
     say(f"serving {name!r} on {cluster.address}{' (TLS)' if r.tls else ''}{metrics}")
     if cluster.openai_base_url:
         say(f"OpenAI-compatible API on {cluster.openai_base_url}")
@@ -257,12 +268,23 @@ class Pools:
         self.pool_names: list[str] = []  # each decode replica's KV pool name, by index
         self._starts = itertools.count()
 
-    def start(self, role: str, index: int):
-        """Start replica `index` of `role` (a new one when index is the pool's size) and return its
-        rank-0 actor; it is built once its info() answers."""
+    def place(self, role: str, timeout_s: float | None = None):
+        """A placement group for a new replica of `role`, placed (waiting up to timeout_s, by default
+        PLACEMENT_TIMEOUT_S)."""
+        return _placement_group(self.classes[role], getattr(self.config, role), timeout_s or PLACEMENT_TIMEOUT_S)
+
+    @staticmethod
+    def unplace(group) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(group)
+
+    def start(self, role: str, index: int, group=None):
+        """Start replica `index` of `role` (a new one when index is the pool's size, in `group` if given, a
+        placement group from place()) and return its rank-0 actor; it is built once its info() answers."""
         c, pool = self.config, getattr(self.config, role)
         if index == len(self.groups[role]):
-            self.groups[role].append(_placement_group(self.classes[role], pool))
+            self.groups[role].append(group or self.place(role))
             self.actors[role].append(None)
             if role == "decode":
                 self.pool_names.append("")
@@ -367,19 +389,22 @@ def _stop_orphan_ray_agents() -> None:
                 pass
 
 
-def _placement_group(cls, pool: PoolConfig):
+def _placement_group(cls, pool: PoolConfig, timeout_s: float = PLACEMENT_TIMEOUT_S):
     """One replica's placement group: a bundle per TP rank. A replica that replaces a dead one
-    reuses its predecessor's."""
+    reuses its predecessor's. While it waits, its pending bundles are what Ray's autoscaler adds
+    nodes for; one not placed within timeout_s is removed (so no node comes up for it later)."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     bundle = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {}), **pool.resources}
     pg = placement_group([bundle] * pool.tensor_parallel_size, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
+        remove_placement_group(pg)
         raise RuntimeError(
-            f"the Ray cluster cannot place a {cls.__name__} replica: {pool.tensor_parallel_size} x {bundle} "
-            f"needed, {ray.available_resources()} available; lower replicas, tensor_parallel_size or num_cpus")
+            f"the Ray cluster cannot place a {cls.__name__} replica within {timeout_s:g} s: "
+            f"{pool.tensor_parallel_size} x {bundle} needed, {ray.available_resources()} available; lower "
+            "replicas, tensor_parallel_size or num_cpus (or let Ray's autoscaler add a node: README, Autoscaling)")
     return pg
 
 

@@ -11,6 +11,9 @@ uses Ray's blocking API and never blocks the router's loop).
   new placements; the requests on it get drain_timeout_s to finish, the rest move elsewhere once
   it stops), then it stops and its placement group goes.
 
+- autoscale(autoscaler) runs planner/autoscale.py's decisions every router.autoscale.every_s on a thread of
+  its own, over what the router observed, and resizes the pools with scale() as they say.
+
 Both KV backends: on `collective` a newcomer forms a pair group with each live replica of the other
 pool (kv_transfer.wiring.link)."""
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 log = logging.getLogger("pdserve.supervisor")
@@ -35,6 +39,9 @@ class Supervisor:
         self._lock = threading.Lock()  # one change to the pools at a time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
+        self.autoscaler = None  # planner.autoscale.Autoscaler, once autoscale() started it
+        self._autoscaling: threading.Thread | None = None
+        self.decisions: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Decision) of each round
 
     def start(self) -> Supervisor:
         self._thread.start()
@@ -43,9 +50,44 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        if self._autoscaling is not None:
+            self._autoscaling.join(timeout=60)
 
-    def scale(self, role: str, n: int, drain_timeout_s: float) -> tuple[int, int, int]:
-        """Resize pool `role` to n replicas; returns (replicas now, started, drained)."""
+    def autoscale(self, autoscaler) -> Supervisor:
+        """Resize the pools as `autoscaler` (planner.autoscale.Autoscaler) decides, until stop()."""
+        self.autoscaler = autoscaler
+        self._autoscaling = threading.Thread(target=self._autoscale, name="pdserve-autoscaler", daemon=True)
+        self._autoscaling.start()
+        return self
+
+    def _autoscale(self) -> None:
+        from planner.autoscale import Observation
+
+        router, cfg = self.server.router, self.autoscaler.cfg
+        while not self._stop.wait(cfg.every_s):
+            try:
+                window, ongoing, current = self._on_loop(router.observed(cfg.window_s))
+                decision = self.autoscaler.decide(time.monotonic(), Observation(window.rate, window.mix, ongoing),
+                                                  current)
+            except Exception as e:  # noqa: BLE001 - the loop goes on; the next round decides again
+                log.warning("autoscaling: deciding failed: %r", e)
+                continue
+            self.decisions.append((time.monotonic(), window.rate, decision))
+            router.metrics.autoscaled(window.rate, decision.wanted)
+            for pool, n in decision.resize.items():
+                log.warning("autoscaling %s from %d to %d replicas (%.2f req/s arriving, %s ongoing)", pool,
+                            current[pool], n, window.rate, ongoing)
+                try:
+                    self.scale(pool, n, router.config.drain_timeout_s, cfg.placement_timeout_s)
+                except Exception as e:  # noqa: BLE001 - e.g. Ray cannot place another replica yet
+                    log.warning("autoscaling %s to %d failed: %r", pool, n, e)
+                    self.failures.append((f"{pool} pool", repr(e)))
+
+    def scale(self, role: str, n: int, drain_timeout_s: float, placement_timeout_s: float | None = None
+              ) -> tuple[int, int, int]:
+        """Resize pool `role` to n replicas; returns (replicas now, started, drained). New replicas' placement
+        groups wait up to placement_timeout_s (default pdserve.launch.PLACEMENT_TIMEOUT_S) for Ray to place them
+        (for Ray's autoscaler to add a node, on a Ray cluster), without holding up the replacement of dead ones."""
         import ray
 
         from kv_transfer.wiring import drop_decode
@@ -54,9 +96,17 @@ class Supervisor:
         router = self.server.router
         replicas = getattr(router.placement, role)
         added = removed = 0
+        groups: list = []
+        try:
+            for _ in range(n - len(replicas)):
+                groups.append(self.pools.place(role, placement_timeout_s))
+        except BaseException:
+            for group in groups:  # all or none: a pool grown part way would be a resize nobody asked for
+                self.pools.unplace(group)
+            raise
         with self._lock:
             while len(replicas) < n:
-                actor, info = self._start(role, len(replicas))
+                actor, info = self._start(role, len(replicas), groups.pop() if groups else None)
                 self._wire(role, actor, info)
                 self._on_loop(router.add_replica(role, actor, getattr(self.pools.config, role).tensor_parallel_size,
                                                  info["num_kv_blocks"], kv_tokens(info), info["block_size"]))
@@ -76,6 +126,8 @@ class Supervisor:
                 self._on_loop(router.remove_replica(replica))
                 removed += 1
                 log.warning("%s left the pool (drained; %d requests moved elsewhere)", replica.name, left)
+        for group in groups:  # placed for replicas another resize made meanwhile
+            self.pools.unplace(group)
         return len(replicas), added, removed
 
     def _run(self) -> None:
@@ -119,10 +171,10 @@ class Supervisor:
         self._on_loop(self.server.router.replaced(replica, actor, info["num_kv_blocks"]))
         log.warning("%s is back after %.1f s (restart %d)", replica.name, time.monotonic() - t0, replica.restarts)
 
-    def _start(self, role: str, index: int) -> tuple[Any, dict[str, Any]]:
+    def _start(self, role: str, index: int, group=None) -> tuple[Any, dict[str, Any]]:
         import ray
 
-        actor = self.pools.start(role, index)
+        actor = self.pools.start(role, index, group)
         info = ray.get(actor.info.remote())
         ray.get(actor.measure_peaks.remote())  # while the others serve: it may read low, MBU high
         return actor, info

@@ -104,10 +104,26 @@ def search(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
     return (*best, tried)
 
 
+MAX_KV_BLOCKS = 1 << 17  # a simulated replica's KV blocks at most (2M tokens of 16: more than any batch here holds)
+
+
+def kv_sized(config, profile: Profile):
+    """`config` with each pool's num_kv_blocks from its profile's KV room, where the profile knows it (a profile on
+    paper, planner/roofline.py: a replica's memory less its weights, which grows with the TP degree)."""
+    changes = {}
+    for role in ("prefill", "decode"):
+        pool = getattr(config, role)
+        if pool.replicas:
+            tokens = profile.pool(pool.engine_kwargs()).fit.get("kv_tokens")
+            if tokens:
+                changes[f"{role}.num_kv_blocks"] = min(tokens // pool.block_size, MAX_KV_BLOCKS)
+    return config.replace(**changes) if changes else config
+
+
 def goodput(layout: Layout, base, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
             attainment: float = 0.9, service: Service | None = None, seed: int = 0, steps: int = 6) -> Planned:
-    rate, run, tried = search(layout.config(base), profile, requests, ttft_slo, tpot_slo, attainment, service,
-                              seed, steps)
+    rate, run, tried = search(kv_sized(layout.config(base), profile), profile, requests, ttft_slo, tpot_slo,
+                              attainment, service, seed, steps)
     return Planned(layout, rate, run, tried)
 
 

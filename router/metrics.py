@@ -51,9 +51,18 @@ class RouterMetrics:
                                   "theirs died (or their KV was lost)", ["model"], registry=r).labels(**m)
         self.kv_failures = Counter("pdserve_kv_transfer_failures", "Prefills or transfers that failed", ["model"],
                                    registry=r).labels(**m)
+        self.autoscale_rate = Gauge("pdserve_autoscale_arrival_rate", "Requests/s arriving, as the autoscaler "
+                                    "observed them", ["model"], registry=r).labels(**m)
+        self.autoscale_wanted = Gauge("pdserve_autoscale_wanted_replicas", "Replicas the autoscaler wants per pool "
+                                      "(before its delays)", ["model", "pool"], registry=r)
         self.model, self.ttft_slo_s, self.tpot_slo_s = model, ttft_slo_s, tpot_slo_s
         r.register(_ReplicaCollector(model, replicas_of))
         self._server = None
+
+    def autoscaled(self, rate: float, wanted: dict[str, int]) -> None:
+        self.autoscale_rate.set(rate)
+        for pool, n in wanted.items():
+            self.autoscale_wanted.labels(model=self.model, pool=pool).set(n)
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on host:port (0: a free port); returns the port."""

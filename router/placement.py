@@ -41,7 +41,7 @@ class Replica:
     restarts: int = 0  # times pdserve.supervisor replaced its actor
     draining: bool = False  # leaving the pool: no new placements
     block_size: int = 16  # tokens per KV block
-    in_flight: int = 0  # decode: requests placed here and not yet released (kept by the router)
+    in_flight: int = 0  # requests placed here and not yet released (decode) or prefilling here (prefill)
     local_tokens: int = 0  # decode: prompt tokens sent here to prefill since its last stats poll (kept by the router)
     cache: CacheIndex = field(default_factory=CacheIndex)  # what its prefix cache holds, from the stats polls
 
@@ -263,6 +263,7 @@ class Placement:
         while (replica := self.pick_prefill(prompt)) is not None:
             p.prefill, p.prefilling = replica, True
             replica.queued_tokens += len(ids)
+            replica.in_flight += 1
             try:
                 result = await call(replica, p.rid, replica.actor.prefill.remote(ids, params, p.reservation))
                 p.prefilling = False
@@ -275,6 +276,7 @@ class Placement:
                 log.warning("%s; trying another prefill replica", e)
             finally:
                 replica.queued_tokens -= len(ids)
+                replica.in_flight -= 1
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"request {p.rid!r}: no prefill replica is up")
 
     async def prefill_locally(self, p: Placed, ids: list[int], params: dict) -> None:

@@ -26,6 +26,7 @@ from router.metrics import RouterMetrics
 from router.placement import Placed, Placement, Replica, RequestFailed, call, replica_error
 from router.stream import Clock, Inboxes, Output
 from router.tokenizer import Tokenizer
+from router.traffic import Traffic, Window
 from router.validate import DEFAULT_MAX_TOKENS, InvalidRequest, Limits, Validated, validate
 
 log = logging.getLogger("pdserve.router")
@@ -65,6 +66,7 @@ class Router(pb_grpc.GenerationServicer):
         self.requests: dict[tuple[str, str], tuple[_Request, asyncio.Task]] = {}  # (owner, request id) ->
         self._replica_ids: set[str] = set()  # the ids the replicas know the running requests by
         self.inboxes = Inboxes()
+        self.traffic = Traffic()  # arrivals and lengths, which the autoscaler plans for
         self._tasks: list[asyncio.Task] = []
         self._pumps: dict[int, asyncio.Task] = {}  # id(decode replica) -> its event pump
         self.scaler = None  # pdserve.supervisor.Supervisor.scale(pool, replicas, drain_timeout_s), when it can
@@ -118,6 +120,7 @@ class Router(pb_grpc.GenerationServicer):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if self.shutting_down:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the cluster is shutting down; no new requests")
+        self.traffic.arrived(len(v.prompt_token_ids), v.params["max_tokens"])
         key = (owner, rid)
         if key in self.requests:
             m.request_done("ALREADY_EXISTS", None, time.monotonic() - clock.t0, 0)
@@ -150,6 +153,7 @@ class Router(pb_grpc.GenerationServicer):
             del self.requests[key]
             self._replica_ids.discard(replica_id)
             m.request_done(status, clock.ttft, time.monotonic() - clock.t0, clock.num_tokens)
+            self.traffic.finished(len(v.prompt_token_ids), clock.num_tokens)
             if admitted:
                 self.inboxes.close(replica_id)
                 self.admission.exit()
@@ -205,6 +209,13 @@ class Router(pb_grpc.GenerationServicer):
         if (pump := self._pumps.pop(id(replica), None)) is not None:
             pump.cancel()
         getattr(self.placement, replica.role).remove(replica)
+
+    async def observed(self, window_s: float) -> tuple[Window, dict[str, int], dict[str, int]]:
+        """For the autoscaler (on the loop, so nothing moves while it reads): the traffic of the last window_s,
+        the requests on each pool now, and each pool's replicas."""
+        pools = {"prefill": self.placement.prefill, "decode": self.placement.decode}
+        return (self.traffic.window(window_s), {k: sum(r.in_flight for r in v) for k, v in pools.items()},
+                {k: len(v) for k, v in pools.items()})
 
     async def drain_all(self, timeout_s: float) -> int:
         """Shutting down: refuse new requests (health NOT_SERVING) and wait up to timeout_s for

@@ -112,6 +112,22 @@ def test_ray_node_types_hold_the_pools_at_their_minimum_size(ray_cluster, config
         assert node["min_workers"] <= node["max_workers"]
 
 
+def test_ray_node_types_can_grow_to_the_autoscalers_maximum(ray_cluster, config: ClusterConfig) -> None:
+    """router.autoscale's new replicas are what Ray's autoscaler adds nodes for: its most replicas must fit
+    the node types' max_workers (and the cluster's), its fewest their min_workers."""
+    a = config.router.autoscale
+    assert a.enabled
+    types = ray_cluster["available_node_types"]
+    needed = 0
+    for role, pool in (("prefill", config.prefill), ("decode", config.decode)):
+        (node,) = [t for t in types.values() if role in t["resources"]]
+        low, high = getattr(a, role)
+        assert replicas_that_fit(pool, node["resources"], node["max_workers"]) >= high
+        assert replicas_that_fit(pool, node["resources"], node["min_workers"]) >= low
+        needed += node["max_workers"]
+    assert ray_cluster["max_workers"] >= needed
+
+
 def test_ray_cluster_keeps_token_auth_on_and_gpus_on_the_workers(ray_cluster) -> None:
     docker = ray_cluster["docker"]
     assert "-e RAY_AUTH_MODE=token" in docker["run_options"]
@@ -213,6 +229,18 @@ def test_worker_groups_advertise_the_pools_resources(raycluster, config: Cluster
         assert replicas_that_fit(pool, pod, group["replicas"]) >= pool.replicas
     assert raycluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no rank on the head
     assert "nvidia.com/gpu" not in head_container(raycluster)["resources"]["limits"]
+
+
+def test_kuberay_adds_the_pods_the_autoscaler_asks_for(raycluster, config: ClusterConfig) -> None:
+    assert raycluster["spec"]["enableInTreeAutoscaling"] is True
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        role = group["groupName"]
+        pool, (low, high) = getattr(config, role), getattr(config.router.autoscale, role)
+        (arg,) = shlex.split(f"--resources={group['rayStartParams']['resources']}")
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pod = {"CPU": float(limits["cpu"]), "GPU": limits["nvidia.com/gpu"], **json.loads(arg.split("=", 1)[1])}
+        assert replicas_that_fit(pool, pod, group["maxReplicas"]) >= high
+        assert replicas_that_fit(pool, pod, group["minReplicas"]) >= low
 
 
 def test_head_runs_ray_then_the_router_with_the_configmap(raycluster, config: ClusterConfig) -> None:

@@ -87,3 +87,17 @@ def test_the_prefill_pool_goes_to_zero_and_back(cluster, want) -> None:
                 client.scale(pool, n)
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert not any(wait_idle(client).values())
+
+
+def test_a_replica_ray_cannot_place_is_refused_and_leaves_no_placement_group(cluster) -> None:
+    from ray.util import placement_group_table
+
+    def pending() -> list:
+        return [g for g in placement_group_table().values() if g["state"] not in ("CREATED", "REMOVED")]
+
+    before = len(cluster.router.placement.decode)
+    with pytest.raises(RuntimeError, match="cannot place a DecodeWorker replica within 0.5 s"):
+        cluster.supervisor.scale("decode", 64, 0.1, placement_timeout_s=0.5)  # 8 Ray CPUs in the tests
+    assert len(cluster.router.placement.decode) == before and not pending()
+    created = sum(g["state"] == "CREATED" for g in placement_group_table().values())
+    assert created == len(cluster.pools.groups["prefill"]) + len(cluster.pools.groups["decode"])

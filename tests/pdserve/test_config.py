@@ -139,3 +139,17 @@ def test_tls_flags_go_together_and_a_missing_file_is_named(capsys) -> None:
     assert _cluster_config(build_parser().parse_args(flags)).router.tls  # both flags at once: no "go together" error
     assert main(flags) == 2
     assert "/nonexistent/cert.pem" in capsys.readouterr().err  # before any actor starts, without a traceback
+
+
+def test_autoscale_flags_turn_it_on_over_the_files_settings(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"router": {"autoscale": {"every_s": 2, "decode": [1, 2]}}}))
+    args = build_parser().parse_args(["serve", "--config", str(path), "--autoscale-decode", "1:3",
+                                      "--autoscale-target-ongoing-requests", "4"])
+    a = _cluster_config(args).router.autoscale
+    assert (a.enabled, a.decode, a.prefill, a.every_s, a.target_ongoing_requests) == (True, (1, 3), (0, 4), 2, 4)
+    assert not _cluster_config(build_parser().parse_args(["serve", "--config", str(path)])).router.autoscale.enabled
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--autoscale-decode", "3"])
+    with pytest.raises(ValueError, match="router.profile.*target_ongoing_requests"):
+        _cluster_config(build_parser().parse_args(["serve", "--autoscale-decode", "1:3"]))

@@ -1,0 +1,143 @@
+"""The autoscaler's decisions (router.autoscale; pdserve/supervisor.py runs them in a loop and resizes the pools
+with their drain): from what the router observed, how many replicas each pool should have.
+
+Two signals, each per pool, and a pool wants the most of them (within its [min, max]):
+- the planner: the fewest replicas with which the simulator (planner/simulate.py, the real scheduler and
+  placement over the profile's step models) keeps `attainment` of requests within both SLOs, serving the
+  observed length mix at headroom x the observed arrival rate. The decode pool is sized first with the most
+  prefill replicas, then the prefill pool with that decode pool. Answers are kept per (rate, mix) bucket, so a
+  steady load costs no simulation.
+- the load: ongoing requests on the pool / target_ongoing_requests (Ray Serve's signal), for clusters without
+  a profile and as a floor when the planner's model runs behind the live cluster.
+
+Hysteresis: a pool grows once every decision for upscale_delay_s wanted more (to the least of them), and
+shrinks once every decision for downscale_delay_s wanted fewer (to the most of them); a resize starts the
+count again. So a burst shorter than the delay moves nothing, and the pool never goes down and up again on
+the noise of one window."""
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from planner.cost import Profile
+from planner.plan import kv_sized
+from planner.simulate import Service, simulate
+
+POOLS = ("prefill", "decode")
+SIM_REQUESTS = 64  # requests per simulated check, drawn from the observed mix
+BUCKET = 1.1  # rates within 10% (and mean lengths within 10%) share a planned answer
+
+
+@dataclass(frozen=True)
+class Observation:
+    rate: float  # requests/s arriving
+    mix: Seq[tuple[int, int]]  # (prompt tokens, output tokens) of recent requests
+    ongoing: dict[str, int] = field(default_factory=dict)  # requests on each pool now
+
+
+@dataclass(frozen=True)
+class Decision:
+    wanted: dict[str, int]  # what each pool wants now (both signals, within bounds)
+    planned: dict[str, int] | None  # the planner's part (None: no profile)
+    resize: dict[str, int]  # pools to resize now, after hysteresis, to this many replicas
+
+
+class Autoscaler:
+    def __init__(self, config, profile: Profile | None, service: Service | None = None, vocab: int = 1000,
+                 seed: int = 0, cache_size: int = 256) -> None:
+        """config: the cluster's ClusterConfig (its pools' options are what the planner simulates; its
+        router.autoscale the bounds, delays and targets; router.ttft_slo_s / tpot_slo_s the SLOs)."""
+        self.base, self.cfg = config, config.router.autoscale
+        if profile is not None:  # the pool configurations it will simulate: ValueError naming one it lacks
+            for pool in POOLS:
+                if self.bounds(pool)[1]:
+                    try:
+                        profile.pool(getattr(config, pool).engine_kwargs())
+                    except ValueError as e:
+                        raise ValueError(f"router.autoscale ({pool} pool): {e}") from None
+            service = service or Service.of(profile)
+        self.profile, self.service = profile, service
+        self.vocab, self.seed = vocab, seed
+        self._planned: OrderedDict[tuple, dict[str, int]] = OrderedDict()
+        self._cache_size = cache_size
+        self._history: dict[str, list[tuple[float, int]]] = {pool: [] for pool in POOLS}  # (time, wanted)
+        self.simulations = 0  # simulated checks run, for tests and logs
+
+    def bounds(self, pool: str) -> tuple[int, int]:
+        return getattr(self.cfg, pool)
+
+    def decide(self, now: float, obs: Observation, current: dict[str, int]) -> Decision:
+        planned = self.plan(obs.rate, obs.mix) if self.profile is not None else None
+        wanted = {}
+        for pool in POOLS:
+            low, high = self.bounds(pool)
+            want = planned[pool] if planned else low
+            if self.cfg.target_ongoing_requests:
+                want = max(want, math.ceil(obs.ongoing.get(pool, 0) / self.cfg.target_ongoing_requests))
+            wanted[pool] = min(max(want, low), high)
+        resize = {}
+        for pool in POOLS:
+            n = self._hysteresis(pool, now, wanted[pool], current[pool])
+            if n is not None:
+                resize[pool] = n
+        return Decision(wanted, planned, resize)
+
+    def _hysteresis(self, pool: str, now: float, want: int, have: int) -> int | None:
+        history = self._history[pool]
+        history.append((now, want))
+        # the decisions since the last one that wanted what the pool has (or went the other way)
+        run: list[int] = []
+        for t, w in reversed(history):
+            if (w > have) != (want > have) or w == have:
+                break
+            run.append(w)
+        del history[:len(history) - len(run)]
+        if want == have or not run:
+            return None
+        delay = self.cfg.upscale_delay_s if want > have else self.cfg.downscale_delay_s
+        if now - history[0][0] < delay:
+            return None
+        history.clear()  # a resize starts the count again
+        return min(run) if want > have else max(run)
+
+    def plan(self, rate: float, mix: Seq[tuple[int, int]]) -> dict[str, int]:
+        """The fewest replicas per pool that the simulator says meet the SLOs at headroom x rate."""
+        lows = {pool: self.bounds(pool)[0] for pool in POOLS}
+        target = rate * self.cfg.headroom
+        if target <= 0 or not mix:
+            return lows
+        key = (_bucket(target), _bucket(sum(p for p, _ in mix) / len(mix)), _bucket(sum(o for _, o in mix) / len(mix)))
+        if key in self._planned:
+            self._planned.move_to_end(key)
+            return self._planned[key]
+        requests = self._requests(mix)
+        (p_low, p_high), (d_low, d_high) = self.bounds("prefill"), self.bounds("decode")
+
+        def meets(prefill: int, decode: int) -> bool:
+            self.simulations += 1
+            config = kv_sized(self.base.replace(**{"prefill.replicas": prefill, "decode.replicas": decode}),
+                              self.profile)
+            run = simulate(config, self.profile, requests, target, self.seed, self.base.router.ttft_slo_s,
+                           self.base.router.tpot_slo_s, self.service)
+            return (run["slo"]["both"] or 0.0) >= self.cfg.attainment
+
+        decode = next((d for d in range(d_low, d_high + 1) if meets(p_high, d)), d_high)
+        prefill = next((p for p in range(p_low, p_high) if meets(p, decode)), p_high)
+        out = {"prefill": prefill, "decode": decode}
+        self._planned[key] = out
+        if len(self._planned) > self._cache_size:
+            self._planned.popitem(last=False)
+        return out
+
+    def _requests(self, mix: Seq[tuple[int, int]]) -> list[tuple[list[int], int]]:
+        """SIM_REQUESTS drawn from the mix; fresh random token ids (no prefix shared: the cautious case)."""
+        rng = random.Random(self.seed)
+        drawn = [mix[rng.randrange(len(mix))] for _ in range(SIM_REQUESTS)]
+        return [([rng.randrange(1, self.vocab) for _ in range(max(p, 1))], max(o, 1)) for p, o in drawn]
+
+
+def _bucket(x: float) -> int:
+    return round(math.log(max(x, 1e-6), BUCKET))

@@ -1,0 +1,44 @@
+"""What the router has seen arrive, for the autoscaler (planner/autoscale.py): each request's arrival
+time, and the prompt and output lengths of the latest ones. Kept on the router's loop; read from the
+autoscaler's thread through a snapshot taken on the loop."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from itertools import takewhile
+
+
+@dataclass(frozen=True)
+class Window:
+    rate: float  # requests/s that arrived in the window
+    mix: tuple[tuple[int, int], ...]  # (prompt tokens, output tokens) of the latest requests, oldest first
+
+
+class Traffic:
+    def __init__(self, horizon_s: float = 600.0, keep: int = 256) -> None:
+        self.horizon_s = horizon_s  # arrivals older than this are forgotten
+        self.started = time.monotonic()
+        self._arrivals: deque[float] = deque()
+        self._asked: deque[tuple[int, int]] = deque(maxlen=keep)  # (prompt tokens, max_tokens) as they arrive
+        self._done: deque[tuple[int, int]] = deque(maxlen=keep)  # (prompt tokens, tokens generated) as they end
+
+    def arrived(self, prompt_tokens: int, max_tokens: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._arrivals.append(now)
+        while self._arrivals[0] < now - self.horizon_s:
+            self._arrivals.popleft()
+        self._asked.append((prompt_tokens, max_tokens))
+
+    def finished(self, prompt_tokens: int, output_tokens: int) -> None:
+        if output_tokens:
+            self._done.append((prompt_tokens, output_tokens))
+
+    def window(self, window_s: float, now: float | None = None) -> Window:
+        """The arrival rate over the last window_s (over the time since the router started, while that is
+        shorter), and the lengths of the latest finished requests (of the latest arrivals, until some finish)."""
+        now = time.monotonic() if now is None else now
+        since = now - window_s
+        count = sum(1 for _ in takewhile(lambda t: t > since, reversed(self._arrivals)))
+        span = min(window_s, max(now - self.started, 1e-3))
+        return Window(count / span, tuple(self._done or self._asked))
