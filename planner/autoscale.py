@@ -4,7 +4,8 @@ with their drain): from what the router observed, how many replicas each pool sh
 Two signals, each per pool, and a pool wants the most of them (within its [min, max]):
 - the planner: the fewest replicas with which the simulator (planner/simulate.py, the real scheduler and
   placement over the profile's step models) keeps `attainment` of requests within both SLOs, serving the
-  observed length mix at headroom x the observed arrival rate. The decode pool is sized first with the most
+  observed length mix at headroom x the observed arrival rate, SIM_SECONDS of it (a steady state, not a burst).
+  The decode pool is sized first with the most
   prefill replicas, then the prefill pool with that decode pool. Answers are kept per (rate, mix) bucket, so a
   steady load costs no simulation.
 - the load: ongoing requests on the pool / target_ongoing_requests (Ray Serve's signal), for clusters without
@@ -27,7 +28,8 @@ from planner.plan import kv_sized
 from planner.simulate import Service, simulate
 
 POOLS = ("prefill", "decode")
-SIM_REQUESTS = 64  # requests per simulated check, drawn from the observed mix
+SIM_SECONDS = 10.0  # of arrivals per simulated check (a steady state, not one burst), drawn from the observed mix
+SIM_REQUESTS = (64, 1000)  # within these bounds
 BUCKET = 1.1  # rates within 10% (and mean lengths within 10%) share a planned answer
 
 
@@ -113,7 +115,7 @@ class Autoscaler:
         if key in self._planned:
             self._planned.move_to_end(key)
             return self._planned[key]
-        requests = self._requests(mix)
+        requests = self._requests(mix, int(min(max(target * SIM_SECONDS, SIM_REQUESTS[0]), SIM_REQUESTS[1])))
         (p_low, p_high), (d_low, d_high) = self.bounds("prefill"), self.bounds("decode")
 
         def meets(prefill: int, decode: int) -> bool:
@@ -132,10 +134,10 @@ class Autoscaler:
             self._planned.popitem(last=False)
         return out
 
-    def _requests(self, mix: Seq[tuple[int, int]]) -> list[tuple[list[int], int]]:
-        """SIM_REQUESTS drawn from the mix; fresh random token ids (no prefix shared: the cautious case)."""
+    def _requests(self, mix: Seq[tuple[int, int]], n: int) -> list[tuple[list[int], int]]:
+        """n requests drawn from the mix; fresh random token ids (no prefix shared: the cautious case)."""
         rng = random.Random(self.seed)
-        drawn = [mix[rng.randrange(len(mix))] for _ in range(SIM_REQUESTS)]
+        drawn = [mix[rng.randrange(len(mix))] for _ in range(n)]
         return [([rng.randrange(1, self.vocab) for _ in range(max(p, 1))], max(o, 1)) for p, o in drawn]
 
 

@@ -82,13 +82,16 @@ def search(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
            service: Service | None = None, seed: int = 0, steps: int = 6
            ) -> tuple[float, dict[str, Any] | None, list[tuple[float, float]]]:
     """(goodput, the simulated run at it, every (rate, attainment) tried) of one cluster configuration: the rate
-    doubled from 0.25 req/s until fewer than `attainment` meet both SLOs, then `steps` bisections."""
+    doubled from 0.25 req/s until fewer than `attainment` meet both SLOs, then `steps` bisections. requests: a
+    list, or a function of the rate giving one (so that a high rate can run long enough to reach its steady
+    state)."""
     best: tuple[float, dict[str, Any] | None] = (0.0, None)
     tried: list[tuple[float, float]] = []
 
     def meets(rate: float) -> bool:
         nonlocal best
-        run = simulate(config, profile, requests, rate, seed, ttft_slo, tpot_slo, service)
+        run = simulate(config, profile, requests(rate) if callable(requests) else requests, rate, seed, ttft_slo,
+                       tpot_slo, service)
         share = run["slo"]["both"] or 0.0
         tried.append((rate, share))
         if share >= attainment and rate > best[0]:

@@ -1,6 +1,7 @@
 """router.autoscale on a live tiny-model cluster: load stepped up then down, the decode pool follows (growing
 once the load has held past the upscale delay, shrinking once it has stayed low past the downscale delay, its
-leaving replica draining), within a bounded time; every request sent ends with the offline engine's tokens."""
+leaving replica draining), within a bounded time; every request sent ends with the offline engine's tokens.
+Once by load (target_ongoing_requests), once by the planner (a profile measured here, the observed rate)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from tests.kv_transfer.test_shm_transfer import prompts_of
 
 PROMPTS = prompts_of([40, 50, 60, 70], seed=11)
 PARAMS = dict(temperature=0, max_tokens=160, ignore_eos=True)
+PARAMS_SHORT = dict(PARAMS, max_tokens=24)
 FOLLOW_S = 30.0  # a pool must have followed the load within this long of its step
 
 
@@ -91,3 +93,59 @@ def test_the_decode_pool_follows_a_load_stepped_up_then_down(cluster, want):
     assert rates and min(rates) > 0
     sample = cluster.router.metrics.registry.get_sample_value
     assert sample("pdserve_autoscale_wanted_replicas", {"model": cluster.router.model_name, "pool": "decode"}) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model, tmp_path_factory) -> str:
+    """The tiny model's step models, measured here (about a second)."""
+    from pdserve.cli import main
+
+    out = str(tmp_path_factory.mktemp("profile") / "tiny.json")
+    assert main(["profile", "--model", tiny_model, "--out", out, "--quick", "--reps", "2",
+                 "--decode-max-num-batched-tokens", "128", "--decode-num-kv-blocks", "256"]) == 0
+    return out
+
+
+def test_the_planner_sizes_the_pool_for_the_rate_it_observes(ray_local, tiny_model, tiny_profile, want):
+    """No target_ongoing_requests: the planner alone decides, simulating the profile at headroom x the observed
+    rate. The tiny model serves hundreds of requests a second on one replica, so the headroom is set to make
+    ~4 req/s arriving stand for what one replica cannot hold (found with the same Autoscaler the loop runs)."""
+    from planner.autoscale import Autoscaler
+    from planner.cost import Profile
+
+    mix = [(len(p), PARAMS_SHORT["max_tokens"]) for p in PROMPTS]
+    config = small_cluster(tiny_model, local_prefill_threshold=8, drain_timeout_s=0.5, profile=tiny_profile,
+                           ttft_slo_s=0.05, tpot_slo_s=0.01)
+    config = config.replace(**{"prefill.replicas": 0, "decode.num_kv_blocks": 256})
+    probe = Autoscaler(config.replace(**{"router.autoscale": AutoscaleConfig(enabled=True, prefill=(0, 0),
+                                                                             decode=(1, 2), headroom=1.0)}),
+                       Profile.load(tiny_profile))
+    lo, hi = 1.0, 1.0
+    while probe.plan(hi, mix)["decode"] < 2:  # the rate past which one replica falls short, in the simulator
+        lo, hi = hi, hi * 2
+        assert hi < 1e6
+    autoscale = AutoscaleConfig(enabled=True, prefill=(0, 0), decode=(1, 2), every_s=0.25, window_s=3.0,
+                                upscale_delay_s=1.0, downscale_delay_s=2.0, headroom=hi / 2.0)
+    with start_cluster(config.replace(**{"router.autoscale": autoscale}), progress=None) as cluster:
+        got, t0 = [], time.monotonic()
+
+        async def send(rate: float, until) -> None:
+            async with AsyncClient(cluster.address, timeout=60) as c:
+                tasks, i = [], 0
+                while not until():
+                    tasks.append(asyncio.create_task(c.generate(PROMPTS[i % len(PROMPTS)], **PARAMS_SHORT)))
+                    i += 1
+                    await asyncio.sleep(1 / rate)
+                for i, t in enumerate(tasks):
+                    got.append((i % len(PROMPTS), (await t).token_ids))
+
+        asyncio.run(send(4.0, lambda: decode_replicas(cluster) == 2 or time.monotonic() - t0 > FOLLOW_S))
+        assert decode_replicas(cluster) == 2, "the planner did not grow the pool at ~4 req/s"
+        t1 = time.monotonic()
+        while decode_replicas(cluster) == 2 and time.monotonic() - t1 < FOLLOW_S:  # nothing arrives now
+            time.sleep(0.1)
+        assert decode_replicas(cluster) == 1 and time.monotonic() - t1 >= 2.0
+        for i, tokens in got:
+            assert tokens == want[i][:PARAMS_SHORT["max_tokens"]]
+        planned = [d.planned["decode"] for _, rate, d in cluster.supervisor.decisions if d.planned]
+        assert 2 in planned and planned[-1] == 1 and cluster.supervisor.autoscaler.simulations > 0
