@@ -120,9 +120,9 @@ def test_the_planner_sizes_the_pool_for_the_rate_it_observes(ray_local, tiny_mod
     probe = Autoscaler(config.replace(**{"router.autoscale": AutoscaleConfig(enabled=True, prefill=(0, 0),
                                                                              decode=(1, 2), headroom=1.0)}),
                        Profile.load(tiny_profile))
-    lo, hi = 1.0, 1.0
+    hi = 1.0
     while probe.plan(hi, mix)["decode"] < 2:  # the rate past which one replica falls short, in the simulator
-        lo, hi = hi, hi * 2
+        hi *= 2
         assert hi < 1e6
     autoscale = AutoscaleConfig(enabled=True, prefill=(0, 0), decode=(1, 2), every_s=0.25, window_s=3.0,
                                 upscale_delay_s=1.0, downscale_delay_s=2.0, headroom=hi / 2.0)
