@@ -351,7 +351,17 @@ def cmd_plan(args) -> int:
 
     from planner.plan import as_json, format_plan, plan
 
-    config, profile, _, requests = _model_inputs(args, "plan")
+    config, profile, workload, requests = _model_inputs(args, "plan")
+    if args.seconds:  # at each rate tried, at least that many seconds of arrivals: a steady state at any rate
+        from pdserve.workload import make_requests
+
+        fixed = requests
+        n = args.num_requests
+
+        def requests(rate: float) -> list:
+            more = int(rate * args.seconds)
+            return fixed if more <= n else make_requests(workload, more, args.seed, args.vocab_size,
+                                                         args.max_model_len)
     found = plan(config, profile, requests, args.devices, args.ttft_slo, args.tpot_slo, args.attainment,
                  seed=args.seed)
     if not found:
@@ -444,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--devices", type=int, required=True, help="cores on a CPU host (TP x threads a replica), GPUs")
     p.add_argument("--top", type=int, default=5, help="layouts to print (default %(default)s; the JSON has all)")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="simulate at least this many seconds of arrivals at each rate tried (more requests than "
+                        "--num-requests where the rate is high: a GPU profile's hundreds a second), so a run "
+                        "shows the steady state rather than one burst (default: --num-requests alone)")
     p.add_argument("--json", help="every layout tried, with its goodput, the rates tried and its latencies there")
     p.set_defaults(func=cmd_plan)
 

@@ -83,8 +83,8 @@ def test_pdserve_profile_paper_and_plan_size_gpu_pools(tmp_path, capsys):
     capsys.readouterr()
     plan = tmp_path / "plan.json"
     assert main(["plan", "--profile", str(out), "--devices", "2", "--workload", "fixed", "--prompt-len", "512",
-                 "--output-len", "64", "--num-requests", "40", "--ttft-slo", "0.5", "--tpot-slo", "0.05",
-                 "--json", str(plan)]) == 0
+                 "--output-len", "64", "--num-requests", "40", "--seconds", "1", "--ttft-slo", "0.5",
+                 "--tpot-slo", "0.05", "--json", str(plan)]) == 0
     found = json.loads(plan.read_text())
     assert {f["layout"] for f in found} >= {"colocated 1x(tp1, 1 thr)", "colocated 1x(tp2, 1 thr)",
                                             "1P(tp1, 1 thr) + 1D(tp1, 1 thr), disaggregated"}
