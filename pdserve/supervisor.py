@@ -41,6 +41,7 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
         self.autoscaler = None  # planner.autoscale.Autoscaler, once autoscale() started it
         self._autoscaling: threading.Thread | None = None
+        self._executor = None  # the planner's process, with a profile
         self.decisions: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Decision) of each round
 
     def start(self) -> Supervisor:
@@ -52,9 +53,18 @@ class Supervisor:
         self._thread.join(timeout=30)
         if self._autoscaling is not None:
             self._autoscaling.join(timeout=60)
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
 
     def autoscale(self, autoscaler) -> Supervisor:
-        """Resize the pools as `autoscaler` (planner.autoscale.Autoscaler) decides, until stop()."""
+        """Resize the pools as `autoscaler` (planner.autoscale.Autoscaler) decides, until stop(). Its planner's
+        simulations run in a process of their own (spawned: this one runs Ray's threads), not on the GIL the
+        router's loop needs."""
+        if autoscaler.profile is not None and autoscaler.executor is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            autoscaler.executor = self._executor = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
         self.autoscaler = autoscaler
         self._autoscaling = threading.Thread(target=self._autoscale, name="pdserve-autoscaler", daemon=True)
         self._autoscaling.start()

@@ -21,6 +21,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from planner.cost import Profile
@@ -49,9 +50,11 @@ class Decision:
 
 class Autoscaler:
     def __init__(self, config, profile: Profile | None, service: Service | None = None, vocab: int = 1000,
-                 seed: int = 0, cache_size: int = 256) -> None:
+                 seed: int = 0, cache_size: int = 256, executor: Executor | None = None) -> None:
         """config: the cluster's ClusterConfig (its pools' options are what the planner simulates; its
-        router.autoscale the bounds, delays and targets; router.ttft_slo_s / tpot_slo_s the SLOs)."""
+        router.autoscale the bounds, delays and targets; router.ttft_slo_s / tpot_slo_s the SLOs). executor:
+        where the simulations run (a process pool, so a serving router's process is not slowed; None: here)."""
+        self.executor = executor
         self.base, self.cfg = config, config.router.autoscale
         if profile is not None:  # the pool configurations it will simulate: ValueError naming one it lacks
             for pool in POOLS:
@@ -116,19 +119,12 @@ class Autoscaler:
             self._planned.move_to_end(key)
             return self._planned[key]
         requests = self._requests(mix, int(min(max(target * SIM_SECONDS, SIM_REQUESTS[0]), SIM_REQUESTS[1])))
-        (p_low, p_high), (d_low, d_high) = self.bounds("prefill"), self.bounds("decode")
-
-        def meets(prefill: int, decode: int) -> bool:
-            self.simulations += 1
-            config = kv_sized(self.base.replace(**{"prefill.replicas": prefill, "decode.replicas": decode}),
-                              self.profile)
-            run = simulate(config, self.profile, requests, target, self.seed, self.base.router.ttft_slo_s,
-                           self.base.router.tpot_slo_s, self.service)
-            return (run["slo"]["both"] or 0.0) >= self.cfg.attainment
-
-        decode = next((d for d in range(d_low, d_high + 1) if meets(p_high, d)), d_high)
-        prefill = next((p for p in range(p_low, p_high) if meets(p, decode)), p_high)
-        out = {"prefill": prefill, "decode": decode}
+        args = (self.base, self.profile, self.service, requests, target, self.seed)
+        if self.executor is None:
+            out, ran = size_pools(*args)
+        else:  # another process: the simulations do not hold the router's process's GIL
+            out, ran = self.executor.submit(size_pools, *args).result()
+        self.simulations += ran
         self._planned[key] = out
         if len(self._planned) > self._cache_size:
             self._planned.popitem(last=False)
@@ -139,6 +135,26 @@ class Autoscaler:
         rng = random.Random(self.seed)
         drawn = [mix[rng.randrange(len(mix))] for _ in range(n)]
         return [([rng.randrange(1, self.vocab) for _ in range(max(p, 1))], max(o, 1)) for p, o in drawn]
+
+
+def size_pools(base, profile: Profile, service: Service | None, requests, rate: float, seed: int
+               ) -> tuple[dict[str, int], int]:
+    """({pool: replicas}, simulations run): the decode pool's fewest replicas that keep base.router.autoscale's
+    attainment within both SLOs at `rate` with the most prefill replicas, then the prefill pool's with that."""
+    cfg, r = base.router.autoscale, base.router
+    (p_low, p_high), (d_low, d_high) = cfg.prefill, cfg.decode
+    ran = 0
+
+    def meets(prefill: int, decode: int) -> bool:
+        nonlocal ran
+        ran += 1
+        config = kv_sized(base.replace(**{"prefill.replicas": prefill, "decode.replicas": decode}), profile)
+        run = simulate(config, profile, requests, rate, seed, r.ttft_slo_s, r.tpot_slo_s, service)
+        return (run["slo"]["both"] or 0.0) >= cfg.attainment
+
+    decode = next((d for d in range(d_low, d_high + 1) if meets(p_high, d)), d_high)
+    prefill = next((p for p in range(p_low, p_high) if meets(p, decode)), p_high)
+    return {"prefill": prefill, "decode": decode}, ran
 
 
 def _bucket(x: float) -> int:

@@ -155,3 +155,15 @@ def test_a_profile_without_the_pools_configuration_is_named():
     config = cluster().replace(**{"decode.num_threads": 2})
     with pytest.raises(ValueError, match="autoscale.*decode pool.*tp1-threads2"):
         Autoscaler(config, profile())
+
+
+def test_the_planner_runs_in_another_process_with_the_same_answers():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        there = Autoscaler(cluster(), profile(), executor=pool)
+        here = Autoscaler(cluster(), profile())
+        for rate in (0.5, 8.0):
+            assert there.plan(rate, MIX) == here.plan(rate, MIX)
+        assert there.simulations == here.simulations > 0
