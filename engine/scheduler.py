@@ -142,15 +142,17 @@ class Scheduler:
 
     def _admit_holders(self, out: SchedulerOutput, budget: int) -> None:
         """Nothing runs and the head of waiting cannot get its blocks, so no step would ever free any: the
-        sequences that already hold every block their next token needs (a prompt prefilled elsewhere, its
-        KV landed in blocks reserved for it) run ahead of the head rather than the replica wait forever."""
+        sequences whose prompt is computed (prefilled elsewhere, its KV landed in blocks reserved for it) and
+        whose next token fits in the free blocks (most need none, one at a block boundary needs one) run ahead
+        of the head rather than the replica wait forever."""
         bm = self.block_manager
         for seq in list(self.waiting):
             if budget < 1 or len(self.running) >= self.config.max_num_seqs:
                 return
-            if seq.num_computed_tokens != seq.num_tokens - 1 or bm.num_missing_blocks(seq, seq.num_tokens):
+            if seq.num_computed_tokens != seq.num_tokens - 1 or not bm.can_allocate(seq, seq.num_tokens):
                 continue
             self.waiting.remove(seq)
+            bm.allocate(seq, seq.num_tokens)
             self._start(seq, 1, out)
             out.num_decodes += 1
             budget -= 1

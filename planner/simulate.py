@@ -95,6 +95,7 @@ class SimEngine:
         self.busy = False
         self.busy_s = 0.0
         self.owner: dict[int, SimRequest] = {}  # seq_id -> request
+        self.free_seen = num_blocks  # free blocks when the simulator last looked (Simulator._sync)
 
     def step(self) -> tuple[SchedulerOutput, float]:
         out = self.scheduler.schedule()
@@ -141,6 +142,7 @@ class Simulator:
         self._order_decode = DECODE_POLICIES[self.router.decode_policy]()
         self.ongoing = 0
         self.queue: deque[SimRequest] = deque()
+        self._parked: list[tuple[SimRequest, float]] = []  # (request, its last try) waiting for decode blocks
 
     @staticmethod
     def _replica(role: str, index: int, pool, profile: Profile, service: Service) -> Replica:
@@ -217,7 +219,14 @@ class Simulator:
                 self._prefill_remote(r, prompt)
             self._sync(d)
             return
-        self.at(self.now + RESERVE_RETRY_S, lambda: self._place(r))  # every decode replica is full: ask again
+        # every decode replica is full: the router asks again every RESERVE_RETRY_S. With the threshold, the first
+        # time it can succeed is the first of those ticks after some decode replica freed blocks (_wake), so it
+        # waits until then (under KV pressure, most of a run's events were such retries); slo_aware decides
+        # again at each (a later decision may prefill locally, which reserves nothing)
+        if self.dispatch is None:
+            self._parked.append((r, self.now))
+        else:
+            self.at(self.now + RESERVE_RETRY_S, lambda: self._place(r))
 
     def _prefill_remote(self, r: SimRequest, prompt: Prompt) -> None:
         p = self._pick_prefill(self.prefill, prompt)
@@ -237,6 +246,7 @@ class Simulator:
         self._token(r, self.now)
         if r.output_len == 1:
             r.decode.actor.block_manager.free(r.seq)
+            self._sync(r.decode)
             self._done(r)
             return
         self.at(self.now + self.service.hop_s, lambda: self._commit(r))
@@ -282,6 +292,7 @@ class Simulator:
         if engine.busy or not engine.scheduler.has_unfinished():
             return
         out, seconds = engine.step()
+        self._wake(replica)  # a preemption frees blocks as the step is scheduled: a waiting reservation may take them
         if out.is_empty:
             return  # nothing fits now; a commit, a finish or a new request kicks it again
         engine.busy, engine.busy_s = True, engine.busy_s + seconds
@@ -304,9 +315,19 @@ class Simulator:
         self._sync(replica)
         self._kick(replica)
 
-    @staticmethod
-    def _sync(replica: Replica) -> None:
+    def _sync(self, replica: Replica) -> None:
         replica.free_blocks = replica.actor.block_manager.num_free_blocks
+        self._wake(replica)
+
+    def _wake(self, replica: Replica) -> None:
+        """Blocks freed on a decode replica: the reservations waiting for some ask again, each at its next tick."""
+        engine: SimEngine = replica.actor
+        before, engine.free_seen = engine.free_seen, engine.block_manager.num_free_blocks
+        if engine.free_seen > before and self._parked and replica.role == "decode":
+            parked, self._parked = self._parked, []
+            for r, last in parked:  # each at its own next retry tick
+                ticks = max(1, math.ceil((self.now - last) / RESERVE_RETRY_S - 1e-9))
+                self.at(last + ticks * RESERVE_RETRY_S, lambda r=r: self._place(r))
 
 
 def results(reqs: Seq[SimRequest]):

@@ -446,6 +446,26 @@ def test_without_a_target_costs_are_learnt_but_change_nothing() -> None:
     assert scheduled(step(sched)) == {"c": 64}
 
 
+def test_a_landed_transfer_at_a_block_boundary_takes_the_free_block_the_head_cannot_use() -> None:
+    # 4 blocks: a prompt prefilled elsewhere filled its 2 reserved blocks exactly, so its next token needs a
+    # third; another reservation holds 1; 1 is free. The head of waiting needs 3 and nothing runs: the landed
+    # one must take the free block and run, or no step would ever free one (found by planner.simulate)
+    sched = make(num_blocks=4)
+    bm = sched.block_manager
+    head = seq(3 * BS - 8, rid="head")
+    landed, reserved = seq(2 * BS, rid="landed"), seq(BS, rid="reserved")
+    for s in (landed, reserved):
+        bm.allocate(s, s.num_prompt_tokens)
+    landed.num_computed_tokens = 2 * BS
+    landed.token_ids.append(5)  # the first token, sampled by the prefill side
+    sched.add(head)
+    sched.add(landed)
+    assert bm.num_free_blocks == 1 and bm.num_missing_blocks(landed, landed.num_tokens) == 1
+    out = sched.schedule()
+    assert scheduled(out) == {"landed": 1} and out.num_decodes == 1
+    assert len(landed.block_table) == 3 and bm.num_free_blocks == 0
+
+
 def test_a_landed_transfer_runs_when_the_head_of_waiting_can_never_get_its_blocks() -> None:
     # 4 blocks: a prompt prefilled elsewhere landed in 2 reserved blocks and waits for its next token (which
     # needs no new block); another reservation holds the other 2; at the head of waiting, a preempted request
