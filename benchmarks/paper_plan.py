@@ -152,13 +152,37 @@ def whole(model, gpu, eff, workload: Workload, ttft: float, tpot: float, layout:
     return [sum(all(r.meets(ttft, tpot)) for r in g.results(x)) / len(g.results(x)) for x in (rate, rate * 1.15)]
 
 
+def table(paths: list[str]) -> str:
+    """The README's table from written JSONs: per case and TPOT target, the best of each kind at 8 and 64 GPUs."""
+    lines = ["| model, GPU, workload (TTFT) | TPOT | 8 GPUs: colocated | disaggregated | D/C | 64 GPUs: colocated | "
+             "disaggregated | D/C |", "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            for case in json.load(f)["cases"]:
+                for i, tpot in enumerate(r["tpot_slo_s"] for r in case["plans"]["8"]["rows"]):
+                    cells = []
+                    for n in ("8", "64"):
+                        r = case["plans"][n]["rows"][i]
+                        c, d = r["colocated"], r["disaggregated"]
+                        ratio = f"{d['goodput'] / c['goodput']:.2f}" if c["goodput"] else "-"
+                        cells += [f"{c['layout']}: {c['goodput']:g}", f"{d['layout']}: {d['goodput']:g}", ratio]
+                    name = (f"{case['model']}, {case['gpu'].upper()}, {case['workload']} ({case['ttft_slo_s']:g} s)"
+                            if i == 0 else "")
+                    lines.append(f"| {name} | {tpot * 1e3:g} ms | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print the README's table from written JSONs, and stop")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--quick", action="store_true", help="Llama-3.1-8B on H100, chat, one TPOT target")
     p.add_argument("--gpus", default="h100,h200", help="comma-separated: h100, h200 (default both)")
     p.add_argument("--seconds", type=float, default=SECONDS, help="simulated seconds of arrivals per rate tried")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     t0 = time.monotonic()
     eff = calibrate()
     rows = predictions(eff)
