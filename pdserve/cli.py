@@ -181,11 +181,11 @@ def cmd_serve(args) -> int:
     config = _cluster_config(args)
     _warn_if_open(config)
     cluster = start_cluster(config)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before saying ready: a SIGTERM right after it drains too
+        signal.signal(sig, lambda *_: done.set())
     print(f"pdserve is ready: call it at {cluster.address}  (pdserve generate --address {cluster.address} ...)",
           flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
     timeout = config.router.drain_timeout_s
     print(f"draining: no new requests; up to {timeout:g} s for those running", flush=True)
