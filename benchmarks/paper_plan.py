@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 
 from pdserve.config import ClusterConfig
-from pdserve.workload import Workload, arrival_times, make_requests
+from pdserve.workload import Workload, arrival_times, make_requests, steady_count
 from planner.plan import kv_sized
 from planner.roofline import (
     GPUS,
@@ -55,7 +55,7 @@ GPU_COUNTS = (8, 64)
 
 def arrivals(rate: float, seconds: float) -> int:
     """Requests a run at `rate` sends: `seconds` of arrivals (a steady state, not one burst), within bounds."""
-    return int(min(max(rate * seconds, MIN_REQUESTS), MAX_REQUESTS))
+    return steady_count(rate, seconds, MIN_REQUESTS, MAX_REQUESTS)
 
 
 class Goodputs:

@@ -151,6 +151,11 @@ def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:
     return times
 
 
+def steady_count(rate: float, seconds: float, least: int, most: int) -> int:
+    """Requests that make `seconds` of arrivals at `rate` (a steady state, not one burst), within [least, most]."""
+    return int(min(max(rate * seconds, least), most))
+
+
 def per_rate(requests, count: int) -> list:
     """A sweep's requests as one list per rate: `requests` is the same for every rate (a list of requests or
     conversations) or already one list per rate (lists of them)."""

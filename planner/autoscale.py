@@ -24,6 +24,7 @@ from collections.abc import Sequence as Seq
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from pdserve.workload import steady_count
 from planner.cost import Profile
 from planner.plan import kv_sized
 from planner.simulate import Service, simulate
@@ -118,7 +119,7 @@ class Autoscaler:
         if key in self._planned:
             self._planned.move_to_end(key)
             return self._planned[key]
-        requests = self._requests(mix, int(min(max(target * SIM_SECONDS, SIM_REQUESTS[0]), SIM_REQUESTS[1])))
+        requests = self._requests(mix, steady_count(target, SIM_SECONDS, *SIM_REQUESTS))
         args = (self.base, self.profile, self.service, requests, target, self.seed)
         if self.executor is None:
             out, ran = size_pools(*args)

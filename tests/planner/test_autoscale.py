@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.config import AutoscaleConfig, ClusterConfig, PoolConfig, RouterConfig
+from pdserve.workload import steady_count
 from planner.autoscale import SIM_REQUESTS, SIM_SECONDS, Autoscaler, Observation
 from planner.cost import PoolProfile, Profile, StepModel, pool_key
 from planner.simulate import simulate
@@ -32,7 +33,7 @@ def cluster(prefill=(1, 4), decode=(1, 4), **autoscale) -> ClusterConfig:
 
 def attainment(config, scaler, rate, prefill, decode) -> float:
     sized = config.replace(**{"prefill.replicas": prefill, "decode.replicas": decode})
-    n = int(min(max(rate * SIM_SECONDS, SIM_REQUESTS[0]), SIM_REQUESTS[1]))
+    n = steady_count(rate, SIM_SECONDS, *SIM_REQUESTS)
     run = simulate(sized, scaler.profile, scaler._requests(MIX, n), rate, 0, 1.0, 0.1)
     return run["slo"]["both"]
 
