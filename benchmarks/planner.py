@@ -26,7 +26,7 @@ from typing import Any
 from benchmarks import serving, serving_vs
 from pdserve.bench_stats import goodput
 from pdserve.cli import _cluster_config, build_parser
-from pdserve.workload import LongtailMix, Workload, fresh_requests, make_requests
+from pdserve.workload import LongtailMix, Workload, fresh_requests, make_requests, steady_count
 from planner.calibrate import METRICS, Case, calibrate, compared, format_errors
 from planner.cost import Profile
 from planner.plan import search
@@ -91,9 +91,10 @@ def summary_errors(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def dispatch_table(profile_path: str, requests_per_rate: int = 100) -> str:
+def dispatch_table(profile_path: str, requests_per_rate: int = 100, seconds: float = 0.0) -> str:
     """Simulated goodput of the 1P1D dispatches (disaggregated, conditional, slo_aware) and colocated, on
-    benchmarks.serving's pools, for long-tail, chat-only and document-heavy work at two pairs of SLOs."""
+    benchmarks.serving's pools, for long-tail, chat-only and document-heavy work at two pairs of SLOs. Each rate
+    sends requests_per_rate requests, or `seconds` of arrivals where that is more (a steady state)."""
     profile = Profile.load(profile_path)
     workloads = {"long-tail": serving.WORKLOAD,
                  "chat-only": Workload("longtail", longtail=LongtailMix(document_fraction=0.0)),
@@ -107,7 +108,9 @@ def dispatch_table(profile_path: str, requests_per_rate: int = 100) -> str:
                                                   "router.ttft_slo_s": ttft, "router.tpot_slo_s": tpot})
         layouts = [c["disaggregated"], c["conditional"], slo_aware, c["colocated"]]
         for name, workload in workloads.items():
-            requests = make_requests(workload, requests_per_rate, 0, 49152, 8192)
+            def requests(rate: float, workload=workload) -> list:
+                return make_requests(workload, steady_count(rate, seconds, requests_per_rate, 10_000), 0, 49152, 8192)
+
             cells = " | ".join(f"{search(cfg, profile, requests, ttft, tpot)[0]:.2f}" for cfg in layouts)
             lines.append(f"| {ttft:g} s / {1e3 * tpot:g} ms | {name} | {cells} |")
             print(lines[-1], flush=True)
@@ -123,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write every run's measured and simulated figures here")
     ap.add_argument("--dispatch-table", action="store_true",
                     help="instead: the simulated goodput of each 1P1D dispatch and colocated, on the profile")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="--dispatch-table: at least this many seconds of arrivals a rate (default: 100 requests)")
     args = ap.parse_args(argv)
     if args.dispatch_table:
-        dispatch_table(args.profile)
+        dispatch_table(args.profile, seconds=args.seconds)
         return 0
     if not args.validate_on:
         ap.error("give --validate-on (and --calibrate-on, or the profile's own service costs are used), or "

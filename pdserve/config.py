@@ -96,6 +96,11 @@ class RouterConfig:
     # profile's step models and the live load predict keeps more requests within ttft_slo_s and tpot_slo_s)
     dispatch: str = "threshold"
     profile: str | None = None  # a `pdserve profile` JSON: what slo_aware predicts with
+    # slo_aware: every dispatch_retune_s the simulator picks the rule under its predictions (a size threshold, or
+    # the least delay) that keeps the most requests within the SLOs for the last dispatch_window_s of traffic
+    # (planner.simulate.Tuner); 0: never (the least delay)
+    dispatch_retune_s: float = 5.0
+    dispatch_window_s: float = 30.0
     prefill_policy: str = "prefix_aware"  # or least_tokens, round_robin (router/placement.py)
     decode_policy: str = "prefix_aware"  # or most_free_blocks, round_robin
     max_request_bytes: int = 1 << 20  # a request larger than this is refused with INVALID_ARGUMENT
@@ -137,6 +142,9 @@ class RouterConfig:
         if self.dispatch == "slo_aware" and not self.profile:
             raise ValueError("router.dispatch='slo_aware' predicts with a profile: set router.profile to a JSON "
                              "written by `pdserve profile`")
+        if self.dispatch_retune_s < 0 or self.dispatch_window_s <= 0:
+            raise ValueError(f"dispatch_retune_s={self.dispatch_retune_s} must be >= 0 (0: never) and "
+                             f"dispatch_window_s={self.dispatch_window_s} > 0")
         if self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_ongoing_requests must be >= 1 and max_queued_requests >= 0")
         if isinstance(self.autoscale, dict):

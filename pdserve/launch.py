@@ -155,7 +155,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     r.keys()  # a key file or TLS file that is missing fails here, before any actor starts
     for path in (r.tls_cert, r.tls_key) if r.tls else ():
         Path(path).read_bytes()
-    slo_aware = autoscaler = None  # a profile that is missing or lacks a pool fails here too
+    slo_aware = autoscaler = tuner = None  # a profile that is missing or lacks a pool fails here too
     if r.profile and (r.dispatch == "slo_aware" or r.autoscale.enabled):
         from planner.cost import Profile
 
@@ -164,6 +164,10 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         from router.dispatch import SloAware
 
         slo_aware = SloAware.from_profile(profile, config.prefill, config.decode, r.ttft_slo_s, r.tpot_slo_s)
+        if r.dispatch_retune_s > 0 and config.prefill.replicas:
+            from planner.simulate import Tuner
+
+            tuner = Tuner(config, profile)
     if r.autoscale.enabled:
         from planner.autoscale import Autoscaler
 
@@ -232,6 +236,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         cluster.supervisor.autoscale(autoscaler)
         say(f"autoscaling prefill {list(a.prefill)}, decode {list(a.decode)} replicas every {a.every_s:g} s "
             f"({'the planner' if autoscaler.profile else 'load'} decides)")
+    if tuner is not None:
+        cluster.supervisor.tune_dispatch(tuner)
+        say(f"slo_aware dispatch: its rule tuned to the traffic every {r.dispatch_retune_s:g} s")
     say(f"serving {name!r} on {cluster.address}{' (TLS)' if r.tls else ''}{metrics}")
     if cluster.openai_base_url:
         say(f"OpenAI-compatible API on {cluster.openai_base_url}")

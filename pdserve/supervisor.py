@@ -13,6 +13,10 @@ uses Ray's blocking API and never blocks the router's loop).
 
 - autoscale(autoscaler) runs planner/autoscale.py's decisions every router.autoscale.every_s on a thread of
   its own, over what the router observed, and resizes the pools with scale() as they say.
+- tune_dispatch(tuner) picks slo_aware's rule (planner.simulate.Tuner) every router.dispatch_retune_s from the
+  traffic the router observed, and hands it to the router's dispatch.
+The planner's simulations for both run in one process of their own (spawned: this one runs Ray's threads),
+not on the GIL the router's loop needs.
 
 Both KV backends: on `collective` a newcomer forms a pair group with each live replica of the other
 pool (kv_transfer.wiring.link)."""
@@ -40,9 +44,10 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
         self.autoscaler = None  # planner.autoscale.Autoscaler, once autoscale() started it
-        self._autoscaling: threading.Thread | None = None
-        self._executor = None  # the planner's process, with a profile
+        self._loops: list[threading.Thread] = []  # autoscaling, dispatch tuning
+        self._executor = None  # the planner's process, once one of them needs it
         self.decisions: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Decision) of each round
+        self.rules: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Rule) each time the rule changed
 
     def start(self) -> Supervisor:
         self._thread.start()
@@ -51,24 +56,57 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        if self._autoscaling is not None:
-            self._autoscaling.join(timeout=60)
+        for loop in self._loops:
+            loop.join(timeout=60)
         if self._executor is not None:
             self._executor.shutdown(cancel_futures=True)
 
     def autoscale(self, autoscaler) -> Supervisor:
-        """Resize the pools as `autoscaler` (planner.autoscale.Autoscaler) decides, until stop(). Its planner's
-        simulations run in a process of their own (spawned: this one runs Ray's threads), not on the GIL the
-        router's loop needs."""
-        if autoscaler.profile is not None and autoscaler.executor is None:
+        """Resize the pools as `autoscaler` (planner.autoscale.Autoscaler) decides, until stop()."""
+        if autoscaler.profile is not None and autoscaler.answers.executor is None:
+            autoscaler.answers.executor = self._planner()
+        self.autoscaler = autoscaler
+        return self._loop(self._autoscale, "pdserve-autoscaler")
+
+    def tune_dispatch(self, tuner) -> Supervisor:
+        """Keep the router's slo_aware dispatch on the rule `tuner` (planner.simulate.Tuner) picks, until stop()."""
+        if tuner.answers.executor is None:
+            tuner.answers.executor = self._planner()
+        self.tuner = tuner
+        return self._loop(self._tune, "pdserve-dispatch-tuner")
+
+    def _planner(self):
+        if self._executor is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            autoscaler.executor = self._executor = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
-        self.autoscaler = autoscaler
-        self._autoscaling = threading.Thread(target=self._autoscale, name="pdserve-autoscaler", daemon=True)
-        self._autoscaling.start()
+            self._executor = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+        return self._executor
+
+    def _loop(self, target, name: str) -> Supervisor:
+        loop = threading.Thread(target=target, name=name, daemon=True)
+        self._loops.append(loop)
+        loop.start()
         return self
+
+    def _tune(self) -> None:
+        from dataclasses import replace
+
+        router = self.server.router
+        cfg = router.config
+        while not self._stop.wait(cfg.dispatch_retune_s):
+            try:
+                window = self._on_loop(router.observed(cfg.dispatch_window_s))[0]
+                rule = self.tuner.pick(window.rate, window.mix)
+            except Exception as e:  # noqa: BLE001 - the loop goes on; the next round picks again
+                log.warning("dispatch tuning: picking failed: %r", e)
+                continue
+            if rule is not None and rule != router.slo_aware.rule:
+                log.warning("slo_aware dispatch: %s (%.2f req/s arriving, %d requests' lengths seen)", rule,
+                            window.rate, len(window.mix))
+                router.slo_aware = replace(router.slo_aware, rule=rule)  # one reference swapped: the loop reads it
+                router.metrics.dispatch_rule(rule)
+                self.rules.append((time.monotonic(), window.rate, rule))
 
     def _autoscale(self) -> None:
         from planner.autoscale import Observation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 WORKLOADS = ("fixed", "uniform", "longtail", "shared-doc", "multiturn")
@@ -154,6 +155,23 @@ def arrival_times(n: int, rate: float | None, seed: int) -> list[float]:
 def steady_count(rate: float, seconds: float, least: int, most: int) -> int:
     """Requests that make `seconds` of arrivals at `rate` (a steady state, not one burst), within [least, most]."""
     return int(min(max(rate * seconds, least), most))
+
+
+def mix_requests(mix: Sequence[tuple[int, int]], n: int, vocab: int, seed: int = 0) -> list[Request]:
+    """n requests drawn from an observed mix of (prompt tokens, output tokens), fresh random token ids (no prefix
+    shared: the cautious case)."""
+    rng = random.Random(seed)
+    drawn = [mix[rng.randrange(len(mix))] for _ in range(n)]
+    return [([rng.randrange(1, vocab) for _ in range(max(p, 1))], max(o, 1)) for p, o in drawn]
+
+
+def mix_key(rate: float, mix: Sequence[tuple[int, int]], step: float = 1.1) -> tuple[int, int, int]:
+    """A cache key for answers planned from (rate, mix): rates, mean prompt and mean output lengths within a
+    factor `step` of each other share it."""
+    def bucket(x: float) -> int:
+        return round(math.log(max(x, 1e-6), step))
+
+    return bucket(rate), bucket(sum(p for p, _ in mix) / len(mix)), bucket(sum(o for _, o in mix) / len(mix))
 
 
 def per_rate(requests, count: int) -> list:

@@ -18,13 +18,12 @@ the noise of one window."""
 from __future__ import annotations
 
 import math
-import random
-from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from pdserve.workload import steady_count
+from pdserve.workload import mix_key, mix_requests, steady_count
+from planner.answers import Answers
 from planner.cost import Profile
 from planner.plan import kv_sized
 from planner.simulate import Service, simulate
@@ -32,7 +31,6 @@ from planner.simulate import Service, simulate
 POOLS = ("prefill", "decode")
 SIM_SECONDS = 10.0  # of arrivals per simulated check (a steady state, not one burst), drawn from the observed mix
 SIM_REQUESTS = (64, 1000)  # within these bounds
-BUCKET = 1.1  # rates within 10% (and mean lengths within 10%) share a planned answer
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,6 @@ class Autoscaler:
         """config: the cluster's ClusterConfig (its pools' options are what the planner simulates; its
         router.autoscale the bounds, delays and targets; router.ttft_slo_s / tpot_slo_s the SLOs). executor:
         where the simulations run (a process pool, so a serving router's process is not slowed; None: here)."""
-        self.executor = executor
         self.base, self.cfg = config, config.router.autoscale
         if profile is not None:  # the pool configurations it will simulate: ValueError naming one it lacks
             for pool in POOLS:
@@ -67,10 +64,12 @@ class Autoscaler:
             service = service or Service.of(profile)
         self.profile, self.service = profile, service
         self.vocab, self.seed = vocab, seed
-        self._planned: OrderedDict[tuple, dict[str, int]] = OrderedDict()
-        self._cache_size = cache_size
+        self.answers = Answers(cache_size, executor)
         self._history: dict[str, list[tuple[float, int]]] = {pool: [] for pool in POOLS}  # (time, wanted)
-        self.simulations = 0  # simulated checks run, for tests and logs
+
+    @property
+    def simulations(self) -> int:  # simulated checks run, for tests and logs
+        return self.answers.simulations
 
     def bounds(self, pool: str) -> tuple[int, int]:
         return getattr(self.cfg, pool)
@@ -115,27 +114,11 @@ class Autoscaler:
         target = rate * self.cfg.headroom
         if target <= 0 or not mix:
             return lows
-        key = (_bucket(target), _bucket(sum(p for p, _ in mix) / len(mix)), _bucket(sum(o for _, o in mix) / len(mix)))
-        if key in self._planned:
-            self._planned.move_to_end(key)
-            return self._planned[key]
-        requests = self._requests(mix, steady_count(target, SIM_SECONDS, *SIM_REQUESTS))
-        args = (self.base, self.profile, self.service, requests, target, self.seed)
-        if self.executor is None:
-            out, ran = size_pools(*args)
-        else:  # another process: the simulations do not hold the router's process's GIL
-            out, ran = self.executor.submit(size_pools, *args).result()
-        self.simulations += ran
-        self._planned[key] = out
-        if len(self._planned) > self._cache_size:
-            self._planned.popitem(last=False)
-        return out
+        def args() -> tuple:
+            requests = mix_requests(mix, steady_count(target, SIM_SECONDS, *SIM_REQUESTS), self.vocab, self.seed)
+            return self.base, self.profile, self.service, requests, target, self.seed
 
-    def _requests(self, mix: Seq[tuple[int, int]], n: int) -> list[tuple[list[int], int]]:
-        """n requests drawn from the mix; fresh random token ids (no prefix shared: the cautious case)."""
-        rng = random.Random(self.seed)
-        drawn = [mix[rng.randrange(len(mix))] for _ in range(n)]
-        return [([rng.randrange(1, self.vocab) for _ in range(max(p, 1))], max(o, 1)) for p, o in drawn]
+        return self.answers.get(mix_key(target, mix), size_pools, args)
 
 
 def size_pools(base, profile: Profile, service: Service | None, requests, rate: float, seed: int
@@ -156,7 +139,3 @@ def size_pools(base, profile: Profile, service: Service | None, requests, rate: 
     decode = next((d for d in range(d_low, d_high + 1) if meets(p_high, d)), d_high)
     prefill = next((p for p in range(p_low, p_high) if meets(p, decode)), p_high)
     return {"prefill": prefill, "decode": decode}, ran
-
-
-def _bucket(x: float) -> int:
-    return round(math.log(max(x, 1e-6), BUCKET))

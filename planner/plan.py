@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from planner.cost import Profile
-from planner.simulate import Service, simulate
+from planner.simulate import Service, Simulator, Tuner, simulate
+from router.dispatch import Rule
 
 THRESHOLDS = (64, 256, 1024)  # conditional dispatch: prompts under this many tokens prefill on the decode replica
 
@@ -79,19 +80,22 @@ def layouts(profile: Profile, devices: int, thresholds: Seq[int] = THRESHOLDS) -
 
 
 def search(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float, attainment: float = 0.9,
-           service: Service | None = None, seed: int = 0, steps: int = 6
+           service: Service | None = None, seed: int = 0, steps: int = 6, rule: Rule | None = None
            ) -> tuple[float, dict[str, Any] | None, list[tuple[float, float]]]:
     """(goodput, the simulated run at it, every (rate, attainment) tried) of one cluster configuration: the rate
     doubled from 0.25 req/s until fewer than `attainment` meet both SLOs, then `steps` bisections. requests: a
     list, or a function of the rate giving one (so that a high rate can run long enough to reach its steady
-    state)."""
+    state). rule: slo_aware's, fixed (None: tuned to the traffic, as router.dispatch_retune_s has it)."""
     best: tuple[float, dict[str, Any] | None] = (0.0, None)
     tried: list[tuple[float, float]] = []
+    tuner = None
+    if config.router.dispatch == "slo_aware" and rule is None:  # one for every rate tried: what it picked stays
+        tuner = Tuner(config, profile, service or Service.of(profile))
 
     def meets(rate: float) -> bool:
         nonlocal best
         run = simulate(config, profile, requests(rate) if callable(requests) else requests, rate, seed, ttft_slo,
-                       tpot_slo, service)
+                       tpot_slo, service, sim=Simulator(config, profile, service, rule, tuner))
         share = run["slo"]["both"] or 0.0
         tried.append((rate, share))
         if share >= attainment and rate > best[0]:

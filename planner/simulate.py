@@ -23,7 +23,9 @@ prefill replica is up, prefills on its decode replica; otherwise the decode repl
 (retrying every RESERVE_RETRY_S while none has them), a prefill replica computes the prompt and samples the
 first token (its KV is pushed layer by layer as it goes: no time of its own past the hop), the router streams
 that token and commits the request to the decode replica, which decodes the rest. At most
-max_ongoing_requests are placed at once; the rest queue in arrival order.
+max_ongoing_requests are placed at once; the rest queue in arrival order. With router.dispatch slo_aware, the
+router's own predictions place each prompt, under the rule the supervisor's tuner (planner.simulate.Tuner) picks every
+dispatch_retune_s from the simulated traffic so far (Tuner, below).
 
 The output is the dict `pdserve bench --json` writes for one run (pdserve.bench_stats.summarize), so the
 same report, plots and goodput read a simulated run and a measured one."""
@@ -35,6 +37,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -43,11 +46,14 @@ from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from pdserve.workload import mix_requests, steady_count
+from planner.answers import Answers
 from planner.cost import Profile, StepModel, pool_key
 from router.cache_index import Prompt
-from router.dispatch import Load, SloAware
+from router.dispatch import Load, Rule, SloAware
 from router.dispatch import Prediction as SloPrediction
 from router.placement import DECODE_POLICIES, PREFILL_POLICIES, RESERVE_RETRY_S, Replica
+from router.traffic import Traffic
 
 OUTPUT_TOKEN = 1  # the id every simulated output token gets (nothing reads it but the prefix cache)
 POLL_S = 0.25  # how often the router polls the replicas' stats (router.Router._poll_stats)
@@ -82,6 +88,8 @@ class SimRequest:
     placed_at: float | None = None
     prefilled_at: float | None = None
     prediction: SloPrediction | None = None  # slo_aware: what decided its path
+    key: Prompt | None = None  # the prompt as placement sees it, and the sequence a decode replica will take:
+    pending: Sequence | None = None  # made once (their block keys with them), however often the router retries
 
 
 class SimEngine:
@@ -124,7 +132,10 @@ class SimEngine:
 class Simulator:
     """A cluster (pdserve.config.ClusterConfig) under a workload, on the step models of `profile`."""
 
-    def __init__(self, config, profile: Profile, service: Service | None = None) -> None:
+    def __init__(self, config, profile: Profile, service: Service | None = None, rule: Rule | None = None,
+                 tuner=None) -> None:
+        """rule: slo_aware's, fixed (None: as router.dispatch_retune_s has it, tuned to the simulated traffic by
+        `tuner`, a planner.simulate.Tuner of this config, or a new one)."""
         self.config, self.router = config, config.router
         self.service = service or Service.of(profile)
         self.now = 0.0
@@ -134,10 +145,19 @@ class Simulator:
                         for i in range(config.prefill.replicas)]
         self.decode = [self._replica("decode", i, config.decode, profile, self.service)
                        for i in range(config.decode.replicas)]
-        self.dispatch = None
+        self.dispatch, self.tuner = None, None
         if self.router.dispatch == "slo_aware":  # the router's own dispatch, on this simulation's service costs
             self.dispatch = SloAware.from_profile(replace(profile, service=asdict(self.service)), config.prefill,
                                                   config.decode, self.router.ttft_slo_s, self.router.tpot_slo_s)
+            if rule is not None:
+                self.dispatch = replace(self.dispatch, rule=rule)
+            elif self.router.dispatch_retune_s > 0 and config.prefill.replicas:
+                tuner = tuner or Tuner(config, profile, self.service)
+                self.tuner = tuner
+                if tuner.last is not None:  # a tuner that has seen traffic before: a cluster that has been serving
+                    self.dispatch = replace(self.dispatch, rule=tuner.last)
+        self.traffic = Traffic(started=0.0)  # what the tuner sees, on a clock that runs on across runs
+        self._epoch = 0.0  # where this run's time 0 is on it
         self._pick_prefill = PREFILL_POLICIES[self.router.prefill_policy]()
         self._order_decode = DECODE_POLICIES[self.router.decode_policy]()
         self.ongoing = 0
@@ -168,15 +188,30 @@ class Simulator:
         self.now = 0.0
         reqs = [SimRequest(str(i), list(p), n, t) for i, ((p, n), t) in enumerate(zip(requests, arrivals))]
         for r in reqs:
-            self.at(r.arrival, lambda r=r: self._arrive(r))
+            self.at(r.arrival, lambda r=r: self._arrived(r))
         self._unfinished = len(reqs)
         self._poll()
+        if self.tuner is not None:
+            self.at(self.router.dispatch_retune_s, self._retune)
         while self._events:
             self.now, _, fn = heapq.heappop(self._events)
             fn()
+        self._epoch += self.now + self.router.dispatch_window_s
         return reqs
 
     # the router
+    def _retune(self) -> None:
+        """slo_aware's rule, picked again from the traffic of the last window (the supervisor's tuning loop)."""
+        seen = self.traffic.window(self.router.dispatch_window_s, self._epoch + self.now)
+        if (rule := self.tuner.pick(seen.rate, seen.mix)) is not None:
+            self.dispatch = replace(self.dispatch, rule=rule)
+        if self._unfinished:
+            self.at(self.now + self.router.dispatch_retune_s, self._retune)
+
+    def _arrived(self, r: SimRequest) -> None:
+        self.traffic.arrived(len(r.prompt), r.output_len, self._epoch + self.now)
+        self._arrive(r)
+
     def _arrive(self, r: SimRequest) -> None:
         if self.ongoing < self.router.max_ongoing_requests:
             self.ongoing += 1
@@ -186,19 +221,22 @@ class Simulator:
 
     def _place(self, r: SimRequest) -> None:
         threshold = self.router.local_prefill_threshold
-        prompt = Prompt(r.prompt)
+        if r.key is None:
+            params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+            r.key, r.pending = Prompt(r.prompt), Sequence(r.prompt, params, seed=0, request_id=r.rid)
+        prompt, seq = r.key, r.pending
+        order = self._order_decode(self.decode, prompt)
         if self.dispatch is not None and self.prefill:
-            d = self._order_decode(self.decode, prompt)[0]
-            r.prediction = self.dispatch.decide(len(r.prompt), r.output_len,
-                                                Load.of(d.stats, d.block_size, d.local_tokens),
-                                                min(p.queued_tokens for p in self.prefill))
+            if r.prediction is None:  # decided once: a retry only asks for the blocks again, as the router does
+                d = order[0]
+                r.prediction = self.dispatch.decide(len(r.prompt), r.output_len,
+                                                    Load.of(d.stats, d.block_size, d.local_tokens),
+                                                    min(p.queued_tokens for p in self.prefill))
             local = r.prediction.local
         else:
             local = len(r.prompt) < threshold or not self.prefill
-        params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
-        for d in self._order_decode(self.decode, prompt):
+        for d in order:
             engine: SimEngine = d.actor
-            seq = Sequence(r.prompt, params, seed=0, request_id=r.rid)
             bm = engine.block_manager
             prefix = [] if local else bm.match_prefix(seq)
             if local or seq.num_prompt_tokens - len(prefix) * bm.block_size < threshold:
@@ -219,14 +257,10 @@ class Simulator:
                 self._prefill_remote(r, prompt)
             self._sync(d)
             return
-        # every decode replica is full: the router asks again every RESERVE_RETRY_S. With the threshold, the first
-        # time it can succeed is the first of those ticks after some decode replica freed blocks (_wake), so it
-        # waits until then (under KV pressure, most of a run's events were such retries); slo_aware decides
-        # again at each (a later decision may prefill locally, which reserves nothing)
-        if self.dispatch is None:
-            self._parked.append((r, self.now))
-        else:
-            self.at(self.now + RESERVE_RETRY_S, lambda: self._place(r))
+        # every decode replica is full: the router asks again every RESERVE_RETRY_S. The first time it can succeed
+        # is the first of those ticks after some decode replica freed blocks (_wake), so it waits until then
+        # (under KV pressure, most of a run's events were such retries)
+        self._parked.append((r, self.now))
 
     def _prefill_remote(self, r: SimRequest, prompt: Prompt) -> None:
         p = self._pick_prefill(self.prefill, prompt)
@@ -278,6 +312,7 @@ class Simulator:
             self.at(self.now + POLL_S, self._poll)
 
     def _done(self, r: SimRequest) -> None:
+        self.traffic.finished(len(r.prompt), len(r.times))
         self._unfinished -= 1
         r.decode.in_flight -= 1
         self._sync(r.decode)
@@ -379,8 +414,115 @@ def simulate_sweep(config, profile: Profile, requests, rates: Seq[float | None],
     requests: the same for every rate, or a list of them, one per rate."""
     from pdserve.workload import per_rate
 
-    sim = Simulator(config, profile, service)
+    sim = Simulator(config, profile, service)  # one tuner (slo_aware) over the sweep, as the router's
     if warmup:
         sim.run(warmup, [0.0] * len(warmup))
     return [simulate(config, profile, reqs, rate, seed, ttft_slo, tpot_slo, sim=sim)
             for reqs, rate in zip(per_rate(requests, len(rates)), rates)]
+
+
+# slo_aware's rule, tuned to the traffic
+RULE_THRESHOLDS = (0, 128, 256, 512, 1024)
+RULES = (Rule(None), *(Rule(t, override) for t in RULE_THRESHOLDS for override in (False, True)))
+TUNE_ATTAINMENT = 0.9  # the share within both SLOs a rule must keep at a rate to serve it
+TUNE_SECONDS = 20.0  # of arrivals per simulated rate (a steady state, not one burst), drawn from the observed mix
+TUNE_REQUESTS = (48, 400)  # within these bounds
+TUNE_MIN_MIX = 32  # requests seen before the first pick (a mix of fewer says little about the next ones)
+TUNE_STEPS = 4  # bisections of the rate between the last at which several rules held and the first at which none did
+
+
+def score(run: dict) -> tuple[float, float]:
+    """Higher is better: the share within both SLOs, then the room the p90s leave under their targets."""
+    slo = run["slo"]
+    ttft, tpot = run["ttft_ms"].get("p90"), run["tpot_ms"].get("p90")
+    worst = max((ttft or math.inf) / (1e3 * slo["ttft_s"]), (tpot or 0.0) / (1e3 * slo["tpot_s"]))
+    return slo["both"] or 0.0, -worst
+
+
+def best_rule(config, profile: Profile, service: Service | None, mix: Seq[tuple[int, int]], rate: float,
+              vocab: int, seed: int = 0) -> tuple[Rule, int]:
+    """(the candidate rule with the highest simulated goodput on `mix` through `config`, simulations run): every
+    rule serves the same requests at `rate`, then at twice it while more than one holds TUNE_ATTAINMENT, then
+    bisects between the last rate at which several held and the first at which none did; the last rule left
+    holding wins (several: the best score at the highest rate they held)."""
+    r = config.router
+    fixed = config.replace(**{"router.dispatch": "slo_aware", "router.dispatch_retune_s": 0.0})
+    ran = 0
+
+    def scores(rules: Seq[Rule], at: float) -> list[tuple[tuple[float, float], int, Rule]]:
+        nonlocal ran
+        requests = mix_requests(mix, steady_count(at, TUNE_SECONDS, *TUNE_REQUESTS), vocab, seed)
+        ran += len(rules)
+        return [(score(simulate(fixed, profile, requests, at, seed, r.ttft_slo_s, r.tpot_slo_s, service,
+                                sim=Simulator(fixed, profile, service, rule=rule))), -RULES.index(rule), rule)
+                for rule in rules]
+
+    def holding(scored):
+        return [x for x in scored if x[0][0] >= TUNE_ATTAINMENT]
+
+    at = max(rate, 1e-3)
+    scored = scores(RULES, at)
+    while not holding(scored) and at > rate / 64:  # none holds here: lower, to where some do
+        at /= 2
+        scored = scores(RULES, at)
+    held = holding(scored) or [max(scored)]
+    lo, hi, steps = at, None, 0
+    while len(held) > 1 and steps < TUNE_STEPS and lo < 1e4:
+        at = 2 * lo if hi is None else (lo + hi) / 2
+        now = holding(scores([x[2] for x in held], at))
+        if now:
+            lo, held = at, now
+        else:
+            hi = at
+        steps += hi is not None
+    return max(held)[2], ran
+
+
+def mix_shape(mix: Seq[tuple[int, int]], step: float = 1.25) -> tuple[int, int, int]:
+    """A cache key for a mix: its median and 90th-percentile prompt and its mean output, within a factor `step`."""
+    prompts = sorted(p for p, _ in mix)
+
+    def bucket(x: float) -> int:
+        return round(math.log(max(x, 1.0), step))
+
+    return (bucket(prompts[len(prompts) // 2]), bucket(prompts[(9 * len(prompts)) // 10]),
+            bucket(sum(o for _, o in mix) / len(mix)))
+
+
+class Tuner:
+    """slo_aware's rule, tuned to the traffic (router.dispatch_retune_s; the supervisor runs it in a loop, and so
+    does a simulated cluster): which rule decides a request's path where its per-request predictions
+    (router/dispatch.py) do not.
+
+    The predictions see one request and the load now, not the requests about to arrive: a chat sent to an idle
+    prefill replica looks free until a document queues behind it, a document prefilled on the decode replica
+    looks harmless until the chats after it wait through its chunks. Which split pays is a property of the
+    traffic (its length mix and rate) and the hardware, so the simulator answers it (best_rule): every rule of
+    RULES serves requests drawn from the observed mix (fresh prompts, TUNE_SECONDS of arrivals a rate) through
+    the cluster's own pools, and the one with the most goodput wins:
+
+        least delay                 the predictions alone: fewer requests outside the SLOs, then the least delay in
+                                    all (the rule before any traffic has been seen)
+        local under T tokens        a size split: prompts under T prefill on the decode replica, the rest on the
+                                    prefill pool (chats never queue behind documents, documents never stall decodes)
+        ... with SLO override       the same, but a request goes the other way when the predictions say that keeps
+                                    more requests within the SLOs (a backed-up prefill replica, an idle decode one)
+
+    The answer depends on the mix, not on the rate now, so it is kept per mix shape (mix_shape): a steady mix
+    costs no simulation."""
+
+    def __init__(self, config, profile: Profile, service: Service | None = None, vocab: int = 1000, seed: int = 0,
+                 cache_size: int = 256, executor: Executor | None = None) -> None:
+        self.config, self.profile, self.service = config, profile, service
+        self.vocab, self.seed = vocab, seed
+        self.answers = Answers(cache_size, executor)
+        self.last: Rule | None = None  # the latest pick
+
+    def pick(self, rate: float, mix: Seq[tuple[int, int]]) -> Rule | None:
+        """The rule for `mix` ((prompt tokens, output tokens) of recent requests), arriving at `rate` requests/s
+        now (where the search starts); None while fewer than TUNE_MIN_MIX have been seen."""
+        if rate <= 0 or len(mix) < TUNE_MIN_MIX:
+            return None
+        self.last = self.answers.get(mix_shape(mix), best_rule, lambda: (self.config, self.profile, self.service,
+                                                                        tuple(mix), rate, self.vocab, self.seed))
+        return self.last

@@ -14,6 +14,12 @@ time each running decode waits through the prefill's steps beyond its own (reque
     disaggregated   the least-loaded prefill replica prefills the tokens queued there and the prompt in chunks
                     alone, and the first token takes a hop back; the decodes keep their decode-only steps
 
+A rule tuned to the traffic sits under those predictions (planner.simulate.Tuner picks it every router.dispatch_retune_s
+from what arrived): `threshold` T makes prompts under T tokens prefill locally and the rest remotely (a size
+split: short prompts never queue behind long ones), and with `override` the predictions move a request off that
+path when the other keeps more requests inside the SLOs. threshold None is the rule above (fewest outside, then
+the least delay), which serves until the traffic has been seen.
+
 Standard library and the router's own types only: the router's process loads it (no torch)."""
 from __future__ import annotations
 
@@ -42,9 +48,21 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """What decides where the predictions do not (planner.simulate.Tuner picks one per traffic)."""
+    threshold: int | None = None  # prompts under this many tokens prefill locally; None: the least delay in all
+    override: bool = True  # the predictions may move a request off that path to keep more inside the SLOs
+
+    def __str__(self) -> str:
+        base = "least delay" if self.threshold is None else f"local under {self.threshold} tokens"
+        return base + (", SLO predictions override" if self.override and self.threshold is not None else "")
+
+
+@dataclass(frozen=True)
 class Prediction:
     local: bool
-    reason: str  # slo (fewer requests outside the SLOs), delay (as many: less delay in all), no_prefill
+    reason: str  # slo (fewer requests outside the SLOs), delay (as many: less delay in all), tuned (the rule's
+    # threshold), no_prefill
     ttft_local_s: float
     ttft_remote_s: float  # inf without a prefill replica
     tpot_s: float  # the decode replica's running requests' TPOT on the path taken
@@ -62,6 +80,7 @@ class SloAware:
     hop_s: float = 0.0
     decode_slowdown: float = 1.0  # the profile's fitted service costs (planner.simulate.Service)
     prefill_slowdown: float = 1.0
+    rule: Rule = Rule()
 
     def decide(self, prompt_len: int, max_tokens: int, load: Load, prefill_queued: int | None) -> Prediction:
         """prefill_queued: prompt tokens queued on the least-loaded live prefill replica (None: none is up)."""
@@ -85,8 +104,11 @@ class SloAware:
                                                                             self.prefill_chunk) + 2 * self.hop_s
         outside_local = (ttft_local > self.ttft_slo_s) + b * (tpot_local > self.tpot_slo_s)
         outside_remote = int(ttft_remote > self.ttft_slo_s) + b * (t_decode > self.tpot_slo_s)
-        if outside_local != outside_remote:
+        rule = self.rule
+        if outside_local != outside_remote and (rule.override or rule.threshold is None):
             local, reason = outside_local < outside_remote, "slo"
+        elif rule.threshold is not None:
+            local, reason = prompt_len < rule.threshold, "tuned"
         else:  # as many outside either way: the path that delays requests less, in all (request-seconds): this
             # one's first token, and locally also the steps each running decode waits through beyond its own
             local, reason = ttft_local + b * excess <= ttft_remote, "delay"

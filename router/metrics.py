@@ -55,6 +55,11 @@ class RouterMetrics:
                                     "observed them", ["model"], registry=r).labels(**m)
         self.autoscale_wanted = Gauge("pdserve_autoscale_wanted_replicas", "Replicas the autoscaler wants per pool "
                                       "(before its delays)", ["model", "pool"], registry=r)
+        self.rule_threshold = Gauge("pdserve_dispatch_rule_threshold_tokens", "slo_aware's tuned rule: prompts "
+                                    "under this many tokens prefill on the decode replica (-1: the least delay "
+                                    "decides)", ["model"], registry=r).labels(**m)
+        self.rule_override = Gauge("pdserve_dispatch_rule_override", "slo_aware's tuned rule: 1 where its SLO "
+                                   "predictions may move a request off that path", ["model"], registry=r).labels(**m)
         self.model, self.ttft_slo_s, self.tpot_slo_s = model, ttft_slo_s, tpot_slo_s
         r.register(_ReplicaCollector(model, replicas_of))
         self._server = None
@@ -63,6 +68,11 @@ class RouterMetrics:
         self.autoscale_rate.set(rate)
         for pool, n in wanted.items():
             self.autoscale_wanted.labels(model=self.model, pool=pool).set(n)
+
+    def dispatch_rule(self, rule) -> None:
+        """rule: router.dispatch.Rule."""
+        self.rule_threshold.set(-1 if rule.threshold is None else rule.threshold)
+        self.rule_override.set(int(rule.override or rule.threshold is None))
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on host:port (0: a free port); returns the port."""

@@ -54,7 +54,8 @@ class Router(pb_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.limits = limits
         self.config = config  # pdserve.config.RouterConfig
-        self.slo_aware = slo_aware  # config.dispatch "slo_aware": the predictions that place each prompt
+        self.slo_aware = slo_aware  # config.dispatch "slo_aware": the predictions that place each prompt (the
+        # supervisor's tuner swaps it for one with another rule)
         self.kv_backend = kv_backend
         self.model_name = model_name
         self.admission = Admission(config.max_ongoing_requests, config.max_queued_requests)
@@ -62,11 +63,13 @@ class Router(pb_grpc.GenerationServicer):
                                      config.tpot_slo_s)
         self.metrics.in_flight.set_function(lambda: self.admission.ongoing)
         self.metrics.queued.set_function(lambda: self.admission.queued)
+        if slo_aware is not None:
+            self.metrics.dispatch_rule(slo_aware.rule)
         self.keys = Keys(config.keys())
         self.requests: dict[tuple[str, str], tuple[_Request, asyncio.Task]] = {}  # (owner, request id) ->
         self._replica_ids: set[str] = set()  # the ids the replicas know the running requests by
         self.inboxes = Inboxes()
-        self.traffic = Traffic()  # arrivals and lengths, which the autoscaler plans for
+        self.traffic = Traffic()  # arrivals and lengths, which the autoscaler and the dispatch tuner plan for
         self._tasks: list[asyncio.Task] = []
         self._pumps: dict[int, asyncio.Task] = {}  # id(decode replica) -> its event pump
         self.scaler = None  # pdserve.supervisor.Supervisor.scale(pool, replicas, drain_timeout_s), when it can

@@ -16,9 +16,9 @@ class Window:
 
 
 class Traffic:
-    def __init__(self, horizon_s: float = 600.0, keep: int = 256) -> None:
+    def __init__(self, horizon_s: float = 600.0, keep: int = 256, started: float | None = None) -> None:
         self.horizon_s = horizon_s  # arrivals older than this are forgotten
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started  # on the clock `now` is given in
         self._arrivals: deque[float] = deque()
         self._asked: deque[tuple[int, int]] = deque(maxlen=keep)  # (prompt tokens, max_tokens) as they arrive
         self._done: deque[tuple[int, int]] = deque(maxlen=keep)  # (prompt tokens, tokens generated) as they end
@@ -34,11 +34,12 @@ class Traffic:
         if output_tokens:
             self._done.append((prompt_tokens, output_tokens))
 
-    def window(self, window_s: float, now: float | None = None) -> Window:
+    def window(self, window_s: float, now: float | None = None, min_done: int = 16) -> Window:
         """The arrival rate over the last window_s (over the time since the router started, while that is
-        shorter), and the lengths of the latest finished requests (of the latest arrivals, until some finish)."""
+        shorter), and the lengths of the latest finished requests (of the latest arrivals, with max_tokens for
+        the output, until min_done have finished)."""
         now = time.monotonic() if now is None else now
         since = now - window_s
         count = sum(1 for _ in takewhile(lambda t: t > since, reversed(self._arrivals)))
         span = min(window_s, max(now - self.started, 1e-3))
-        return Window(count / span, tuple(self._done or self._asked))
+        return Window(count / span, tuple(self._done if len(self._done) >= min_done else self._asked))

@@ -1,8 +1,10 @@
 """router.dispatch "slo_aware" in a real cluster (the tiny model, its profile measured here): the same tokens
-as the offline engine on whichever path each prompt took, and every request's Timings and the router's
-metrics say where it prefilled, why, and what was predicted."""
+as the offline engine on whichever path each prompt took, every request's Timings and the router's metrics say
+where it prefilled, why, and what was predicted; and once it has seen enough traffic, the supervisor's tuner
+hands the router the rule the simulator picked for it, and the metrics show it."""
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -32,14 +34,32 @@ def test_slo_aware_dispatch_serves_exact_tokens_and_says_why(ray_local, tiny_mod
         want = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24,
                                                                            ignore_eos=True))]
     config = small_cluster(tiny_model, dispatch="slo_aware", profile=profile_path, ttft_slo_s=2.0, tpot_slo_s=0.5,
-                           local_prefill_threshold=0)  # no short-tail rule: every prompt as slo_aware decides
+                           local_prefill_threshold=0,  # no short-tail rule: every prompt as slo_aware decides
+                           dispatch_retune_s=1.0)
     with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=120) as client:
         got = [client.generate(p, temperature=0, max_tokens=24, ignore_eos=True) for p in prompts]
+        assert {g.timings["dispatch_reason"] for g in got} <= {"slo", "delay"}  # the rule before any traffic
+        traffic = [client.generate(p, temperature=0, max_tokens=8, ignore_eos=True)  # for the tuner to pick from
+                   for p in prompts_of([16, 60, 200, 400] * 8, seed=4)]
+        tuner, deadline = cluster.supervisor.tuner, time.monotonic() + 120
+        while tuner.last is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        rule = tuner.last
+        assert rule is not None and cluster.server.router.slo_aware.rule == rule
+        again = [client.generate(p, temperature=0, max_tokens=24, ignore_eos=True) for p in prompts]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster.server.metrics_port}/metrics").read().decode()
-    assert [g.token_ids for g in got] == want
+    assert [g.token_ids for g in got] == want and [g.token_ids for g in again] == want
+    said = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith("pdserve_dispatch_rule_")}
+    assert said == {"pdserve_dispatch_rule_threshold_tokens": -1 if rule.threshold is None else rule.threshold,
+                    "pdserve_dispatch_rule_override": float(rule.override or rule.threshold is None)}
+    if rule.threshold is not None:  # under a size split, a prompt goes the way its size says unless an SLO says not
+        for p, g in zip(prompts, again):
+            assert g.timings["dispatch_reason"] == "slo" or (g.timings["path"] == "local") == (len(p) < rule.threshold)
+    got = got + traffic + again
     for g in got:
         t = g.timings
-        assert t["dispatch_reason"] in ("slo", "delay"), t
+        assert t["dispatch_reason"] in ("slo", "delay", "tuned"), t
         assert t["predicted_ttft_ms"] > 0 and t["predicted_tpot_ms"] >= 0
     # the router counts each request under the path it took and the reason it gave
     counted = {}

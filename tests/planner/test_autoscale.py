@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.config import AutoscaleConfig, ClusterConfig, PoolConfig, RouterConfig
-from pdserve.workload import steady_count
+from pdserve.workload import mix_requests, steady_count
 from planner.autoscale import SIM_REQUESTS, SIM_SECONDS, Autoscaler, Observation
 from planner.cost import PoolProfile, Profile, StepModel, pool_key
 from planner.simulate import simulate
@@ -34,7 +34,7 @@ def cluster(prefill=(1, 4), decode=(1, 4), **autoscale) -> ClusterConfig:
 def attainment(config, scaler, rate, prefill, decode) -> float:
     sized = config.replace(**{"prefill.replicas": prefill, "decode.replicas": decode})
     n = steady_count(rate, SIM_SECONDS, *SIM_REQUESTS)
-    run = simulate(sized, scaler.profile, scaler._requests(MIX, n), rate, 0, 1.0, 0.1)
+    run = simulate(sized, scaler.profile, mix_requests(MIX, n, scaler.vocab, scaler.seed), rate, 0, 1.0, 0.1)
     return run["slo"]["both"]
 
 
@@ -127,7 +127,9 @@ def test_the_traffic_window_counts_arrivals_and_keeps_the_mix():
     assert t.window(60.0, now=10.0).rate == pytest.approx(3.0)  # not 30 / 60: the router is 10 s old
     t.finished(100, 17)
     t.finished(120, 0)  # nothing generated: not part of the mix
-    assert t.window(5.0, now=10.0).mix == ((100, 17),)
+    assert t.window(5.0, now=10.0, min_done=2).mix[-1] == (129, 64)  # one finished: still what was asked
+    t.finished(101, 18)
+    assert t.window(5.0, now=10.0, min_done=2).mix == ((100, 17), (101, 18))
     assert t.window(5.0, now=100.0).rate == 0.0
 
 

@@ -1,15 +1,17 @@
 """slo_aware dispatch: the path it takes from the step models and the live load, in the cases where the answer
 is plain: no prefill replica, an idle cluster, a busy decode replica, a prefill replica with a long queue, a
-decode replica whose running requests a local prefill would push past the TPOT target, both paths missing."""
+decode replica whose running requests a local prefill would push past the TPOT target, both paths missing; and
+under a tuned rule (a size threshold, with or without the SLO predictions overriding it)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from pdserve.config import PoolConfig
 from planner.cost import PoolProfile, Profile, StepModel, pool_key
-from router.dispatch import Load, SloAware
+from router.dispatch import Load, Rule, SloAware
 
 # 5 ms a step and 1 ms a token; sampling and attention free
 STEP = StepModel((1, 1000), (0.006, 1.005), (1, 2), (0.0, 0.0))
@@ -59,6 +61,30 @@ def test_running_decodes_a_local_prefill_would_push_past_tpot_send_it_away():
 def test_when_both_miss_as_many_the_earlier_first_token_wins_if_nothing_else_waits():
     got = policy(ttft=0.01).decide(500, 50, Load(), prefill_queued=3000)
     assert got.reason == "delay" and got.local and got.ttft_local_s < got.ttft_remote_s
+
+
+def test_a_tuned_threshold_decides_where_the_predictions_do_not():
+    split = replace(policy(hop=0.01), rule=Rule(threshold=256, override=True))
+    # an idle cluster: least delay would keep a 300-token prompt local (one hop less); the size split sends it away
+    assert policy(hop=0.01).decide(300, 50, Load(), prefill_queued=0).local
+    got = split.decide(300, 50, Load(), prefill_queued=0)
+    assert not got.local and got.reason == "tuned"
+    # 20 decodes running: least delay sends a 200-token prompt away; under 256 tokens it stays
+    busy = Load(running=20, context=100)
+    assert not replace(policy(5.0, 1.0, 0.01)).decide(200, 100, busy, prefill_queued=50).local
+    got = replace(policy(5.0, 1.0, 0.01), rule=Rule(256)).decide(200, 100, busy, prefill_queued=50)
+    assert got.local and got.reason == "tuned"
+
+
+def test_the_slo_predictions_override_a_tuned_threshold_only_where_the_rule_lets_them():
+    # 2000 tokens queued on the prefill replica: a 300-token prompt's first token would come after 2 s there
+    load = Load(running=2, context=100)
+    got = replace(policy(), rule=Rule(256, override=True)).decide(300, 50, load, prefill_queued=2000)
+    assert got.local and got.reason == "slo"
+    got = replace(policy(), rule=Rule(256, override=False)).decide(300, 50, load, prefill_queued=2000)
+    assert not got.local and got.reason == "tuned" and got.ttft_remote_s > 1.0
+    assert str(Rule()) == "least delay" and str(Rule(256, True)) == ("local under 256 tokens, SLO predictions "
+                                                                     "override")
 
 
 def test_load_comes_from_a_stats_poll():
