@@ -26,7 +26,7 @@ from typing import Any
 from benchmarks import serving, serving_vs
 from pdserve.bench_stats import goodput
 from pdserve.cli import _cluster_config, build_parser
-from pdserve.workload import LongtailMix, Workload, fresh_requests, make_requests, steady_count
+from pdserve.workload import Workload, fresh_requests, make_requests, steady_count
 from planner.calibrate import METRICS, Case, calibrate, compared, format_errors
 from planner.cost import Profile
 from planner.plan import search
@@ -58,11 +58,11 @@ def cases_in(folder: Path, profile: str | None = None) -> tuple[list[Case], tupl
     for label, config in serving.configs(profile).items():
         if (path := folder / f"{label}.json").exists():
             sweep = json.loads(path.read_text())
-            n = sweep["runs"][0]["num_requests"]
-            requests = make_requests(serving.WORKLOAD, n, 0, 49152, 8192)
+            n, workload = sweep["runs"][0]["num_requests"], serving.WORKLOADS[sweep.get("workload_name", "long-tail")]
+            requests = make_requests(workload, n, 0, 49152, 8192)
             if (fresh := sweep.get("fresh_seed")) is not None:  # each rate sent its own
-                requests = fresh_requests(serving.WORKLOAD, n, fresh, len(sweep["runs"]), 49152, 8192)
-            warmup = make_requests(serving.WORKLOAD, 2, 1, 49152, 8192)  # as benchmarks.serving sends first
+                requests = fresh_requests(workload, n, fresh, len(sweep["runs"]), 49152, 8192)
+            warmup = make_requests(workload, 2, 1, 49152, 8192)  # as benchmarks.serving sends first
             cases.append(Case(config, requests, sweep, warmup=warmup))
     return cases, (serving.TTFT_SLO, serving.TPOT_SLO)
 
@@ -96,10 +96,7 @@ def dispatch_table(profile_path: str, requests_per_rate: int = 100, seconds: flo
     benchmarks.serving's pools, for long-tail, chat-only and document-heavy work at two pairs of SLOs. Each rate
     sends requests_per_rate requests, or `seconds` of arrivals where that is more (a steady state)."""
     profile = Profile.load(profile_path)
-    workloads = {"long-tail": serving.WORKLOAD,
-                 "chat-only": Workload("longtail", longtail=LongtailMix(document_fraction=0.0)),
-                 "document-heavy": Workload("longtail", longtail=LongtailMix(document_fraction=0.8,
-                                                                             document_prompt=(512, 1536)))}
+    workloads = serving.WORKLOADS
     c = serving.configs()
     lines = ["| SLOs TTFT / TPOT | workload | 1P1D disaggregated | 1P1D conditional < 300 | 1P1D slo_aware | "
              "colocated |", "|---|---|---|---|---|---|"]

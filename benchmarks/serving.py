@@ -40,7 +40,12 @@ from pdserve.launch import start_cluster
 from pdserve.request_result import RequestResult
 from pdserve.workload import LongtailMix, Workload, fresh_requests, make_requests
 
-WORKLOAD = Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536)))
+WORKLOADS = {  # --workload: the long-tail mix (the default), and its two ends
+    "long-tail": Workload("longtail", longtail=LongtailMix(document_prompt=(512, 1536))),
+    "chat-only": Workload("longtail", longtail=LongtailMix(document_fraction=0.0)),
+    "document-heavy": Workload("longtail", longtail=LongtailMix(document_fraction=0.8, document_prompt=(512, 1536))),
+}
+WORKLOAD = WORKLOADS["long-tail"]
 TTFT_SLO, TPOT_SLO = 4.0, 0.25
 FRESH_SEED = 100  # --fresh-prompts: the prompts of the i-th rate have seed FRESH_SEED + i
 
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh-prompts", action="store_true", help="new prompts at each rate (by default every rate "
                     "sends the same ones, which a layout whose prefix caches hold them then serves from cache)")
     ap.add_argument("--profile", help="a `pdserve profile` JSON of these pools: adds the slo_aware configuration")
+    ap.add_argument("--workload", choices=tuple(WORKLOADS), default="long-tail",
+                    help="the sweep's mix (default %(default)s; chat-only: no documents; document-heavy: 80%% of them)")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all); the chart and the "
                                    "summary take every <config>.json already in --out")
     ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
@@ -185,18 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")]
-    requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
-    warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
+    workload = WORKLOADS[args.workload]
+    requests = make_requests(workload, args.requests, seed=0, vocab=49152, max_len=8192)
+    warmup = make_requests(workload, 2, seed=1, vocab=49152, max_len=8192)
     burst = {}
     chosen = args.only.split(",") if args.only else list(configs(args.profile))
     for label, config in configs(args.profile).items():
         if label not in chosen:
             continue
         with start_cluster(config) as cluster:
-            sent = fresh_requests(WORKLOAD, args.requests, FRESH_SEED, len(rates), 49152, 8192) \
+            sent = fresh_requests(workload, args.requests, FRESH_SEED, len(rates), 49152, 8192) \
                 if args.fresh_prompts else requests
             sweep = run_sweep(cluster.address, sent, rates, label=label, warmup=warmup, ttft_slo=TTFT_SLO,
                               tpot_slo=TPOT_SLO, progress=True)
+            sweep["workload_name"] = args.workload
             if args.fresh_prompts:
                 sweep["fresh_seed"] = FRESH_SEED
             burst[label] = run_benchmark(cluster.address, requests, None, ttft_slo=TTFT_SLO, tpot_slo=TPOT_SLO)
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_sweeps(sweeps, out / "serving.png")
     offline = offline_throughput(requests) if not args.only or "offline_engine" not in previous else \
         previous["offline_engine"]
-    summary = {"workload": str(WORKLOAD), "ttft_slo_s": TTFT_SLO, "tpot_slo_s": TPOT_SLO,
+    summary = {"workload": str(workload), "ttft_slo_s": TTFT_SLO, "tpot_slo_s": TPOT_SLO,
                "goodput_rps": {s["label"]: s["goodput_rps"] for s in sweeps},
                "tpot_p99_ms": {s["label"]: [r["tpot_ms"]["p99"] for r in s["runs"]] for s in sweeps},
                "ttft_p99_ms": {s["label"]: [r["ttft_ms"]["p99"] for r in s["runs"]] for s in sweeps},

@@ -28,6 +28,7 @@ SERVE_FLAGS = {
     "port": "router.port", "http_port": "router.http_port", "local_prefill_threshold": "router.local_prefill_threshold",
     "prefill_policy": "router.prefill_policy", "decode_policy": "router.decode_policy",
     "dispatch": "router.dispatch", "dispatch_profile": "router.profile",
+    "dispatch_retune_s": "router.dispatch_retune_s",
     "api_keys_file": "router.api_keys_file", "tls_cert": "router.tls_cert", "tls_key": "router.tls_key",
 }
 POOLS = ("prefill", "decode")
@@ -128,6 +129,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "decode replica) or slo_aware (per request, the path predicted to keep more requests within "
                         "the SLOs; needs --dispatch-profile)")
     p.add_argument("--dispatch-profile", help="slo_aware: a JSON written by `pdserve profile` (router.profile)")
+    p.add_argument("--dispatch-retune-s", type=float, metavar="S",
+                   help="slo_aware: pick the rule under its predictions from the traffic every S seconds (default "
+                        "5; 0: never, the least delay decides)")
     p.add_argument("--autoscale-prefill", type=_bounds, metavar="MIN:MAX", help="autoscale the prefill pool "
                    "between MIN and MAX replicas (router.autoscale; see README: autoscaling)")
     p.add_argument("--autoscale-decode", type=_bounds, metavar="MIN:MAX", help="autoscale the decode pool")

@@ -508,8 +508,9 @@ class Tuner:
         ... with SLO override       the same, but a request goes the other way when the predictions say that keeps
                                     more requests within the SLOs (a backed-up prefill replica, an idle decode one)
 
-    The answer depends on the mix, not on the rate now, so it is kept per mix shape (mix_shape): a steady mix
-    costs no simulation."""
+    The answer depends on the mix, not on the rate now, so it is kept per mix shape (mix_shape), and a shape
+    next to the one the rule was picked for keeps it: a steady mix costs no simulation, and the rule does not
+    flip between two that serve it about as well as the sample of recent requests wobbles."""
 
     def __init__(self, config, profile: Profile, service: Service | None = None, vocab: int = 1000, seed: int = 0,
                  cache_size: int = 256, executor: Executor | None = None) -> None:
@@ -517,12 +518,16 @@ class Tuner:
         self.vocab, self.seed = vocab, seed
         self.answers = Answers(cache_size, executor)
         self.last: Rule | None = None  # the latest pick
+        self._shape: tuple[int, ...] | None = None  # the mix shape it was picked for
 
     def pick(self, rate: float, mix: Seq[tuple[int, int]]) -> Rule | None:
         """The rule for `mix` ((prompt tokens, output tokens) of recent requests), arriving at `rate` requests/s
         now (where the search starts); None while fewer than TUNE_MIN_MIX have been seen."""
         if rate <= 0 or len(mix) < TUNE_MIN_MIX:
             return None
-        self.last = self.answers.get(mix_shape(mix), best_rule, lambda: (self.config, self.profile, self.service,
-                                                                        tuple(mix), rate, self.vocab, self.seed))
+        shape = mix_shape(mix)
+        if self._shape is not None and max(abs(a - b) for a, b in zip(shape, self._shape)) <= 1:
+            return self.last  # a neighbouring shape: the same traffic, seen through another sample of it
+        args = (self.config, self.profile, self.service, tuple(mix), rate, self.vocab, self.seed)
+        self._shape, self.last = shape, self.answers.get(shape, best_rule, lambda: args)
         return self.last

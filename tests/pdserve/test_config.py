@@ -45,6 +45,7 @@ def test_flags_override_the_file(tmp_path) -> None:
     ({"prefill": {"device": "tpu"}}, "device='tpu'; choose 'cpu' or 'cuda'"),
     ({"router": {"prefill_policy": "random"}}, "prefill_policy='random'"),
     ({"decode": {"dtype": "bf16"}}, "prefill.dtype='float32' and decode.dtype='bf16'"),
+    ({"router": {"dispatch_retune_s": -1}}, "dispatch_retune_s=-1 must be >= 0"),
 ])
 def test_bad_config_names_the_mistake(bad, message) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -81,6 +82,9 @@ def test_serve_flags_for_every_pool_option_reach_the_cluster_config() -> None:
         "--prefill-dtype", "bfloat16", "--decode-dtype", "bf16", "--kv-backend", "collective", "--port", "0"])
     config = _cluster_config(args)
     prefill, decode = config.prefill, config.decode
+    assert config.router.dispatch_retune_s == 5.0
+    never = build_parser().parse_args(["serve", "--dispatch-retune-s", "0"])
+    assert _cluster_config(never).router.dispatch_retune_s == 0
     assert (prefill.tensor_parallel_size, decode.tensor_parallel_size) == (2, 4)
     assert (prefill.replicas, prefill.max_num_batched_tokens, prefill.expert_parallel) == (3, 128, True)
     assert (decode.num_kv_blocks, decode.max_prefill_chunk, decode.native_decoder) == (64, 32, False)

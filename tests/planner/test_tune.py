@@ -82,6 +82,8 @@ def test_a_steady_mix_costs_no_simulation_and_too_few_requests_pick_nothing():
     ran = tuner.answers.simulations
     assert ran > 0 and tuner.last == first
     assert tuner.pick(4.0, mix[1:] + mix[:1]) == first and tuner.answers.simulations == ran  # same shape, any rate
+    nearby = [(round(p * 1.2), o) for p, o in mix]  # prompts 20% longer: the next shape over
+    assert tuner.pick(3.0, nearby) == first and tuner.answers.simulations == ran
     tuner.pick(3.0, DOCS * 4)
     assert tuner.answers.simulations > ran
 
