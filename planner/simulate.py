@@ -24,8 +24,8 @@ prefill replica is up, prefills on its decode replica; otherwise the decode repl
 first token (its KV is pushed layer by layer as it goes: no time of its own past the hop), the router streams
 that token and commits the request to the decode replica, which decodes the rest. At most
 max_ongoing_requests are placed at once; the rest queue in arrival order. With router.dispatch slo_aware, the
-router's own predictions place each prompt, under the rule the supervisor's tuner (planner.simulate.Tuner) picks every
-dispatch_retune_s from the simulated traffic so far (Tuner, below).
+router's own predictions place each prompt, under the rule a Tuner (below) picks every dispatch_retune_s from
+the simulated traffic so far, as the supervisor's does from the live one.
 
 The output is the dict `pdserve bench --json` writes for one run (pdserve.bench_stats.summarize), so the
 same report, plots and goodput read a simulated run and a measured one."""

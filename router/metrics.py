@@ -54,7 +54,9 @@ class RouterMetrics:
         self.autoscale_rate = Gauge("pdserve_autoscale_arrival_rate", "Requests/s arriving, as the autoscaler "
                                     "observed them", ["model"], registry=r).labels(**m)
         self.autoscale_wanted = Gauge("pdserve_autoscale_wanted_replicas", "Replicas the autoscaler wants per pool "
-                                      "(before its delays)", ["model", "pool"], registry=r)
+                                      "(before its delays; 0: not autoscaling)", ["model", "pool"], registry=r)
+        for pool in ("prefill", "decode"):
+            self.autoscale_wanted.labels(pool=pool, **m)
         self.rule_threshold = Gauge("pdserve_dispatch_rule_threshold_tokens", "slo_aware's tuned rule: prompts "
                                     "under this many tokens prefill on the decode replica (-1: the least delay "
                                     "decides)", ["model"], registry=r).labels(**m)

@@ -91,6 +91,14 @@ DASHBOARDS = {
             q(hist("pdserve_queue_time_seconds", 0.99), "queue p99 (s)"),
             q(f"sum(rate(pdserve_admission_refusals_total[{RI}]))", "refused/s")]),
         ("Prefill path", "reqps", [q(f"sum by (path) (rate(pdserve_prefill_path_total[{RI}]))", "{{path}}")]),
+        ("Dispatch: where prompts prefilled and why", "reqps",
+         [q(f"sum by (path, reason) (rate(pdserve_dispatch_total[{RI}]))", "{{path}}: {{reason}}")]),
+        ("slo_aware's rule: local under this many prompt tokens (-1: least delay), override on", "short", [
+            q("max(pdserve_dispatch_rule_threshold_tokens)", "threshold tokens"),
+            q("max(pdserve_dispatch_rule_override)", "override")]),
+        ("Autoscaler: arrivals/s and replicas wanted (0: not autoscaling)", "short", [
+            q("max(pdserve_autoscale_arrival_rate)", "arrivals/s"),
+            q("max by (pool) (pdserve_autoscale_wanted_replicas)", "{{pool}} replicas wanted")]),
     ]),
     "pdserve-kv-transfer": ("pdserve: KV transfer", [
         ("KV bandwidth into the decode pool", "Bps",
