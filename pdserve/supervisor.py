@@ -110,13 +110,15 @@ class Supervisor:
 
     def _autoscale(self) -> None:
         from planner.autoscale import Observation
+        from router.dispatch import Rule
 
         router, cfg = self.server.router, self.autoscaler.cfg
         while not self._stop.wait(cfg.every_s):
             try:
                 window, ongoing, current = self._on_loop(router.observed(cfg.window_s))
-                decision = self.autoscaler.decide(time.monotonic(), Observation(window.rate, window.mix, ongoing),
-                                                  current)
+                rule = router.slo_aware.rule if router.slo_aware is not None else Rule()
+                decision = self.autoscaler.decide(time.monotonic(), Observation(window.rate, window.mix, ongoing,
+                                                                                rule), current)
             except Exception as e:  # noqa: BLE001 - the loop goes on; the next round decides again
                 log.warning("autoscaling: deciding failed: %r", e)
                 continue

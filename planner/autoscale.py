@@ -26,7 +26,8 @@ from pdserve.workload import mix_key, mix_requests, steady_count
 from planner.answers import Answers
 from planner.cost import Profile
 from planner.plan import kv_sized
-from planner.simulate import Service, simulate
+from planner.simulate import Service, Simulator, simulate
+from router.dispatch import Rule
 
 POOLS = ("prefill", "decode")
 SIM_SECONDS = 10.0  # of arrivals per simulated check (a steady state, not one burst), drawn from the observed mix
@@ -38,6 +39,7 @@ class Observation:
     rate: float  # requests/s arriving
     mix: Seq[tuple[int, int]]  # (prompt tokens, output tokens) of recent requests
     ongoing: dict[str, int] = field(default_factory=dict)  # requests on each pool now
+    rule: Rule = Rule()  # slo_aware's rule now: the planner sizes the pools for the dispatch they serve under
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Autoscaler:
         return getattr(self.cfg, pool)
 
     def decide(self, now: float, obs: Observation, current: dict[str, int]) -> Decision:
-        planned = self.plan(obs.rate, obs.mix) if self.profile is not None else None
+        planned = self.plan(obs.rate, obs.mix, obs.rule) if self.profile is not None else None
         wanted = {}
         for pool in POOLS:
             low, high = self.bounds(pool)
@@ -108,23 +110,26 @@ class Autoscaler:
         history.clear()  # a resize starts the count again
         return min(run) if want > have else max(run)
 
-    def plan(self, rate: float, mix: Seq[tuple[int, int]]) -> dict[str, int]:
-        """The fewest replicas per pool that the simulator says meet the SLOs at headroom x rate."""
+    def plan(self, rate: float, mix: Seq[tuple[int, int]], rule: Rule = Rule()) -> dict[str, int]:
+        """The fewest replicas per pool that the simulator says meet the SLOs at headroom x rate (under slo_aware's
+        `rule`, where the cluster dispatches so)."""
         lows = {pool: self.bounds(pool)[0] for pool in POOLS}
         target = rate * self.cfg.headroom
         if target <= 0 or not mix:
             return lows
+
         def args() -> tuple:
             requests = mix_requests(mix, steady_count(target, SIM_SECONDS, *SIM_REQUESTS), self.vocab, self.seed)
-            return self.base, self.profile, self.service, requests, target, self.seed
+            return self.base, self.profile, self.service, requests, target, self.seed, rule
 
-        return self.answers.get(mix_key(target, mix), size_pools, args)
+        return self.answers.get((mix_key(target, mix), rule), size_pools, args)
 
 
-def size_pools(base, profile: Profile, service: Service | None, requests, rate: float, seed: int
-               ) -> tuple[dict[str, int], int]:
+def size_pools(base, profile: Profile, service: Service | None, requests, rate: float, seed: int,
+               rule: Rule = Rule()) -> tuple[dict[str, int], int]:
     """({pool: replicas}, simulations run): the decode pool's fewest replicas that keep base.router.autoscale's
-    attainment within both SLOs at `rate` with the most prefill replicas, then the prefill pool's with that."""
+    attainment within both SLOs at `rate` with the most prefill replicas, then the prefill pool's with that.
+    slo_aware dispatch keeps `rule` throughout (the tuner's answer for the mix, not tuned again in each run)."""
     cfg, r = base.router.autoscale, base.router
     (p_low, p_high), (d_low, d_high) = cfg.prefill, cfg.decode
     ran = 0
@@ -133,7 +138,8 @@ def size_pools(base, profile: Profile, service: Service | None, requests, rate: 
         nonlocal ran
         ran += 1
         config = kv_sized(base.replace(**{"prefill.replicas": prefill, "decode.replicas": decode}), profile)
-        run = simulate(config, profile, requests, rate, seed, r.ttft_slo_s, r.tpot_slo_s, service)
+        run = simulate(config, profile, requests, rate, seed, r.ttft_slo_s, r.tpot_slo_s, service,
+                       sim=Simulator(config, profile, service, rule=rule))
         return (run["slo"]["both"] or 0.0) >= cfg.attainment
 
     decode = next((d for d in range(d_low, d_high + 1) if meets(p_high, d)), d_high)

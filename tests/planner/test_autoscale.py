@@ -170,3 +170,20 @@ def test_the_planner_runs_in_another_process_with_the_same_answers():
         for rate in (0.5, 8.0):
             assert there.plan(rate, MIX) == here.plan(rate, MIX)
         assert there.simulations == here.simulations > 0
+
+
+def test_under_slo_aware_the_planner_sizes_for_the_rule_the_router_has(monkeypatch):
+    from planner import simulate as sim
+    from router.dispatch import Rule
+
+    def tuned(*args, **kwargs):
+        raise AssertionError("an autoscaling simulation tuned slo_aware's rule again")
+
+    monkeypatch.setattr(sim.Tuner, "pick", tuned)
+    config = cluster(headroom=1.0).replace(**{"router.dispatch": "slo_aware"})
+    scaler = Autoscaler(config, profile())
+    mix = MIX * 4  # enough requests for a tuner to pick from, were one asked
+    local, remote = scaler.plan(3.0, mix, Rule(threshold=1 << 20)), scaler.plan(3.0, mix, Rule(threshold=0))
+    # every prompt prefilled on the decode replicas leaves the prefill pool nothing to do: its fewest replicas
+    assert local["prefill"] == 1 and remote["prefill"] >= local["prefill"]
+    assert scaler.plan(3.0, mix, Rule(threshold=0)) == remote  # kept per rule
