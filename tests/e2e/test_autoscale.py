@@ -154,4 +154,4 @@ def test_the_planner_sizes_the_pool_for_the_rate_it_observes(ray_local, tiny_mod
             assert tokens == want[i][:PARAMS_SHORT["max_tokens"]]
         planned = [d.planned["decode"] for _, rate, d in cluster.supervisor.decisions if d.planned]
         assert 2 in planned and planned[-1] == 1 and cluster.supervisor.autoscaler.simulations > 0
-        assert type(cluster.supervisor.autoscaler.executor).__name__ == "ProcessPoolExecutor"  # off the router's GIL
+        assert type(cluster.supervisor.autoscaler.answers.executor).__name__ == "ProcessPoolExecutor"  # off the router's GIL

@@ -46,6 +46,7 @@ def test_slo_aware_dispatch_serves_exact_tokens_and_says_why(ray_local, tiny_mod
             time.sleep(0.5)
         rule = tuner.last
         assert rule is not None and cluster.server.router.slo_aware.rule == rule
+        assert type(tuner.answers.executor).__name__ == "ProcessPoolExecutor"  # its simulations off the router's GIL
         again = [client.generate(p, temperature=0, max_tokens=24, ignore_eos=True) for p in prompts]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster.server.metrics_port}/metrics").read().decode()
     assert [g.token_ids for g in got] == want and [g.token_ids for g in again] == want
