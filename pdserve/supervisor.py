@@ -44,6 +44,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
         self.autoscaler = None  # planner.autoscale.Autoscaler, once autoscale() started it
+        self.tuner = None  # planner.simulate.Tuner, once tune_dispatch() started it
         self._loops: list[threading.Thread] = []  # autoscaling, dispatch tuning
         self._executor = None  # the planner's process, once one of them needs it
         self.decisions: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Decision) of each round
