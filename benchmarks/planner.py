@@ -96,7 +96,6 @@ def dispatch_table(profile_path: str, requests_per_rate: int = 100, seconds: flo
     benchmarks.serving's pools, for long-tail, chat-only and document-heavy work at two pairs of SLOs. Each rate
     sends requests_per_rate requests, or `seconds` of arrivals where that is more (a steady state)."""
     profile = Profile.load(profile_path)
-    workloads = serving.WORKLOADS
     c = serving.configs()
     lines = ["| SLOs TTFT / TPOT | workload | 1P1D disaggregated | 1P1D conditional < 300 | 1P1D slo_aware | "
              "colocated |", "|---|---|---|---|---|---|"]
@@ -104,7 +103,7 @@ def dispatch_table(profile_path: str, requests_per_rate: int = 100, seconds: flo
         slo_aware = c["disaggregated"].replace(**{"router.dispatch": "slo_aware", "router.profile": profile_path,
                                                   "router.ttft_slo_s": ttft, "router.tpot_slo_s": tpot})
         layouts = [c["disaggregated"], c["conditional"], slo_aware, c["colocated"]]
-        for name, workload in workloads.items():
+        for name, workload in serving.WORKLOADS.items():
             def requests(rate: float, workload=workload) -> list:
                 return make_requests(workload, steady_count(rate, seconds, requests_per_rate, 10_000), 0, 49152, 8192)
 

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 log = logging.getLogger("pdserve.supervisor")
@@ -91,8 +92,6 @@ class Supervisor:
         return self
 
     def _tune(self) -> None:
-        from dataclasses import replace
-
         router = self.server.router
         cfg = router.config
         while not self._stop.wait(cfg.dispatch_retune_s):

@@ -165,13 +165,24 @@ def mix_requests(mix: Sequence[tuple[int, int]], n: int, vocab: int, seed: int =
     return [([rng.randrange(1, vocab) for _ in range(max(p, 1))], max(o, 1)) for p, o in drawn]
 
 
+def log_bucket(x: float, step: float) -> int:
+    """Which of the buckets a factor `step` wide x falls in (a cache key's coordinate)."""
+    return round(math.log(max(x, 1e-6), step))
+
+
 def mix_key(rate: float, mix: Sequence[tuple[int, int]], step: float = 1.1) -> tuple[int, int, int]:
     """A cache key for answers planned from (rate, mix): rates, mean prompt and mean output lengths within a
     factor `step` of each other share it."""
-    def bucket(x: float) -> int:
-        return round(math.log(max(x, 1e-6), step))
+    mean_out = sum(o for _, o in mix) / len(mix)
+    return log_bucket(rate, step), log_bucket(sum(p for p, _ in mix) / len(mix), step), log_bucket(mean_out, step)
 
-    return bucket(rate), bucket(sum(p for p, _ in mix) / len(mix)), bucket(sum(o for _, o in mix) / len(mix))
+
+def mix_shape(mix: Sequence[tuple[int, int]], step: float = 1.25) -> tuple[int, int, int]:
+    """A cache key for a mix alone: its median and 90th-percentile prompt and its mean output, within a factor
+    `step`."""
+    prompts = sorted(p for p, _ in mix)
+    return (log_bucket(prompts[len(prompts) // 2], step), log_bucket(prompts[(9 * len(prompts)) // 10], step),
+            log_bucket(sum(o for _, o in mix) / len(mix), step))
 
 
 def per_rate(requests, count: int) -> list:

@@ -46,7 +46,7 @@ from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from pdserve.workload import mix_requests, steady_count
+from pdserve.workload import mix_requests, mix_shape, steady_count
 from planner.answers import Answers
 from planner.cost import Profile, StepModel, pool_key
 from router.cache_index import Prompt
@@ -476,17 +476,6 @@ def best_rule(config, profile: Profile, service: Service | None, mix: Seq[tuple[
             hi = at
         steps += hi is not None
     return max(held)[2], ran
-
-
-def mix_shape(mix: Seq[tuple[int, int]], step: float = 1.25) -> tuple[int, int, int]:
-    """A cache key for a mix: its median and 90th-percentile prompt and its mean output, within a factor `step`."""
-    prompts = sorted(p for p, _ in mix)
-
-    def bucket(x: float) -> int:
-        return round(math.log(max(x, 1.0), step))
-
-    return (bucket(prompts[len(prompts) // 2]), bucket(prompts[(9 * len(prompts)) // 10]),
-            bucket(sum(o for _, o in mix) / len(mix)))
 
 
 class Tuner:

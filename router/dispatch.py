@@ -53,9 +53,15 @@ class Rule:
     threshold: int | None = None  # prompts under this many tokens prefill locally; None: the least delay in all
     override: bool = True  # the predictions may move a request off that path to keep more inside the SLOs
 
+    @property
+    def overrides(self) -> bool:
+        """Whether the SLO predictions decide where they differ (always, under the least delay)."""
+        return self.override or self.threshold is None
+
     def __str__(self) -> str:
-        base = "least delay" if self.threshold is None else f"local under {self.threshold} tokens"
-        return base + (", SLO predictions override" if self.override and self.threshold is not None else "")
+        if self.threshold is None:
+            return "least delay"
+        return f"local under {self.threshold} tokens" + (", SLO predictions override" if self.override else "")
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class SloAware:
         outside_local = (ttft_local > self.ttft_slo_s) + b * (tpot_local > self.tpot_slo_s)
         outside_remote = int(ttft_remote > self.ttft_slo_s) + b * (t_decode > self.tpot_slo_s)
         rule = self.rule
-        if outside_local != outside_remote and (rule.override or rule.threshold is None):
+        if outside_local != outside_remote and rule.overrides:
             local, reason = outside_local < outside_remote, "slo"
         elif rule.threshold is not None:
             local, reason = prompt_len < rule.threshold, "tuned"

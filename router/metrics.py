@@ -74,7 +74,7 @@ class RouterMetrics:
     def dispatch_rule(self, rule) -> None:
         """rule: router.dispatch.Rule."""
         self.rule_threshold.set(-1 if rule.threshold is None else rule.threshold)
-        self.rule_override.set(int(rule.override or rule.threshold is None))
+        self.rule_override.set(int(rule.overrides))
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on host:port (0: a free port); returns the port."""
