@@ -232,8 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine_commit": _git_commit(),
         "attention_backend": type(ours.llm.engine.runner.model.model.layers[0].self_attn.backend).__name__,
         "matmul": gemm.matmul_path(ours.llm.engine.runner.model),
-        "decoder_stack": ("one C call" if ours.llm.engine.runner.native_unsupported is None
-                          else f"Python ({ours.llm.engine.runner.native_unsupported})"),
+        "decoder_stack": ours.llm.engine.runner.stack_path,
         "load_s": {"pdserve": round(ours.load_s, 1), "transformers": round(hf_info["load_s"], 1) if hf_info else None},
         "hf_attn_implementation": hf_info["attn_impl"] if hf_info else None,
         "decode_method": DECODE_METHOD,

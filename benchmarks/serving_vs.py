@@ -84,8 +84,7 @@ def measure_limits(prompt_len: int, output_len: int, batch: int, env: dict[str, 
         conn.send({"matmul_peak_gflops": machine["matmul_peak_gflops"], "mem_read_bw_gbs": machine["mem_read_bw_gbs"],
                    "prefill_tok_s": prefill_rate, "decode_batch": batch, "decode_tok_s": decode_rate,
                    "limit_rps": 1 / (prompt_len / prefill_rate + output_len / decode_rate),
-                   "kernels": "the C decoder stack on AMX tiles" if llm.engine.runner.native_unsupported is None
-                   else f"the Python forward ({llm.engine.runner.native_unsupported})"})
+                   "kernels": llm.engine.runner.stack_path})
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         conn.send({"error": repr(e)})
 

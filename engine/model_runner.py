@@ -77,6 +77,9 @@ class ModelRunner:
                                    if config.options.native_decoder else "native_decoder=False")
         if self.native_unsupported is None:
             self.model.model.native = native_decoder.NativeDecoder(self.model.model, cfg)
+        # what the decoder stack runs as, in words a benchmark and `pdserve serve` print
+        self.stack_path = (self.model.model.native.describe() if self.native_unsupported is None
+                           else f"the Python forward ({self.native_unsupported})")
         self.sampler = Sampler()
         self.kv_saver: KVSaver | None = None
         self.cost = _as_stored(ModelCost.of(cfg, config.dtype.itemsize), self.model, config.dtype.itemsize,

@@ -41,11 +41,13 @@ class EngineOptions:
     num_threads: int | None = None  # torch intra-op threads per rank; None leaves torch's default
     max_model_len: int = 0  # longest sequence, prompt and output; 0: the model's max_position_embeddings
     # CPU fp32: the linear weights laid out once for the C matmuls: AMX tiles of a block-quantized checkpoint's
-    # integers (every step; they replace the fp32 copy, at half its size), else a second copy in 48-column fp32
-    # panels (steps of 2-128 rows; the weights' size again)
+    # integers (every step; they replace the fp32 copy, at half its size); without AMX, its integers as int8
+    # on AVX-512 (steps of up to 128 rows; a quarter of the fp32 copy's size, which stays for MKL); else a
+    # second copy in 48-column fp32 panels (steps of 2-128 rows; the weights' size again)
     weight_panels: bool = True
-    # CPU fp32 with the weights in AMX tiles: the decoder stack as one C call per step, bit for bit the Python
-    # forward (models/native_decoder.py); False keeps the Python forward
+    # CPU fp32 with block-quantized weights in AMX tiles (or int8 blocks on AVX-512 without them, steps of up to
+    # 128 tokens): the decoder stack as one C call per step, bit for bit the Python forward
+    # (models/native_decoder.py); False keeps the Python forward
     native_decoder: bool = True
 
     def __post_init__(self) -> None:

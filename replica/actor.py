@@ -67,9 +67,7 @@ class ReplicaShell:
         """The path this replica's forward takes, and why (a CPU without AMX takes the portable one)."""
         from engine.layers.gemm import matmul_path
 
-        why = self.engine.runner.native_unsupported
-        stack = "the C decoder stack" if why is None else f"the Python forward ({why})"
-        return f"{stack}; matmuls: {matmul_path(self.engine.runner.model)}"
+        return f"{self.engine.runner.stack_path}; matmuls: {matmul_path(self.engine.runner.model)}"
 
     def tokenizer_files(self) -> dict[str, str] | None:
         """The model's tokenizer as text, for the router (which has no engine)."""

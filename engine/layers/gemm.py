@@ -60,10 +60,10 @@ def panel_numel(weight_t: torch.Tensor) -> int:
 def pack_model(model: nn.Module, enabled: bool = True) -> None:
     """Give every layer that has a weight_panels slot (see panel_source) its layout for steps of
     several rows, each kind in one buffer on huge pages (together they are the bulk of what a
-    decode step reads): AMX tiles for a weight that came block-quantized (qgemm), where the CPU
-    has them (they then take every step, and a linear layer drops its fp32 copy), else fp32
-    panels, and for such a weight on a CPU without tiles its integers as int8 too (bqgemm, for
-    steps of up to bqgemm.MAX_ROWS rows). The integers collected while loading are dropped after."""
+    decode step reads): for a weight that came block-quantized, AMX tiles where the CPU has them
+    (they then take every step, and a linear layer drops its fp32 copy), else its integers as
+    int8 on AVX-512 (bqgemm, for steps of up to bqgemm.MAX_ROWS rows; MKL beyond); fp32 panels
+    for the rest. The integers collected while loading are dropped after."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         tiled = [m for m in slots if qgemm.packable(m.block_quant)]
@@ -71,11 +71,13 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
-        # no tile unit: decode-sized steps stream the integers through AVX-512 FMAs
+        # no tile unit: steps of up to bqgemm.MAX_ROWS rows multiply the integers with AVX-512 FMAs,
+        # longer ones go to MKL on the fp32 copy: no panels for these
         blocked = [m for m in slots if m.weight_amx is None and bqgemm.packable(m.block_quant)]
         for layer, q8, dm in _quant_buffers(blocked, torch.int8):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
-        paneled = [m for m in slots if m.weight_amx is None and packable(m.panel_source())]
+        paneled = [m for m in slots if m.weight_amx is None and getattr(m, "weight_bq", None) is None
+                   and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
         for layer, panels in zip(paneled, hugepages.empty(sum(sizes)).split(sizes)):
             layer.weight_panels = pack(layer.panel_source(), panels)
@@ -102,15 +104,17 @@ def matmul_path(model: nn.Module) -> str:
     if blocks:
         parts.append(f"int8 blocks on AVX-512 FMAs for steps of up to {bqgemm.MAX_ROWS} rows ({blocks} layers; "
                      f"no tiles: {qgemm.unsupported()})")
-    parts.append(f"fp32 panels ({panels} layers)" if panels else "MKL on fp32 weights")
+    if panels:
+        parts.append(f"fp32 panels ({panels} layers)")
+    parts.append("MKL on fp32 weights beyond" if blocks else "MKL on fp32 weights")
     return ", ".join(parts)
 
 
 def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | None, weight_t: torch.Tensor | None,
            bias: torch.Tensor | None, bq: bqgemm.Packed8 | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) by the first of W's layouts that takes x: the AMX tiles, the int8 blocks
-    (a decode-sized step without tiles), the fp32 panels, else MKL on the [in, out] weight_t (None
-    only where the tiles take every fp32 step)."""
+    (a step of up to bqgemm.MAX_ROWS rows without tiles), the fp32 panels, else MKL on the [in, out]
+    weight_t (None only where the tiles take every fp32 step)."""
     if qgemm.usable(x, amx):
         return qgemm.linear(x, amx, bias)
     if bqgemm.usable(x, bq):

@@ -101,8 +101,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.native is not None and self.layers[0].self_attn.kv_saver is None:
-            return self.native(x, positions, get_attention_metadata())  # the same kernels, one call
+        native = self.native
+        if (native is not None and self.layers[0].self_attn.kv_saver is None
+                and (native.max_tokens is None or x.shape[0] <= native.max_tokens)):
+            return native(x, positions, get_attention_metadata())  # the same kernels, one call
         rope = self.rotary(positions)
         residual = None
         for layer in self.layers:

@@ -1,6 +1,9 @@
 """The decoder stack of a dense Llama-family model as one C call per step (csrc/decoder.c), in
 place of ~10 Python-level calls a layer, where every part of the layer already runs in C: CPU
-fp32, weights in AMX tiles, the paged CPU attention kernels, one rank, no q/k norm, no MoE.
+fp32, block-quantized weights in AMX tiles (qgemm) or, without the tile unit, as int8 blocks on
+AVX-512 (bqgemm: steps of up to bqgemm.MAX_ROWS tokens; longer prefill steps take the Python
+forward, whose matmuls go to MKL there), the paged CPU attention kernels, one rank, no q/k norm,
+no MoE.
 The C calls the same kernels in the same order, so the hidden states are bit for bit those of
 LlamaModel's Python forward, which stays the definition of the model and the path for
 everything else (other devices, dtypes, layouts, tensor parallelism, a KV saver).
@@ -19,7 +22,7 @@ from torch import nn
 from engine.attention import paged_cpu
 from engine.attention.metadata import AttentionMetadata
 from engine.config import ModelConfig
-from engine.layers import fused, qgemm
+from engine.layers import bqgemm, fused, qgemm
 from engine.native import build
 
 _SOURCE = Path(__file__).parent / "csrc" / "decoder.c"
@@ -28,7 +31,7 @@ _i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _Weight(ctypes.Structure):
-    _fields_ = [("bq", _p), ("dm", _p), ("bias", _p), ("groups", _i64), ("in_features", _i64),
+    _fields_ = [("q", _p), ("dm", _p), ("bias", _p), ("groups", _i64), ("in_features", _i64),
                 ("out_features", _i64), ("has_m", _i64)]
 
 
@@ -40,7 +43,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("inter", _i64), ("block_size", _i64), ("eps", _f32), ("scale", _f32), ("layers", _p),
-                ("final_norm", _p), ("cos_table", _p), ("sin_table", _p), ("qgemm", _p), ("decode", _p),
+                ("final_norm", _p), ("cos_table", _p), ("sin_table", _p), ("qgemm", _p), ("bqgemm", _p), ("decode", _p),
                 ("prefill", _p), ("norm", _p), ("rotary", _p), ("silu", _p)]
 
 
@@ -48,7 +51,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("tokens", _i64), ("num_decodes", _i64), ("num_seqs", _i64), ("max_blocks", _i64),
                 ("max_decode_len", _i64), ("positions", _p), ("slots", _p), ("block_tables", _p), ("seq_lens", _p),
                 ("query_start", _p), ("residual", _p), ("x", _p), ("qkv", _p), ("attn", _p), ("gate_up", _p),
-                ("act", _p), ("ap", _p), ("xs", _p)]
+                ("act", _p), ("ap", _p), ("xs", _p), ("xp", _p)]
 
 
 @cache
@@ -64,9 +67,14 @@ def _address(fn) -> int:
 
 
 def _weight(linear, bias: torch.Tensor | None) -> _Weight:
-    p: qgemm.Packed = linear.weight_amx
-    return _Weight(p.bq.data_ptr(), p.dm.data_ptr(), bias.data_ptr() if bias is not None else None, p.bq.shape[0],
-                   p.bq.shape[1] * qgemm.BLOCK, p.out_features, int(p.has_m))
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    if linear.weight_amx is not None:
+        p: qgemm.Packed = linear.weight_amx
+        return _Weight(p.bq.data_ptr(), p.dm.data_ptr(), bias_ptr, p.bq.shape[0], p.bq.shape[1] * qgemm.BLOCK,
+                       p.out_features, int(p.has_m))
+    b: bqgemm.Packed8 = linear.weight_bq
+    return _Weight(b.q8.data_ptr(), b.dm.data_ptr(), bias_ptr, b.q8.shape[0], b.q8.shape[1], b.out_features,
+                   int(b.has_m))
 
 
 def unsupported(model: nn.Module, tp_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -85,15 +93,17 @@ def unsupported(model: nn.Module, tp_size: int, dtype: torch.dtype, device: torc
     ]
     if why := next((why for bad, why in model_reasons if bad), None):
         return why
-    if why := qgemm.unsupported():
-        return why
+    tiles = qgemm.supported()
+    if not tiles and not bqgemm.supported():
+        return f"{qgemm.unsupported()}; {bqgemm.unsupported()}"
     if any(lib() is None for lib in (_lib, fused._lib, fused._activation_lib, paged_cpu._kernel,
                                      paged_cpu._prefill_kernel)):
         return "a C kernel did not build"
     for layer in inner.layers:
         attn = layer.self_attn
-        if any(m.weight_amx is None for m in (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)):
-            return "a weight is not in AMX tiles"
+        linears = (attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        if any((m.weight_amx if tiles else m.weight_bq) is None for m in linears):
+            return "a weight is not in AMX tiles" if tiles else "a weight is not in int8 blocks"
         if not isinstance(attn.backend, paged_cpu.PagedCPUAttention):
             return "not the paged CPU attention"
     return None
@@ -118,10 +128,14 @@ class NativeDecoder:
             cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, cfg.head_dim)
         self.inter = cfg.intermediate_size
         self.max_k = max(self.hidden, self.heads * self.head_dim, self.inter)
+        self.tiles = inner.layers[0].self_attn.qkv_proj.weight_amx is not None
+        # steps it takes: all on the tile unit; int8 blocks up to bqgemm's rows (LlamaModel.forward checks)
+        self.max_tokens = None if self.tiles else bqgemm.MAX_ROWS
         self._model = _Model(
             len(layers), self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, attn0.k_cache.shape[1],
             cfg.rms_norm_eps, attn0.scale, ctypes.addressof(self._layers), inner.norm.weight.data_ptr(),
-            rotary.cos.data_ptr(), rotary.sin.data_ptr(), _address(qgemm._lib().qgemm_f32),
+            rotary.cos.data_ptr(), rotary.sin.data_ptr(), _address(qgemm._lib().qgemm_f32) if self.tiles else None,
+            None if self.tiles else _address(bqgemm._lib().bqgemm_f32),
             _address(paged_cpu._kernel().paged_decode_attention_f32),
             _address(paged_cpu._prefill_kernel().paged_prefill_attention_f32), _address(fused._lib().add_rms_norm_f32),
             _address(fused._lib().rotary_f32), _address(fused._activation_lib().silu_mul_f32))
@@ -129,18 +143,28 @@ class NativeDecoder:
         self._rows = 0  # tokens the workspace holds
         self._fn = _lib().decoder_forward_f32
 
+    def describe(self) -> str:
+        """What the stack runs over, in words a benchmark prints."""
+        return ("the C decoder stack over AMX tiles" if self.tiles else
+                f"the C decoder stack over int8 blocks for steps of up to {self.max_tokens} tokens, Python beyond")
+
     def _grow(self, tokens: int) -> None:
         rows = -(-tokens // qgemm.GROUP) * qgemm.GROUP
         widths = (self.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, self.heads * self.head_dim,
                   2 * self.inter, self.inter)  # x, qkv, attn, gate_up, act
         self._ws = torch.empty(rows * sum(widths))
-        self._ap = torch.empty(rows * self.max_k * 3, dtype=torch.bfloat16)
-        self._xs = torch.empty(rows * (self.max_k // qgemm.BLOCK))
+        if self.tiles:
+            self._ap = torch.empty(rows * self.max_k * 3, dtype=torch.bfloat16)
+            self._xs = torch.empty(rows * (self.max_k // qgemm.BLOCK))
+            self._xp = None
+        else:
+            self._ap = None
+            self._xs, self._xp = (torch.empty(n) for n in bqgemm.scratch_numel(rows, self.max_k))
         x, qkv, attn, gate_up, act = self._ws.split([rows * w for w in widths])
         self._x = x.view(rows, self.hidden)
         s = self._step
         s.x, s.qkv, s.attn, s.gate_up, s.act = (t.data_ptr() for t in (x, qkv, attn, gate_up, act))
-        s.ap, s.xs = self._ap.data_ptr(), self._xs.data_ptr()
+        s.ap, s.xs, s.xp = (t.data_ptr() if t is not None else None for t in (self._ap, self._xs, self._xp))
         self._rows = rows
 
     def __call__(self, embedded: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -157,8 +181,9 @@ class NativeDecoder:
         s.query_start, s.residual = meta.query_start_loc.data_ptr(), embedded.data_ptr()
         failed = self._fn(ctypes.addressof(self._model), ctypes.addressof(s))
         if failed:
-            raise (MemoryError if failed < 3 else RuntimeError)(
+            raise (RuntimeError if failed == 3 else MemoryError)(
                 {1: "paged decode attention could not allocate its score buffer",
                  2: "paged prefill attention could not allocate its scratch",
-                 3: "paged prefill attention cannot take this shape"}[failed])
+                 3: "paged prefill attention cannot take this shape",
+                 4: "bqgemm could not allocate its scratch for the widened weights"}[failed])
         return self._x[:tokens]

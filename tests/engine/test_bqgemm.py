@@ -1,6 +1,8 @@
 """The AVX-512 matmul over block-quantized weights (engine/layers/bqgemm.py, hosts without AMX):
-within a few fp32 roundings of a float64 reference, a row's result independent of the batch, and
-its portable build declining (nothing written) rather than computing."""
+within a few fp32 roundings of a float64 reference on each of its paths (up to 8 rows streamed,
+packed tiles of up to 24, the wide path's widened weights from 48 rows), a row's result bit for bit
+the same whichever path its step took, and its portable build declining (nothing written) rather
+than computing."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +18,7 @@ needs_avx512 = pytest.mark.skipif(not bqgemm.supported(), reason=str(bqgemm.unsu
 @needs_avx512
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_1", "q8_0"])
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 64), (2, 1, 32), (3, 17, 64), (4, 48, 96), (5, 960, 576), (11, 33, 64),
-                                      (16, 100, 1536)])
+                                      (16, 100, 1536), (30, 50, 96), (49, 17, 64), (100, 70, 128), (200, 48, 64)])
 def test_matches_float64(kind: str, rows: int, n: int, k: int) -> None:
     check_against_float64(lambda x, quant, bias: bqgemm.linear(x, bqgemm.pack(quant), bias), kind, rows, n, k)
 
@@ -31,12 +33,16 @@ def test_formats_without_offsets_skip_the_m_term_and_no_bias() -> None:
 
 
 @needs_avx512
-def test_a_row_does_not_depend_on_the_batch_and_strided_rows_work() -> None:
-    quant = random_quant(70, 128, "q4_1", seed=3)
+@pytest.mark.parametrize("n", [70, 96])  # 70: a last pair of column groups with one group, a part-filled one
+def test_a_row_does_not_depend_on_the_batch_or_the_path_and_strided_rows_work(n: int) -> None:
+    quant = random_quant(n, 128, "q4_1", seed=3)
     packed = bqgemm.pack(quant)
-    x = torch.randn(16, 256)[:, ::2]  # rows with a stride: copied to contiguous
-    alone = torch.cat([bqgemm.linear(x[i:i + 1], packed, None) for i in range(16)])
-    assert torch.equal(bqgemm.linear(x, packed, None), alone)
+    bias = torch.randn(n)
+    x = torch.randn(130, 256)[:, ::2]  # rows with a stride: copied to contiguous
+    alone = torch.cat([bqgemm.linear(x[i:i + 1], packed, bias) for i in range(130)])
+    # 8: streamed; 9-47 packed tiles (24 + 1 at 25); 48+: the wide path, chunks of 96 and a partial tile
+    for rows in (8, 9, 25, 47, 48, 97, 130):
+        assert torch.equal(bqgemm.linear(x[:rows], packed, bias), alone[:rows]), rows
     assert bqgemm.usable(x[:bqgemm.MAX_ROWS], packed) and not bqgemm.usable(x[:bqgemm.MAX_ROWS + 1], packed)
 
 

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.layers import qgemm
+from engine.layers import bqgemm, qgemm
 from tests.engine.tiny_models import write_tiny_gguf
 
-needs_amx = pytest.mark.skipif(qgemm._lib() is None, reason="no AMX tile unit (or no C compiler) here")
+# the stack runs over AMX tiles, or over int8 blocks on AVX-512 without them (tests/engine/test_portable_c.py
+# runs this file's checks again with PDSERVE_NO_AMX=1, so an AMX host tests both)
+needs_c_stack = pytest.mark.skipif(not (qgemm.supported() or bqgemm.supported()),
+                                   reason=f"{qgemm.unsupported()}; {bqgemm.unsupported()}")
 
 
 def _run_both(path: str, prompts: list[list[int]], params: SamplingParams, **engine_config):
@@ -37,7 +40,7 @@ def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
-@needs_amx
+@needs_c_stack
 @pytest.mark.parametrize("arch,bias,qtype", [
     ("llama", False, gguf.GGMLQuantizationType.Q8_0),  # no m term
     ("qwen2", True, gguf.GGMLQuantizationType.Q4_1),  # qkv bias, with m
@@ -57,7 +60,7 @@ def test_same_tokens_and_logprobs_as_the_python_forward(tmp_path: Path, arch: st
     assert len({tuple(o.token_ids) for o in native}) > 1  # the sequences are not all one answer
 
 
-@needs_amx
+@needs_c_stack
 def test_default_model_batch_matches_the_python_forward() -> None:
     prompts = _prompts(6, 49152, 1)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
@@ -66,13 +69,14 @@ def test_default_model_batch_matches_the_python_forward() -> None:
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
 
 
-@needs_amx
+@needs_c_stack
 def test_the_python_forward_runs_where_a_part_is_not_in_c(tiny_checkpoints, tmp_path: Path) -> None:
     off = LLM("default", num_threads=2, native_decoder=False)
     assert off.engine.runner.native_unsupported == "native_decoder=False"
     assert off.engine.runner.model.model.native is None
     dense = LLM(str(tiny_checkpoints["llama"]), num_threads=2)  # fp32 safetensors: MKL and panels, not tiles
-    assert dense.engine.runner.native_unsupported == "a weight is not in AMX tiles"
+    assert dense.engine.runner.native_unsupported == ("a weight is not in AMX tiles" if qgemm.supported()
+                                                      else "a weight is not in int8 blocks")
     path = tmp_path / "q.gguf"
     write_tiny_gguf(path, "llama", quant=gguf.GGMLQuantizationType.Q8_0)
     torch_attn = LLM(str(path), num_threads=2, attention_backend="torch", load_tokenizer=False)
@@ -87,12 +91,42 @@ def test_the_model_reasons_need_no_amx(tiny_checkpoints, arch: str, why: str) ->
     assert llm.engine.runner.model.model.native is None
 
 
-def test_a_quantized_llama_runs_in_c_exactly_where_the_tile_unit_does(tmp_path: Path) -> None:
-    # on an AMX host both are None; elsewhere the engine gives the tile unit's own reason (no AMX,
-    # PDSERVE_NO_AMX, PDSERVE_PORTABLE_C), not "a C kernel did not build"
+def test_a_quantized_llama_runs_in_c_exactly_where_tiles_or_avx512_do(tmp_path: Path) -> None:
+    # on tiles, or int8 blocks without them (no AMX, PDSERVE_NO_AMX); with neither (PDSERVE_PORTABLE_C,
+    # no AVX-512) the engine gives both kernels' own reasons, not "a C kernel did not build"
     path = tmp_path / "q.gguf"
     write_tiny_gguf(path, "llama", quant=gguf.GGMLQuantizationType.Q8_0)
     llm = LLM(str(path), num_threads=2, num_kv_blocks=16, load_tokenizer=False)
-    assert llm.engine.runner.native_unsupported == qgemm.unsupported()
+    runs = qgemm.supported() or bqgemm.supported()
+    assert llm.engine.runner.native_unsupported == (None if runs else f"{qgemm.unsupported()}; {bqgemm.unsupported()}")
+    if runs:
+        native = llm.engine.runner.model.model.native
+        assert native.tiles == qgemm.supported()
+        assert native.max_tokens == (None if native.tiles else bqgemm.MAX_ROWS)
+        assert llm.engine.runner.stack_path.startswith(  # what the bench and `pdserve serve` print
+            "the C decoder stack over " + ("AMX tiles" if native.tiles else "int8 blocks for steps of up to 128"))
+    else:
+        assert llm.engine.runner.stack_path == f"the Python forward ({llm.engine.runner.native_unsupported})"
     off = LLM(str(path), num_threads=2, num_kv_blocks=16, load_tokenizer=False, native_decoder=False)
     assert off.engine.runner.native_unsupported == "native_decoder=False"
+
+
+@needs_c_stack
+def test_steps_longer_than_the_kernel_takes_run_the_python_forward(tmp_path: Path, monkeypatch) -> None:
+    from engine.models.native_decoder import NativeDecoder
+
+    path = tmp_path / "q.gguf"
+    write_tiny_gguf(path, "llama", quant=gguf.GGMLQuantizationType.Q4_1)
+    seen: list[int] = []
+    call = NativeDecoder.__call__
+    monkeypatch.setattr(NativeDecoder, "__call__", lambda self, x, *a: seen.append(x.shape[0]) or call(self, x, *a))
+    prompts = [list(range(1, 201)), list(range(3, 40))]  # a 200-token prefill step, then decodes
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    native, python, _ = _run_both(str(path), prompts, params, max_num_batched_tokens=256, load_tokenizer=False)
+    limit = LLM(str(path), num_threads=2, num_kv_blocks=16, load_tokenizer=False).engine.runner.model.model.native
+    if limit.max_tokens is None:  # tiles: every step in C
+        assert max(seen) > bqgemm.MAX_ROWS
+    else:  # int8 blocks: the long step in Python (MKL), the rest in C
+        assert seen and max(seen) <= limit.max_tokens
+    for a, b in zip(native, python):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -17,7 +17,7 @@ ROOT = Path(__file__).parents[2]
 # which test_backend_matches_dense_attention checks in the same run.
 SELECTION = ["tests/engine/test_fused.py", "tests/engine/test_attention.py",
              "tests/engine/test_native_decoder.py::test_the_model_reasons_need_no_amx",
-             "tests/engine/test_native_decoder.py::test_a_quantized_llama_runs_in_c_exactly_where_the_tile_unit_does",
+             "tests/engine/test_native_decoder.py::test_a_quantized_llama_runs_in_c_exactly_where_tiles_or_avx512_do",
              "tests/engine/test_bqgemm.py::test_it_runs_exactly_where_the_cpu_has_avx512_and_names_why_not",
              "-k", "not test_cpu_prefill_kernel"]
 
@@ -47,3 +47,19 @@ def test_the_usual_build_takes_the_wide_path_where_the_cpu_has_it(tmp_path: Path
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
     (lib,) = tmp_path.glob("fused-*.so")
     assert "%zmm" in subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+
+
+def test_the_decoder_stack_on_int8_blocks_where_there_are_no_tiles(tmp_path: Path) -> None:
+    # on an AMX host the suite's own run checks the C stack over tiles; this runs the same checks with
+    # PDSERVE_NO_AMX=1, the stack over int8 blocks (bqgemm) that a CPU with AVX-512 but no AMX takes
+    from engine.layers import qgemm
+
+    if not qgemm.supported():
+        pytest.skip(f"no tiles here ({qgemm.unsupported()}): the suite's own run already takes int8 blocks")
+    env = {**os.environ, qgemm.NO_AMX_ENV: "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "tests/engine/test_native_decoder.py", "tests/engine/test_bqgemm.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "passed" in summary and "skipped" not in summary, summary

@@ -160,16 +160,23 @@ def test_default_model_runs_on_the_integers() -> None:
             assert la.top.keys() == lb.top.keys()
 
 
-def test_without_amx_the_panels_take_over(monkeypatch) -> None:
+@pytest.mark.parametrize("int8_blocks", [True, False])
+def test_without_amx_int8_blocks_or_the_panels_take_over(monkeypatch, int8_blocks: bool) -> None:
     from engine import LLM
+    from engine.layers import bqgemm
 
     if gemm._lib() is None:
         pytest.skip("the fp32 panel kernel (engine/layers/gemm.py) did not build on this CPU: no panels to take over")
     monkeypatch.setattr(qgemm, "supported", lambda: False)
+    if not int8_blocks:
+        monkeypatch.setattr(bqgemm, "supported", lambda: False)
     llm = LLM("default")
     packable = [m for m in _layers(llm) if gemm.packable(m.panel_source())]
     assert len(packable) == 30 * 4 + 1  # each layer's qkv, o, gate_up, down, and the tied lm head
-    assert all(m.weight_amx is None and m.weight_panels is not None for m in packable)
+    assert all(m.weight_amx is None and m.panel_source() is not None for m in packable)  # fp32 kept for MKL
+    # the int8 blocks replace the panels (a quarter of their bytes); without AVX-512 the panels stay
+    assert all(m.weight_bq is not None and m.weight_panels is None for m in packable) == int8_blocks
+    assert all(m.weight_panels is not None for m in packable) == (not int8_blocks)
 
 
 @needs_amx

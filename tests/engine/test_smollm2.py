@@ -49,18 +49,21 @@ def test_capital_of_france_is_paris(llm: LLM) -> None:
 
 
 def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> None:
-    """PDSERVE_NO_AMX=1 takes the path of a CPU without AMX (fp32 weights, the Python decoder stack) on any
-    host, so an AMX host tests the fallback too; it names why it took it."""
+    """PDSERVE_NO_AMX=1 takes the path of a CPU without AMX on any host (with AVX-512: int8 blocks and the C
+    decoder stack over them; without: fp32 weights and the Python stack), so an AMX host tests the
+    fallback too; it names why it took it."""
     from engine.layers import qgemm
 
     monkeypatch.setenv(qgemm.NO_AMX_ENV, "1")
     for fn in (qgemm._lib, qgemm.unsupported):
         fn.cache_clear()
     try:
-        llm = LLM("default", max_num_batched_tokens=32)
-        assert llm.engine.runner.native_unsupported == f"{qgemm.NO_AMX_ENV} is set"
-        # with AVX-512, decode-sized steps stream every linear layer's integers (30 x 4 and the tied head)
         from engine.layers import bqgemm
+
+        llm = LLM("default", max_num_batched_tokens=32)
+        assert llm.engine.runner.native_unsupported == (
+            None if bqgemm.supported() else f"{qgemm.NO_AMX_ENV} is set; {bqgemm.unsupported()}")
+        # with AVX-512, steps of up to 128 rows multiply every linear layer's integers (30 x 4 and the tied head)
 
         blocks = sum(getattr(m, "weight_bq", None) is not None for m in llm.engine.runner.model.modules())
         assert blocks == (121 if bqgemm.supported() else 0)

@@ -3,7 +3,7 @@
  * W[n][k] = d[n][b] * q[n][k] + m[n][b] with b = k / 32 and q a small integer (|q| <= 128).
  *
  * The integers are streamed as int8 (1 byte a weight, plus 8 bytes of scales per 32: ~1.03 bytes
- * against fp32's 4), widened to fp32 in registers (exact), and multiplied with fp32 FMAs:
+ * against fp32's 4), widened to fp32 (exact), and multiplied with fp32 FMAs:
  *     T[r][n] = sum over the block's k of q[n][k] x[r][k]
  *     y[r][n] = sum_b d[n][b] T_b[r][n] + m[n][b] S_b[r]      (S_b[r]: the block's sum of x[r])
  * which differs from an fp32 matmul over the dequantized weights only in the order of its
@@ -12,16 +12,35 @@
  * Layouts (made once at load, bqgemm.py):
  *   q8 [G][K][16] int8: column group g (16 output columns), for each k the group's 16 integers;
  *   dm [G][nb][2][16] fp32: d then m for the group's 16 columns in block b (as qgemm.c's).
- * Work: OpenMP over column groups; each group walks the rows in tiles of up to 8, so one load and
- * widening of 16 integers feeds 8 FMAs (8 partial and 8 running sums: 16 of the 32 zmm registers). A row's result does not depend on the other rows. */
+ *
+ * Up to 8 rows (decode steps; the integers are read once a call, so a step costs their bytes):
+ * OpenMP over column groups; each group's integers are widened in registers as they stream, one
+ * load and widening of 16 feeding up to 8 FMAs (8 partial and 8 running sums: 16 zmm registers).
+ *
+ * More rows (a batch of decodes, a prefill chunk): re-widening the integers for every tile of 8
+ * rows would spend two of every ten vector ops on conversions. Instead each thread widens a pair
+ * of column groups over all of K to fp32 once (K x 32 floats of its own scratch, in L2) and walks
+ * the rows in tiles of 6 over it: per k two loads of weights and six broadcasts of x feed twelve
+ * FMAs (12 partial + 12 running sums + 2 weights: 26 registers). x is first packed per tile of 6
+ * rows as [K][6] (and its block sums as [nb][6]), so a tile's broadcasts come off one pointer.
+ * Rows go in chunks of 96, so a chunk of packed x stays in L2 across the thread's pairs.
+ *
+ * Both paths compute each output with the same FMAs in the same order (the partial sum of a block
+ * from zero over its 32 k, then acc = T d + acc, then acc = m S + acc, the bias added last), so a
+ * row's result does not depend on the other rows or on which path its step took. */
 #include <stdint.h>
+#include <stdlib.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-#define BLK 32 /* k per quant block */
-#define G 16   /* output columns per group: one zmm of fp32 */
-#define RT 8   /* rows per tile */
+#define BLK 32   /* k per quant block */
+#define G 16     /* output columns per group: one zmm of fp32 */
+#define ST 24    /* rows per streaming tile */
+#define WIDE_MIN 48 /* rows from which the wide path takes over */
+#define WG 2     /* column groups per wide tile */
+#define WR 6     /* rows per wide tile (bqgemm.py's WIDE_ROWS) */
+#define CHUNK 96 /* rows per chunk on the wide path */
 
 int bqgemm_supported(void) {
 #if defined(__AVX512F__)
@@ -32,73 +51,263 @@ int bqgemm_supported(void) {
 }
 
 #if defined(__AVX512F__)
-/* One tile of rt rows (a constant where it is inlined, so the row loops unroll) for one column group. */
-static inline __attribute__((always_inline)) void tile(const int rt, const float *x, int64_t ldx, const float *xs,
-                                                       int64_t nb, const int8_t *qg, const float *dmg, int has_m,
-                                                       __m512 *acc) {
-    for (int i = 0; i < rt; i++) acc[i] = _mm512_setzero_ps();
+static inline __m512 widen(const int8_t *q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+}
+
+static inline float block_sum(const float *x) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)));
+}
+
+/* rt rows (<= ST; a constant where it is inlined, so the loops unroll) of one column group, the
+ * integers widened in registers as they stream; x's element (i, k) at x[i xi + k xk], the block sums
+ * S_b[i] at xs[i si + b sb]; y and bias (or 0) at the group's first column. Up to 8 rows the running
+ * sums stay in registers and x is read where it lies; more rows take the registers for their partial
+ * sums (the running sums live in y) and come packed, [K][rt], so their broadcasts take one pointer. */
+static inline __attribute__((always_inline)) void stream_tile(const int rt, const float *x, int64_t xi,
+                                                              int64_t xk, const float *xs, int64_t si, int64_t sb,
+                                                              int64_t nb, const int8_t *qg, const float *dmg,
+                                                              int has_m, float *y, int64_t ldy, __mmask16 mask,
+                                                              const float *bias) {
+    __m512 acc[8], t[ST];
+#pragma GCC unroll 8
+    for (int i = 0; i < (rt < 8 ? rt : 8); i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m512 t[RT];
+#pragma GCC unroll 32
         for (int i = 0; i < rt; i++) t[i] = _mm512_setzero_ps();
         const int8_t *qb = qg + b * BLK * G;
-        const float *xb = x + b * BLK;
+        const float *xb = x + b * BLK * xk;
         for (int k = 0; k < BLK; k++) {
-            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + k * G))));
-            for (int i = 0; i < rt; i++) t[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[i * ldx + k]), t[i]);
+            const __m512 w = widen(qb + k * G);
+#pragma GCC unroll 32
+            for (int i = 0; i < rt; i++) t[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[i * xi + k * xk]), t[i]);
         }
-        const __m512 d = _mm512_loadu_ps(dmg + b * 2 * G);
-        for (int i = 0; i < rt; i++) acc[i] = _mm512_fmadd_ps(t[i], d, acc[i]);
-        if (has_m) {
-            const __m512 m = _mm512_loadu_ps(dmg + (b * 2 + 1) * G);
-            for (int i = 0; i < rt; i++) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * nb + b]), acc[i]);
+        const __m512 d = _mm512_loadu_ps(dmg + b * 2 * G), m = _mm512_loadu_ps(dmg + (b * 2 + 1) * G);
+#pragma GCC unroll 32
+        for (int i = 0; i < rt; i++) {
+            __m512 a = rt <= 8 ? acc[i] : b ? _mm512_maskz_loadu_ps(mask, y + i * ldy) : _mm512_setzero_ps();
+            a = _mm512_fmadd_ps(t[i], d, a);
+            if (has_m) a = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * si + b * sb]), a);
+            if (rt <= 8) acc[i] = a;
+            else _mm512_mask_storeu_ps(y + i * ldy, mask, a);
+        }
+    }
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 32
+    for (int i = 0; i < rt; i++)
+        _mm512_mask_storeu_ps(y + i * ldy, mask,
+                              _mm512_add_ps(rt <= 8 ? acc[i] : _mm512_maskz_loadu_ps(mask, y + i * ldy), bv));
+}
+
+#define STREAM_CASE(n, xi, xk, si, sb) \
+    case n: stream_tile(n, xt, xi, xk, xst, si, sb, nb, qg, dmg, has_m, yt, ldy, mask, bg); break
+
+static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+                      int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
+                      float *xp) {
+    const int64_t nb = K / BLK;
+    const int packed = rows > 8;
+#pragma omp parallel
+    {
+        /* block sums, [rows][nb]; more than 8 rows: x and its sums packed per tile as [K][rt] and
+         * [nb][rt], a block of 32 k of a tile at a time (so no two threads write one cache line) */
+        const int64_t items = packed ? (rows + ST - 1) / ST * nb : has_m ? rows : 0;
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            if (!packed) {
+                for (int64_t b = 0; b < nb; b++) xs[it * nb + b] = block_sum(x + it * ldx + b * BLK);
+                continue;
+            }
+            const int64_t r0 = it / nb * ST, b = it % nb, rt = rows - r0 < ST ? rows - r0 : ST;
+            float *dst = xp + r0 * K + b * BLK * rt, *sums = xs + r0 * nb + b * rt;
+            for (int64_t i = 0; i < rt; i++) {
+                const float *xr = x + (r0 + i) * ldx + b * BLK;
+                for (int k = 0; k < BLK; k++) dst[k * rt + i] = xr[k];
+                sums[i] = has_m ? block_sum(xr) : 0.0f;
+            }
+        }
+        for (int64_t c0 = 0; c0 < rows; c0 += CHUNK) {
+            const int64_t c1 = rows - c0 < CHUNK ? rows : c0 + CHUNK;
+#pragma omp for schedule(static) nowait
+            for (int64_t g = 0; g < groups; g++) {
+                const int8_t *qg = q8 + g * K * G;
+                const float *dmg = dm + g * nb * 2 * G, *bg = bias ? bias + g * G : 0;
+                const int64_t nn = N - g * G < G ? N - g * G : G;
+                const __mmask16 mask = (__mmask16)((1u << nn) - 1);
+                float *yt = y + c0 * ldy + g * G;
+                if (!packed) {
+                    const float *xt = x, *xst = xs;
+                    switch (rows) {
+                        STREAM_CASE(8, ldx, 1, nb, 1); STREAM_CASE(7, ldx, 1, nb, 1); STREAM_CASE(6, ldx, 1, nb, 1);
+                        STREAM_CASE(5, ldx, 1, nb, 1); STREAM_CASE(4, ldx, 1, nb, 1); STREAM_CASE(3, ldx, 1, nb, 1);
+                        STREAM_CASE(2, ldx, 1, nb, 1); default: STREAM_CASE(1, ldx, 1, nb, 1);
+                    }
+                    continue;
+                }
+                for (int64_t r0 = c0; r0 < c1; r0 += ST, yt += ST * ldy) {
+                    const int64_t rt = c1 - r0 < ST ? c1 - r0 : ST;
+                    const float *xt = xp + r0 * K, *xst = xs + r0 * nb;
+                    switch (rt) {
+                        STREAM_CASE(24, 1, 24, 1, 24); STREAM_CASE(23, 1, 23, 1, 23); STREAM_CASE(22, 1, 22, 1, 22);
+                        STREAM_CASE(21, 1, 21, 1, 21); STREAM_CASE(20, 1, 20, 1, 20); STREAM_CASE(19, 1, 19, 1, 19);
+                        STREAM_CASE(18, 1, 18, 1, 18); STREAM_CASE(17, 1, 17, 1, 17); STREAM_CASE(16, 1, 16, 1, 16);
+                        STREAM_CASE(15, 1, 15, 1, 15); STREAM_CASE(14, 1, 14, 1, 14); STREAM_CASE(13, 1, 13, 1, 13);
+                        STREAM_CASE(12, 1, 12, 1, 12); STREAM_CASE(11, 1, 11, 1, 11); STREAM_CASE(10, 1, 10, 1, 10);
+                        STREAM_CASE(9, 1, 9, 1, 9); STREAM_CASE(8, 1, 8, 1, 8); STREAM_CASE(7, 1, 7, 1, 7);
+                        STREAM_CASE(6, 1, 6, 1, 6); STREAM_CASE(5, 1, 5, 1, 5); STREAM_CASE(4, 1, 4, 1, 4);
+                        STREAM_CASE(3, 1, 3, 1, 3); STREAM_CASE(2, 1, 2, 1, 2); default: STREAM_CASE(1, 1, 1, 1, 1);
+                    }
+                }
+            }
         }
     }
 }
-#endif
 
-/* x [rows][K] (row stride ldx), y [rows][N] (row stride ldy); xs: scratch of rows * K / 32 floats (the
- * block sums, used where has_m). Returns 0; -1 where this build has no AVX-512 (nothing written). */
-int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
-               int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs) {
-#if defined(__AVX512F__)
-    const int64_t nb = K / BLK;
-    if (has_m) {
-#pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t b = 0; b < nb; b++) {
-                const __m512 lo = _mm512_loadu_ps(x + r * ldx + b * BLK), hi = _mm512_loadu_ps(x + r * ldx + b * BLK + 16);
-                xs[r * nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+/* One wide tile: rt rows (<= WR) by cg column groups (1 or 2) over the widened weights w [K][WG][G],
+ * x packed as xp [K][WR] and its block sums as xsp [nb][WR]; y and bias at the tile's first column.
+ * The same FMAs per output as tile(). Everything else stays in memory: the 24 sums and two weight
+ * vectors take 26 of the 32 registers. */
+static inline __attribute__((always_inline)) void wide_tile(const int rt, const int cg, const float *xp,
+                                                            const float *xsp, int64_t nb, const float *w,
+                                                            const float *dmg, int64_t dm_stride, int has_m,
+                                                            float *y, int64_t ldy, const __mmask16 *mask,
+                                                            const float *bias) {
+    __m512 acc[WR][WG], t[WR][WG];
+#pragma GCC unroll 8
+    for (int i = 0; i < rt; i++)
+#pragma GCC unroll 2
+        for (int j = 0; j < cg; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < rt; i++)
+#pragma GCC unroll 2
+            for (int j = 0; j < cg; j++) t[i][j] = _mm512_setzero_ps();
+        const float *wb = w + b * BLK * WG * G, *xb = xp + b * BLK * WR;
+        for (int k = 0; k < BLK; k++) {
+            __m512 wk[WG];
+#pragma GCC unroll 2
+            for (int j = 0; j < cg; j++) wk[j] = _mm512_load_ps(wb + (k * WG + j) * G);
+#pragma GCC unroll 8
+            for (int i = 0; i < rt; i++) {
+                const __m512 xv = _mm512_set1_ps(xb[k * WR + i]);
+#pragma GCC unroll 2
+                for (int j = 0; j < cg; j++) t[i][j] = _mm512_fmadd_ps(wk[j], xv, t[i][j]);
             }
-    }
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int8_t *qg = q8 + g * K * G;
-        const float *dmg = dm + g * nb * 2 * G;
-        const int64_t n0 = g * G, nn = N - n0 < G ? N - n0 : G;
-        const __mmask16 mask = (__mmask16)((1u << nn) - 1);
-        const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-        for (int64_t r0 = 0; r0 < rows; r0 += RT) {
-            const int64_t rt = rows - r0 < RT ? rows - r0 : RT;
-            const float *xr = x + r0 * ldx, *xsr = xs + r0 * nb;
-            __m512 acc[RT];
-            switch (rt) {
-                case 8: tile(8, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                case 7: tile(7, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                case 6: tile(6, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                case 5: tile(5, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                case 4: tile(4, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                case 3: tile(3, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                case 2: tile(2, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
-                default: tile(1, xr, ldx, xsr, nb, qg, dmg, has_m, acc); break;
+        }
+#pragma GCC unroll 2
+        for (int j = 0; j < cg; j++) {
+            const __m512 d = _mm512_loadu_ps(dmg + j * dm_stride + b * 2 * G);
+#pragma GCC unroll 8
+            for (int i = 0; i < rt; i++) acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
+            if (has_m) {
+                const __m512 m = _mm512_loadu_ps(dmg + j * dm_stride + (b * 2 + 1) * G);
+#pragma GCC unroll 8
+                for (int i = 0; i < rt; i++)
+                    acc[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsp[b * WR + i]), acc[i][j]);
             }
-            for (int i = 0; i < rt; i++)
-                _mm512_mask_storeu_ps(y + (r0 + i) * ldy + n0, mask, _mm512_add_ps(acc[i], bv));
         }
     }
+#pragma GCC unroll 2
+    for (int j = 0; j < cg; j++) {
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask[j], bias + j * G) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int i = 0; i < rt; i++) _mm512_mask_storeu_ps(y + i * ldy + j * G, mask[j], _mm512_add_ps(acc[i][j], bv));
+    }
+}
+
+/* This thread's scratch for widened weights, grown to the largest asked for and kept. */
+static float *thread_scratch(int64_t floats) {
+    static __thread float *buf;
+    static __thread int64_t cap;
+    if (floats > cap) {
+        free(buf);
+        cap = 0;
+        if (posix_memalign((void **)&buf, 64, (size_t)floats * sizeof(float))) return buf = 0;
+        cap = floats;
+    }
+    return buf;
+}
+
+#define WIDE_TILE(rt)                                                                              \
+    do {                                                                                           \
+        if (cg == 2) wide_tile(rt, 2, xt, xst, nb, w, dmg, nb * 2 * G, has_m, yr, ldy, mask, bg);  \
+        else wide_tile(rt, 1, xt, xst, nb, w, dmg, nb * 2 * G, has_m, yr, ldy, mask, bg);          \
+    } while (0)
+
+/* rows > RT: see the header. Returns 0, or -2 where a thread could not allocate its scratch. */
+static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+                int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xsp,
+                float *xp) {
+    const int64_t nb = K / BLK, pairs = (groups + WG - 1) / WG, tiles = (rows + WR - 1) / WR;
+    int failed = 0;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {  /* pack x per tile: [K][WR], the block sums [nb][WR] */
+            float *dst = xp + t * K * WR, *sums = xsp + t * nb * WR;
+            for (int i = 0; i < WR; i++) {
+                const int64_t r = t * WR + i;
+                for (int64_t k = 0; k < K; k++) dst[k * WR + i] = r < rows ? x[r * ldx + k] : 0.0f;
+                for (int64_t b = 0; b < nb; b++) sums[b * WR + i] = r < rows && has_m ? block_sum(x + r * ldx + b * BLK) : 0.0f;
+            }
+        }
+        float *w = thread_scratch(K * WG * G);
+        if (!w) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed)
+            for (int64_t c0 = 0; c0 < rows; c0 += CHUNK) {
+                const int64_t c1 = rows - c0 < CHUNK ? rows : c0 + CHUNK;
+#pragma omp for schedule(static) nowait
+                for (int64_t p = 0; p < pairs; p++) {
+                    const int64_t g0 = p * WG, cg = groups - g0 < WG ? groups - g0 : WG;
+                    for (int64_t k = 0; k < K; k++)
+                        for (int j = 0; j < WG; j++)
+                            _mm512_store_ps(w + (k * WG + j) * G,
+                                            j < cg ? widen(q8 + ((g0 + j) * K + k) * G) : _mm512_setzero_ps());
+                    const float *dmg = dm + g0 * nb * 2 * G;
+                    const float *bg = bias ? bias + g0 * G : 0;
+                    __mmask16 mask[WG];
+                    for (int j = 0; j < WG; j++) {
+                        const int64_t n0 = (g0 + j) * G, nn = j < cg ? (N - n0 < G ? N - n0 : G) : 0;
+                        mask[j] = (__mmask16)((1u << nn) - 1);
+                    }
+                    for (int64_t r0 = c0; r0 < c1; r0 += WR) {
+                        const int64_t rt = c1 - r0 < WR ? c1 - r0 : WR;
+                        const float *xt = xp + r0 * K, *xst = xsp + r0 * nb;  /* r0 is a multiple of WR */
+                        float *yr = y + r0 * ldy + g0 * G;
+                        switch (rt) {
+                            case 6: WIDE_TILE(6); break;
+                            case 5: WIDE_TILE(5); break;
+                            case 4: WIDE_TILE(4); break;
+                            case 3: WIDE_TILE(3); break;
+                            case 2: WIDE_TILE(2); break;
+                            default: WIDE_TILE(1); break;
+                        }
+                    }
+                }
+            }
+    }
+    return failed ? -2 : 0;
+}
+#endif
+
+/* x [rows][K] (row stride ldx), y [rows][N] (row stride ldy). Scratch (bqgemm.py sizes it): xs,
+ * ceil(rows / 6) * 6 * K / 32 floats (the block sums); xp, ceil(rows / 6) * 6 * K floats where
+ * rows > 8 (x packed; unused otherwise). Returns 0; -1 where this build has no AVX-512 (nothing
+ * written); -2 where a thread could not allocate its scratch for the widened weights. */
+int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+               int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
+               float *xp) {
+#if defined(__AVX512F__)
+    if (rows >= WIDE_MIN) return wide(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
+    streaming(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
     return 0;
 #else
     (void)x; (void)ldx; (void)rows; (void)K; (void)q8; (void)dm; (void)groups; (void)has_m; (void)bias; (void)y;
-    (void)ldy; (void)N; (void)xs;
+    (void)ldy; (void)N; (void)xs; (void)xp;
     return -1;
 #endif
 }

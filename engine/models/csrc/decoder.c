@@ -1,6 +1,6 @@
 /* The decoder stack of a dense Llama-family model (llama.py: Llama, Mistral, Qwen2's qkv bias;
- * no q/k norm, no MoE, one rank) as one call per step, for CPU fp32 with the weights in AMX
- * tiles. It calls the same C kernels with the same arguments in the same order as the Python
+ * no q/k norm, no MoE, one rank) as one call per step, for CPU fp32 with block-quantized weights
+ * in AMX tiles (qgemm) or, on a CPU without the tile unit, as int8 blocks (bqgemm). It calls the same C kernels with the same arguments in the same order as the Python
  * forward does, one after another, so its hidden states are bit for bit the Python path's;
  * what it saves is the Python between them (~10 calls a layer, each through nn.Module and
  * ctypes, and a fresh tensor for most). The kernels come as function pointers from their own
@@ -18,6 +18,9 @@
 typedef void (*qgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint16_t *bq,
                          const float *dm, int64_t groups, int has_m, const float *bias, float *y, int64_t ldy,
                          int64_t n, uint16_t *ap, float *xs);
+typedef int (*bqgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const int8_t *q8, const float *dm,
+                         int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t n, float *xs,
+                         float *xp);
 typedef int (*decode_fn)(const float *q, int64_t q_stride, const float *k_new, int64_t k_stride, const float *v_new,
                          int64_t v_stride, const int64_t *slots, float *k_cache, float *v_cache,
                          const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens, float *out,
@@ -34,8 +37,8 @@ typedef void (*rotary_fn)(float *x, int64_t row_stride, int64_t rows, int64_t he
                           const int64_t *positions, const float *cos_table, const float *sin_table);
 typedef void (*silu_fn)(const float *gate_up, int64_t rows, int64_t inter, float *out);
 
-typedef struct {  /* one linear layer's tiles (qgemm.Packed) */
-    const uint16_t *bq;
+typedef struct {  /* one linear layer's integers: AMX tiles (qgemm.Packed) or int8 blocks (bqgemm.Packed8) */
+    const void *q;
     const float *dm, *bias;
     int64_t groups, in_features, out_features;
     int64_t has_m;
@@ -52,7 +55,8 @@ typedef struct {
     float eps, scale;
     const Layer *layers;
     const float *final_norm, *cos_table, *sin_table;
-    qgemm_fn qgemm;
+    qgemm_fn qgemm;    /* one of the two is set */
+    bqgemm_fn bqgemm;
     decode_fn decode;
     prefill_fn prefill;
     norm_fn norm;
@@ -65,25 +69,31 @@ typedef struct {  /* one step: the flat batch (decodes first) and its attention 
     const int64_t *positions, *slots;
     const int32_t *block_tables, *seq_lens, *query_start;
     float *residual, *x, *qkv, *attn, *gate_up, *act;
-    uint16_t *ap;  /* qgemm scratch: tokens rounded up to 16 x the widest k x 3 */
-    float *xs;     /* qgemm scratch: tokens rounded up to 16 x the widest k / 32 */
+    uint16_t *ap;  /* qgemm's scratch (native_decoder.py sizes it) */
+    float *xs;     /* either kernel's block sums */
+    float *xp;     /* bqgemm's packed x */
 } Step;
 
-static void linear(const Model *m, const Step *s, const float *x, const Weight *w, float *y) {
-    m->qgemm(x, w->in_features, s->tokens, w->in_features, w->bq, w->dm, w->groups, (int)w->has_m, w->bias, y,
+static int linear(const Model *m, const Step *s, const float *x, const Weight *w, float *y) {
+    if (m->bqgemm)
+        return m->bqgemm(x, w->in_features, s->tokens, w->in_features, w->q, w->dm, w->groups, (int)w->has_m,
+                         w->bias, y, w->out_features, w->out_features, s->xs, s->xp) ? 4 : 0;
+    m->qgemm(x, w->in_features, s->tokens, w->in_features, w->q, w->dm, w->groups, (int)w->has_m, w->bias, y,
              w->out_features, w->out_features, s->ap, s->xs);
+    return 0;
 }
 
-/* 0; 1 when decode attention's score buffer, 2 when prefill attention's scratch could not be
- * allocated; 3 when the prefill kernel cannot take this shape (it wrote nothing). */
+/* 0; 1 when decode attention's score buffer, 2 when prefill attention's scratch, 4 when bqgemm's
+ * scratch could not be allocated; 3 when the prefill kernel cannot take this shape (it wrote nothing). */
 int decoder_forward_f32(const Model *m, const Step *s) {
     const int64_t T = s->tokens, H = m->heads, KVH = m->kv_heads, D = m->head_dim;
     const int64_t qkv_stride = (H + 2 * KVH) * D, nd = s->num_decodes;
+    int r;
     for (int64_t l = 0; l < m->num_layers; l++) {
         const Layer *L = m->layers + l;
         if (l == 0) m->norm(s->residual, 0, L->input_norm, s->x, T, m->hidden, m->eps);
         else m->norm(s->x, s->residual, L->input_norm, s->x, T, m->hidden, m->eps);
-        linear(m, s, s->x, &L->qkv, s->qkv);
+        if ((r = linear(m, s, s->x, &L->qkv, s->qkv))) return r;
         m->rotary(s->qkv, qkv_stride, T, H + KVH, D, s->positions, m->cos_table, m->sin_table);
         const float *q = s->qkv, *k = q + H * D, *v = k + KVH * D;
         if (nd && m->decode(q, qkv_stride, k, qkv_stride, v, qkv_stride, s->slots, L->k_cache, L->v_cache,
@@ -91,16 +101,16 @@ int decoder_forward_f32(const Model *m, const Step *s) {
                             m->scale, s->max_decode_len))
             return 1;
         if (nd < s->num_seqs) {
-            const int r = m->prefill(q, qkv_stride, k, qkv_stride, v, qkv_stride, s->slots, L->k_cache, L->v_cache,
-                                     s->block_tables, s->max_blocks, s->query_start, s->seq_lens, nd, s->num_seqs,
-                                     s->attn, H * D, H, KVH, D, m->block_size, m->scale);
+            r = m->prefill(q, qkv_stride, k, qkv_stride, v, qkv_stride, s->slots, L->k_cache, L->v_cache,
+                           s->block_tables, s->max_blocks, s->query_start, s->seq_lens, nd, s->num_seqs, s->attn,
+                           H * D, H, KVH, D, m->block_size, m->scale);
             if (r) return r == -2 ? 2 : 3;
         }
-        linear(m, s, s->attn, &L->o, s->x);
+        if ((r = linear(m, s, s->attn, &L->o, s->x))) return r;
         m->norm(s->x, s->residual, L->post_norm, s->x, T, m->hidden, m->eps);
-        linear(m, s, s->x, &L->gate_up, s->gate_up);
+        if ((r = linear(m, s, s->x, &L->gate_up, s->gate_up))) return r;
         m->silu(s->gate_up, T, m->inter, s->act);
-        linear(m, s, s->act, &L->down, s->x);
+        if ((r = linear(m, s, s->act, &L->down, s->x))) return r;
     }
     m->norm(s->x, s->residual, m->final_norm, s->x, T, m->hidden, m->eps);
     return 0;
