@@ -40,8 +40,9 @@ def test_a_row_does_not_depend_on_the_batch_or_the_path_and_strided_rows_work(n:
     bias = torch.randn(n)
     x = torch.randn(130, 256)[:, ::2]  # rows with a stride: copied to contiguous
     alone = torch.cat([bqgemm.linear(x[i:i + 1], packed, bias) for i in range(130)])
-    # 8: streamed; 9-47 packed tiles (24 + 1 at 25); 48+: the wide path, chunks of 96 and a partial tile
-    for rows in (8, 9, 25, 47, 48, 97, 130):
+    # up to 8: streamed, 1-4 column groups at a time by row count; 9-47 packed tiles (24 + 1 at 25); 48+: the
+    # wide path, chunks of 96 and a partial tile
+    for rows in (2, 3, 4, 5, 7, 8, 9, 25, 47, 48, 97, 130):
         assert torch.equal(bqgemm.linear(x[:rows], packed, bias), alone[:rows]), rows
     assert bqgemm.usable(x[:bqgemm.MAX_ROWS], packed) and not bqgemm.usable(x[:bqgemm.MAX_ROWS + 1], packed)
 

@@ -13,21 +13,24 @@
  *   q8 [G][K][16] int8: column group g (16 output columns), for each k the group's 16 integers;
  *   dm [G][nb][2][16] fp32: d then m for the group's 16 columns in block b (as qgemm.c's).
  *
- * Up to 8 rows (decode steps; the integers are read once a call, so a step costs their bytes):
- * OpenMP over column groups; each group's integers are widened in registers as they stream, one
- * load and widening of 16 feeding up to 8 FMAs (8 partial and 8 running sums: 16 zmm registers).
+ * Three paths by row count, all streaming each column group's integers once per tile of rows:
+ * - up to 8 rows (decode steps; the integers are read once a call, so a step costs their bytes):
+ *   each thread takes a run of column groups, several at once where the rows are few (1-2 rows: 4
+ *   groups), so enough independent chains of FMAs are in flight to hide each FMA's latency; the
+ *   integers are widened in registers as they stream, x read where it lies.
+ * - 9 to 47 rows (a batch of decodes): x packed per tile of up to 24 rows as [K][rt] (and its block
+ *   sums as [nb][rt]), so a tile's broadcasts come off one pointer; one widening of 16 integers
+ *   feeds 24 FMAs, whose partial sums take 24 registers, so the running sums live in y.
+ * - 48 rows and more (prefill chunks): re-widening for every tile would spend one vector op in ten
+ *   on conversions, so each thread widens a pair of column groups over all of K to fp32 once per
+ *   chunk of 96 rows (K x 32 floats of its own scratch, in L2) and walks the rows in tiles of 6 over
+ *   it: per k two loads of weights and six broadcasts of x feed twelve FMAs (12 partial + 12 running
+ *   sums + 2 weights: 26 registers), x packed per tile of 6 rows.
  *
- * More rows (a batch of decodes, a prefill chunk): re-widening the integers for every tile of 8
- * rows would spend two of every ten vector ops on conversions. Instead each thread widens a pair
- * of column groups over all of K to fp32 once (K x 32 floats of its own scratch, in L2) and walks
- * the rows in tiles of 6 over it: per k two loads of weights and six broadcasts of x feed twelve
- * FMAs (12 partial + 12 running sums + 2 weights: 26 registers). x is first packed per tile of 6
- * rows as [K][6] (and its block sums as [nb][6]), so a tile's broadcasts come off one pointer.
- * Rows go in chunks of 96, so a chunk of packed x stays in L2 across the thread's pairs.
- *
- * Both paths compute each output with the same FMAs in the same order (the partial sum of a block
+ * Every path computes each output with the same FMAs in the same order (the partial sum of a block
  * from zero over its 32 k, then acc = T d + acc, then acc = m S + acc, the bias added last), so a
  * row's result does not depend on the other rows or on which path its step took. */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #if defined(__AVX512F__)
@@ -60,12 +63,10 @@ static inline float block_sum(const float *x) {
 }
 
 /* rt rows (<= ST; a constant where it is inlined, so the loops unroll) of one column group, the
- * integers widened in registers as they stream; x's element (i, k) at x[i xi + k xk], the block sums
- * S_b[i] at xs[i si + b sb]; y and bias (or 0) at the group's first column. Up to 8 rows the running
- * sums stay in registers and x is read where it lies; more rows take the registers for their partial
- * sums (the running sums live in y) and come packed, [K][rt], so their broadcasts take one pointer. */
-static inline __attribute__((always_inline)) void stream_tile(const int rt, const float *x, int64_t xi,
-                                                              int64_t xk, const float *xs, int64_t si, int64_t sb,
+ * integers widened in registers as they stream; x packed as xp [K][rt], its block sums as xsp
+ * [nb][rt]; y and bias (or 0) at the group's first column. Up to 8 rows the running sums stay in
+ * registers; more rows take the registers for their partial sums, and the running sums live in y. */
+static inline __attribute__((always_inline)) void stream_tile(const int rt, const float *xp, const float *xsp,
                                                               int64_t nb, const int8_t *qg, const float *dmg,
                                                               int has_m, float *y, int64_t ldy, __mmask16 mask,
                                                               const float *bias) {
@@ -76,18 +77,18 @@ static inline __attribute__((always_inline)) void stream_tile(const int rt, cons
 #pragma GCC unroll 32
         for (int i = 0; i < rt; i++) t[i] = _mm512_setzero_ps();
         const int8_t *qb = qg + b * BLK * G;
-        const float *xb = x + b * BLK * xk;
+        const float *xb = xp + b * BLK * rt;
         for (int k = 0; k < BLK; k++) {
             const __m512 w = widen(qb + k * G);
 #pragma GCC unroll 32
-            for (int i = 0; i < rt; i++) t[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[i * xi + k * xk]), t[i]);
+            for (int i = 0; i < rt; i++) t[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[k * rt + i]), t[i]);
         }
         const __m512 d = _mm512_loadu_ps(dmg + b * 2 * G), m = _mm512_loadu_ps(dmg + (b * 2 + 1) * G);
 #pragma GCC unroll 32
         for (int i = 0; i < rt; i++) {
             __m512 a = rt <= 8 ? acc[i] : b ? _mm512_maskz_loadu_ps(mask, y + i * ldy) : _mm512_setzero_ps();
             a = _mm512_fmadd_ps(t[i], d, a);
-            if (has_m) a = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * si + b * sb]), a);
+            if (has_m) a = _mm512_fmadd_ps(m, _mm512_set1_ps(xsp[b * rt + i]), a);
             if (rt <= 8) acc[i] = a;
             else _mm512_mask_storeu_ps(y + i * ldy, mask, a);
         }
@@ -99,25 +100,111 @@ static inline __attribute__((always_inline)) void stream_tile(const int rt, cons
                               _mm512_add_ps(rt <= 8 ? acc[i] : _mm512_maskz_loadu_ps(mask, y + i * ldy), bv));
 }
 
-#define STREAM_CASE(n, xi, xk, si, sb) \
-    case n: stream_tile(n, xt, xi, xk, xst, si, sb, nb, qg, dmg, has_m, yt, ldy, mask, bg); break
+/* Up to 8 rows (rt) of cg column groups side by side, x read where it lies (row stride ldx), the block
+ * sums S_b[i] at xs[i nb + b]. Each output's partial sum is a chain of 32 dependent FMAs; one row of
+ * one group leaves the FMA unit waiting on each FMA's latency, so few rows take several groups at
+ * once: rt x cg chains in flight (the same FMAs per output as stream_tile). */
+static inline __attribute__((always_inline)) void few_rows(const int rt, const int cg, const float *x, int64_t ldx,
+                                                           const float *xs, int64_t nb, int64_t K, const int8_t *qg,
+                                                           const float *dmg, int has_m, float *y, int64_t ldy,
+                                                           const __mmask16 *mask, const float *bias) {
+    __m512 acc[8][4], t[8][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < rt; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < cg; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < rt; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < cg; j++) t[i][j] = _mm512_setzero_ps();
+        const int8_t *qb = qg + b * BLK * G;
+        const float *xb = x + b * BLK;
+        for (int k = 0; k < BLK; k++) {
+            __m512 w[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < cg; j++) w[j] = widen(qb + j * K * G + k * G);
+#pragma GCC unroll 8
+            for (int i = 0; i < rt; i++) {
+                const __m512 xv = _mm512_set1_ps(xb[i * ldx + k]);
+#pragma GCC unroll 4
+                for (int j = 0; j < cg; j++) t[i][j] = _mm512_fmadd_ps(w[j], xv, t[i][j]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < cg; j++) {
+            const float *dmb = dmg + j * nb * 2 * G + b * 2 * G;
+            const __m512 d = _mm512_loadu_ps(dmb), m = _mm512_loadu_ps(dmb + G);
+#pragma GCC unroll 8
+            for (int i = 0; i < rt; i++) {
+                acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
+                if (has_m) acc[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * nb + b]), acc[i][j]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < cg; j++) {
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask[j], bias + j * G) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int i = 0; i < rt; i++) _mm512_mask_storeu_ps(y + i * ldy + j * G, mask[j], _mm512_add_ps(acc[i][j], bv));
+    }
+}
 
+static inline __mmask16 group_mask(int64_t N, int64_t g) {  /* the columns of group g that exist (none past N) */
+    const int64_t nn = N - g * G < G ? N - g * G : G;
+    return nn > 0 ? (__mmask16)((1u << nn) - 1) : 0;
+}
+
+/* Up to 8 rows: the block sums, then each thread a contiguous run of column groups, cg at a time. */
+#define FEW_ROWS(rt, cg)                                                                                   \
+    case rt:                                                                                               \
+        for (; g < g1; g += step) {                                                                        \
+            step = g + cg <= g1 ? cg : 1;                                                                  \
+            const __mmask16 masks[4] = {group_mask(N, g), group_mask(N, g + 1), group_mask(N, g + 2),      \
+                                        group_mask(N, g + 3)};                                             \
+            const float *bg = bias ? bias + g * G : 0;                                                     \
+            if (step == cg)                                                                                \
+                few_rows(rt, cg, x, ldx, xs, nb, K, q8 + g * K * G, dm + g * nb * 2 * G, has_m, y + g * G, \
+                         ldy, masks, bg);                                                                  \
+            else                                                                                           \
+                few_rows(rt, 1, x, ldx, xs, nb, K, q8 + g * K * G, dm + g * nb * 2 * G, has_m, y + g * G,  \
+                         ldy, masks, bg);                                                                  \
+        }                                                                                                  \
+        break
+
+static void decode_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+                        int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs) {
+    const int64_t nb = K / BLK;
+    if (has_m)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t b = 0; b < nb; b++) xs[r * nb + b] = block_sum(x + r * ldx + b * BLK);
+    const int64_t cg = rows <= 2 ? 4 : rows == 3 ? 3 : rows <= 6 ? 2 : 1, blocks = (groups + cg - 1) / cg;
+#pragma omp parallel
+    {
+        const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        int64_t g = blocks * tid / nth * cg, g1 = blocks * (tid + 1) / nth * cg, step;
+        if (g1 > groups) g1 = groups;
+        switch (rows) {
+            FEW_ROWS(8, 1); FEW_ROWS(7, 1); FEW_ROWS(6, 2); FEW_ROWS(5, 2);
+            FEW_ROWS(4, 2); FEW_ROWS(3, 3); FEW_ROWS(2, 4); default: FEW_ROWS(1, 4);
+        }
+    }
+}
+
+#define STREAM_CASE(n) \
+    case n: stream_tile(n, xt, xst, nb, qg, dmg, has_m, yt, ldy, mask, bg); break
+
+/* 9 to WIDE_MIN - 1 rows: x and its block sums packed per tile of up to ST rows as [K][rt] and [nb][rt]
+ * (a block of 32 k of a tile at a time, so no two threads write one cache line), then OpenMP over
+ * column groups, each walking the tiles. */
 static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
                       int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
                       float *xp) {
-    const int64_t nb = K / BLK;
-    const int packed = rows > 8;
+    const int64_t nb = K / BLK, items = (rows + ST - 1) / ST * nb;
 #pragma omp parallel
     {
-        /* block sums, [rows][nb]; more than 8 rows: x and its sums packed per tile as [K][rt] and
-         * [nb][rt], a block of 32 k of a tile at a time (so no two threads write one cache line) */
-        const int64_t items = packed ? (rows + ST - 1) / ST * nb : has_m ? rows : 0;
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
-            if (!packed) {
-                for (int64_t b = 0; b < nb; b++) xs[it * nb + b] = block_sum(x + it * ldx + b * BLK);
-                continue;
-            }
             const int64_t r0 = it / nb * ST, b = it % nb, rt = rows - r0 < ST ? rows - r0 : ST;
             float *dst = xp + r0 * K + b * BLK * rt, *sums = xs + r0 * nb + b * rt;
             for (int64_t i = 0; i < rt; i++) {
@@ -126,37 +213,21 @@ static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, cons
                 sums[i] = has_m ? block_sum(xr) : 0.0f;
             }
         }
-        for (int64_t c0 = 0; c0 < rows; c0 += CHUNK) {
-            const int64_t c1 = rows - c0 < CHUNK ? rows : c0 + CHUNK;
-#pragma omp for schedule(static) nowait
-            for (int64_t g = 0; g < groups; g++) {
-                const int8_t *qg = q8 + g * K * G;
-                const float *dmg = dm + g * nb * 2 * G, *bg = bias ? bias + g * G : 0;
-                const int64_t nn = N - g * G < G ? N - g * G : G;
-                const __mmask16 mask = (__mmask16)((1u << nn) - 1);
-                float *yt = y + c0 * ldy + g * G;
-                if (!packed) {
-                    const float *xt = x, *xst = xs;
-                    switch (rows) {
-                        STREAM_CASE(8, ldx, 1, nb, 1); STREAM_CASE(7, ldx, 1, nb, 1); STREAM_CASE(6, ldx, 1, nb, 1);
-                        STREAM_CASE(5, ldx, 1, nb, 1); STREAM_CASE(4, ldx, 1, nb, 1); STREAM_CASE(3, ldx, 1, nb, 1);
-                        STREAM_CASE(2, ldx, 1, nb, 1); default: STREAM_CASE(1, ldx, 1, nb, 1);
-                    }
-                    continue;
-                }
-                for (int64_t r0 = c0; r0 < c1; r0 += ST, yt += ST * ldy) {
-                    const int64_t rt = c1 - r0 < ST ? c1 - r0 : ST;
-                    const float *xt = xp + r0 * K, *xst = xs + r0 * nb;
-                    switch (rt) {
-                        STREAM_CASE(24, 1, 24, 1, 24); STREAM_CASE(23, 1, 23, 1, 23); STREAM_CASE(22, 1, 22, 1, 22);
-                        STREAM_CASE(21, 1, 21, 1, 21); STREAM_CASE(20, 1, 20, 1, 20); STREAM_CASE(19, 1, 19, 1, 19);
-                        STREAM_CASE(18, 1, 18, 1, 18); STREAM_CASE(17, 1, 17, 1, 17); STREAM_CASE(16, 1, 16, 1, 16);
-                        STREAM_CASE(15, 1, 15, 1, 15); STREAM_CASE(14, 1, 14, 1, 14); STREAM_CASE(13, 1, 13, 1, 13);
-                        STREAM_CASE(12, 1, 12, 1, 12); STREAM_CASE(11, 1, 11, 1, 11); STREAM_CASE(10, 1, 10, 1, 10);
-                        STREAM_CASE(9, 1, 9, 1, 9); STREAM_CASE(8, 1, 8, 1, 8); STREAM_CASE(7, 1, 7, 1, 7);
-                        STREAM_CASE(6, 1, 6, 1, 6); STREAM_CASE(5, 1, 5, 1, 5); STREAM_CASE(4, 1, 4, 1, 4);
-                        STREAM_CASE(3, 1, 3, 1, 3); STREAM_CASE(2, 1, 2, 1, 2); default: STREAM_CASE(1, 1, 1, 1, 1);
-                    }
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const int8_t *qg = q8 + g * K * G;
+            const float *dmg = dm + g * nb * 2 * G, *bg = bias ? bias + g * G : 0;
+            const __mmask16 mask = group_mask(N, g);
+            float *yt = y + g * G;
+            for (int64_t r0 = 0; r0 < rows; r0 += ST, yt += ST * ldy) {
+                const int64_t rt = rows - r0 < ST ? rows - r0 : ST;
+                const float *xt = xp + r0 * K, *xst = xs + r0 * nb;
+                switch (rt) {
+                    STREAM_CASE(24); STREAM_CASE(23); STREAM_CASE(22); STREAM_CASE(21); STREAM_CASE(20);
+                    STREAM_CASE(19); STREAM_CASE(18); STREAM_CASE(17); STREAM_CASE(16); STREAM_CASE(15);
+                    STREAM_CASE(14); STREAM_CASE(13); STREAM_CASE(12); STREAM_CASE(11); STREAM_CASE(10);
+                    STREAM_CASE(9); STREAM_CASE(8); STREAM_CASE(7); STREAM_CASE(6); STREAM_CASE(5);
+                    STREAM_CASE(4); STREAM_CASE(3); STREAM_CASE(2); default: STREAM_CASE(1);
                 }
             }
         }
@@ -270,10 +341,7 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
                     const float *dmg = dm + g0 * nb * 2 * G;
                     const float *bg = bias ? bias + g0 * G : 0;
                     __mmask16 mask[WG];
-                    for (int j = 0; j < WG; j++) {
-                        const int64_t n0 = (g0 + j) * G, nn = j < cg ? (N - n0 < G ? N - n0 : G) : 0;
-                        mask[j] = (__mmask16)((1u << nn) - 1);
-                    }
+                    for (int j = 0; j < WG; j++) mask[j] = j < cg ? group_mask(N, g0 + j) : 0;
                     for (int64_t r0 = c0; r0 < c1; r0 += WR) {
                         const int64_t rt = c1 - r0 < WR ? c1 - r0 : WR;
                         const float *xt = xp + r0 * K, *xst = xsp + r0 * nb;  /* r0 is a multiple of WR */
@@ -303,7 +371,8 @@ int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_
                float *xp) {
 #if defined(__AVX512F__)
     if (rows >= WIDE_MIN) return wide(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
-    streaming(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
+    if (rows <= 8) decode_rows(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs);
+    else streaming(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
     return 0;
 #else
     (void)x; (void)ldx; (void)rows; (void)K; (void)q8; (void)dm; (void)groups; (void)has_m; (void)bias; (void)y;
