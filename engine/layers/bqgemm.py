@@ -25,6 +25,10 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 # rows, ~3x at one row; a batch-32 decode step of the default model within 2%) at a quarter of their
 # bytes; longer prefill chunks go to MKL on the fp32 copy (the wide path reaches ~0.85 of MKL there).
 MAX_ROWS = 128
+# Where the CPU has AMX tiles too, the steps the int8 blocks still take: a step of a few rows streams the
+# weights once, and int8 is half the tiles' bytes (3072 x 576 from memory: 41 against 69 us at one row, 61
+# against 73 at four, 97 against 82 at eight)
+FEW_ROWS = 4
 WIDE_ROWS = 6  # rows per tile where the kernel widens the weights once a call (csrc/bqgemm.c's WR)
 
 
@@ -64,10 +68,13 @@ def packable(quant: BlockQuant | None) -> bool:
     return quant is not None and quant.q.shape[1] % BLOCK == 0 and supported()
 
 
-def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None) -> Packed8:
+def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None,
+         dm: torch.Tensor | None = None) -> Packed8:
     """The weight's integers by column group (int8, as stored) and its scales per block (qgemm's
-    layout), written into the given flat buffers (sized by qgemm.packed_numel) where given."""
-    q, dm, groups, _ = by_group(quant, dm_out)
+    layout), written into the given flat buffers (sized by qgemm.packed_numel) where given; `dm`:
+    the scales already laid out (the same weight's qgemm.Packed.dm), shared instead."""
+    q, laid_out, groups, _ = by_group(quant, dm_out)
+    dm = laid_out if dm is None else dm
     cols = quant.q.shape[1]
     q8 = (q8_out if q8_out is not None else torch.empty(packed_numel(quant)[0], dtype=torch.int8))
     q8 = q8.view(groups, cols, GROUP)
@@ -75,8 +82,8 @@ def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Te
     return Packed8(q8, dm, quant.q.shape[0], bool(quant.m.any()))
 
 
-def usable(x: torch.Tensor, packed: Packed8 | None) -> bool:
-    return (packed is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype is torch.float32
+def usable(x: torch.Tensor, packed: Packed8 | None, max_rows: int = MAX_ROWS) -> bool:
+    return (packed is not None and x.dim() == 2 and x.shape[0] <= max_rows and x.dtype is torch.float32
             and x.is_cpu and x.shape[1] == packed.q8.shape[1])
 
 

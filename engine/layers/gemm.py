@@ -71,10 +71,14 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
-        # no tile unit: steps of up to bqgemm.MAX_ROWS rows multiply the integers with AVX-512 FMAs,
-        # longer ones go to MKL on the fp32 copy: no panels for these
-        blocked = [m for m in slots if m.weight_amx is None and bqgemm.packable(m.block_quant)]
-        for layer, q8, dm in _quant_buffers(blocked, torch.int8):
+        # int8 blocks on AVX-512 FMAs: beside the tiles, for steps of up to bqgemm.FEW_ROWS rows (the scales
+        # are the tiles' own: one layout); without tiles, steps of up to bqgemm.MAX_ROWS rows, longer ones
+        # going to MKL on the fp32 copy (no panels for these)
+        beside = [m for m in slots if m.weight_amx is not None and bqgemm.packable(m.block_quant)]
+        for layer, q8 in _int8_buffers(beside):
+            layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm=layer.weight_amx.dm)
+        alone = [m for m in slots if m.weight_amx is None and bqgemm.packable(m.block_quant)]
+        for layer, q8, dm in _quant_buffers(alone, torch.int8):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
         paneled = [m for m in slots if m.weight_amx is None and getattr(m, "weight_bq", None) is None
                    and packable(m.panel_source())]
@@ -92,6 +96,12 @@ def _quant_buffers(layers: list[nn.Module], dtype: torch.dtype):
     return zip(layers, hugepages.empty(sum(n_q), dtype).split(n_q), hugepages.empty(sum(n_dm)).split(n_dm))
 
 
+def _int8_buffers(layers: list[nn.Module]):
+    """(layer, its int8 integers' buffer) for each layer's block_quant, all in one buffer on huge pages."""
+    n_q = [qgemm.packed_numel(m.block_quant)[0] for m in layers]
+    return zip(layers, hugepages.empty(sum(n_q), torch.int8).split(n_q))
+
+
 def matmul_path(model: nn.Module) -> str:
     """Which layouts the model's matmuls run on and why, in words a benchmark and `pdserve serve` print."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
@@ -99,7 +109,9 @@ def matmul_path(model: nn.Module) -> str:
     blocks = sum(getattr(m, "weight_bq", None) is not None for m in slots)
     panels = sum(m.weight_panels is not None for m in slots)
     if tiles:
-        return f"AMX tiles over the checkpoint's integers ({tiles} of {len(slots)} layers)"
+        few = (f", int8 blocks on AVX-512 FMAs for steps of up to {bqgemm.FEW_ROWS} rows ({blocks} layers)"
+               if blocks else "")
+        return f"AMX tiles over the checkpoint's integers ({tiles} of {len(slots)} layers){few}"
     parts = []
     if blocks:
         parts.append(f"int8 blocks on AVX-512 FMAs for steps of up to {bqgemm.MAX_ROWS} rows ({blocks} layers; "
@@ -112,13 +124,13 @@ def matmul_path(model: nn.Module) -> str:
 
 def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | None, weight_t: torch.Tensor | None,
            bias: torch.Tensor | None, bq: bqgemm.Packed8 | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) by the first of W's layouts that takes x: the AMX tiles, the int8 blocks
-    (a step of up to bqgemm.MAX_ROWS rows without tiles), the fp32 panels, else MKL on the [in, out]
-    weight_t (None only where the tiles take every fp32 step)."""
+    """x @ W^T (+ bias) by the first of W's layouts that takes x: the int8 blocks (a step of up to
+    bqgemm.FEW_ROWS rows beside tiles, bqgemm.MAX_ROWS without), the AMX tiles, the fp32 panels, else
+    MKL on the [in, out] weight_t (None only where the tiles take every fp32 step)."""
+    if bqgemm.usable(x, bq, bqgemm.FEW_ROWS if amx is not None else bqgemm.MAX_ROWS):
+        return bqgemm.linear(x, bq, bias)
     if qgemm.usable(x, amx):
         return qgemm.linear(x, amx, bias)
-    if bqgemm.usable(x, bq):
-        return bqgemm.linear(x, bq, bias)
     if usable(x, panels):
         return linear(x, panels, weight_t.shape[1], bias)
     return torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)

@@ -31,7 +31,7 @@ _i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _Weight(ctypes.Structure):
-    _fields_ = [("q", _p), ("dm", _p), ("bias", _p), ("groups", _i64), ("in_features", _i64),
+    _fields_ = [("tiles", _p), ("q8", _p), ("dm", _p), ("bias", _p), ("groups", _i64), ("in_features", _i64),
                 ("out_features", _i64), ("has_m", _i64)]
 
 
@@ -43,8 +43,8 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("inter", _i64), ("block_size", _i64), ("eps", _f32), ("scale", _f32), ("layers", _p),
-                ("final_norm", _p), ("cos_table", _p), ("sin_table", _p), ("qgemm", _p), ("bqgemm", _p), ("decode", _p),
-                ("prefill", _p), ("norm", _p), ("rotary", _p), ("silu", _p)]
+                ("final_norm", _p), ("cos_table", _p), ("sin_table", _p), ("qgemm", _p), ("bqgemm", _p),
+                ("bq_rows", _i64), ("decode", _p), ("prefill", _p), ("norm", _p), ("rotary", _p), ("silu", _p)]
 
 
 class _Step(ctypes.Structure):
@@ -67,14 +67,13 @@ def _address(fn) -> int:
 
 
 def _weight(linear, bias: torch.Tensor | None) -> _Weight:
-    bias_ptr = bias.data_ptr() if bias is not None else None
-    if linear.weight_amx is not None:
-        p: qgemm.Packed = linear.weight_amx
-        return _Weight(p.bq.data_ptr(), p.dm.data_ptr(), bias_ptr, p.bq.shape[0], p.bq.shape[1] * qgemm.BLOCK,
-                       p.out_features, int(p.has_m))
-    b: bqgemm.Packed8 = linear.weight_bq
-    return _Weight(b.q8.data_ptr(), b.dm.data_ptr(), bias_ptr, b.q8.shape[0], b.q8.shape[1], b.out_features,
-                   int(b.has_m))
+    amx: qgemm.Packed | None = linear.weight_amx
+    b: bqgemm.Packed8 | None = linear.weight_bq
+    some = amx if amx is not None else b
+    groups, k = (amx.bq.shape[0], amx.bq.shape[1] * qgemm.BLOCK) if amx is not None else b.q8.shape[:2]
+    return _Weight(amx.bq.data_ptr() if amx is not None else None, b.q8.data_ptr() if b is not None else None,
+                   some.dm.data_ptr(), bias.data_ptr() if bias is not None else None, groups, k, some.out_features,
+                   int(some.has_m))
 
 
 def unsupported(model: nn.Module, tp_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -128,14 +127,17 @@ class NativeDecoder:
             cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, cfg.head_dim)
         self.inter = cfg.intermediate_size
         self.max_k = max(self.hidden, self.heads * self.head_dim, self.inter)
-        self.tiles = inner.layers[0].self_attn.qkv_proj.weight_amx is not None
-        # steps it takes: all on the tile unit; int8 blocks up to bqgemm's rows (LlamaModel.forward checks)
+        first = inner.layers[0].self_attn.qkv_proj
+        self.tiles, self.int8 = first.weight_amx is not None, first.weight_bq is not None
+        # steps it takes: all where there are tiles; int8 blocks alone, up to bqgemm's rows (LlamaModel.forward
+        # checks); and the steps that take the int8 blocks (gemm.matmul's choice)
         self.max_tokens = None if self.tiles else bqgemm.MAX_ROWS
+        self.bq_rows = 0 if not self.int8 else bqgemm.FEW_ROWS if self.tiles else bqgemm.MAX_ROWS
         self._model = _Model(
             len(layers), self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, attn0.k_cache.shape[1],
             cfg.rms_norm_eps, attn0.scale, ctypes.addressof(self._layers), inner.norm.weight.data_ptr(),
             rotary.cos.data_ptr(), rotary.sin.data_ptr(), _address(qgemm._lib().qgemm_f32) if self.tiles else None,
-            None if self.tiles else _address(bqgemm._lib().bqgemm_f32),
+            _address(bqgemm._lib().bqgemm_f32) if self.int8 else None, self.bq_rows,
             _address(paged_cpu._kernel().paged_decode_attention_f32),
             _address(paged_cpu._prefill_kernel().paged_prefill_attention_f32), _address(fused._lib().add_rms_norm_f32),
             _address(fused._lib().rotary_f32), _address(fused._activation_lib().silu_mul_f32))
@@ -145,21 +147,20 @@ class NativeDecoder:
 
     def describe(self) -> str:
         """What the stack runs over, in words a benchmark prints."""
-        return ("the C decoder stack over AMX tiles" if self.tiles else
-                f"the C decoder stack over int8 blocks for steps of up to {self.max_tokens} tokens, Python beyond")
+        if self.tiles:
+            few = f" (int8 blocks for steps of up to {self.bq_rows} tokens)" if self.int8 else ""
+            return f"the C decoder stack over AMX tiles{few}"
+        return f"the C decoder stack over int8 blocks for steps of up to {self.max_tokens} tokens, Python beyond"
 
     def _grow(self, tokens: int) -> None:
         rows = -(-tokens // qgemm.GROUP) * qgemm.GROUP
         widths = (self.hidden, (self.heads + 2 * self.kv_heads) * self.head_dim, self.heads * self.head_dim,
                   2 * self.inter, self.inter)  # x, qkv, attn, gate_up, act
         self._ws = torch.empty(rows * sum(widths))
-        if self.tiles:
-            self._ap = torch.empty(rows * self.max_k * 3, dtype=torch.bfloat16)
-            self._xs = torch.empty(rows * (self.max_k // qgemm.BLOCK))
-            self._xp = None
-        else:
-            self._ap = None
-            self._xs, self._xp = (torch.empty(n) for n in bqgemm.scratch_numel(rows, self.max_k))
+        n_xs, n_xp = bqgemm.scratch_numel(rows, self.max_k) if self.int8 else (0, 0)
+        self._ap = torch.empty(rows * self.max_k * 3, dtype=torch.bfloat16) if self.tiles else None
+        self._xs = torch.empty(max(n_xs, rows * (self.max_k // qgemm.BLOCK)))  # block sums: either kernel's
+        self._xp = torch.empty(n_xp) if self.int8 else None
         x, qkv, attn, gate_up, act = self._ws.split([rows * w for w in widths])
         self._x = x.view(rows, self.hidden)
         s = self._step

@@ -190,3 +190,26 @@ def test_threads_calling_at_once_get_their_own_results() -> None:
         for _ in range(5):
             got = list(pool.map(lambda x: qgemm.linear(x, packed, None), xs))
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@needs_amx
+def test_beside_the_tiles_steps_of_a_few_rows_take_int8_blocks() -> None:
+    # a step of up to bqgemm.FEW_ROWS rows streams its weights once: int8 is half the tiles' bytes
+    from engine import LLM
+    from engine.layers import bqgemm
+
+    if not bqgemm.supported():
+        pytest.skip(str(bqgemm.unsupported()))
+    llm = LLM("default")
+    layers = [m for m in _layers(llm) if m.weight_amx is not None]
+    assert len(layers) == 30 * 4 + 1
+    assert all(m.weight_bq is not None and m.weight_bq.dm.data_ptr() == m.weight_amx.dm.data_ptr() for m in layers)
+    gate_up = llm.engine.runner.model.model.layers[0].mlp.gate_up_proj
+    for rows in (1, bqgemm.FEW_ROWS, bqgemm.FEW_ROWS + 1):
+        x = torch.randn(rows, gate_up.weight_amx.bq.shape[1] * qgemm.BLOCK)
+        kernel = bqgemm.linear(x, gate_up.weight_bq, None) if rows <= bqgemm.FEW_ROWS else qgemm.linear(
+            x, gate_up.weight_amx, None)
+        assert torch.equal(gate_up(x), kernel), rows
+    assert "int8 blocks on AVX-512 FMAs for steps of up to 4 rows" in gemm.matmul_path(llm.engine.runner.model)
+    assert llm.engine.runner.stack_path == ("the C decoder stack over AMX tiles "
+                                            "(int8 blocks for steps of up to 4 tokens)")

@@ -1,6 +1,7 @@
 /* The decoder stack of a dense Llama-family model (llama.py: Llama, Mistral, Qwen2's qkv bias;
  * no q/k norm, no MoE, one rank) as one call per step, for CPU fp32 with block-quantized weights
- * in AMX tiles (qgemm) or, on a CPU without the tile unit, as int8 blocks (bqgemm). It calls the same C kernels with the same arguments in the same order as the Python
+ * in AMX tiles (qgemm) and int8 blocks for steps of a few tokens, or, on a CPU without the tile
+ * unit, int8 blocks only (bqgemm). It calls the same C kernels with the same arguments in the same order as the Python
  * forward does, one after another, so its hidden states are bit for bit the Python path's;
  * what it saves is the Python between them (~10 calls a layer, each through nn.Module and
  * ctypes, and a fresh tensor for most). The kernels come as function pointers from their own
@@ -37,8 +38,9 @@ typedef void (*rotary_fn)(float *x, int64_t row_stride, int64_t rows, int64_t he
                           const int64_t *positions, const float *cos_table, const float *sin_table);
 typedef void (*silu_fn)(const float *gate_up, int64_t rows, int64_t inter, float *out);
 
-typedef struct {  /* one linear layer's integers: AMX tiles (qgemm.Packed) or int8 blocks (bqgemm.Packed8) */
-    const void *q;
+typedef struct {  /* one linear layer's integers: AMX tiles (qgemm.Packed), int8 blocks (bqgemm.Packed8) or both */
+    const uint16_t *tiles;
+    const int8_t *q8;
     const float *dm, *bias;
     int64_t groups, in_features, out_features;
     int64_t has_m;
@@ -55,8 +57,9 @@ typedef struct {
     float eps, scale;
     const Layer *layers;
     const float *final_norm, *cos_table, *sin_table;
-    qgemm_fn qgemm;    /* one of the two is set */
-    bqgemm_fn bqgemm;
+    qgemm_fn qgemm;    /* where the weights have tiles */
+    bqgemm_fn bqgemm;  /* where they have int8 blocks: steps of up to bq_rows tokens */
+    int64_t bq_rows;
     decode_fn decode;
     prefill_fn prefill;
     norm_fn norm;
@@ -74,11 +77,12 @@ typedef struct {  /* one step: the flat batch (decodes first) and its attention 
     float *xp;     /* bqgemm's packed x */
 } Step;
 
+/* The kernel gemm.matmul picks for this many rows: int8 blocks up to bq_rows, else the tiles. */
 static int linear(const Model *m, const Step *s, const float *x, const Weight *w, float *y) {
-    if (m->bqgemm)
-        return m->bqgemm(x, w->in_features, s->tokens, w->in_features, w->q, w->dm, w->groups, (int)w->has_m,
+    if (w->q8 && s->tokens <= m->bq_rows)
+        return m->bqgemm(x, w->in_features, s->tokens, w->in_features, w->q8, w->dm, w->groups, (int)w->has_m,
                          w->bias, y, w->out_features, w->out_features, s->xs, s->xp) ? 4 : 0;
-    m->qgemm(x, w->in_features, s->tokens, w->in_features, w->q, w->dm, w->groups, (int)w->has_m, w->bias, y,
+    m->qgemm(x, w->in_features, s->tokens, w->in_features, w->tiles, w->dm, w->groups, (int)w->has_m, w->bias, y,
              w->out_features, w->out_features, s->ap, s->xs);
     return 0;
 }
