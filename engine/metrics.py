@@ -24,6 +24,13 @@ class ModelCost:
     attention_flops_per_context: float  # per (query token, context token) pair: QK^T and PV
     weight_bytes: float  # all weights, read once per step
     kv_bytes_per_token: float  # K and V of one token in every layer
+    # steps of up to this many tokens read the weights in another layout (int8 blocks), of these bytes
+    small_step_tokens: int = 0
+    small_step_weight_bytes: float = 0.0
+
+    def weight_bytes_for(self, tokens: int) -> float:
+        """The weight bytes a step of this many tokens reads."""
+        return self.small_step_weight_bytes if tokens <= self.small_step_tokens else self.weight_bytes
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype_bytes: int) -> ModelCost:
@@ -50,7 +57,7 @@ class ModelCost:
             pairs += n * (s - (n - 1) / 2)
         flops = self.matmul_flops_per_token * tokens + self.lm_head_flops * num_sampled \
             + self.attention_flops_per_context * pairs
-        return tokens, flops, self.weight_bytes + self.kv_bytes_per_token * sum(seq_lens)
+        return tokens, flops, self.weight_bytes_for(tokens) + self.kv_bytes_per_token * sum(seq_lens)
 
 
 class StepMetrics:

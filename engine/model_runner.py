@@ -15,7 +15,7 @@ from engine.attention.metadata import AttentionMetadata, attention_metadata
 from engine.config import EngineConfig
 from engine.distributed import get_tp_group, kv_head_range
 from engine.kv_connector import KVSaver, StepLayout
-from engine.layers import gemm, qgemm
+from engine.layers import bqgemm, gemm, qgemm
 from engine.metrics import ModelCost
 from engine.models import build_model, native_decoder
 from engine.sampler import Sampler
@@ -199,22 +199,26 @@ class ModelRunner:
 
 
 def _as_stored(cost: ModelCost, model: torch.nn.Module, itemsize: int, tp_size: int) -> ModelCost:
-    """The model's cost with the weights a step reads counted as the engine stores them: a weight
-    in AMX tiles streams its bf16 integers and fp32 scales (~2.25 bytes a weight, not fp32's 4), one in
-    int8 blocks (no tile unit) ~1.03 bytes for a decode step, so bandwidth figures (MBU) stay within
-    the machine's. Ranks hold equal slices."""
-    logical = stored = 0
+    """The model's cost with the weights a step reads counted as the engine stores them, so bandwidth
+    figures (MBU) stay within the machine's: a weight in AMX tiles streams its bf16 integers and fp32
+    scales (~2.25 bytes a weight, not fp32's 4); one in int8 blocks ~1.25 bytes, for the steps they take
+    (up to bqgemm.FEW_ROWS tokens beside tiles, bqgemm.MAX_ROWS without; longer ones read the tiles, or
+    MKL's fp32 copy). Ranks hold equal slices."""
+    tiled = int8 = 0  # bytes stored minus the dtype's bytes of the same weights
     for m in model.modules():
         tiles, blocks = getattr(m, "weight_amx", None), getattr(m, "weight_bq", None)
         if tiles is not None:
-            logical += tiles.out_features * tiles.bq.shape[1] * qgemm.BLOCK * itemsize
-            stored += tiles.bq.numel() * tiles.bq.element_size() + tiles.dm.numel() * tiles.dm.element_size()
-        elif blocks is not None:  # what a decode step reads (a prefill chunk reads the fp32 panels)
-            logical += blocks.out_features * blocks.q8.shape[1] * itemsize
-            stored += blocks.q8.numel() + blocks.dm.numel() * blocks.dm.element_size()
-    if not logical:
+            logical = tiles.out_features * tiles.bq.shape[1] * qgemm.BLOCK * itemsize
+            tiled += tiles.bq.numel() * tiles.bq.element_size() + tiles.dm.numel() * tiles.dm.element_size() - logical
+        if blocks is not None:
+            logical = blocks.out_features * blocks.q8.shape[1] * itemsize
+            int8 += blocks.q8.numel() + blocks.dm.numel() * blocks.dm.element_size() - logical
+    if not (tiled or int8):
         return cost
-    return dataclasses.replace(cost, weight_bytes=cost.weight_bytes + (stored - logical) * tp_size)
+    return dataclasses.replace(
+        cost, weight_bytes=cost.weight_bytes + tiled * tp_size,
+        small_step_tokens=(bqgemm.FEW_ROWS if tiled else bqgemm.MAX_ROWS) if int8 else 0,
+        small_step_weight_bytes=cost.weight_bytes + int8 * tp_size if int8 else 0.0)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

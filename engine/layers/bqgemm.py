@@ -1,6 +1,6 @@
 """x @ W^T with AVX-512 FMAs for weights that came block-quantized (GGUF Q4_0, Q4_1, Q5_0, Q5_1,
 Q8_0), on CPUs without the AMX tile unit (qgemm.py is the AMX path): the integers streamed as int8
-(~1.03 bytes a weight against fp32's 4), widened to fp32, scaled per block; exact to fp32 up to
+(~1.25 bytes a weight with the scales, against fp32's 4), widened to fp32, scaled per block; exact to fp32 up to
 the order of its roundings, and a row's result independent of the rest of its step (how:
 csrc/bqgemm.c). For decode steps and short chunks: a batch-1 decode reads its weights once a
 token, so the bytes a weight takes are its speed; a batch of decodes is compute-bound, where it

@@ -151,6 +151,13 @@ def test_default_model_runs_on_the_integers() -> None:
     # metrics count the bytes a step reads as stored: bf16 integers + fp32 d and m a block (2.25 bytes
     # a weight), so MBU is not overstated by the fp32 size
     assert llm.engine.runner.cost.weight_bytes == 2.25 / 4 * plain.engine.runner.cost.weight_bytes
+    # ... and a step of up to 4 tokens reads the int8 blocks beside them: 1 byte + the same scales
+    from engine.layers import bqgemm
+
+    assert llm.engine.runner.cost.small_step_tokens == (bqgemm.FEW_ROWS if bqgemm.supported() else 0)
+    if bqgemm.supported():
+        assert llm.engine.runner.cost.weight_bytes_for(4) == 1.25 / 4 * plain.engine.runner.cost.weight_bytes
+        assert llm.engine.runner.cost.weight_bytes_for(5) == llm.engine.runner.cost.weight_bytes
     prompts = [[1, 504, 3458, 314, 4649, 30], list(range(100, 190)), [7, 8, 9]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     for a, b in zip(llm.generate(prompts, params), plain.generate(prompts, params)):

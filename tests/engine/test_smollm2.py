@@ -67,6 +67,10 @@ def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> Non
 
         blocks = sum(getattr(m, "weight_bq", None) is not None for m in llm.engine.runner.model.modules())
         assert blocks == (121 if bqgemm.supported() else 0)
+        cost = llm.engine.runner.cost  # what MBU counts: int8 blocks up to 128 tokens, MKL's fp32 beyond
+        assert cost.small_step_tokens == (bqgemm.MAX_ROWS if bqgemm.supported() else 0)
+        if bqgemm.supported():
+            assert cost.weight_bytes_for(bqgemm.MAX_ROWS) == 1.25 / 4 * cost.weight_bytes_for(bqgemm.MAX_ROWS + 1)
         from engine.layers.gemm import matmul_path
 
         path = matmul_path(llm.engine.runner.model)  # what the benchmark and `pdserve serve` print

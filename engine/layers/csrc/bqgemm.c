@@ -1,8 +1,9 @@
 /* y = x W^T (+ bias) with AVX-512 FMAs for weights quantized in blocks of 32 along k (GGUF Q4_0,
- * Q4_1, Q5_0, Q5_1, Q8_0), for CPUs without the AMX tile unit (qgemm.c is the AMX one):
+ * Q4_1, Q5_0, Q5_1, Q8_0): every step of up to 128 rows on a CPU without the AMX tile unit, steps of
+ * a few rows beside it (qgemm.c is the AMX one; bqgemm.py says which steps):
  * W[n][k] = d[n][b] * q[n][k] + m[n][b] with b = k / 32 and q a small integer (|q| <= 128).
  *
- * The integers are streamed as int8 (1 byte a weight, plus 8 bytes of scales per 32: ~1.03 bytes
+ * The integers are streamed as int8 (1 byte a weight, plus 8 bytes of scales per 32: ~1.25 bytes
  * against fp32's 4), widened to fp32 (exact), and multiplied with fp32 FMAs:
  *     T[r][n] = sum over the block's k of q[n][k] x[r][k]
  *     y[r][n] = sum_b d[n][b] T_b[r][n] + m[n][b] S_b[r]      (S_b[r]: the block's sum of x[r])
