@@ -1,6 +1,6 @@
 """x @ W^T with AVX-512 FMAs for weights that came block-quantized (GGUF Q4_0, Q4_1, Q5_0, Q5_1,
 Q8_0), on CPUs without the AMX tile unit (qgemm.py is the AMX path): the integers streamed as int8
-(~1.25 bytes a weight with the scales, against fp32's 4), widened to fp32, scaled per block; exact to fp32 up to
+(1.125 bytes a weight with its fp16 scales, against fp32's 4), widened to fp32, scaled per block; exact to fp32 up to
 the order of its roundings, and a row's result independent of the rest of its step (how:
 csrc/bqgemm.c). For decode steps and short chunks: a batch-1 decode reads its weights once a
 token, so the bytes a weight takes are its speed; a batch of decodes is compute-bound, where it
@@ -34,7 +34,7 @@ WIDE_ROWS = 6  # rows per tile where the kernel widens the weights once a call (
 
 class Packed8(NamedTuple):
     q8: torch.Tensor  # int8 [groups, in, 16]: per column group, each k's 16 integers
-    dm: torch.Tensor  # fp32 [groups, blocks, 2, 16]: d then m
+    dm: torch.Tensor  # fp16 [groups, blocks, 2, 16]: d then m (GGUF stores them in fp16: exact)
     out_features: int
     has_m: bool = True  # False where every m is 0 (Q4_0, Q5_0, Q8_0): the kernel skips that term
 
@@ -68,18 +68,20 @@ def packable(quant: BlockQuant | None) -> bool:
     return quant is not None and quant.q.shape[1] % BLOCK == 0 and supported()
 
 
-def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None,
-         dm: torch.Tensor | None = None) -> Packed8:
+def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None) -> Packed8:
     """The weight's integers by column group (int8, as stored) and its scales per block (qgemm's
-    layout), written into the given flat buffers (sized by qgemm.packed_numel) where given; `dm`:
-    the scales already laid out (the same weight's qgemm.Packed.dm), shared instead."""
-    q, laid_out, groups, _ = by_group(quant, dm_out)
-    dm = laid_out if dm is None else dm
+    layout, in fp16), written into the given flat buffers (sized by qgemm.packed_numel) where given.
+    ValueError where a scale is not an fp16 value (every GGUF block format stores them as fp16)."""
+    q, dm, groups, _ = by_group(quant)
+    dm16 = (dm_out if dm_out is not None else torch.empty(dm.numel(), dtype=torch.float16)).view(dm.shape)
+    dm16.copy_(dm)
+    if not torch.equal(dm16.float(), dm):
+        raise ValueError("a block scale is not an fp16 value: int8 blocks keep their scales in fp16")
     cols = quant.q.shape[1]
     q8 = (q8_out if q8_out is not None else torch.empty(packed_numel(quant)[0], dtype=torch.int8))
     q8 = q8.view(groups, cols, GROUP)
     q8.copy_(q.view(groups, GROUP, cols).permute(0, 2, 1))
-    return Packed8(q8, dm, quant.q.shape[0], bool(quant.m.any()))
+    return Packed8(q8, dm16, quant.q.shape[0], bool(quant.m.any()))
 
 
 def usable(x: torch.Tensor, packed: Packed8 | None, max_rows: int = MAX_ROWS) -> bool:

@@ -71,14 +71,11 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
-        # int8 blocks on AVX-512 FMAs: beside the tiles, for steps of up to bqgemm.FEW_ROWS rows (the scales
-        # are the tiles' own: one layout); without tiles, steps of up to bqgemm.MAX_ROWS rows, longer ones
-        # going to MKL on the fp32 copy (no panels for these)
-        beside = [m for m in slots if m.weight_amx is not None and bqgemm.packable(m.block_quant)]
-        for layer, q8 in _int8_buffers(beside):
-            layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm=layer.weight_amx.dm)
-        alone = [m for m in slots if m.weight_amx is None and bqgemm.packable(m.block_quant)]
-        for layer, q8, dm in _quant_buffers(alone, torch.int8):
+        # int8 blocks on AVX-512 FMAs: beside the tiles, for steps of up to bqgemm.FEW_ROWS rows; without
+        # tiles, steps of up to bqgemm.MAX_ROWS rows, longer ones going to MKL on the fp32 copy (no panels
+        # for these)
+        blocked = [m for m in slots if bqgemm.packable(m.block_quant)]
+        for layer, q8, dm in _quant_buffers(blocked, torch.int8, torch.float16):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
         paneled = [m for m in slots if m.weight_amx is None and getattr(m, "weight_bq", None) is None
                    and packable(m.panel_source())]
@@ -89,17 +86,12 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
         layer.block_quant = None
 
 
-def _quant_buffers(layers: list[nn.Module], dtype: torch.dtype):
+def _quant_buffers(layers: list[nn.Module], dtype: torch.dtype, scale_dtype: torch.dtype = torch.float32):
     """(layer, its integers' buffer, its scales' buffer) for each layer's block_quant: the integers
     of all of them in one buffer of `dtype` on huge pages, the scales in another."""
     n_q, n_dm = zip(*(qgemm.packed_numel(m.block_quant) for m in layers)) if layers else ((), ())
-    return zip(layers, hugepages.empty(sum(n_q), dtype).split(n_q), hugepages.empty(sum(n_dm)).split(n_dm))
-
-
-def _int8_buffers(layers: list[nn.Module]):
-    """(layer, its int8 integers' buffer) for each layer's block_quant, all in one buffer on huge pages."""
-    n_q = [qgemm.packed_numel(m.block_quant)[0] for m in layers]
-    return zip(layers, hugepages.empty(sum(n_q), torch.int8).split(n_q))
+    return zip(layers, hugepages.empty(sum(n_q), dtype).split(n_q),
+               hugepages.empty(sum(n_dm), scale_dtype).split(n_dm))
 
 
 def matmul_path(model: nn.Module) -> str:

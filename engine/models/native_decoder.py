@@ -31,8 +31,8 @@ _i64, _f32, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _Weight(ctypes.Structure):
-    _fields_ = [("tiles", _p), ("q8", _p), ("dm", _p), ("bias", _p), ("groups", _i64), ("in_features", _i64),
-                ("out_features", _i64), ("has_m", _i64)]
+    _fields_ = [("tiles", _p), ("dm", _p), ("q8", _p), ("dm16", _p), ("bias", _p), ("groups", _i64),
+                ("in_features", _i64), ("out_features", _i64), ("has_m", _i64)]
 
 
 class _Layer(ctypes.Structure):
@@ -71,9 +71,10 @@ def _weight(linear, bias: torch.Tensor | None) -> _Weight:
     b: bqgemm.Packed8 | None = linear.weight_bq
     some = amx if amx is not None else b
     groups, k = (amx.bq.shape[0], amx.bq.shape[1] * qgemm.BLOCK) if amx is not None else b.q8.shape[:2]
-    return _Weight(amx.bq.data_ptr() if amx is not None else None, b.q8.data_ptr() if b is not None else None,
-                   some.dm.data_ptr(), bias.data_ptr() if bias is not None else None, groups, k, some.out_features,
-                   int(some.has_m))
+    tiles, dm = (amx.bq, amx.dm) if amx is not None else (None, None)
+    q8, dm16 = (b.q8, b.dm) if b is not None else (None, None)
+    return _Weight(*(t.data_ptr() if t is not None else None for t in (tiles, dm, q8, dm16, bias)), groups, k,
+                   some.out_features, int(some.has_m))
 
 
 def unsupported(model: nn.Module, tp_size: int, dtype: torch.dtype, device: torch.device) -> str | None:

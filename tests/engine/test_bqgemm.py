@@ -54,3 +54,13 @@ def test_it_runs_exactly_where_the_cpu_has_avx512_and_names_why_not() -> None:
     assert bqgemm.supported() == has
     assert bqgemm.unsupported() == (None if has else f"{native.PORTABLE_ENV} is set (AVX-512 off)"
                                     if native.portable() else "no AVX-512 on this CPU")
+
+
+@needs_avx512
+def test_scales_are_kept_in_fp16_exactly_or_refused() -> None:
+    quant = random_quant(48, 96, "q4_1")  # GGUF-made: its d and m are fp16 values
+    packed = bqgemm.pack(quant)
+    assert packed.dm.dtype is torch.float16
+    off = quant._replace(d=quant.d + 1e-6)  # not an fp16 value any more
+    with pytest.raises(ValueError, match="fp16"):
+        bqgemm.pack(off)

@@ -70,7 +70,7 @@ def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> Non
         cost = llm.engine.runner.cost  # what MBU counts: int8 blocks up to 128 tokens, MKL's fp32 beyond
         assert cost.small_step_tokens == (bqgemm.MAX_ROWS if bqgemm.supported() else 0)
         if bqgemm.supported():
-            assert cost.weight_bytes_for(bqgemm.MAX_ROWS) == 1.25 / 4 * cost.weight_bytes_for(bqgemm.MAX_ROWS + 1)
+            assert cost.weight_bytes_for(bqgemm.MAX_ROWS) == 1.125 / 4 * cost.weight_bytes_for(bqgemm.MAX_ROWS + 1)
         from engine.layers.gemm import matmul_path
 
         path = matmul_path(llm.engine.runner.model)  # what the benchmark and `pdserve serve` print

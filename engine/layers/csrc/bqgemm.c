@@ -3,7 +3,7 @@
  * a few rows beside it (qgemm.c is the AMX one; bqgemm.py says which steps):
  * W[n][k] = d[n][b] * q[n][k] + m[n][b] with b = k / 32 and q a small integer (|q| <= 128).
  *
- * The integers are streamed as int8 (1 byte a weight, plus 8 bytes of scales per 32: ~1.25 bytes
+ * The integers are streamed as int8 (1 byte a weight, plus 4 bytes of fp16 scales per 32: 1.125 bytes
  * against fp32's 4), widened to fp32 (exact), and multiplied with fp32 FMAs:
  *     T[r][n] = sum over the block's k of q[n][k] x[r][k]
  *     y[r][n] = sum_b d[n][b] T_b[r][n] + m[n][b] S_b[r]      (S_b[r]: the block's sum of x[r])
@@ -12,7 +12,8 @@
  *
  * Layouts (made once at load, bqgemm.py):
  *   q8 [G][K][16] int8: column group g (16 output columns), for each k the group's 16 integers;
- *   dm [G][nb][2][16] fp32: d then m for the group's 16 columns in block b (as qgemm.c's).
+ *   dm [G][nb][2][16] fp16: d then m for the group's 16 columns in block b (qgemm.c's layout; fp16
+ *   as GGUF stores them, so exact, and 1.125 bytes a weight in all), widened per block.
  *
  * Three paths by row count, all streaming each column group's integers once per tile of rows:
  * - up to 8 rows (decode steps; the integers are read once a call, so a step costs their bytes):
@@ -59,6 +60,10 @@ static inline __m512 widen(const int8_t *q) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
 }
 
+static inline __m512 scales(const uint16_t *p) {  /* 16 fp16 scales, widened (exact) */
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
 static inline float block_sum(const float *x) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)));
 }
@@ -68,7 +73,7 @@ static inline float block_sum(const float *x) {
  * [nb][rt]; y and bias (or 0) at the group's first column. Up to 8 rows the running sums stay in
  * registers; more rows take the registers for their partial sums, and the running sums live in y. */
 static inline __attribute__((always_inline)) void stream_tile(const int rt, const float *xp, const float *xsp,
-                                                              int64_t nb, const int8_t *qg, const float *dmg,
+                                                              int64_t nb, const int8_t *qg, const uint16_t *dmg,
                                                               int has_m, float *y, int64_t ldy, __mmask16 mask,
                                                               const float *bias) {
     __m512 acc[8], t[ST];
@@ -84,7 +89,7 @@ static inline __attribute__((always_inline)) void stream_tile(const int rt, cons
 #pragma GCC unroll 32
             for (int i = 0; i < rt; i++) t[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(xb[k * rt + i]), t[i]);
         }
-        const __m512 d = _mm512_loadu_ps(dmg + b * 2 * G), m = _mm512_loadu_ps(dmg + (b * 2 + 1) * G);
+        const __m512 d = scales(dmg + b * 2 * G), m = scales(dmg + (b * 2 + 1) * G);
 #pragma GCC unroll 32
         for (int i = 0; i < rt; i++) {
             __m512 a = rt <= 8 ? acc[i] : b ? _mm512_maskz_loadu_ps(mask, y + i * ldy) : _mm512_setzero_ps();
@@ -107,7 +112,7 @@ static inline __attribute__((always_inline)) void stream_tile(const int rt, cons
  * once: rt x cg chains in flight (the same FMAs per output as stream_tile). */
 static inline __attribute__((always_inline)) void few_rows(const int rt, const int cg, const float *x, int64_t ldx,
                                                            const float *xs, int64_t nb, int64_t K, const int8_t *qg,
-                                                           const float *dmg, int has_m, float *y, int64_t ldy,
+                                                           const uint16_t *dmg, int has_m, float *y, int64_t ldy,
                                                            const __mmask16 *mask, const float *bias) {
     __m512 acc[8][4], t[8][4];
 #pragma GCC unroll 8
@@ -134,8 +139,8 @@ static inline __attribute__((always_inline)) void few_rows(const int rt, const i
         }
 #pragma GCC unroll 4
         for (int j = 0; j < cg; j++) {
-            const float *dmb = dmg + j * nb * 2 * G + b * 2 * G;
-            const __m512 d = _mm512_loadu_ps(dmb), m = _mm512_loadu_ps(dmb + G);
+            const uint16_t *dmb = dmg + j * nb * 2 * G + b * 2 * G;
+            const __m512 d = scales(dmb), m = scales(dmb + G);
 #pragma GCC unroll 8
             for (int i = 0; i < rt; i++) {
                 acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
@@ -173,7 +178,7 @@ static inline __mmask16 group_mask(int64_t N, int64_t g) {  /* the columns of gr
         }                                                                                                  \
         break
 
-static void decode_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+static void decode_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                         int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs) {
     const int64_t nb = K / BLK;
     if (has_m)
@@ -198,7 +203,7 @@ static void decode_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, co
 /* 9 to WIDE_MIN - 1 rows: x and its block sums packed per tile of up to ST rows as [K][rt] and [nb][rt]
  * (a block of 32 k of a tile at a time, so no two threads write one cache line), then OpenMP over
  * column groups, each walking the tiles. */
-static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                       int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
                       float *xp) {
     const int64_t nb = K / BLK, items = (rows + ST - 1) / ST * nb;
@@ -217,7 +222,8 @@ static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, cons
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             const int8_t *qg = q8 + g * K * G;
-            const float *dmg = dm + g * nb * 2 * G, *bg = bias ? bias + g * G : 0;
+            const uint16_t *dmg = dm + g * nb * 2 * G;
+            const float *bg = bias ? bias + g * G : 0;
             const __mmask16 mask = group_mask(N, g);
             float *yt = y + g * G;
             for (int64_t r0 = 0; r0 < rows; r0 += ST, yt += ST * ldy) {
@@ -241,7 +247,7 @@ static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, cons
  * vectors take 26 of the 32 registers. */
 static inline __attribute__((always_inline)) void wide_tile(const int rt, const int cg, const float *xp,
                                                             const float *xsp, int64_t nb, const float *w,
-                                                            const float *dmg, int64_t dm_stride, int has_m,
+                                                            const uint16_t *dmg, int64_t dm_stride, int has_m,
                                                             float *y, int64_t ldy, const __mmask16 *mask,
                                                             const float *bias) {
     __m512 acc[WR][WG], t[WR][WG];
@@ -268,11 +274,11 @@ static inline __attribute__((always_inline)) void wide_tile(const int rt, const 
         }
 #pragma GCC unroll 2
         for (int j = 0; j < cg; j++) {
-            const __m512 d = _mm512_loadu_ps(dmg + j * dm_stride + b * 2 * G);
+            const __m512 d = scales(dmg + j * dm_stride + b * 2 * G);
 #pragma GCC unroll 8
             for (int i = 0; i < rt; i++) acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
             if (has_m) {
-                const __m512 m = _mm512_loadu_ps(dmg + j * dm_stride + (b * 2 + 1) * G);
+                const __m512 m = scales(dmg + j * dm_stride + (b * 2 + 1) * G);
 #pragma GCC unroll 8
                 for (int i = 0; i < rt; i++)
                     acc[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsp[b * WR + i]), acc[i][j]);
@@ -307,7 +313,7 @@ static float *thread_scratch(int64_t floats) {
     } while (0)
 
 /* rows > RT: see the header. Returns 0, or -2 where a thread could not allocate its scratch. */
-static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                 int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xsp,
                 float *xp) {
     const int64_t nb = K / BLK, pairs = (groups + WG - 1) / WG, tiles = (rows + WR - 1) / WR;
@@ -339,7 +345,7 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
                         for (int j = 0; j < WG; j++)
                             _mm512_store_ps(w + (k * WG + j) * G,
                                             j < cg ? widen(q8 + ((g0 + j) * K + k) * G) : _mm512_setzero_ps());
-                    const float *dmg = dm + g0 * nb * 2 * G;
+                    const uint16_t *dmg = dm + g0 * nb * 2 * G;
                     const float *bg = bias ? bias + g0 * G : 0;
                     __mmask16 mask[WG];
                     for (int j = 0; j < WG; j++) mask[j] = j < cg ? group_mask(N, g0 + j) : 0;
@@ -367,7 +373,7 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
  * ceil(rows / 6) * 6 * K / 32 floats (the block sums); xp, ceil(rows / 6) * 6 * K floats where
  * rows > 8 (x packed; unused otherwise). Returns 0; -1 where this build has no AVX-512 (nothing
  * written); -2 where a thread could not allocate its scratch for the widened weights. */
-int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const float *dm,
+int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
                float *xp) {
 #if defined(__AVX512F__)

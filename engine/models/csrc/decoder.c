@@ -19,7 +19,7 @@
 typedef void (*qgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const uint16_t *bq,
                          const float *dm, int64_t groups, int has_m, const float *bias, float *y, int64_t ldy,
                          int64_t n, uint16_t *ap, float *xs);
-typedef int (*bqgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const int8_t *q8, const float *dm,
+typedef int (*bqgemm_fn)(const float *x, int64_t ldx, int64_t rows, int64_t k, const int8_t *q8, const uint16_t *dm,
                          int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t n, float *xs,
                          float *xp);
 typedef int (*decode_fn)(const float *q, int64_t q_stride, const float *k_new, int64_t k_stride, const float *v_new,
@@ -40,8 +40,10 @@ typedef void (*silu_fn)(const float *gate_up, int64_t rows, int64_t inter, float
 
 typedef struct {  /* one linear layer's integers: AMX tiles (qgemm.Packed), int8 blocks (bqgemm.Packed8) or both */
     const uint16_t *tiles;
+    const float *dm;        /* the tiles' scales, fp32 */
     const int8_t *q8;
-    const float *dm, *bias;
+    const uint16_t *dm16;   /* the int8 blocks' scales, fp16 */
+    const float *bias;
     int64_t groups, in_features, out_features;
     int64_t has_m;
 } Weight;
@@ -80,7 +82,7 @@ typedef struct {  /* one step: the flat batch (decodes first) and its attention 
 /* The kernel gemm.matmul picks for this many rows: int8 blocks up to bq_rows, else the tiles. */
 static int linear(const Model *m, const Step *s, const float *x, const Weight *w, float *y) {
     if (w->q8 && s->tokens <= m->bq_rows)
-        return m->bqgemm(x, w->in_features, s->tokens, w->in_features, w->q8, w->dm, w->groups, (int)w->has_m,
+        return m->bqgemm(x, w->in_features, s->tokens, w->in_features, w->q8, w->dm16, w->groups, (int)w->has_m,
                          w->bias, y, w->out_features, w->out_features, s->xs, s->xp) ? 4 : 0;
     m->qgemm(x, w->in_features, s->tokens, w->in_features, w->tiles, w->dm, w->groups, (int)w->has_m, w->bias, y,
              w->out_features, w->out_features, s->ap, s->xs);
