@@ -65,7 +65,10 @@ def unsupported() -> str | None:
 
 
 def packable(quant: BlockQuant | None) -> bool:
-    return quant is not None and quant.q.shape[1] % BLOCK == 0 and supported()
+    """Whether the weight can take the kernel: 32-weight blocks whose scales are fp16 values (as every GGUF
+    block format stores them; others keep the fp32 layouts)."""
+    return (quant is not None and quant.q.shape[1] % BLOCK == 0 and supported()
+            and all(torch.equal(t.half().float(), t) for t in (quant.d, quant.m)))
 
 
 def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Tensor | None = None) -> Packed8:

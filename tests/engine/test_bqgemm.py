@@ -61,6 +61,7 @@ def test_scales_are_kept_in_fp16_exactly_or_refused() -> None:
     quant = random_quant(48, 96, "q4_1")  # GGUF-made: its d and m are fp16 values
     packed = bqgemm.pack(quant)
     assert packed.dm.dtype is torch.float16
-    off = quant._replace(d=quant.d + 1e-6)  # not an fp16 value any more
+    off = quant._replace(d=quant.d + 1e-6)  # not an fp16 value any more: the fp32 layouts take such a weight
+    assert bqgemm.packable(quant) and not bqgemm.packable(off)
     with pytest.raises(ValueError, match="fp16"):
         bqgemm.pack(off)
