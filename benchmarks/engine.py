@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      max(p["matmul_gflops"] for p in around)) if len(around) == 2 else None)
     roof1 = decode_roofline(counts, 1, len(chat) + cfg["single_new_tokens"] / 2, bw, peak)
     # the same against the bytes a single decode step reads as the engine stores its weights (int8 blocks
-    # ~1.25 bytes a weight, AMX tiles ~2.25; fp32 panels 4): the limit of the layout that ran
+    # 1.125 bytes a weight, AMX tiles ~2.25; fp32 panels 4): the limit of the layout that ran
     stored = {**counts, "weight_bytes": ours.llm.engine.runner.cost.weight_bytes_for(1)}
     roof1_stored = decode_roofline(stored, 1, len(chat) + cfg["single_new_tokens"] / 2, bw, peak)
     pf = prefill_flops(counts, cfg["prefill_prompts"], cfg["prefill_len"])

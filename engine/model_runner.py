@@ -201,7 +201,7 @@ class ModelRunner:
 def _as_stored(cost: ModelCost, model: torch.nn.Module, itemsize: int, tp_size: int) -> ModelCost:
     """The model's cost with the weights a step reads counted as the engine stores them, so bandwidth
     figures (MBU) stay within the machine's: a weight in AMX tiles streams its bf16 integers and fp32
-    scales (~2.25 bytes a weight, not fp32's 4); one in int8 blocks ~1.25 bytes, for the steps they take
+    scales (~2.25 bytes a weight, not fp32's 4); one in int8 blocks 1.125 bytes (fp16 scales), for the steps they take
     (up to bqgemm.FEW_ROWS tokens beside tiles, bqgemm.MAX_ROWS without; longer ones read the tiles, or
     MKL's fp32 copy). Ranks hold equal slices."""
     tiled = int8 = 0  # bytes stored minus the dtype's bytes of the same weights
