@@ -199,4 +199,22 @@ def profile_config(config, reps: int = 5, quick: bool = False, into=None, log=pr
             for kind, f in pools[key].fit.items():
                 log(f"  {kind:8s} {f['points']:3d} points, |error| median {100 * f['median_rel_error']:5.1f}%, "
                     f"max {100 * f['max_rel_error']:5.1f}%{' (held out of the fit)' if f['held_out'] else ''}")
-    return Profile(config.model, host_facts(), pools, dict(into.service) if into is not None else {})
+    service = dict(into.service) if into is not None else {}
+    if "kv_gbs" not in service:
+        service.update(kv_transfer(config.model, log))
+    return Profile(config.model, host_facts(), pools, service)
+
+
+def kv_transfer(model: str, log=print) -> dict[str, Any]:
+    """What the service's KV transfer costs here (planner.simulate.Service's kv_gbs, kv_layer_bytes): GB/s
+    each backend moved a 512-token prompt's fp32 KV at (kv_transfer.measure), and the bytes of one token's
+    K and V in one layer."""
+    from engine.config import ModelConfig
+    from engine.loader import open_model
+    from kv_transfer.measure import bandwidth
+
+    cfg = ModelConfig.from_hf(open_model(model, False).hf_config)
+    gbs = bandwidth(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    log("KV transfer: " + ", ".join(f"{name} {v:.2f} GB/s" for name, v in gbs.items()))
+    return {"kv_gbs": {name: round(v, 3) for name, v in gbs.items()},
+            "kv_layer_bytes": float(2 * cfg.num_key_value_heads * cfg.head_dim * 4)}

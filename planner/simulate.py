@@ -10,6 +10,8 @@ scheduler formed, and the service's own hops take the profile's `service` second
     request_s   arrival -> the request is placed (router: validate, tokenize, admit, reserve)
     hop_s       a replica's answer reaching the router (the prefill result, each streamed token) and the
                 router's call reaching a replica (the commit that starts the decode)
+    kv_gbs      per KV backend, as measured: the commit also waits for the last layer's KV of the prompt's
+                last prefill step (kv_layer_bytes a token), which the layer-by-layer push could not hide
     slowdown    per pool configuration, how much slower its forward runs in the cluster than alone in
                 `pdserve profile` (the cores it shares with the other pools and the service)
     step_s      each engine step's own cost past the model's forward (scheduling, bookkeeping, the worker's
@@ -21,7 +23,7 @@ scheduler formed, and the service's own hops take the profile's `service` second
 The request path is the router's (_generate): a prompt shorter than local_prefill_threshold, or any when no
 prefill replica is up, prefills on its decode replica; otherwise the decode replica reserves its blocks
 (retrying every RESERVE_RETRY_S while none has them), a prefill replica computes the prompt and samples the
-first token (its KV is pushed layer by layer as it goes: no time of its own past the hop), the router streams
+first token (its KV is pushed layer by layer as it goes: only the last layer's is left past the hop), the router streams
 that token and commits the request to the decode replica, which decodes the rest. At most
 max_ongoing_requests are placed at once; the rest queue in arrival order. With router.dispatch slo_aware, the
 router's own predictions place each prompt, under the rule a Tuner (below) picks every dispatch_retune_s from
@@ -67,6 +69,16 @@ class Service:
     step_s: float = 0.0
     token_s: float = 0.0
     slowdown: dict[str, float] = field(default_factory=dict)  # pool key (planner.cost.pool_key) -> factor; 1 if absent
+    # measured by `pdserve profile`, not fitted: GB/s each KV backend moves a prompt's KV at, and one token's K
+    # and V in one layer: the last layer of a prompt's last prefill step is what the layer-by-layer push
+    # cannot hide behind compute, so the commit that starts its decode waits for it
+    kv_gbs: dict[str, float] = field(default_factory=dict)
+    kv_layer_bytes: float = 0.0
+
+    def kv_exposed_s(self, backend: str, tokens: int) -> float:
+        """Seconds the decode start waits past the prefill for the last layer's KV of `tokens` tokens."""
+        gbs = self.kv_gbs.get(backend)
+        return tokens * self.kv_layer_bytes / (gbs * 1e9) if gbs else 0.0
 
     @classmethod
     def of(cls, profile: Profile) -> Service:
@@ -283,7 +295,9 @@ class Simulator:
             self._sync(r.decode)
             self._done(r)
             return
-        self.at(self.now + self.service.hop_s, lambda: self._commit(r))
+        last_step = min(len(r.prompt), r.prefill.actor.options.max_num_batched_tokens)
+        kv_s = self.service.kv_exposed_s(self.config.kv_backend, last_step)
+        self.at(self.now + self.service.hop_s + kv_s, lambda: self._commit(r))
 
     def _commit(self, r: SimRequest) -> None:
         seq, engine = r.seq, r.decode.actor

@@ -35,6 +35,13 @@ def test_profile_then_simulate(tiny_checkpoints, tmp_path, capsys, torch_threads
     # mixed up its terms (or a model of the wrong shape) still misses by far
     assert pool.fit["dense"]["median_rel_error"] < 0.5 and pool.fit["decode"]["median_rel_error"] < 0.5
     assert "dense" in capsys.readouterr().out
+    # and what KV transfer costs here, per backend, for this model's shape (the simulator's kv_gbs)
+    gbs = profile.service["kv_gbs"]
+    assert set(gbs) == {"ipc", "collective"} and all(v > 0.01 for v in gbs.values())
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(json.loads((tiny_checkpoints["llama"] / "config.json").read_text()))
+    assert profile.service["kv_layer_bytes"] == 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K and V, fp32
 
     # another layout's pool joins the same file
     assert main(["profile", "--model", model, "--quick", "--reps", "1", "--out", str(out), "--merge", *pools,

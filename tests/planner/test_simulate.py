@@ -4,6 +4,8 @@ every block comes back, and the router's rules (the local-prefill threshold, max
 for decode blocks) show in what it reports."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve.bench_report import format_run
@@ -40,6 +42,19 @@ def test_a_lone_disaggregated_request_takes_its_prefill_the_hops_and_one_step_pe
     # and its token reaches the client a hop later: the first hop counts once, the second for every token
     assert run["tpot_ms"]["p50"] == pytest.approx(1e3 * (2 * 0.002 + 4 * 0.011) / 4)
     assert run["paths"] == {"disaggregated": 1} and run["completed"] == 1
+
+
+def test_the_decode_start_waits_for_the_last_layers_kv_at_the_backends_measured_speed():
+    # 100 tokens x 1 kB a token-layer at 0.01 GB/s: 10 ms exposed before the commit; the first token is not
+    # held (it streams from the prefill), the second is, by exactly that
+    svc = Service(request_s=0.005, hop_s=0.002, kv_gbs={"ipc": 0.01, "collective": 0.001}, kv_layer_bytes=1000.0)
+    assert svc.kv_exposed_s("ipc", 100) == pytest.approx(0.01) and svc.kv_exposed_s("nccl", 100) == 0.0
+    plain = simulate(cluster(), profile(), [([1] * 100, 5)], rate=None, service=Service(request_s=0.005, hop_s=0.002))
+    run = simulate(cluster(), profile(), [([1] * 100, 5)], rate=None, service=svc)
+    assert run["ttft_ms"]["p50"] == pytest.approx(plain["ttft_ms"]["p50"])
+    assert run["tpot_ms"]["p50"] == pytest.approx(plain["tpot_ms"]["p50"] + 1e3 * 0.01 / 4)
+    slow = simulate(replace(cluster(), kv_backend="collective"), profile(), [([1] * 100, 5)], rate=None, service=svc)
+    assert slow["tpot_ms"]["p50"] == pytest.approx(plain["tpot_ms"]["p50"] + 1e3 * 0.1 / 4)
 
 
 def test_a_lone_colocated_request_prefills_and_decodes_on_its_decode_replica():
