@@ -27,8 +27,8 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 MAX_ROWS = 128
 # Where the CPU has AMX tiles too, the steps the int8 blocks still take: a step of a few rows streams the
 # weights once, and int8 is half the tiles' bytes (3072 x 576 from memory: 41 against 69 us at one row, 61
-# against 73 at four, 97 against 82 at eight)
-FEW_ROWS = 4
+# against 73 at four, 76 against 74 at six, 97 against 82 at eight; the LM head 1.2 against 1.5 ms at six)
+FEW_ROWS = 6
 WIDE_ROWS = 6  # rows per tile where the kernel widens the weights once a call (csrc/bqgemm.c's WR)
 
 

@@ -151,13 +151,14 @@ def test_default_model_runs_on_the_integers() -> None:
     # metrics count the bytes a step reads as stored: bf16 integers + fp32 d and m a block (2.25 bytes
     # a weight), so MBU is not overstated by the fp32 size
     assert llm.engine.runner.cost.weight_bytes == 2.25 / 4 * plain.engine.runner.cost.weight_bytes
-    # ... and a step of up to 4 tokens reads the int8 blocks beside them: 1 byte + fp16 d and m a block
+    # ... and a step of up to FEW_ROWS tokens reads the int8 blocks beside them: 1 byte + fp16 d and m a block
     from engine.layers import bqgemm
 
     assert llm.engine.runner.cost.small_step_tokens == (bqgemm.FEW_ROWS if bqgemm.supported() else 0)
     if bqgemm.supported():
-        assert llm.engine.runner.cost.weight_bytes_for(4) == 1.125 / 4 * plain.engine.runner.cost.weight_bytes
-        assert llm.engine.runner.cost.weight_bytes_for(5) == llm.engine.runner.cost.weight_bytes
+        few = bqgemm.FEW_ROWS
+        assert llm.engine.runner.cost.weight_bytes_for(few) == 1.125 / 4 * plain.engine.runner.cost.weight_bytes
+        assert llm.engine.runner.cost.weight_bytes_for(few + 1) == llm.engine.runner.cost.weight_bytes
     prompts = [[1, 504, 3458, 314, 4649, 30], list(range(100, 190)), [7, 8, 9]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     for a, b in zip(llm.generate(prompts, params), plain.generate(prompts, params)):
@@ -217,6 +218,7 @@ def test_beside_the_tiles_steps_of_a_few_rows_take_int8_blocks() -> None:
         kernel = bqgemm.linear(x, gate_up.weight_bq, None) if rows <= bqgemm.FEW_ROWS else qgemm.linear(
             x, gate_up.weight_amx, None)
         assert torch.equal(gate_up(x), kernel), rows
-    assert "int8 blocks on AVX-512 FMAs for steps of up to 4 rows" in gemm.matmul_path(llm.engine.runner.model)
+    assert f"int8 blocks on AVX-512 FMAs for steps of up to {bqgemm.FEW_ROWS} rows" in gemm.matmul_path(
+        llm.engine.runner.model)
     assert llm.engine.runner.stack_path == ("the C decoder stack over AMX tiles "
-                                            "(int8 blocks for steps of up to 4 tokens)")
+                                            f"(int8 blocks for steps of up to {bqgemm.FEW_ROWS} tokens)")
