@@ -217,7 +217,7 @@ def _as_stored(cost: ModelCost, model: torch.nn.Module, itemsize: int, tp_size: 
         return cost
     return dataclasses.replace(
         cost, weight_bytes=cost.weight_bytes + tiled * tp_size,
-        small_step_tokens=(bqgemm.FEW_ROWS if tiled else bqgemm.MAX_ROWS) if int8 else 0,
+        small_step_tokens=bqgemm.rows_taken(bool(tiled)) if int8 else 0,
         small_step_weight_bytes=cost.weight_bytes + int8 * tp_size if int8 else 0.0)
 
 

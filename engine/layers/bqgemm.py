@@ -29,7 +29,6 @@ MAX_ROWS = 128
 # weights once, and int8 is half the tiles' bytes (3072 x 576 from memory: 41 against 69 us at one row, 61
 # against 73 at four, 76 against 74 at six, 97 against 82 at eight; the LM head 1.2 against 1.5 ms at six)
 FEW_ROWS = 6
-WIDE_ROWS = 6  # rows per tile where the kernel widens the weights once a call (csrc/bqgemm.c's WR)
 
 
 class Packed8(NamedTuple):
@@ -87,6 +86,12 @@ def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Te
     return Packed8(q8, dm16, quant.q.shape[0], bool(quant.m.any()))
 
 
+def rows_taken(beside_tiles: bool) -> int:
+    """The most rows a step may have to take the int8 blocks: FEW_ROWS beside AMX tiles, else MAX_ROWS
+    (gemm.matmul, the C decoder stack and the step's byte count all ask here)."""
+    return FEW_ROWS if beside_tiles else MAX_ROWS
+
+
 def usable(x: torch.Tensor, packed: Packed8 | None, max_rows: int = MAX_ROWS) -> bool:
     return (packed is not None and x.dim() == 2 and x.shape[0] <= max_rows and x.dtype is torch.float32
             and x.is_cpu and x.shape[1] == packed.q8.shape[1])
@@ -105,9 +110,8 @@ def _buffer(name: str, numel: int) -> torch.Tensor:
 
 def scratch_numel(rows: int, k: int) -> tuple[int, int]:
     """Floats of the kernel's two scratch buffers for a call of `rows` rows over k inputs: the
-    block sums, and x packed for the wide path (0 where the call streams)."""
-    padded = -(-rows // WIDE_ROWS) * WIDE_ROWS
-    return padded * (k // BLOCK), padded * k
+    block sums, and x packed per tile (used past 8 rows)."""
+    return rows * (k // BLOCK), rows * k
 
 
 def linear(x: torch.Tensor, packed: Packed8, bias: torch.Tensor | None) -> torch.Tensor:

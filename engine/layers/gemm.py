@@ -119,7 +119,7 @@ def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | Non
     """x @ W^T (+ bias) by the first of W's layouts that takes x: the int8 blocks (a step of up to
     bqgemm.FEW_ROWS rows beside tiles, bqgemm.MAX_ROWS without), the AMX tiles, the fp32 panels, else
     MKL on the [in, out] weight_t (None only where the tiles take every fp32 step)."""
-    if bqgemm.usable(x, bq, bqgemm.FEW_ROWS if amx is not None else bqgemm.MAX_ROWS):
+    if bqgemm.usable(x, bq, bqgemm.rows_taken(amx is not None)):
         return bqgemm.linear(x, bq, bias)
     if qgemm.usable(x, amx):
         return qgemm.linear(x, amx, bias)

@@ -133,7 +133,7 @@ class NativeDecoder:
         # steps it takes: all where there are tiles; int8 blocks alone, up to bqgemm's rows (LlamaModel.forward
         # checks); and the steps that take the int8 blocks (gemm.matmul's choice)
         self.max_tokens = None if self.tiles else bqgemm.MAX_ROWS
-        self.bq_rows = 0 if not self.int8 else bqgemm.FEW_ROWS if self.tiles else bqgemm.MAX_ROWS
+        self.bq_rows = bqgemm.rows_taken(self.tiles) if self.int8 else 0
         self._model = _Model(
             len(layers), self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, attn0.k_cache.shape[1],
             cfg.rms_norm_eps, attn0.scale, ctypes.addressof(self._layers), inner.norm.weight.data_ptr(),

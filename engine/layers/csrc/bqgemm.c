@@ -28,6 +28,7 @@
  *   chunk of 96 rows (K x 32 floats of its own scratch, in L2) and walks the rows in tiles of 6 over
  *   it: per k two loads of weights and six broadcasts of x feed twelve FMAs (12 partial + 12 running
  *   sums + 2 weights: 26 registers), x packed per tile of 6 rows.
+ * One tile function serves the first and last (tile: every sum in registers), stream_tile the middle.
  *
  * Every path computes each output with the same FMAs in the same order (the partial sum of a block
  * from zero over its 32 k, then acc = T d + acc, then acc = m S + acc, the bias added last), so a
@@ -44,7 +45,7 @@
 #define ST 24    /* rows per streaming tile */
 #define WIDE_MIN 48 /* rows from which the wide path takes over */
 #define WG 2     /* column groups per wide tile */
-#define WR 6     /* rows per wide tile (bqgemm.py's WIDE_ROWS) */
+#define WR 6     /* rows per wide tile */
 #define CHUNK 96 /* rows per chunk on the wide path */
 
 int bqgemm_supported(void) {
@@ -106,14 +107,17 @@ static inline __attribute__((always_inline)) void stream_tile(const int rt, cons
                               _mm512_add_ps(rt <= 8 ? acc[i] : _mm512_maskz_loadu_ps(mask, y + i * ldy), bv));
 }
 
-/* Up to 8 rows (rt) of cg column groups side by side, x read where it lies (row stride ldx), the block
- * sums S_b[i] at xs[i nb + b]. Each output's partial sum is a chain of 32 dependent FMAs; one row of
- * one group leaves the FMA unit waiting on each FMA's latency, so few rows take several groups at
- * once: rt x cg chains in flight (the same FMAs per output as stream_tile). */
-static inline __attribute__((always_inline)) void few_rows(const int rt, const int cg, const float *x, int64_t ldx,
-                                                           const float *xs, int64_t nb, int64_t K, const int8_t *qg,
-                                                           const uint16_t *dmg, int has_m, float *y, int64_t ldy,
-                                                           const __mmask16 *mask, const float *bias) {
+/* A tile of rt rows by cg column groups with every sum in registers (rt and cg constants where it is
+ * inlined, so the loops unroll): group j's weights at k from its int8 integers, q + j K G, widened as
+ * they stream, or (widened) from the copy w [K][WG][G] the wide path made; x's element (i, k) at
+ * x[i xi + k xk], the block sums S_b[i] at xs[i si + b sb]; group j's scales at dm + j nb 2 G; y and
+ * bias (or 0) at the tile's first column. The same FMAs per output as stream_tile. */
+static inline __attribute__((always_inline)) void tile(const int rt, const int cg, const int widened,
+                                                       const int8_t *q, int64_t K, const float *w, const float *x,
+                                                       int64_t xi, int64_t xk, const float *xs, int64_t si,
+                                                       int64_t sb, int64_t nb, const uint16_t *dm, int has_m,
+                                                       float *y, int64_t ldy, const __mmask16 *mask,
+                                                       const float *bias) {
     __m512 acc[8][4], t[8][4];
 #pragma GCC unroll 8
     for (int i = 0; i < rt; i++)
@@ -124,27 +128,29 @@ static inline __attribute__((always_inline)) void few_rows(const int rt, const i
         for (int i = 0; i < rt; i++)
 #pragma GCC unroll 4
             for (int j = 0; j < cg; j++) t[i][j] = _mm512_setzero_ps();
-        const int8_t *qb = qg + b * BLK * G;
-        const float *xb = x + b * BLK;
-        for (int k = 0; k < BLK; k++) {
-            __m512 w[4];
+        for (int k = b * BLK; k < (b + 1) * BLK; k++) {
+            __m512 wk[4];
 #pragma GCC unroll 4
-            for (int j = 0; j < cg; j++) w[j] = widen(qb + j * K * G + k * G);
+            for (int j = 0; j < cg; j++)
+                wk[j] = widened ? _mm512_load_ps(w + (k * WG + j) * G) : widen(q + (j * K + k) * G);
 #pragma GCC unroll 8
             for (int i = 0; i < rt; i++) {
-                const __m512 xv = _mm512_set1_ps(xb[i * ldx + k]);
+                const __m512 xv = _mm512_set1_ps(x[i * xi + k * xk]);
 #pragma GCC unroll 4
-                for (int j = 0; j < cg; j++) t[i][j] = _mm512_fmadd_ps(w[j], xv, t[i][j]);
+                for (int j = 0; j < cg; j++) t[i][j] = _mm512_fmadd_ps(wk[j], xv, t[i][j]);
             }
         }
 #pragma GCC unroll 4
         for (int j = 0; j < cg; j++) {
-            const uint16_t *dmb = dmg + j * nb * 2 * G + b * 2 * G;
-            const __m512 d = scales(dmb), m = scales(dmb + G);
+            const uint16_t *dmb = dm + (j * nb + b) * 2 * G;
+            const __m512 d = scales(dmb);
 #pragma GCC unroll 8
-            for (int i = 0; i < rt; i++) {
-                acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
-                if (has_m) acc[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * nb + b]), acc[i][j]);
+            for (int i = 0; i < rt; i++) acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
+            if (has_m) {
+                const __m512 m = scales(dmb + G);
+#pragma GCC unroll 8
+                for (int i = 0; i < rt; i++)
+                    acc[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * si + b * sb]), acc[i][j]);
             }
         }
     }
@@ -170,11 +176,11 @@ static inline __mmask16 group_mask(int64_t N, int64_t g) {  /* the columns of gr
                                         group_mask(N, g + 3)};                                             \
             const float *bg = bias ? bias + g * G : 0;                                                     \
             if (step == cg)                                                                                \
-                few_rows(rt, cg, x, ldx, xs, nb, K, q8 + g * K * G, dm + g * nb * 2 * G, has_m, y + g * G, \
-                         ldy, masks, bg);                                                                  \
+                tile(rt, cg, 0, q8 + g * K * G, K, 0, x, ldx, 1, xs, nb, 1, nb, dm + g * nb * 2 * G, has_m,   \
+                     y + g * G, ldy, masks, bg);                                                           \
             else                                                                                           \
-                few_rows(rt, 1, x, ldx, xs, nb, K, q8 + g * K * G, dm + g * nb * 2 * G, has_m, y + g * G,  \
-                         ldy, masks, bg);                                                                  \
+                tile(rt, 1, 0, q8 + g * K * G, K, 0, x, ldx, 1, xs, nb, 1, nb, dm + g * nb * 2 * G, has_m,    \
+                     y + g * G, ldy, masks, bg);                                                           \
         }                                                                                                  \
         break
 
@@ -200,25 +206,34 @@ static void decode_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, co
 #define STREAM_CASE(n) \
     case n: stream_tile(n, xt, xst, nb, qg, dmg, has_m, yt, ldy, mask, bg); break
 
+/* Inside a parallel region: x packed per tile of up to tr rows (the last one shorter) as [K][rt] at xp + r0 K,
+ * its block sums as [nb][rt] at xs + r0 nb, a block of 32 k of a tile at a time (so no two threads write
+ * one cache line), so a tile's broadcasts come off one pointer. */
+static void pack_rows(const float *x, int64_t ldx, int64_t rows, int64_t K, int64_t tr, int has_m, float *xp,
+                      float *xs) {
+    const int64_t nb = K / BLK, items = (rows + tr - 1) / tr * nb;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t r0 = it / nb * tr, b = it % nb, rt = rows - r0 < tr ? rows - r0 : tr;
+        float *dst = xp + r0 * K + b * BLK * rt, *sums = xs + r0 * nb + b * rt;
+        for (int64_t i = 0; i < rt; i++) {
+            const float *xr = x + (r0 + i) * ldx + b * BLK;
+            for (int k = 0; k < BLK; k++) dst[k * rt + i] = xr[k];
+            sums[i] = has_m ? block_sum(xr) : 0.0f;
+        }
+    }
+}
+
 /* 9 to WIDE_MIN - 1 rows: x and its block sums packed per tile of up to ST rows as [K][rt] and [nb][rt]
  * (a block of 32 k of a tile at a time, so no two threads write one cache line), then OpenMP over
  * column groups, each walking the tiles. */
 static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                       int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
                       float *xp) {
-    const int64_t nb = K / BLK, items = (rows + ST - 1) / ST * nb;
+    const int64_t nb = K / BLK;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < items; it++) {
-            const int64_t r0 = it / nb * ST, b = it % nb, rt = rows - r0 < ST ? rows - r0 : ST;
-            float *dst = xp + r0 * K + b * BLK * rt, *sums = xs + r0 * nb + b * rt;
-            for (int64_t i = 0; i < rt; i++) {
-                const float *xr = x + (r0 + i) * ldx + b * BLK;
-                for (int k = 0; k < BLK; k++) dst[k * rt + i] = xr[k];
-                sums[i] = has_m ? block_sum(xr) : 0.0f;
-            }
-        }
+        pack_rows(x, ldx, rows, K, ST, has_m, xp, xs);
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
             const int8_t *qg = q8 + g * K * G;
@@ -241,58 +256,6 @@ static void streaming(const float *x, int64_t ldx, int64_t rows, int64_t K, cons
     }
 }
 
-/* One wide tile: rt rows (<= WR) by cg column groups (1 or 2) over the widened weights w [K][WG][G],
- * x packed as xp [K][WR] and its block sums as xsp [nb][WR]; y and bias at the tile's first column.
- * The same FMAs per output as tile(). Everything else stays in memory: the 24 sums and two weight
- * vectors take 26 of the 32 registers. */
-static inline __attribute__((always_inline)) void wide_tile(const int rt, const int cg, const float *xp,
-                                                            const float *xsp, int64_t nb, const float *w,
-                                                            const uint16_t *dmg, int64_t dm_stride, int has_m,
-                                                            float *y, int64_t ldy, const __mmask16 *mask,
-                                                            const float *bias) {
-    __m512 acc[WR][WG], t[WR][WG];
-#pragma GCC unroll 8
-    for (int i = 0; i < rt; i++)
-#pragma GCC unroll 2
-        for (int j = 0; j < cg; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-#pragma GCC unroll 8
-        for (int i = 0; i < rt; i++)
-#pragma GCC unroll 2
-            for (int j = 0; j < cg; j++) t[i][j] = _mm512_setzero_ps();
-        const float *wb = w + b * BLK * WG * G, *xb = xp + b * BLK * WR;
-        for (int k = 0; k < BLK; k++) {
-            __m512 wk[WG];
-#pragma GCC unroll 2
-            for (int j = 0; j < cg; j++) wk[j] = _mm512_load_ps(wb + (k * WG + j) * G);
-#pragma GCC unroll 8
-            for (int i = 0; i < rt; i++) {
-                const __m512 xv = _mm512_set1_ps(xb[k * WR + i]);
-#pragma GCC unroll 2
-                for (int j = 0; j < cg; j++) t[i][j] = _mm512_fmadd_ps(wk[j], xv, t[i][j]);
-            }
-        }
-#pragma GCC unroll 2
-        for (int j = 0; j < cg; j++) {
-            const __m512 d = scales(dmg + j * dm_stride + b * 2 * G);
-#pragma GCC unroll 8
-            for (int i = 0; i < rt; i++) acc[i][j] = _mm512_fmadd_ps(t[i][j], d, acc[i][j]);
-            if (has_m) {
-                const __m512 m = scales(dmg + j * dm_stride + (b * 2 + 1) * G);
-#pragma GCC unroll 8
-                for (int i = 0; i < rt; i++)
-                    acc[i][j] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsp[b * WR + i]), acc[i][j]);
-            }
-        }
-    }
-#pragma GCC unroll 2
-    for (int j = 0; j < cg; j++) {
-        const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask[j], bias + j * G) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-        for (int i = 0; i < rt; i++) _mm512_mask_storeu_ps(y + i * ldy + j * G, mask[j], _mm512_add_ps(acc[i][j], bv));
-    }
-}
-
 /* This thread's scratch for widened weights, grown to the largest asked for and kept. */
 static float *thread_scratch(int64_t floats) {
     static __thread float *buf;
@@ -308,27 +271,19 @@ static float *thread_scratch(int64_t floats) {
 
 #define WIDE_TILE(rt)                                                                              \
     do {                                                                                           \
-        if (cg == 2) wide_tile(rt, 2, xt, xst, nb, w, dmg, nb * 2 * G, has_m, yr, ldy, mask, bg);  \
-        else wide_tile(rt, 1, xt, xst, nb, w, dmg, nb * 2 * G, has_m, yr, ldy, mask, bg);          \
+        if (cg == 2) tile(rt, 2, 1, 0, K, w, xt, 1, rt, xst, 1, rt, nb, dmg, has_m, yr, ldy, mask, bg); \
+        else tile(rt, 1, 1, 0, K, w, xt, 1, rt, xst, 1, rt, nb, dmg, has_m, yr, ldy, mask, bg);          \
     } while (0)
 
 /* rows > RT: see the header. Returns 0, or -2 where a thread could not allocate its scratch. */
 static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                 int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xsp,
                 float *xp) {
-    const int64_t nb = K / BLK, pairs = (groups + WG - 1) / WG, tiles = (rows + WR - 1) / WR;
+    const int64_t nb = K / BLK, pairs = (groups + WG - 1) / WG;
     int failed = 0;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {  /* pack x per tile: [K][WR], the block sums [nb][WR] */
-            float *dst = xp + t * K * WR, *sums = xsp + t * nb * WR;
-            for (int i = 0; i < WR; i++) {
-                const int64_t r = t * WR + i;
-                for (int64_t k = 0; k < K; k++) dst[k * WR + i] = r < rows ? x[r * ldx + k] : 0.0f;
-                for (int64_t b = 0; b < nb; b++) sums[b * WR + i] = r < rows && has_m ? block_sum(x + r * ldx + b * BLK) : 0.0f;
-            }
-        }
+        pack_rows(x, ldx, rows, K, WR, has_m, xp, xsp);
         float *w = thread_scratch(K * WG * G);
         if (!w) {
 #pragma omp atomic write
@@ -351,7 +306,7 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
                     for (int j = 0; j < WG; j++) mask[j] = j < cg ? group_mask(N, g0 + j) : 0;
                     for (int64_t r0 = c0; r0 < c1; r0 += WR) {
                         const int64_t rt = c1 - r0 < WR ? c1 - r0 : WR;
-                        const float *xt = xp + r0 * K, *xst = xsp + r0 * nb;  /* r0 is a multiple of WR */
+                        const float *xt = xp + r0 * K, *xst = xsp + r0 * nb;  /* r0: a multiple of WR */
                         float *yr = y + r0 * ldy + g0 * G;
                         switch (rt) {
                             case 6: WIDE_TILE(6); break;
@@ -370,9 +325,9 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
 #endif
 
 /* x [rows][K] (row stride ldx), y [rows][N] (row stride ldy). Scratch (bqgemm.py sizes it): xs,
- * ceil(rows / 6) * 6 * K / 32 floats (the block sums); xp, ceil(rows / 6) * 6 * K floats where
- * rows > 8 (x packed; unused otherwise). Returns 0; -1 where this build has no AVX-512 (nothing
- * written); -2 where a thread could not allocate its scratch for the widened weights. */
+ * rows * K / 32 floats (the block sums); xp, rows * K floats (x packed per tile; unused up to 8
+ * rows). Returns 0; -1 where this build has no AVX-512 (nothing written); -2 where a thread could
+ * not allocate its scratch for the widened weights. */
 int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
                float *xp) {
