@@ -10,8 +10,19 @@ import importlib
 from typing import Any
 
 # the KV backends: same host ("ipc": shared memory on CPU, CUDA IPC on GPU), or any hosts ("collective":
-# torch.distributed send/recv over gloo; an NCCL data plane is not built yet)
+# torch.distributed send/recv, NCCL between GPUs, gloo on CPU: kv_transfer.collective.Wire)
 BACKENDS = ("ipc", "collective")
+# what a cluster config may say: a backend, or "auto" (resolve_backend picks one when the cluster starts)
+CHOICES = ("auto", *BACKENDS)
+
+
+def resolve_backend(choice: str, one_host: bool) -> str:
+    """The backend a cluster runs: `choice` itself, or for "auto" `ipc` when every replica shares one host
+    (a local Ray: shared memory on CPU, CUDA IPC on GPU) and `collective` otherwise (a joined Ray cluster
+    may place the pools on different nodes: NCCL on GPUs, gloo on CPUs)."""
+    if choice not in CHOICES:
+        raise ValueError(f"kv_backend={choice!r}; available: {CHOICES}")
+    return choice if choice != "auto" else "ipc" if one_host else "collective"
 
 _EXPORTS = {"KVReceiver": "kv_transfer.receiver", "KVSender": "kv_transfer.sender", "PrefillDone": "kv_transfer.sender",
             "Lease": "kv_transfer.metadata", "PoolHandle": "kv_transfer.metadata"}

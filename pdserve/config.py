@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.options import DTYPES, EngineOptions
-from kv_transfer import BACKENDS as KV_BACKENDS
+from kv_transfer import CHOICES as KV_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,9 @@ class ClusterConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct), a Hugging Face folder, or a .gguf file
     name: str = "pdserve"  # Ray namespace and the prefix of actor and KV pool names
     ray_address: str | None = None  # None: start a local Ray bound to 127.0.0.1; "auto": join the running one
-    kv_backend: str = "ipc"
+    # "auto": ipc on a local Ray (one host), collective on a joined Ray cluster; "ipc": same host (shared memory
+    # on CPU, CUDA IPC on GPU); "collective": any hosts (NCCL between GPUs, gloo on CPU)
+    kv_backend: str = "auto"
     kv_lease_s: float = 30.0  # a decode reservation that gets no KV this long is freed
     replace_dead_replicas: bool = True  # a replica whose actor or engine dies is replaced (both KV backends)
     prefill: PoolConfig = PoolConfig(max_num_batched_tokens=512, num_kv_blocks=256)

@@ -3,6 +3,7 @@ prefill pools as Ray actors in placement groups, then the router's gRPC server. 
 the engines are imported inside the actors."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -144,6 +145,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     import ray
 
     from decode_worker import DecodeWorker
+    from kv_transfer import resolve_backend
     from prefill_worker import PrefillWorker
     from router.placement import Replica
     from router.router import Router
@@ -179,8 +181,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
             progress(f"[{time.monotonic() - t0:5.1f}s] {msg}")
 
     owns_ray = init_ray(config)
+    config = dataclasses.replace(config, kv_backend=resolve_backend(config.kv_backend, one_host=owns_ray))
     say(f"Ray {'started on 127.0.0.1' if owns_ray else 'connected'}: "
-        f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
+        f"{ray.cluster_resources().get('CPU', 0):g} CPUs; KV over {config.kv_backend}")
     tag = uuid.uuid4().hex[:8]
     _remove_orphan_pools()
     _remove_stale_targets()

@@ -48,6 +48,7 @@ from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from kv_transfer import resolve_backend
 from pdserve.workload import mix_requests, mix_shape, steady_count
 from planner.answers import Answers
 from planner.cost import Profile, StepModel, pool_key
@@ -149,6 +150,8 @@ class Simulator:
         """rule: slo_aware's, fixed (None: as router.dispatch_retune_s has it, tuned to the simulated traffic by
         `tuner`, a planner.simulate.Tuner of this config, or a new one)."""
         self.config, self.router = config, config.router
+        # a simulated cluster is on one host unless its config says the KV crosses hosts
+        self.backend = resolve_backend(config.kv_backend, one_host=True)
         self.service = service or Service.of(profile)
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -296,7 +299,7 @@ class Simulator:
             self._done(r)
             return
         last_step = min(len(r.prompt), r.prefill.actor.options.max_num_batched_tokens)
-        kv_s = self.service.kv_exposed_s(self.config.kv_backend, last_step)
+        kv_s = self.service.kv_exposed_s(self.backend, last_step)
         self.at(self.now + self.service.hop_s + kv_s, lambda: self._commit(r))
 
     def _commit(self, r: SimRequest) -> None:

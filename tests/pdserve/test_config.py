@@ -157,3 +157,15 @@ def test_autoscale_flags_turn_it_on_over_the_files_settings(tmp_path) -> None:
         build_parser().parse_args(["serve", "--autoscale-decode", "3"])
     with pytest.raises(ValueError, match="router.profile.*target_ongoing_requests"):
         _cluster_config(build_parser().parse_args(["serve", "--autoscale-decode", "1:3"]))
+
+
+def test_auto_kv_backend_is_shared_memory_on_one_host_and_collective_across_hosts() -> None:
+    from kv_transfer import resolve_backend
+
+    assert ClusterConfig().kv_backend == "auto" and "auto" in KV_BACKENDS
+    assert resolve_backend("auto", one_host=True) == "ipc"
+    assert resolve_backend("auto", one_host=False) == "collective"
+    for backend in ("ipc", "collective"):  # a backend named is kept, wherever the pools are
+        assert resolve_backend(backend, one_host=False) == resolve_backend(backend, one_host=True) == backend
+    with pytest.raises(ValueError, match="kv_backend='nccl'"):
+        resolve_backend("nccl", one_host=True)
