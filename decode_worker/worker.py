@@ -71,6 +71,14 @@ class DecodeWorker(ReplicaShell):
         tp = self.engine.config.options.tensor_parallel_size
         await join_pair(self.kv.local, self.rank_actors(), host, port, 0, tp + prefill_tp, prefix, str(prefill_uid))
 
+    async def drop_kv_pair(self, prefill_uid: int, why: str) -> None:
+        """Stop receiving from prefill replica `prefill_uid` (it died or left its pool) on every rank: its pair
+        group is aborted (collective backend: kv_transfer.collective's watchdog); nothing to do on ipc."""
+        if self.kv.local is None or self.kv.local.receiver is None:
+            return
+        self.kv.local.drop_pair(str(prefill_uid), why)
+        await asyncio.gather(*(a.kv.remote("drop_pair", str(prefill_uid), why) for a in self.rank_actors()))
+
     async def reserve(self, prompt_token_ids: list[int], params: dict[str, Any], request_id: str,
                       local_below: int = 0) -> Reservation | None:
         """Hold blocks for a prompt a prefill replica will write (those of its prefix this replica's

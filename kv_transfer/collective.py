@@ -1,15 +1,25 @@
-"""The `collective` backend: torch.distributed send/recv between prefill ranks and decode ranks
-over gloo (TCP, so it works across hosts; on CUDA each layer is staged through host memory:
-an NCCL data plane would skip that, but NCCL wants a GPU per rank to be tested). Each pair of a
+"""The `collective` backend: torch.distributed send/recv between prefill ranks and decode ranks,
+over NCCL between GPUs and gloo on CPUs (or, asked for, gloo between GPUs: each layer staged through
+host memory). The transport is chosen in one place (Wire); the planning of what goes where, the
+protocol, the receiving threads and the watchdog are the same code on both. Each pair of a
 prefill replica and a decode replica forms a group of its own, its pair group: the decode
 replica's ranks first (0..TP_d-1), then the prefill replica's. So the two pools may run different
 TP degrees (each prefill rank sends each decode rank the KV heads both of them hold, re-sharding
 in flight), a replica that joins (a replacement, a scale-up) forms groups with the live replicas
-of the other pool while the rest go on, and one that dies breaks only its own pairs (a gloo group
-cannot take a new member; one group for the whole cluster would have to be formed again). A
-decode rank receives on each of its pair groups on a thread of its own, into one record of what
-has landed, and counts a transfer as landed once every rank of some sending replica that owes it
-heads has delivered.
+of the other pool while the rest go on, and one that dies breaks only its own pairs (neither gloo
+nor NCCL groups take a new member; one group for the whole cluster would have to be formed again).
+A decode rank receives from each prefill rank that owes it heads on a thread of its own (NCCL has
+no receive from any source), into one record of what has landed, and counts a transfer as landed
+once every rank of some sending replica that owes it heads has delivered.
+
+A dead peer: on gloo a send or receive fails at once when the peer's process goes (its sockets
+close). NCCL cannot time out a receive without tearing the communicator down, so a watchdog does it:
+a pair group is dropped (Wire.abort: the communicator aborted, its blocked operations end) when the
+cluster says its prefill replica is gone (drop_pair), or when a step that has begun stops arriving
+for `stall_s`; a sender drops a decode pool whose sends have not completed for as long. The requests
+that were crossing it are then lost to that pair (KVLost, moved or prefilled again by the router) and
+a replacement forms a new pair group. On gloo the same watchdog marks the pair dropped; its blocked
+receive ends when the peer's process does (gloo's abort does not interrupt it).
 
 Wire protocol per step, prefill rank and decode rank, all within their pair group, in order:
   header  int64 [6]              num_rows, num_segments, first and end head in the decode rank's
@@ -22,6 +32,9 @@ Wire protocol per step, prefill rank and decode rank, all within their pair grou
           as layer l is computed, so the transfer overlaps the remaining layers."""
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,31 +49,96 @@ from kv_transfer.plan import all_rows, plan_step
 
 HEADER = 6
 FORGOTTEN_KEEP_S = 600.0  # how long rows of a forgotten transfer are still recognised (and dropped)
+STALL_S = 30.0  # a step begun whose next message has not come (or a send not done) this long: the peer is gone
+NEVER = datetime.timedelta(days=3650)  # a pair group's operations never time out: the watchdog ends them
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How the collective backend's messages travel; the one place where NCCL and gloo differ.
+    nccl: messages are device tensors, sends run on NCCL's own stream (after the layer's compute on
+    the current one, so they overlap the next layer's), each receiving thread works on a side stream
+    and synchronizes it before a layer counts as landed (the decode step, which reads the pool once
+    a transfer has landed, never sees a write in flight); a sender never makes its compute stream
+    wait for a send (a dead peer would stall it), the watchdog looks at the sends instead.
+    gloo: messages are host tensors (a GPU pool's layers staged through host memory), operations
+    block the calling thread, and a step waits for its sends (a dead peer fails them at once)."""
+    backend: str  # "nccl" or "gloo"
+    device: torch.device  # where the KV lives
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> Wire:
+        """NCCL for a CUDA pool, gloo for a CPU one; PDSERVE_KV_WIRE=gloo keeps a CUDA pool on gloo (two
+        processes on one GPU: NCCL refuses two ranks on one device)."""
+        device = torch.device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        return cls(os.environ.get("PDSERVE_KV_WIRE", backend) if device.type == "cuda" else backend, device)
+
+    @property
+    def buffers(self) -> torch.device:
+        """Where messages are sent from and received into."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    @property
+    def waits_for_sends(self) -> bool:
+        return self.backend == "gloo"
+
+    def group(self, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
+        if self.backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = NEVER
+            return dist.ProcessGroupNCCL(store, rank, world_size, options)
+        return dist.ProcessGroupGloo(store, rank, world_size, NEVER)
+
+    def outgoing(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as sent: where the wire's buffers are (no copy when it is there already)."""
+        return tensor.to(self.buffers)
+
+    def stream(self) -> contextlib.AbstractContextManager:
+        """A receiving thread's stream (a side stream of its own on CUDA)."""
+        return torch.cuda.stream(torch.cuda.Stream(self.device)) if self.device.type == "cuda" else \
+            contextlib.nullcontext()
+
+    def settle(self) -> None:
+        """A receiving thread's writes into the pool are done (before they count as landed)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def abort(self, group: dist.ProcessGroup) -> None:
+        """End a pair group's blocked operations (NCCL: abort the communicator). Gloo's abort does not
+        interrupt a blocked receive (the peer's closed connection does), so it is left alone."""
+        if self.backend == "nccl":
+            with contextlib.suppress(Exception):
+                group.abort()
 
 
 def _isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup) -> dist.Work:
     return group.send([tensor], dst, 0)
 
 
-def _recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup) -> int:
-    """Receive into tensor from src (None: any source); returns the source rank."""
-    work = group.recv_anysource([tensor], 0) if src is None else group.recv([tensor], src, 0)
-    work.wait()
-    return work.source_rank() if src is None else src
+def _recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup) -> None:
+    """Receive into tensor from src (on CUDA: the current stream waits for it)."""
+    group.recv([tensor], src, 0).wait()
 
 
-def kv_group(store_host: str, store_port: int, rank: int, world_size: int, prefix: str,
+def kv_group(store_host: str, store_port: int, rank: int, world_size: int, prefix: str, wire: Wire,
              rendezvous_timeout_s: float = 600.0) -> dist.ProcessGroup:
-    """A gloo group of its own for KV transfer (the ranks of one prefill and one decode replica),
-    apart from the default group a tensor-parallel replica uses; the store is the decode replica's
-    TCPStore. Its operations never time out: a gloo receive that times out closes the group's
-    connections, and a decode rank's receiver waits for as long as the pair is idle (a dead peer
-    fails a send or receive at once)."""
-    import datetime
-
+    """A group of its own for KV transfer (the ranks of one prefill and one decode replica), apart
+    from the default group a tensor-parallel replica uses; the store is the decode replica's TCPStore.
+    Its operations never time out (a gloo receive that times out closes the group's connections, an
+    NCCL one aborts the communicator, and a decode rank's receiver waits for as long as the pair is
+    idle): dead peers are the watchdog's (module docstring)."""
     bind_gloo_to(store_host)
     store = tcp_store(store_host, store_port, is_master=False, timeout_s=rendezvous_timeout_s)
-    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, datetime.timedelta(days=3650))
+    return wire.group(dist.PrefixStore(prefix, store), rank, world_size)
+
+
+def senders_to(num_kv_heads: int, heads: tuple[int, int], prefill_tp: int) -> list[int]:
+    """The ranks of a prefill replica at TP prefill_tp that send a decode rank holding `heads` (a rank
+    whose heads are replicated on a lower rank sends nothing)."""
+    replicas = max(1, prefill_tp // num_kv_heads)
+    return [r for r in range(0, prefill_tp, replicas)
+            if (o := _overlap(kv_head_range(num_kv_heads, r, prefill_tp), heads))[0] < o[1]]
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -73,19 +151,27 @@ class CollectiveKVSaver(KVSaver):
     replicated on a lower rank sends nothing), over the pair group of that decode replica
     (join_pair; without one, the default torch.distributed group as rank 0: tests)."""
 
-    def __init__(self, num_kv_heads: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_kv_heads: int, rank: int = 0, world_size: int = 1, stall_s: float = STALL_S) -> None:
         self.num_kv_heads, self.tp_rank, self.tp_size = num_kv_heads, rank, world_size
         self.heads = kv_head_range(num_kv_heads, rank, world_size)
         self.writes = rank % max(1, world_size // num_kv_heads) == 0
+        self.wire = Wire.for_device("cpu")  # bind_local: the wire of the device the KV is on
+        self.stall_s = stall_s
         self.uid = 0  # the sending replica's id (join_pair), the same on each of its ranks
         self.groups: dict[str, dist.ProcessGroup] = {}  # decode pool name -> its pair group
         # pool name -> per decode rank: (its rank in the pair group, its heads [start, end), block
         # size, how many ranks of this replica send it heads)
         self.peers: dict[str, list[tuple[int, tuple[int, int], int, int]]] = {}
-        self._dsts: list[tuple[int, str, torch.Tensor | None, slice | None, torch.Tensor | None]] = []
-        self._inflight: list[tuple[dist.Work, torch.Tensor, str]] = []
+        self._dsts: list[tuple[int, str, dist.ProcessGroup, torch.Tensor | None, slice | None,
+                               torch.Tensor | None]] = []
+        # sends not known done: (work, the tensor it sends, pool name, when posted)
+        self._inflight: list[tuple[dist.Work, torch.Tensor, str, float]] = []
         self._unreachable: dict[str, str] = {}  # pool name -> why (a send to one of its ranks failed)
         self.bytes_sent = 0
+
+    def bind_local(self, kv_cache: torch.Tensor) -> None:
+        super().bind_local(kv_cache)
+        self.wire = Wire.for_device(kv_cache.device)
 
     def join_pair(self, pool_name: str, group: dist.ProcessGroup, uid: int) -> None:
         """The pair group with decode replica `pool_name` is formed (attach its ranks next); uid: this
@@ -93,11 +179,13 @@ class CollectiveKVSaver(KVSaver):
         self.groups[pool_name], self.uid = group, uid
 
     def detach(self, pool_name: str) -> None:
-        """Forget a decode replica (it died or left): its ranks and its pair group. Called between
-        steps, once no prompt is bound there."""
+        """Forget a decode replica (it died or left): its ranks and its pair group (aborted, so a send
+        to a dead peer still pending on NCCL ends). Called between steps, once no prompt is bound there."""
         self.peers.pop(pool_name, None)
-        self.groups.pop(pool_name, None)
+        if (group := self.groups.pop(pool_name, None)) is not None:
+            self.wire.abort(group)
         self._unreachable.pop(pool_name, None)
+        self._inflight = [x for x in self._inflight if x[2] != pool_name]
 
     def attach(self, handle: PoolHandle) -> None:
         """Learn one decode rank of a decode replica (attaching it again is a no-op)."""
@@ -109,9 +197,7 @@ class CollectiveKVSaver(KVSaver):
 
     def _senders_of(self, heads: tuple[int, int]) -> int:
         """How many ranks of this replica send a decode rank holding `heads`."""
-        replicas = max(1, self.tp_size // self.num_kv_heads)
-        return sum(1 for r in range(0, self.tp_size, replicas)
-                   if (o := _overlap(kv_head_range(self.num_kv_heads, r, self.tp_size), heads))[0] < o[1])
+        return len(senders_to(self.num_kv_heads, heads, self.tp_size))
 
     def plan(self, layout: StepLayout) -> dict[str, tuple[list[int] | None, list[int], list[int], list[int]]]:
         """Rank 0: per destination pool, the rows of the flat batch (None: all) then of the cached slots
@@ -125,21 +211,25 @@ class CollectiveKVSaver(KVSaver):
     def begin_planned(self, sends: dict[str, tuple[list[int] | None, list[int], list[int], list[int]]]) -> None:
         """Every rank: send each decode rank the header and index of its share of rank 0's plan."""
         self._dsts = []
+        self._watch()
         if not self.writes:
             return
+        device = self.wire.buffers
         for name, (rows, slots, segments, cached) in sends.items():
             # the pair group, taken once for the whole step (detach may drop it from another thread)
             group = self.groups.get(name) or (None if self.groups else dist.group.WORLD)
             if name in self._unreachable or group is None:
                 continue
-            rows_t, index = (None if rows is None else torch.tensor(rows)), torch.tensor(slots + segments)
-            cached_t = torch.tensor(cached) if cached else None
+            kv_device = self.local_kv.device if self.local_kv is not None else device
+            rows_t = None if rows is None else torch.tensor(rows, device=kv_device)
+            cached_t = torch.tensor(cached, device=kv_device) if cached else None
+            index = torch.tensor(slots + segments, device=device)
             for dst, heads, _, senders in self.peers[name]:
                 lo, hi = _overlap(heads, self.heads)
                 if lo >= hi:
                     continue
                 self._send(torch.tensor([len(slots), len(segments) // 3, lo - heads[0], hi - heads[0],
-                                         self.uid, senders]), dst, name, group)
+                                         self.uid, senders], device=device), dst, name, group)
                 self._send(index, dst, name, group)
                 mine = None if (lo, hi) == self.heads else slice(lo - self.heads[0], hi - self.heads[0])
                 self._dsts.append((dst, name, group, rows_t, mine, cached_t))
@@ -153,17 +243,33 @@ class CollectiveKVSaver(KVSaver):
             if heads is not None:
                 k_rows, v_rows = k_rows[:, heads], v_rows[:, heads]
             kv = torch.stack((k_rows, v_rows))  # [2, num_rows, heads, head_dim], contiguous
-            self._send(kv.cpu(), dst, name, group)  # gloo sends host memory: a CUDA layer is staged through it
+            self._send(self.wire.outgoing(kv), dst, name, group)
             self.bytes_sent += kv.numel() * kv.element_size()
 
     def end_step(self) -> None:
-        for work, _, name in self._inflight:
-            try:
-                work.wait()
-            except RuntimeError as e:
-                self._unreachable.setdefault(name, str(e).splitlines()[0][:200])
-        self._inflight.clear()
+        if self.wire.waits_for_sends:
+            for work, _, name, _ in self._inflight:
+                try:
+                    work.wait()
+                except RuntimeError as e:
+                    self._unreachable.setdefault(name, str(e).splitlines()[0][:200])
+            self._inflight.clear()
         self._dsts = []
+
+    def _watch(self) -> None:
+        """Before a step: forget the sends that are done; a decode pool with a send pending for stall_s is
+        unreachable from here (its peer is gone: the pair group is aborted, its prompts go elsewhere)."""
+        now, pending = time.monotonic(), []
+        for work, tensor, name, at in self._inflight:
+            if work.is_completed() or name in self._unreachable:
+                continue
+            if now - at > self.stall_s:
+                self._unreachable[name] = f"a KV send has not completed in {self.stall_s:g} s"
+                if (group := self.groups.get(name)) is not None:
+                    self.wire.abort(group)
+                continue
+            pending.append((work, tensor, name, at))
+        self._inflight = pending
 
     def unreachable(self) -> dict[str, str]:
         return self._unreachable
@@ -173,7 +279,7 @@ class CollectiveKVSaver(KVSaver):
         if pool in self._unreachable:
             return
         try:  # keep the tensor alive until sent
-            self._inflight.append((_isend(tensor, dst, group), tensor, pool))
+            self._inflight.append((_isend(tensor, dst, group), tensor, pool, time.monotonic()))
         except RuntimeError as e:
             self._unreachable[pool] = str(e).splitlines()[0][:200]
 
@@ -197,63 +303,120 @@ class CollectiveKVReceiver:
     again elsewhere lands from another replica). A transfer is known from its first rows; once
     forgotten (committed or aborted) its late rows are dropped."""
 
-    def __init__(self, pool: torch.Tensor) -> None:
+    def __init__(self, pool: torch.Tensor, stall_s: float = STALL_S) -> None:
         self.pool = pool  # [layers, k|v, num_blocks, block_size, kv_heads, head_dim]
+        self.wire = Wire.for_device(pool.device)
+        self.stall_s = stall_s
         self.transfers: dict[int, _Landed] = {}
         self.forgotten: dict[int, float] = {}  # transfer id -> when
         self.cond = threading.Condition()
-        self.threads: dict[str, threading.Thread] = {}  # pair key -> its receiving thread
-        self.broken: dict[str, str] = {}  # pair key -> why its group failed (a member died)
+        self.groups: dict[str, dist.ProcessGroup] = {}  # pair key -> its group, while it is receiving
+        self.threads: dict[tuple[str, int], threading.Thread] = {}  # (pair key, source rank) -> its thread
+        # (pair key, source rank) -> when its step's last message came, while a step is arriving
+        self._arriving: dict[tuple[str, int], float] = {}
+        self.broken: dict[str, str] = {}  # pair key -> why it stopped (a member died, or it was dropped)
+        self._watchdog: threading.Thread | None = None
         self._stopped = False
         self.num_errors = 0  # receives that failed (a sender died mid-step)
         self.bytes_received = 0
 
-    def add_group(self, key: str, group: dist.ProcessGroup | None = None) -> None:
-        """Receive from the prefill ranks of a pair group (None: the default group, as it is now:
-        tests) on a thread of its own, until the group fails."""
-        thread = threading.Thread(target=self._run, args=(key, group or dist.group.WORLD), daemon=True,
-                                  name=f"kv-receiver-{key}")
-        self.threads[key] = thread
-        thread.start()
+    def add_group(self, key: str, group: dist.ProcessGroup | None = None, sources: list[int] | None = None) -> None:
+        """Receive from the prefill ranks `sources` of a pair group (None: every other rank of it; group None:
+        the default group, as it is now: tests), each on a thread of its own, until the group fails or
+        is dropped."""
+        group = group or dist.group.WORLD
+        if sources is None:
+            sources = [r for r in range(group.size()) if r != group.rank()]
+        with self.cond:
+            self.groups[key] = group
+            self.broken.pop(key, None)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, daemon=True, name="kv-receiver-watchdog")
+                self._watchdog.start()
+        for src in sources:
+            thread = threading.Thread(target=self._run, args=(key, group, src), daemon=True,
+                                      name=f"kv-receiver-{key}-{src}")
+            self.threads[key, src] = thread
+            thread.start()
 
-    def _run(self, key: str, group: dist.ProcessGroup) -> None:
-        """Receive steps until the group fails. A pair group fails for good when a member dies (its
-        prefill replica, or this replica, which then goes too): what the sender had not finished
-        sending of a step is dropped, and the thread ends."""
+    def drop_pair(self, key: str, why: str) -> None:
+        """The watchdog's act: stop receiving on a pair group (its prefill replica is gone, or a step of
+        it stalled). Its group is aborted (Wire.abort); rows of it that still arrive are not written, and
+        what its transfers had not delivered never lands here (the router moves them)."""
+        with self.cond:
+            group = self.groups.pop(key, None)
+            if group is None:
+                return
+            self.broken[key] = why
+            for arriving in [a for a in self._arriving if a[0] == key]:
+                del self._arriving[arriving]
+        self.wire.abort(group)
+
+    def _watch(self) -> None:
+        """Drop a pair whose step stopped arriving: a message due for stall_s."""
+        while not self._stopped:
+            time.sleep(min(1.0, self.stall_s / 4))
+            now = time.monotonic()
+            with self.cond:
+                stalled = {key: src for (key, src), at in self._arriving.items() if now - at > self.stall_s}
+            for key, src in stalled.items():
+                self.drop_pair(key, f"rank {src} stopped sending mid-step for {self.stall_s:g} s")
+
+    def _run(self, key: str, group: dist.ProcessGroup, src: int) -> None:
+        """Receive steps from rank `src` until the group fails or is dropped. A pair group fails for good
+        when a member dies (its prefill replica, or this replica, which then goes too): what the sender
+        had not finished sending of a step is dropped, and the thread ends."""
         layers, _, _, _, heads, dim = self.pool.shape
         flat = [(self.pool[layer, 0].view(-1, heads, dim), self.pool[layer, 1].view(-1, heads, dim))
                 for layer in range(layers)]
-        header = torch.empty(HEADER, dtype=torch.int64)
-        while True:
-            try:
-                src = _recv(header, None, group)  # from any prefill rank of the pair
-                self._receive_step(src, header.tolist(), flat, group)
-            except RuntimeError as e:
-                if not self._stopped:
-                    self.num_errors += 1
-                    self.broken[key] = str(e).splitlines()[0][:200] if str(e) else repr(e)
-                del self.threads[key]
-                return
+        with self.wire.stream():
+            header = torch.empty(HEADER, dtype=torch.int64, device=self.wire.buffers)
+            while True:
+                try:
+                    _recv(header, src, group)
+                    if self.groups.get(key) is not group:
+                        return  # dropped while waiting: what came is not trusted
+                    self._receive_step(key, src, header.tolist(), flat, group)
+                    if self.groups.get(key) is not group:
+                        return
+                except RuntimeError as e:
+                    if not self._stopped and self.groups.get(key) is group:
+                        self.num_errors += 1
+                        with self.cond:
+                            self.groups.pop(key, None)
+                            self.broken[key] = str(e).splitlines()[0][:200] if str(e) else repr(e)
+                    return
+                finally:
+                    with self.cond:
+                        self._arriving.pop((key, src), None)
+                    if self.groups.get(key) is not group:
+                        self.threads.pop((key, src), None)
 
     def stop(self) -> None:
         """The groups are about to be torn down: the failures that follow are not errors."""
         self._stopped = True
 
-    def _receive_step(self, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]],
+    def _receive_step(self, key: str, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]],
                       group: dist.ProcessGroup) -> None:
         num_rows, num_segments, lo, hi, sender, senders = header
         heads, dim = self.pool.shape[4:]
-        index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64)
+        arriving = (key, src)
+        with self.cond:
+            self._arriving[arriving] = time.monotonic()
+        index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64, device=self.wire.buffers)
         _recv(index, src, group)
         slots, segments = index[:num_rows].to(self.pool.device), index[num_rows:].view(-1, 3).tolist()
-        buf = torch.empty(2, num_rows, hi - lo, dim, dtype=self.pool.dtype)  # host memory, for gloo
+        buf = torch.empty(2, num_rows, hi - lo, dim, dtype=self.pool.dtype, device=self.wire.buffers)
         for layer, (k_flat, v_flat) in enumerate(flat):
             _recv(buf, src, group)
-            rows = buf.to(self.pool.device)  # no copy on CPU
+            rows = buf.to(self.pool.device)  # no copy where the wire's buffers are the pool's device
             if (lo, hi) != (0, heads):
                 k_flat, v_flat = k_flat[:, lo:hi], v_flat[:, lo:hi]
             # under the lock: once forget() returns, not one more row of that transfer is written
             with self.cond:
+                if self.groups.get(key) is not group:
+                    return  # dropped: the watchdog gave up on this pair
+                self._arriving[arriving] = time.monotonic()
                 landed = [self._landed(tid, sender, senders, src) for tid, _, _ in segments]
                 if all(x is not None for x in landed):
                     k_flat.index_copy_(0, slots, rows[0])
@@ -263,6 +426,7 @@ class CollectiveKVReceiver:
                                          for _ in range(n)], device=self.pool.device)
                     k_flat.index_copy_(0, slots[keep], rows[0][keep])
                     v_flat.index_copy_(0, slots[keep], rows[1][keep])
+                self.wire.settle()  # the writes are done before they count as landed
                 for per_layer, (_, first, n) in zip(landed, segments):
                     if per_layer is not None:
                         per_layer[layer] = max(per_layer[layer], first + n)

@@ -3,8 +3,10 @@ prefill: layer by layer into reserved blocks of a decode pool. Used by `pdserve 
 planner's simulator charges the part of a transfer the layer-by-layer push cannot hide) and by
 benchmarks.kv_transfer (beside the machine's memcpy).
 
-    ipc         ShmKVSaver into a pool in /dev/shm (index_copy into reserved slots), one process
-    collective  CollectiveKVSaver -> CollectiveKVReceiver over gloo on loopback, two processes"""
+    ipc         ShmKVSaver into a pool in /dev/shm (index_copy into reserved slots), one process (on CUDA:
+                a pool another process made, opened through its IPC handle: tests/gpu/bench.py)
+    collective  CollectiveKVSaver -> CollectiveKVReceiver over gloo on loopback, two processes (on CUDA:
+                NCCL, a GPU each)"""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -33,12 +35,12 @@ def layout(num_tokens: int, target: Reservation) -> StepLayout:
     return StepLayout([_Seq()], [num_tokens], [0, num_tokens])
 
 
-def random_kv(shape: tuple[int, ...], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def random_kv(shape: tuple[int, ...], num_tokens: int, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer of a pool of `shape` [layers, 2, blocks, block, heads, dim]: K and V of num_tokens tokens."""
     layers, _, _, _, heads, dim = shape
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(num_tokens, heads, dim, generator=gen), torch.randn(num_tokens, heads, dim, generator=gen))
-            for _ in range(layers)]
+    return [(torch.randn(num_tokens, heads, dim, generator=gen).to(device),
+             torch.randn(num_tokens, heads, dim, generator=gen).to(device)) for _ in range(layers)]
 
 
 def send_all(saver: KVSaver, step: StepLayout, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -48,14 +50,18 @@ def send_all(saver: KVSaver, step: StepLayout, kv: list[tuple[torch.Tensor, torc
     saver.end_step()
 
 
-def _no_cache(shape: tuple[int, ...]) -> torch.Tensor:
+def _no_cache(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """The sender's own cache, which a saver reads for blocks its prefix cache gave (none here): one block."""
-    return torch.zeros(shape[:2] + (1,) + shape[3:])
+    return torch.zeros(shape[:2] + (1,) + shape[3:], device=device)
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Seconds fn takes (on CUDA, until the work it queued is done)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 
@@ -71,22 +77,25 @@ def ipc_seconds(shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tenso
             shared_pool_allocator(name, handles)(shape, torch.float32, torch.device("cpu")).zero_()
             pool = attach_pool(handles[0])
         saver = ShmKVSaver({name: pool})
-        saver.bind_local(_no_cache(shape))
+        saver.bind_local(_no_cache(shape, pool.device))
         target = Reservation(name, "r", tuple(range(-(-num_tokens // shape[3]))), 1)
         send_all(saver, layout(num_tokens, target), kv)  # first touch outside the timing
-        return min(timed(lambda: send_all(saver, layout(num_tokens, target), kv)) for _ in range(REPS))
+        return min(timed(lambda: send_all(saver, layout(num_tokens, target), kv), pool.device) for _ in range(REPS))
     finally:
         unlink_pool(name)
 
 
-def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, ready: mp.Queue, out: mp.Queue) -> None:
-    from kv_transfer.collective import CollectiveKVReceiver
+def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, ready: mp.Queue, out: mp.Queue,
+                         device: str = "cpu") -> None:
+    from kv_transfer.collective import CollectiveKVReceiver, Wire
 
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", store=tcp_store("127.0.0.1", port, False, 2), rank=1,
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(Wire.for_device(device).backend, store=tcp_store("127.0.0.1", port, False, 2), rank=1,
                             world_size=2)
-    thread = CollectiveKVReceiver(torch.zeros(shape))
+    thread = CollectiveKVReceiver(torch.zeros(shape, device=device))
     thread.add_group("prefill")  # the default group: this process and the sender
     ready.put(True)
     times = []
@@ -98,21 +107,26 @@ def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, rea
     dist.destroy_process_group()
 
 
-def collective_seconds(shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int) -> float:
-    """Best of REPS: the KV over gloo on loopback to a receiver in a process of its own, until it landed."""
-    from kv_transfer.collective import CollectiveKVSaver
+def collective_seconds(shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
+                       devices: tuple[str, str] = ("cpu", "cpu")) -> float:
+    """Best of REPS: the KV to a receiver in a process of its own, until it landed: over gloo on loopback
+    between CPU pools, over NCCL between two GPUs (devices: the sender's and the receiver's; kv on the first)."""
+    from kv_transfer.collective import CollectiveKVSaver, Wire
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     store = tcp_store("127.0.0.1", 0, True, 2)  # a port of the OS's choosing
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_collective_receiver, args=(store.port, shape, num_tokens, ready, out), daemon=True)
+    child = ctx.Process(target=_collective_receiver, args=(store.port, shape, num_tokens, ready, out, devices[1]),
+                        daemon=True)
     child.start()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=2)
+    if devices[0].startswith("cuda"):
+        torch.cuda.set_device(devices[0])
+    dist.init_process_group(Wire.for_device(devices[0]).backend, store=store, rank=0, world_size=2)
     try:
         ready.get(timeout=120)
         saver = CollectiveKVSaver(shape[4])
-        saver.bind_local(_no_cache(shape))
+        saver.bind_local(_no_cache(shape, devices[0]))
         saver.attach(PoolHandle("d", tuple(shape), "float32", kv_rank=1))
         blocks = tuple(range(shape[2]))
         starts = []

@@ -11,19 +11,27 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from engine.distributed import kv_head_range
 from engine.kv_connector import KVSaver
 from engine.model_runner import KVAllocator, ModelRunner
 from kv_transfer import BACKENDS
-from kv_transfer.collective import CollectiveKVReceiver, CollectiveKVSaver, kv_group
+from kv_transfer.collective import CollectiveKVReceiver, CollectiveKVSaver, Wire, kv_group, senders_to
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.receiver import KVLanding, KVReceiver
 from kv_transfer.sender import KVSender
-from kv_transfer.shm import ShmKVSaver, rank_pool_handles, rank_pool_name, shared_pool_allocator, unlink_pool
+from kv_transfer.shm import (
+    ShmKVSaver,
+    cuda_ipc_handle,
+    rank_pool_handles,
+    rank_pool_name,
+    shared_pool_allocator,
+    unlink_pool,
+)
 
 
 class RankKV:
     """One rank's KV endpoint (rank 0's or a follower's). Its operations are what a follower
-    runs when rank 0 asks: `attach`, `detach`, `join_pair`, `wait`, `forget`."""
+    runs when rank 0 asks: `attach`, `detach`, `join_pair`, `drop_pair`, `cuda_ipc`, `wait`, `forget`."""
 
     def __init__(self, runner: ModelRunner, receiver: CollectiveKVReceiver | None = None) -> None:
         self.runner = runner
@@ -43,11 +51,24 @@ class RankKV:
         """Join a pair group (collective backend) as `rank` (blocks until every member has): a prefill
         rank sends there to decode pool `key` once its ranks are attached (uid: the sending replica's
         id); a decode rank receives there from prefill replica `key` on a thread of its own."""
-        group = kv_group(host, port, rank, world_size, prefix)
-        if self.receiver is not None:
-            self.receiver.add_group(key, group)
+        group = kv_group(host, port, rank, world_size, prefix, Wire.for_device(self.runner.device))
+        if self.receiver is not None:  # the prefill ranks that owe this rank heads, after the decode ranks
+            tp, num_kv_heads = self.runner.tp, self.runner.config.model_config.num_key_value_heads
+            heads = kv_head_range(num_kv_heads, tp.rank, tp.world_size)
+            sources = [tp.world_size + r for r in senders_to(num_kv_heads, heads, world_size - tp.world_size)]
+            self.receiver.add_group(key, group, sources)
         else:
             self.runner.kv_saver.join_pair(key, group, uid)
+
+    def drop_pair(self, key: str, why: str) -> None:
+        """Decode rank: stop receiving from prefill replica `key` (it is gone; kv_transfer.collective's
+        watchdog)."""
+        if self.receiver is not None:
+            self.receiver.drop_pair(key, why)
+
+    def cuda_ipc(self) -> tuple:
+        """Decode rank on CUDA (ipc backend): the IPC handle of this rank's slice of the pool."""
+        return cuda_ipc_handle(self.runner.kv_cache)
 
     def wait(self, transfer_id: int, num_tokens: int, timeout: float) -> bool:
         """Decode rank: True once positions [0, num_tokens) of the transfer are in every layer."""
@@ -190,8 +211,13 @@ class DecodeKV:
             kv = engine.runner.kv_cache
             self._rank0.append(PoolHandle(self.pool, tuple(kv.shape), str(kv.dtype).removeprefix("torch.")))
         tp = engine.config.options.tensor_parallel_size
+        ipc = None
+        if self._rank0[0].cuda_ipc is not None:  # each rank's slice is its own device memory: its own handle
+            import ray
+
+            ipc = [self._rank0[0].cuda_ipc, *ray.get([a.kv.remote("cuda_ipc") for a in followers])]
         self.handles = [dataclasses.asdict(h) for h in rank_pool_handles(
-            self.pool, self._rank0[0], engine.config.model_config.num_key_value_heads, tp)]
+            self.pool, self._rank0[0], engine.config.model_config.num_key_value_heads, tp, ipc)]
         self.local = self.role.endpoint(engine.runner)
         landing: KVLanding | None = None
         if self.backend == "collective":

@@ -15,8 +15,8 @@ from engine.model_runner import KVAllocator
 from kv_transfer.metadata import SHM_DIR, PoolHandle, pool_path, rank_pool_name
 from kv_transfer.plan import all_rows, plan_step
 
-__all__ = ["SHM_DIR", "ShmKVSaver", "attach_pool", "pool_path", "rank_pool_handles", "rank_pool_name",
-           "shared_pool_allocator", "unlink_pool"]
+__all__ = ["SHM_DIR", "ShmKVSaver", "attach_pool", "cuda_ipc_handle", "pool_path", "rank_pool_handles",
+           "rank_pool_name", "shared_pool_allocator", "unlink_pool"]
 
 
 def shared_pool_allocator(name: str, handles: list[PoolHandle] | None = None) -> KVAllocator:
@@ -25,12 +25,10 @@ def shared_pool_allocator(name: str, handles: list[PoolHandle] | None = None) ->
     can publish it)."""
     def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type == "cuda":
-            from torch.multiprocessing.reductions import reduce_tensor
-
             pool = torch.zeros(shape, dtype=dtype, device=device)
             if handles is not None:
                 handles.append(PoolHandle(name, tuple(shape), str(dtype).removeprefix("torch."),
-                                          cuda_ipc=reduce_tensor(pool)[1]))
+                                          cuda_ipc=cuda_ipc_handle(pool)))
             return pool
         path = pool_path(name)
         with open(path, "wb") as f:
@@ -62,13 +60,24 @@ def unlink_pool(name: str) -> None:
         pass
 
 
-def rank_pool_handles(pool: str, first: PoolHandle, num_kv_heads: int, world_size: int) -> list[PoolHandle]:
-    """Every rank's handle of a decode replica at TP world_size, from rank 0's."""
-    if first.cuda_ipc is not None and world_size > 1:
-        raise NotImplementedError("a tensor-parallel decode replica on CUDA: its ranks' IPC handles are not "
-                                  "collected yet; run the decode pool at TP 1 on CUDA")
+def rank_pool_handles(pool: str, first: PoolHandle, num_kv_heads: int, world_size: int,
+                      cuda_ipc: list[tuple] | None = None) -> list[PoolHandle]:
+    """Every rank's handle of a decode replica at TP world_size, from rank 0's: on CPU each rank's slice is
+    a shared-memory file named by its rank; on CUDA each rank's slice is its own device memory, reached
+    through the IPC handle that rank made (cuda_ipc, one per rank: cuda_ipc_handle on each)."""
+    if first.cuda_ipc is not None and len(cuda_ipc or ()) != world_size:
+        raise ValueError(f"decode pool {pool!r} is on CUDA at TP {world_size}: it needs each rank's IPC handle, "
+                         f"got {len(cuda_ipc or ())}")
     return [PoolHandle(rank_pool_name(pool, r), first.shape, first.dtype, pool,
-                       kv_head_range(num_kv_heads, r, world_size)) for r in range(world_size)]
+                       kv_head_range(num_kv_heads, r, world_size),
+                       cuda_ipc=cuda_ipc[r] if first.cuda_ipc is not None else None) for r in range(world_size)]
+
+
+def cuda_ipc_handle(pool: torch.Tensor) -> tuple:
+    """A CUDA pool's IPC handle, as another process on the host opens it (attach_pool)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return reduce_tensor(pool)[1]
 
 
 class ShmKVSaver(KVSaver):

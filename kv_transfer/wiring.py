@@ -31,6 +31,15 @@ def link(prefill: list[Any], decode: list[Any], backend: str, prefill_tp: int, d
     return infos
 
 
+def drop_prefill(decode: list[Any], uid: int | None, why: str) -> None:
+    """A prefill replica (its kv_uid) is gone: every live decode replica stops receiving from it (on the
+    collective backend its pair groups are aborted, so no receive of NCCL waits on it for ever)."""
+    import ray
+
+    if uid is not None:
+        ray.get([a.drop_kv_pair.remote(uid, why) for a in decode])
+
+
 def drop_decode(prefill: list[Any], pool: str) -> None:
     """A decode replica's pool goes (it died, or left the pool): every live prefill replica forgets it
     (the prompts bound there fail, to be moved elsewhere; its mapping or pair group goes) and its

@@ -175,7 +175,7 @@ class ClusterConfig:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct), a Hugging Face folder, or a .gguf file
     name: str = "pdserve"  # Ray namespace and the prefix of actor and KV pool names
     ray_address: str | None = None  # None: start a local Ray bound to 127.0.0.1; "auto": join the running one
-    # "auto": ipc on a local Ray (one host), collective on a joined Ray cluster; "ipc": same host (shared memory
+    # "auto": ipc on a local Ray (one node), collective on a joined Ray cluster; "ipc": same host (shared memory
     # on CPU, CUDA IPC on GPU); "collective": any hosts (NCCL between GPUs, gloo on CPU)
     kv_backend: str = "auto"
     kv_lease_s: float = 30.0  # a decode reservation that gets no KV this long is freed

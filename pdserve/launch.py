@@ -181,7 +181,9 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
             progress(f"[{time.monotonic() - t0:5.1f}s] {msg}")
 
     owns_ray = init_ray(config)
-    config = dataclasses.replace(config, kv_backend=resolve_backend(config.kv_backend, one_host=owns_ray))
+    # one host: a local Ray (no ray_address to join) of one node; a joined cluster may place pools on any node
+    one_host = not config.ray_address and sum(1 for node in ray.nodes() if node["Alive"]) == 1
+    config = dataclasses.replace(config, kv_backend=resolve_backend(config.kv_backend, one_host))
     say(f"Ray {'started on 127.0.0.1' if owns_ray else 'connected'}: "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs; KV over {config.kv_backend}")
     tag = uuid.uuid4().hex[:8]
@@ -201,6 +203,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         for a in (*decode, *prefill):  # one at a time, with nothing else running: MFU/MBU's denominators
             ray.get(a.measure_peaks.remote())
         p_info = infos[len(decode):]
+        pools.kv_uids.update((i, info["kv_uid"]) for i, info in enumerate(p_info))
         say("pools up (" + "; ".join(f"{role}: {info[0]['kernels']}" for role, info in
                                      (("prefill", p_info), ("decode", infos)) if info) + ")")
         say("connecting the prefill pool to the decode pool's KV")
@@ -276,6 +279,7 @@ class Pools:
         self.actors: dict[str, list[Any]] = {"prefill": [], "decode": []}
         self.groups: dict[str, list[Any]] = {"prefill": [], "decode": []}
         self.pool_names: list[str] = []  # each decode replica's KV pool name, by index
+        self.kv_uids: dict[int, int] = {}  # each prefill replica's id in its pair groups (its info's kv_uid), by index
         self._starts = itertools.count()
 
     def place(self, role: str, timeout_s: float | None = None):

@@ -140,7 +140,7 @@ class Supervisor:
         (for Ray's autoscaler to add a node, on a Ray cluster), without holding up the replacement of dead ones."""
         import ray
 
-        from kv_transfer.wiring import drop_decode
+        from kv_transfer.wiring import drop_decode, drop_prefill
         from router.validate import kv_tokens
 
         router = self.server.router
@@ -168,6 +168,9 @@ class Supervisor:
                 if role == "decode":  # its pool: prompts still bound there move elsewhere
                     drop_decode([r.actor for r in router.placement.prefill if r.healthy],
                                 self.pools.pool_names[replica.index])
+                else:  # its pair groups with the decode replicas
+                    drop_prefill([r.actor for r in router.placement.decode if r.healthy],
+                                 self.pools.kv_uids.pop(replica.index, None), "it left the pool")
                 try:
                     ray.get(replica.actor.shutdown.remote(), timeout=10)
                 except Exception:  # noqa: BLE001 - dead already: removing it is all that is left
@@ -216,6 +219,11 @@ class Supervisor:
         log.warning("%s is dead; starting a new one", replica.name)
         ray.kill(replica.actor)  # a live actor whose engine died: its ranks go with it
         dead_pool = self.pools.pool_names[replica.index] if replica.role == "decode" else None
+        if replica.role == "prefill":  # its pair groups with the decode replicas (collective backend)
+            from kv_transfer.wiring import drop_prefill
+
+            drop_prefill([r.actor for r in self.server.router.placement.decode if r.healthy],
+                         self.pools.kv_uids.pop(replica.index, None), "it died")
         actor, info = self._start(replica.role, replica.index)
         self._wire(replica.role, actor, info, dead_pool)
         self._on_loop(self.server.router.replaced(replica, actor, info["num_kv_blocks"]))
@@ -226,6 +234,8 @@ class Supervisor:
 
         actor = self.pools.start(role, index, group)
         info = ray.get(actor.info.remote())
+        if role == "prefill":
+            self.pools.kv_uids[index] = info["kv_uid"]
         ray.get(actor.measure_peaks.remote())  # while the others serve: it may read low, MBU high
         return actor, info
 

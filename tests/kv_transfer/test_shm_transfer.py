@@ -245,3 +245,18 @@ def test_a_short_uncached_tail_is_prefilled_on_the_decode_side(tiny_checkpoints,
     assert not receiver.reserve(prompts_of([40], seed=9)[0], GREEDY, "new", local_below=32).local
     receiver.abort("new")
     assert decode.block_manager.num_free_blocks == 64
+
+
+def test_each_rank_of_a_decode_replica_gets_its_own_handle() -> None:
+    from kv_transfer.metadata import PoolHandle
+    from kv_transfer.shm import rank_pool_handles
+
+    cpu = rank_pool_handles("d0", PoolHandle("d0", (2, 2, 4, 8, 4, 16), "float32"), 4, 2)
+    assert [(h.name, h.kv_heads, h.cuda_ipc) for h in cpu] == [("d0", (0, 2), None), ("d0.r1", (2, 4), None)]
+    # on CUDA each rank's slice is its own device memory: the handle each rank made (opaque here)
+    first = PoolHandle("d0", (2, 2, 4, 8, 4, 16), "float32", cuda_ipc=("rank0",))
+    cuda = rank_pool_handles("d0", first, 4, 2, [("rank0",), ("rank1",)])
+    assert [(h.name, h.kv_heads, h.cuda_ipc) for h in cuda] == [("d0", (0, 2), ("rank0",)),
+                                                                 ("d0.r1", (2, 4), ("rank1",))]
+    with pytest.raises(ValueError, match="'d0' is on CUDA at TP 2: it needs each rank's IPC handle, got 1"):
+        rank_pool_handles("d0", first, 4, 2, [("rank0",)])
