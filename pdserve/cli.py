@@ -353,7 +353,7 @@ def cmd_simulate(args) -> int:
 def cmd_plan(args) -> int:
     import json
 
-    from planner.plan import as_json, format_plan, plan
+    from planner.plan import DISPATCHES, as_json, format_plan, plan
 
     config, profile, workload, requests = _model_inputs(args, "plan")
     if args.seconds:  # at each rate tried, at least that many seconds of arrivals: a steady state at any rate
@@ -366,8 +366,11 @@ def cmd_plan(args) -> int:
             more = int(rate * args.seconds)
             return fixed if more <= n else make_requests(workload, more, args.seed, args.vocab_size,
                                                          args.max_model_len)
+    dispatches = tuple(d.strip() for d in args.dispatches.split(",") if d.strip())
+    if bad := [d for d in dispatches if d not in DISPATCHES]:
+        raise ValueError(f"--dispatches: {', '.join(bad)} is not a dispatch policy; choose from {DISPATCHES}")
     found = plan(config, profile, requests, args.devices, args.ttft_slo, args.tpot_slo, args.attainment,
-                 seed=args.seed)
+                 seed=args.seed, dispatches=dispatches)
     if not found:
         raise ValueError(f"no layout of at most {args.devices} devices uses only the profile's pools "
                          f"({', '.join(profile.pools)})")
@@ -457,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="search the layouts of N devices for the most goodput per device (simulated)")
     _add_model_flags(p)
     p.add_argument("--devices", type=int, required=True, help="cores on a CPU host (TP x threads a replica), GPUs")
+    p.add_argument("--dispatches", default="threshold,slo_aware",
+                   help="split layouts' dispatch policies to search, comma-separated (default %(default)s; "
+                        "slo_aware tunes its rule to the workload first: a few seconds a layout)")
     p.add_argument("--top", type=int, default=5, help="layouts to print (default %(default)s; the JSON has all)")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="simulate at least this many seconds of arrivals at each rate tried (more requests than "

@@ -2,7 +2,9 @@
 
 A layout is a cluster configuration: colocated (decode replicas that prefill too) or split (prefill and decode
 replicas), each pool's replicas and pool configuration (TP degree and threads: the profile's pool keys), and,
-split, the dispatch (every prompt to the prefill pool, or prompts under a threshold on the decode replica).
+split, the dispatch (every prompt to the prefill pool, prompts under a threshold on the decode replica, or
+`slo_aware`: per request, the path its predictions say keeps more requests within the SLOs, on the rule the
+simulator tunes to the traffic, as the router runs it).
 Every layout that fits the devices (cores on a CPU host: TP x threads per replica; GPUs: TP per replica) and
 whose pools the profile holds is simulated at a rising rate until fewer than `attainment` of its requests
 meet both SLOs; its goodput is the highest rate that still did (found by doubling, then bisection), and the
@@ -19,6 +21,7 @@ from planner.simulate import Service, Simulator, Tuner, simulate
 from router.dispatch import Rule
 
 THRESHOLDS = (64, 256, 1024)  # conditional dispatch: prompts under this many tokens prefill on the decode replica
+DISPATCHES = ("threshold", "slo_aware")  # router.dispatch of a split layout
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Layout:
     prefill: tuple[int, int, int]  # (replicas, tensor_parallel_size, num_threads); replicas 0: colocated
     decode: tuple[int, int, int]
     threshold: int = 0  # router.local_prefill_threshold
+    dispatch: str = "threshold"  # router.dispatch (slo_aware: threshold unused)
 
     @property
     def devices(self) -> int:
@@ -36,14 +40,17 @@ class Layout:
         if not self.prefill[0]:
             return f"colocated {d[0]}x(tp{d[1]}, {d[2]} thr)"
         p = self.prefill
-        dispatch = f"conditional < {self.threshold}" if self.threshold else "disaggregated"
+        dispatch = ("slo_aware" if self.dispatch == "slo_aware" else
+                    f"conditional < {self.threshold}" if self.threshold else "disaggregated")
         return f"{p[0]}P(tp{p[1]}, {p[2]} thr) + {d[0]}D(tp{d[1]}, {d[2]} thr), {dispatch}"
 
     def config(self, base):
         (pn, ptp, pth), (dn, dtp, dth) = self.prefill, self.decode
         changes = {"decode.replicas": dn, "decode.tensor_parallel_size": dtp, "decode.num_threads": dth,
                    "decode.num_cpus": float(dth), "prefill.replicas": pn, "router.local_prefill_threshold":
-                   self.threshold}
+                   self.threshold, "router.dispatch": self.dispatch}
+        if self.dispatch == "slo_aware":  # it predicts with the profile planned on, wherever that came from
+            changes["router.profile"] = base.router.profile or "(the profile planned on)"
         if pn:
             changes |= {"prefill.tensor_parallel_size": ptp, "prefill.num_threads": pth,
                         "prefill.num_cpus": float(pth)}
@@ -62,8 +69,10 @@ class Planned:
         return self.goodput / self.layout.devices
 
 
-def layouts(profile: Profile, devices: int, thresholds: Seq[int] = THRESHOLDS) -> list[Layout]:
-    """Every layout of up to `devices` devices whose pool configurations the profile holds."""
+def layouts(profile: Profile, devices: int, thresholds: Seq[int] = THRESHOLDS,
+            dispatches: Seq[str] = DISPATCHES) -> list[Layout]:
+    """Every layout of up to `devices` devices whose pool configurations the profile holds; split ones with each
+    of `dispatches` (threshold: every prompt to the prefill pool, then each of `thresholds`)."""
     shapes = sorted({(p.options.get("tensor_parallel_size", 1), p.options.get("num_threads") or 1)
                      for p in profile.pools.values()})
     out = []
@@ -75,7 +84,10 @@ def layouts(profile: Profile, devices: int, thresholds: Seq[int] = THRESHOLDS) -
             for dn in range(1, devices + 1):
                 layout = Layout((pn, *ps), (dn, *ds))
                 if layout.devices <= devices:
-                    out += [layout] + [Layout(layout.prefill, layout.decode, t) for t in thresholds]
+                    if "threshold" in dispatches:
+                        out += [layout] + [Layout(layout.prefill, layout.decode, t) for t in thresholds]
+                    if "slo_aware" in dispatches:
+                        out.append(Layout(layout.prefill, layout.decode, 0, "slo_aware"))
     return out
 
 
@@ -129,18 +141,22 @@ def kv_sized(config, profile: Profile):
 
 def goodput(layout: Layout, base, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
             attainment: float = 0.9, service: Service | None = None, seed: int = 0, steps: int = 6) -> Planned:
-    rate, run, tried = search(kv_sized(layout.config(base), profile), profile, requests, ttft_slo, tpot_slo,
-                              attainment, service, seed, steps)
+    config = kv_sized(layout.config(base), profile)
+    if layout.dispatch == "slo_aware":  # its predictions aim at the SLOs planned for
+        config = config.replace(**{"router.ttft_slo_s": ttft_slo, "router.tpot_slo_s": tpot_slo})
+    rate, run, tried = search(config, profile, requests, ttft_slo, tpot_slo, attainment, service, seed, steps)
     return Planned(layout, rate, run, tried)
 
 
 def plan(base, profile: Profile, requests, devices: int, ttft_slo: float, tpot_slo: float,
          attainment: float = 0.9, service: Service | None = None, thresholds: Seq[int] = THRESHOLDS,
-         seed: int = 0) -> list[Planned]:
-    """Every layout, best goodput per device first (ties: fewer devices, then the simpler layout)."""
+         seed: int = 0, dispatches: Seq[str] = DISPATCHES) -> list[Planned]:
+    """Every layout, best goodput per device first (ties: fewer devices, then the simpler layout: a fixed
+    dispatch before slo_aware, a lower threshold before a higher)."""
     found = [goodput(layout, base, profile, requests, ttft_slo, tpot_slo, attainment, service, seed)
-             for layout in layouts(profile, devices, thresholds)]
-    return sorted(found, key=lambda p: (-p.per_device, p.layout.devices, p.layout.threshold))
+             for layout in layouts(profile, devices, thresholds, dispatches)]
+    return sorted(found, key=lambda p: (-p.per_device, p.layout.devices, p.layout.dispatch != "threshold",
+                                        p.layout.threshold))
 
 
 def format_plan(found: list[Planned], top: int) -> str:
@@ -157,7 +173,8 @@ def format_plan(found: list[Planned], top: int) -> str:
 
 def as_json(found: list[Planned]) -> list[dict[str, Any]]:
     return [{"layout": p.layout.describe(), "prefill": p.layout.prefill, "decode": p.layout.decode,
-             "local_prefill_threshold": p.layout.threshold, "devices": p.layout.devices, "goodput_rps": p.goodput,
+             "local_prefill_threshold": p.layout.threshold, "dispatch": p.layout.dispatch,
+             "devices": p.layout.devices, "goodput_rps": p.goodput,
              "goodput_per_device": p.per_device, "rates_tried": p.rates_tried,
              "at_goodput": {k: p.run[k] for k in ("ttft_ms", "tpot_ms", "slo", "busy_fraction")} if p.run else None}
             for p in found]
