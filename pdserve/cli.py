@@ -296,7 +296,18 @@ def cmd_profile(args) -> int:
         print(f"wrote {args.out}: {profile.model} on {args.gpu}, from the roofline ({', '.join(profile.pools)})")
         return 0
     into = Profile.load(args.out) if args.merge and os.path.exists(args.out) else None
-    profile = profile_config(_cluster_config(args), args.reps, args.quick, into)
+    config = _cluster_config(args)
+    profile = profile_config(config, args.reps, args.quick, into)
+    if args.service and "request_s" not in profile.service:  # once a file, as the KV transfer
+        import dataclasses
+
+        from engine.loader import open_model
+        from pdserve.service_costs import service_costs
+        from planner.cost import pool_key
+
+        step = profile.pools[pool_key(config.decode.engine_kwargs())].step
+        vocab = open_model(config.model, False).hf_config["vocab_size"]
+        profile = dataclasses.replace(profile, service={**profile.service, **service_costs(config, step, vocab)})
     with open(args.out, "w") as f:
         f.write(profile.to_json())
     print(f"wrote {args.out}: {', '.join(profile.pools)}")
@@ -440,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "efficiencies fitted to TensorRT-LLM's published figures (see README: Planning past this "
                         "machine)")
     p.add_argument("--gpu", choices=("a100", "h100", "h200"), default="h100", help="with --paper")
+    p.add_argument("--service", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the router's per-request and per-token costs on a live colocated cluster of the "
+                        "decode pool (about 30 s; once a file; default on)")
     p.set_defaults(func=cmd_profile)
     from pdserve.bench import _rate, _rates
 

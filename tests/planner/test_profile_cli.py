@@ -42,6 +42,11 @@ def test_profile_then_simulate(tiny_checkpoints, tmp_path, capsys, torch_threads
 
     cfg = ModelConfig.from_hf(json.loads((tiny_checkpoints["llama"] / "config.json").read_text()))
     assert profile.service["kv_layer_bytes"] == 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K and V, fp32
+    # and the router's per-request and per-token costs, measured on a live colocated cluster of the decode pool
+    svc, seen = profile.service, profile.service["service_measured"]
+    assert all(svc[k] >= 0 for k in ("request_s", "step_s", "token_s")) and 0 < svc["hop_s"] < 0.5
+    assert seen["seconds"]["ttft"] >= svc["request_s"] + svc["hop_s"]  # what it was taken from
+    assert seen["seconds"]["batch"] > 0 and seen["engine_seconds"]["batch"] > seen["engine_seconds"]["alone"]
 
     # another layout's pool joins the same file
     assert main(["profile", "--model", model, "--quick", "--reps", "1", "--out", str(out), "--merge", *pools,
@@ -56,7 +61,9 @@ def test_profile_then_simulate(tiny_checkpoints, tmp_path, capsys, torch_threads
     assert result["label"] == "sim" and [r["rate"] for r in result["runs"]] == [2.0, 50.0]
     assert all(r["completed"] == 12 and r["backend"] == "simulated" for r in result["runs"])
     first, second = result["runs"]
-    assert first["ttft_ms"]["p50"] >= 1e3 * pool.step.prefill_seconds(100, 128) * (1 - 1e-9)  # its own prefill
+    # its own prefill, and the service's measured costs around it
+    alone = pool.step.prefill_seconds(100, 128) + svc["request_s"] + svc["hop_s"] + svc["step_s"] + svc["token_s"]
+    assert first["ttft_ms"]["p50"] >= 1e3 * alone * (1 - 1e-9)
     # the sweep's runs share one simulated cluster, as pdserve bench's share a live one: the prompts sent again
     # find their prefixes in the decode replica's cache
     assert second["ttft_ms"]["p50"] < first["ttft_ms"]["p50"]
