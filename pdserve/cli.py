@@ -124,11 +124,12 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts with fewer tokens than this that the decode replica's prefix cache lacks are "
                         "prefilled there")
-    p.add_argument("--dispatch", choices=("threshold", "slo_aware"),
-                   help="where prompts prefill: threshold (default: under --local-prefill-threshold tokens on the "
-                        "decode replica) or slo_aware (per request, the path predicted to keep more requests within "
-                        "the SLOs; needs --dispatch-profile)")
-    p.add_argument("--dispatch-profile", help="slo_aware: a JSON written by `pdserve profile` (router.profile)")
+    p.add_argument("--dispatch", choices=("auto", "threshold", "slo_aware"),
+                   help="where prompts prefill: threshold (under --local-prefill-threshold tokens on the decode "
+                        "replica), slo_aware (per request, the path predicted to keep more requests within the SLOs; "
+                        "needs --dispatch-profile), or auto (default: slo_aware with a profile, else threshold)")
+    p.add_argument("--dispatch-profile", help="slo_aware: a JSON written by `pdserve profile`, or 'measure': a quick "
+                                              "one of the pools, measured at start-up (router.profile)")
     p.add_argument("--dispatch-retune-s", type=float, metavar="S",
                    help="slo_aware: pick the rule under its predictions from the traffic every S seconds (default "
                         "5; 0: never, the least delay decides)")
@@ -320,8 +321,11 @@ def _model_inputs(args, command: str):
     from pdserve.workload import make_requests
     from planner.cost import Profile
 
-    args.dispatch_profile = args.dispatch_profile or args.profile  # slo_aware predicts with the one simulated on
-    config, profile = _cluster_config(args), Profile.load(args.profile)
+    config = _cluster_config(args)  # the dispatch a cluster of this config runs (auto: as it has a profile or not)
+    policy = config.router.policy
+    # slo_aware predicts with the profile simulated on
+    config, profile = config.replace(**{"router.profile": args.profile, "router.dispatch": policy}), \
+        Profile.load(args.profile)
     if profile.host.get("source") == "roofline":  # a profile on paper: GPU pools
         from planner.plan import kv_sized
         from planner.roofline import gpu_config

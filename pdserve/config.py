@@ -92,10 +92,13 @@ class RouterConfig:
     max_ongoing_requests: int = 64  # requests placed on the pools at once; the rest wait in the queue
     max_queued_requests: int = 256  # past this, RESOURCE_EXHAUSTED
     local_prefill_threshold: int = 16  # prompts shorter than this many tokens prefill on the decode replica
-    # where a prompt prefills: "threshold" (local_prefill_threshold) or "slo_aware" (per request, the path the
-    # profile's step models and the live load predict keeps more requests within ttft_slo_s and tpot_slo_s)
-    dispatch: str = "threshold"
-    profile: str | None = None  # a `pdserve profile` JSON: what slo_aware predicts with
+    # where a prompt prefills: "threshold" (local_prefill_threshold), "slo_aware" (per request, the path the
+    # profile's step models and the live load predict keeps more requests within ttft_slo_s and tpot_slo_s), or
+    # "auto": slo_aware when there is a profile, else threshold (the `policy` the router runs)
+    dispatch: str = "auto"
+    # a `pdserve profile` JSON: what slo_aware (and the autoscaler) predicts with; "measure": a short one measured
+    # at start-up, on the pools' own configurations, before the replicas start
+    profile: str | None = None
     # slo_aware: every dispatch_retune_s the simulator picks the rule under its predictions (a size threshold, or
     # the least delay) that keeps the most requests within the SLOs for the last dispatch_window_s of traffic
     # (planner.simulate.Tuner); 0: never (the least delay)
@@ -139,7 +142,7 @@ class RouterConfig:
 
         if self.dispatch not in DISPATCH:
             raise ValueError(f"dispatch={self.dispatch!r}; choose one of {DISPATCH}")
-        if self.dispatch == "slo_aware" and not self.profile:
+        if self.dispatch == "slo_aware" and not self.profile:  # auto without one is threshold
             raise ValueError("router.dispatch='slo_aware' predicts with a profile: set router.profile to a JSON "
                              "written by `pdserve profile`")
         if self.dispatch_retune_s < 0 or self.dispatch_window_s <= 0:
@@ -154,6 +157,13 @@ class RouterConfig:
         if a.enabled and not self.profile and a.target_ongoing_requests is None:
             raise ValueError("router.autoscale decides with the planner (set router.profile to a JSON written by "
                              "`pdserve profile`) or by load (set router.autoscale.target_ongoing_requests)")
+
+    @property
+    def policy(self) -> str:
+        """The dispatch the router runs: slo_aware when asked for, or (auto) when there is a profile; else
+        threshold."""
+        return "slo_aware" if self.dispatch == "slo_aware" or (self.dispatch == "auto" and self.profile) else \
+            "threshold"
 
     def keys(self) -> tuple[str, ...]:
         """Every API key: api_keys, then api_keys_file's lines."""

@@ -140,6 +140,28 @@ def init_ray(config: ClusterConfig, num_cpus: float | None = None) -> bool:
     return True
 
 
+def _profile_into(config: ClusterConfig, path: str) -> None:
+    from planner.profile import profile_config
+
+    with open(path, "w") as f:
+        f.write(profile_config(config, reps=3, quick=True, log=lambda msg: None).to_json())
+
+
+def measure_profile(config: ClusterConfig) -> Path:
+    """router.profile "measure": a quick `pdserve profile` of the config's pool configurations (no service costs),
+    in a process of its own (this one, the router's, never imports torch); returns the JSON's path."""
+    import multiprocessing as mp
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"pdserve-profile-{config.name}-{uuid.uuid4().hex[:8]}.json"
+    child = mp.get_context("spawn").Process(target=_profile_into, args=(config, str(path)), daemon=True)
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not path.exists():
+        raise RuntimeError(f"router.profile='measure': profiling the pools failed (exit code {child.exitcode})")
+    return path
+
+
 def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None = print) -> Cluster:
     _ray_settings(config)
     import ray
@@ -157,12 +179,23 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     r.keys()  # a key file or TLS file that is missing fails here, before any actor starts
     for path in (r.tls_cert, r.tls_key) if r.tls else ():
         Path(path).read_bytes()
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(f"[{time.monotonic() - t0:5.1f}s] {msg}")
+
+    if r.profile == "measure":  # a short profile of the pools' configurations, while the cores are free
+        path = measure_profile(config)
+        say(f"measured a profile of the pools: {path} (router.profile: reuse it next time)")
+        config = config.replace(**{"router.profile": str(path)})
+        r = config.router
     slo_aware = autoscaler = tuner = None  # a profile that is missing or lacks a pool fails here too
-    if r.profile and (r.dispatch == "slo_aware" or r.autoscale.enabled):
+    if r.profile and (r.policy == "slo_aware" or r.autoscale.enabled):
         from planner.cost import Profile
 
         profile = Profile.load(r.profile)
-    if r.dispatch == "slo_aware":
+    if r.policy == "slo_aware":
         from router.dispatch import SloAware
 
         slo_aware = SloAware.from_profile(profile, config.prefill, config.decode, r.ttft_slo_s, r.tpot_slo_s)
@@ -174,12 +207,6 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         from planner.autoscale import Autoscaler
 
         autoscaler = Autoscaler(config, profile if r.profile else None)
-    t0 = time.monotonic()
-
-    def say(msg: str) -> None:
-        if progress is not None:
-            progress(f"[{time.monotonic() - t0:5.1f}s] {msg}")
-
     owns_ray = init_ray(config)
     # one host: a local Ray (no ray_address to join) of one node; a joined cluster may place pools on any node
     one_host = not config.ray_address and sum(1 for node in ray.nodes() if node["Alive"]) == 1

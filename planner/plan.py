@@ -101,7 +101,7 @@ def search(config, profile: Profile, requests, ttft_slo: float, tpot_slo: float,
     best: tuple[float, dict[str, Any] | None] = (0.0, None)
     tried: list[tuple[float, float]] = []
     tuner = None
-    if config.router.dispatch == "slo_aware" and rule is None:  # one for every rate tried: what it picked stays
+    if config.router.policy == "slo_aware" and rule is None:  # one for every rate tried: what it picked stays
         tuner = Tuner(config, profile, service or Service.of(profile))
 
     def meets(rate: float) -> bool:

@@ -161,7 +161,7 @@ class Simulator:
         self.decode = [self._replica("decode", i, config.decode, profile, self.service)
                        for i in range(config.decode.replicas)]
         self.dispatch, self.tuner = None, None
-        if self.router.dispatch == "slo_aware":  # the router's own dispatch, on this simulation's service costs
+        if self.router.policy == "slo_aware":  # the router's own dispatch, on this simulation's service costs
             self.dispatch = SloAware.from_profile(replace(profile, service=asdict(self.service)), config.prefill,
                                                   config.decode, self.router.ttft_slo_s, self.router.tpot_slo_s)
             if rule is not None:

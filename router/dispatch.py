@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from planner.cost import StepModel
 
-DISPATCH = ("threshold", "slo_aware")
+DISPATCH = ("auto", "threshold", "slo_aware")  # auto: slo_aware with a profile, else threshold
 
 
 @dataclass(frozen=True)

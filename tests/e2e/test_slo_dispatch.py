@@ -85,3 +85,23 @@ def test_slo_aware_without_a_profile_of_the_pools_fails_before_anything_starts(t
         start_cluster(config, progress=None)
     with pytest.raises(ValueError, match="set router.profile"):
         small_cluster(tiny_model, dispatch="slo_aware")
+
+
+def test_auto_dispatch_runs_slo_aware_on_a_profile_measured_at_start(ray_local, tiny_model) -> None:
+    """router.profile "measure": a quick profile of the pools, measured in a process of its own before the replicas
+    start; with it the default dispatch (auto) is slo_aware, and the tokens are the offline engine's."""
+    from planner.cost import Profile
+
+    prompts = prompts_of([5, 120], seed=6)
+    with LLM(tiny_model, max_num_batched_tokens=128, num_kv_blocks=256) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
+                                                                           ignore_eos=True))]
+    config = small_cluster(tiny_model, profile="measure", local_prefill_threshold=0, dispatch_retune_s=0)
+    assert config.router.dispatch == "auto" and config.router.policy == "slo_aware"
+    with start_cluster(config, progress=None) as cluster, Client(cluster.address, timeout=120) as client:
+        measured = cluster.config.router.profile
+        got = [client.generate(p, temperature=0, max_tokens=8, ignore_eos=True) for p in prompts]
+        assert cluster.server.router.slo_aware is not None
+    assert [g.token_ids for g in got] == want
+    assert {g.timings["dispatch_reason"] for g in got} <= {"slo", "delay"}
+    assert list(Profile.load(measured).pools) == ["tp1-threads1-float32-cpu"]  # both pools' one configuration

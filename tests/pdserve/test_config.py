@@ -10,7 +10,7 @@ import yaml
 
 from engine.options import EngineOptions
 from pdserve.cli import _cluster_config, build_parser, main
-from pdserve.config import KV_BACKENDS, ClusterConfig, PoolConfig
+from pdserve.config import KV_BACKENDS, ClusterConfig, PoolConfig, RouterConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -169,3 +169,10 @@ def test_auto_kv_backend_is_shared_memory_on_one_host_and_collective_across_host
         assert resolve_backend(backend, one_host=False) == resolve_backend(backend, one_host=True) == backend
     with pytest.raises(ValueError, match="kv_backend='nccl'"):
         resolve_backend("nccl", one_host=True)
+
+
+def test_auto_dispatch_is_slo_aware_with_a_profile_and_threshold_without() -> None:
+    assert RouterConfig().dispatch == "auto" and RouterConfig().policy == "threshold"
+    assert RouterConfig(profile="p.json").policy == "slo_aware"
+    assert RouterConfig(profile="p.json", dispatch="threshold").policy == "threshold"  # named: kept
+    assert RouterConfig(profile="measure").policy == "slo_aware"
