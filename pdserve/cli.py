@@ -321,11 +321,15 @@ def _model_inputs(args, command: str):
     from pdserve.workload import make_requests
     from planner.cost import Profile
 
-    config = _cluster_config(args)  # the dispatch a cluster of this config runs (auto: as it has a profile or not)
-    policy = config.router.policy
-    # slo_aware predicts with the profile simulated on
-    config, profile = config.replace(**{"router.profile": args.profile, "router.dispatch": policy}), \
-        Profile.load(args.profile)
+    given = args.dispatch_profile
+    args.dispatch_profile = given or args.profile  # slo_aware predicts with the profile simulated on
+    config, profile = _cluster_config(args), Profile.load(args.profile)
+    if config.router.dispatch == "auto" and not given:
+        # what a cluster of this config runs: slo_aware on a profile of its own (the config file's), else threshold
+        from pdserve.config import ClusterConfig
+
+        own = ClusterConfig.from_yaml(args.config).router.profile if args.config else None
+        config = config.replace(**{"router.dispatch": "slo_aware" if own else "threshold"})
     if profile.host.get("source") == "roofline":  # a profile on paper: GPU pools
         from planner.plan import kv_sized
         from planner.roofline import gpu_config
