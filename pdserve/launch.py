@@ -154,7 +154,7 @@ def measure_profile(config: ClusterConfig) -> Path:
     import tempfile
 
     path = Path(tempfile.gettempdir()) / f"pdserve-profile-{config.name}-{uuid.uuid4().hex[:8]}.json"
-    child = mp.get_context("spawn").Process(target=_profile_into, args=(config, str(path)), daemon=True)
+    child = mp.get_context("spawn").Process(target=_profile_into, args=(config, str(path)))  # it starts its own
     child.start()
     child.join()
     if child.exitcode != 0 or not path.exists():
