@@ -126,14 +126,19 @@ class ShmKVSaver(KVSaver):
         self._sends = []
         if not self.writes:
             return
+        here = self.local_kv.device if self.local_kv is not None else None  # the rows' (on CUDA, the GPU's)
         for name, (rows, slots, cached) in sends.items():
-            rows_t, slots_t = (None if rows is None else torch.tensor(rows)), torch.tensor(slots)
-            cached_t = torch.tensor(cached) if cached else None
+            rows_t = None if rows is None else torch.tensor(rows, device=here)
+            cached_t = torch.tensor(cached, device=here) if cached else None
+            slots_on: dict[torch.device, torch.Tensor] = {}  # each destination slice's device (a GPU each at TP > 1)
             for pool, dst_heads in self.pools[name]:
                 a, b = dst_heads or (0, pool.shape[4])
                 c, d = self.heads or (a, b)
                 lo, hi = max(a, c), min(b, d)
                 if lo < hi:
+                    if pool.device not in slots_on:
+                        slots_on[pool.device] = torch.tensor(slots, device=pool.device)
+                    slots_t = slots_on[pool.device]
                     self._sends.append((pool, rows_t, slots_t, slice(lo - c, hi - c), slice(lo - a, hi - a), cached_t))
 
     def begin_step(self, layout: StepLayout) -> None:
@@ -149,7 +154,7 @@ class ShmKVSaver(KVSaver):
                 dst = pool[layer, kv].view(-1, heads, dim)
                 if dst_heads.stop - dst_heads.start != heads:
                     dst = dst[:, dst_heads]
-                dst.index_copy_(0, slots, src)
+                dst.index_copy_(0, slots, src.to(pool.device))  # a copy only into another GPU's slice
                 self.bytes_sent += src.numel() * src.element_size()
 
     def end_step(self) -> None:
