@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a machine with CUDA (a lent H100/H200: see README "GPU check"):
-#   1. the `gpu` test suite: flash attention against the torch reference, the engine's greedy tokens on CUDA,
-#      KV over CUDA IPC and over the collective backend between two processes (NCCL where there are two
-#      GPUs; gloo staged through host memory on one), each decode continuation equal to one engine;
+#   1. the `gpu` test suite: flash attention against the torch reference (alone, and as the engine's backend:
+#      greedy tokens equal, logprobs close), KV over CUDA IPC and over the collective backend between two
+#      processes (NCCL where there are two GPUs; gloo staged through host memory on one), each decode
+#      continuation equal to one engine; TP over NCCL on two GPUs;
 #   2. tests/gpu/bench.py: the GPU's copy bandwidth and bf16 matmul peak, the engine's single / batch-32 /
 #      prefill figures and each KV path's GB/s beside them, in one JSON.
 # Wheels the machine lacks travel in .whl (tests/gpu/wheels.sh fetches them where pip can reach PyPI) and are

@@ -24,10 +24,14 @@ os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo on loopback only
 def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budget: int, device: str) -> None:
     import torch
 
+    from kv_transfer.collective import Wire
+
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     store = tcp_store("127.0.0.1", port, False, 2)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=2)
+    dist.init_process_group(Wire.for_device(device).backend, store=store, rank=0, world_size=2)
     engine = LLMEngine.from_model(model, num_kv_blocks=64, max_num_batched_tokens=budget, device=device)
     saver = CollectiveKVSaver(engine.config.model_config.num_key_value_heads)
     saver.attach(PoolHandle(**jobs.get()))
@@ -40,17 +44,25 @@ def _prefill_rank(model: str, port: int, jobs: mp.Queue, results: mp.Queue, budg
     dist.destroy_process_group()
 
 
-def start_pair(model: str, device: str = "cpu"):
+def start_pair(model: str, device: str = "cpu", decode_device: str | None = None):
     """(decode engine, receiver, receiver thread, jobs, results, child process): the decode engine in
-    this process, a prefill engine sending to it from a child, both on `device`."""
+    this process (on decode_device, by default `device`), a prefill engine sending to it from a child on
+    `device`; their wire is the one the devices take (kv_transfer.collective.Wire: gloo on CPU, NCCL on GPUs)."""
+    import torch
+
+    from kv_transfer.collective import Wire
+
+    decode_device = decode_device or device
     ctx = mp.get_context("spawn")
     # the store binds a port of the OS's choosing here, so no other process can take it first
     store = tcp_store("127.0.0.1", 0, True, 2)
     jobs, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_prefill_rank, args=(model, store.port, jobs, results, 16, device), daemon=True)
     child.start()
-    dist.init_process_group("gloo", store=store, rank=1, world_size=2)
-    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8, device=device)
+    if decode_device.startswith("cuda"):
+        torch.cuda.set_device(decode_device)
+    dist.init_process_group(Wire.for_device(decode_device).backend, store=store, rank=1, world_size=2)
+    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8, device=decode_device)
     thread = CollectiveKVReceiver(decode.runner.kv_cache)
     thread.add_group("prefill")  # the default group: this process and the child
     receiver = KVReceiver(decode, "d0", landing=thread, commit_timeout_s=20)
