@@ -16,13 +16,14 @@ BACKENDS = ("ipc", "collective")
 CHOICES = ("auto", *BACKENDS)
 
 
-def resolve_backend(choice: str, one_host: bool) -> str:
-    """The backend a cluster runs: `choice` itself, or for "auto" `ipc` when every replica shares one host
-    (a local Ray: shared memory on CPU, CUDA IPC on GPU) and `collective` otherwise (a joined Ray cluster
-    may place the pools on different nodes: NCCL on GPUs, gloo on CPUs)."""
+def resolve_backend(choice: str, one_host: bool, gpus: bool = False) -> str:
+    """The backend a cluster runs: `choice` itself, or for "auto" `ipc` (shared memory) when every replica
+    shares one host and the pools are on CPUs, and `collective` otherwise: a joined Ray cluster may place the
+    pools on different nodes (gloo on CPUs), and GPU pools take NCCL, since Ray shows each replica only its own
+    GPUs, so one could not open a CUDA IPC handle into another's (name `ipc` for pools that share a GPU)."""
     if choice not in CHOICES:
         raise ValueError(f"kv_backend={choice!r}; available: {CHOICES}")
-    return choice if choice != "auto" else "ipc" if one_host else "collective"
+    return choice if choice != "auto" else "ipc" if one_host and not gpus else "collective"
 
 _EXPORTS = {"KVReceiver": "kv_transfer.receiver", "KVSender": "kv_transfer.sender", "PrefillDone": "kv_transfer.sender",
             "Lease": "kv_transfer.metadata", "PoolHandle": "kv_transfer.metadata"}

@@ -71,8 +71,12 @@ class Wire:
         """NCCL for a CUDA pool, gloo for a CPU one; PDSERVE_KV_WIRE=gloo keeps a CUDA pool on gloo (two
         processes on one GPU: NCCL refuses two ranks on one device)."""
         device = torch.device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        return cls(os.environ.get("PDSERVE_KV_WIRE", backend) if device.type == "cuda" else backend, device)
+        if device.type != "cuda":
+            return cls("gloo", device)
+        backend = os.environ.get("PDSERVE_KV_WIRE") or "nccl"
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"PDSERVE_KV_WIRE={backend!r}: the collective backend's wire is nccl or gloo")
+        return cls(backend, device)
 
     @property
     def buffers(self) -> torch.device:
@@ -85,6 +89,9 @@ class Wire:
 
     def group(self, store: dist.Store, rank: int, world_size: int) -> dist.ProcessGroup:
         if self.backend == "nccl":
+            # an NCCL error (a peer gone) aborts the pair's communicators and leaves the process up: the pair is lost,
+            # the replica goes on (torch's default, 3, ends the process)
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = NEVER
             return dist.ProcessGroupNCCL(store, rank, world_size, options)
@@ -167,6 +174,7 @@ class CollectiveKVSaver(KVSaver):
         # sends not known done: (work, the tensor it sends, pool name, when posted)
         self._inflight: list[tuple[dist.Work, torch.Tensor, str, float]] = []
         self._unreachable: dict[str, str] = {}  # pool name -> why (a send to one of its ranks failed)
+        self._lock = threading.Lock()  # detach (a follower's actor thread) against the step thread's sends
         self.bytes_sent = 0
 
     def bind_local(self, kv_cache: torch.Tensor) -> None:
@@ -181,11 +189,13 @@ class CollectiveKVSaver(KVSaver):
     def detach(self, pool_name: str) -> None:
         """Forget a decode replica (it died or left): its ranks and its pair group (aborted, so a send
         to a dead peer still pending on NCCL ends). Called between steps, once no prompt is bound there."""
-        self.peers.pop(pool_name, None)
-        if (group := self.groups.pop(pool_name, None)) is not None:
+        with self._lock:
+            self.peers.pop(pool_name, None)
+            group = self.groups.pop(pool_name, None)
+            self._unreachable.pop(pool_name, None)
+            self._inflight = [x for x in self._inflight if x[2] != pool_name]
+        if group is not None:
             self.wire.abort(group)
-        self._unreachable.pop(pool_name, None)
-        self._inflight = [x for x in self._inflight if x[2] != pool_name]
 
     def attach(self, handle: PoolHandle) -> None:
         """Learn one decode rank of a decode replica (attaching it again is a no-op)."""
@@ -248,28 +258,31 @@ class CollectiveKVSaver(KVSaver):
 
     def end_step(self) -> None:
         if self.wire.waits_for_sends:
-            for work, _, name, _ in self._inflight:
+            with self._lock:
+                sends, self._inflight = self._inflight, []
+            for work, _, name, _ in sends:
                 try:
                     work.wait()
                 except RuntimeError as e:
                     self._unreachable.setdefault(name, str(e).splitlines()[0][:200])
-            self._inflight.clear()
         self._dsts = []
 
     def _watch(self) -> None:
         """Before a step: forget the sends that are done; a decode pool with a send pending for stall_s is
         unreachable from here (its peer is gone: the pair group is aborted, its prompts go elsewhere)."""
-        now, pending = time.monotonic(), []
-        for work, tensor, name, at in self._inflight:
-            if work.is_completed() or name in self._unreachable:
-                continue
-            if now - at > self.stall_s:
-                self._unreachable[name] = f"a KV send has not completed in {self.stall_s:g} s"
-                if (group := self.groups.get(name)) is not None:
-                    self.wire.abort(group)
-                continue
-            pending.append((work, tensor, name, at))
-        self._inflight = pending
+        now, pending, stuck = time.monotonic(), [], []
+        with self._lock:
+            for work, tensor, name, at in self._inflight:
+                if work.is_completed() or name in self._unreachable:
+                    continue
+                if now - at > self.stall_s:
+                    self._unreachable[name] = f"a KV send has not completed in {self.stall_s:g} s"
+                    stuck += [g] if (g := self.groups.get(name)) is not None else []
+                    continue
+                pending.append((work, tensor, name, at))
+            self._inflight = pending
+        for group in stuck:
+            self.wire.abort(group)
 
     def unreachable(self) -> dict[str, str]:
         return self._unreachable
@@ -279,7 +292,9 @@ class CollectiveKVSaver(KVSaver):
         if pool in self._unreachable:
             return
         try:  # keep the tensor alive until sent
-            self._inflight.append((_isend(tensor, dst, group), tensor, pool, time.monotonic()))
+            work = _isend(tensor, dst, group)
+            with self._lock:
+                self._inflight.append((work, tensor, pool, time.monotonic()))
         except RuntimeError as e:
             self._unreachable[pool] = str(e).splitlines()[0][:200]
 
@@ -365,7 +380,8 @@ class CollectiveKVReceiver:
     def _run(self, key: str, group: dist.ProcessGroup, src: int) -> None:
         """Receive steps from rank `src` until the group fails or is dropped. A pair group fails for good
         when a member dies (its prefill replica, or this replica, which then goes too): what the sender
-        had not finished sending of a step is dropped, and the thread ends."""
+        had not finished sending of a step is dropped, and the thread ends. Nothing waits for a message
+        while holding the lock (on NCCL the wait is in settle or tolist, which the watchdog's abort ends)."""
         layers, _, _, _, heads, dim = self.pool.shape
         flat = [(self.pool[layer, 0].view(-1, heads, dim), self.pool[layer, 1].view(-1, heads, dim))
                 for layer in range(layers)]
@@ -374,17 +390,16 @@ class CollectiveKVReceiver:
             while True:
                 try:
                     _recv(header, src, group)
+                    values = header.tolist()  # on NCCL: until it has arrived
                     if self.groups.get(key) is not group:
                         return  # dropped while waiting: what came is not trusted
-                    self._receive_step(key, src, header.tolist(), flat, group)
+                    self._receive_step(key, src, values, flat, group)
                     if self.groups.get(key) is not group:
                         return
                 except RuntimeError as e:
                     if not self._stopped and self.groups.get(key) is group:
-                        self.num_errors += 1
-                        with self.cond:
-                            self.groups.pop(key, None)
-                            self.broken[key] = str(e).splitlines()[0][:200] if str(e) else repr(e)
+                        self.num_errors += 1  # a member died: the pair is done, its other threads too
+                        self.drop_pair(key, str(e).splitlines()[0][:200] if str(e) else repr(e))
                     return
                 finally:
                     with self.cond:
@@ -393,8 +408,13 @@ class CollectiveKVReceiver:
                         self.threads.pop((key, src), None)
 
     def stop(self) -> None:
-        """The groups are about to be torn down: the failures that follow are not errors."""
+        """The groups are about to be torn down: the failures that follow are not errors. On NCCL each group is
+        aborted first (a receive that is always pending would hold its teardown for ever)."""
         self._stopped = True
+        with self.cond:
+            groups = list(self.groups.values())
+        for group in groups:
+            self.wire.abort(group)
 
     def _receive_step(self, key: str, src: int, header: list[int], flat: list[tuple[torch.Tensor, torch.Tensor]],
                       group: dist.ProcessGroup) -> None:
@@ -402,13 +422,19 @@ class CollectiveKVReceiver:
         heads, dim = self.pool.shape[4:]
         arriving = (key, src)
         with self.cond:
+            if self.groups.get(key) is not group:
+                return
             self._arriving[arriving] = time.monotonic()
         index = torch.empty(num_rows + 3 * num_segments, dtype=torch.int64, device=self.wire.buffers)
         _recv(index, src, group)
-        slots, segments = index[:num_rows].to(self.pool.device), index[num_rows:].view(-1, 3).tolist()
+        segments = index[num_rows:].view(-1, 3).tolist()  # on NCCL: until it has arrived
+        if self.groups.get(key) is not group:
+            return
+        slots = index[:num_rows].to(self.pool.device)
         buf = torch.empty(2, num_rows, hi - lo, dim, dtype=self.pool.dtype, device=self.wire.buffers)
         for layer, (k_flat, v_flat) in enumerate(flat):
             _recv(buf, src, group)
+            self.wire.settle()  # on NCCL: until the layer has arrived, outside the lock
             rows = buf.to(self.pool.device)  # no copy where the wire's buffers are the pool's device
             if (lo, hi) != (0, heads):
                 k_flat, v_flat = k_flat[:, lo:hi], v_flat[:, lo:hi]
@@ -426,7 +452,7 @@ class CollectiveKVReceiver:
                                          for _ in range(n)], device=self.pool.device)
                     k_flat.index_copy_(0, slots[keep], rows[0][keep])
                     v_flat.index_copy_(0, slots[keep], rows[1][keep])
-                self.wire.settle()  # the writes are done before they count as landed
+                self.wire.settle()  # the writes are done (data already here: short) before they count as landed
                 for per_layer, (_, first, n) in zip(landed, segments):
                     if per_layer is not None:
                         per_layer[layer] = max(per_layer[layer], first + n)

@@ -9,6 +9,7 @@ benchmarks.kv_transfer (beside the machine's memcpy).
                 NCCL, a GPU each)"""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
@@ -104,7 +105,9 @@ def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, rea
         times.append(time.perf_counter())
     out.put(times)
     dist.barrier()
-    dist.destroy_process_group()
+    thread.stop()  # on NCCL: aborts the group, whose next receive is always pending
+    with contextlib.suppress(Exception):  # an aborted NCCL group may refuse the teardown too
+        dist.destroy_process_group()
 
 
 def collective_seconds(shape: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,

@@ -210,7 +210,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     owns_ray = init_ray(config)
     # one host: a local Ray (no ray_address to join) of one node; a joined cluster may place pools on any node
     one_host = not config.ray_address and sum(1 for node in ray.nodes() if node["Alive"]) == 1
-    config = dataclasses.replace(config, kv_backend=resolve_backend(config.kv_backend, one_host))
+    gpus = any(pool.replicas and pool.device == "cuda" for pool in (config.prefill, config.decode))
+    config = dataclasses.replace(config, kv_backend=resolve_backend(config.kv_backend, one_host, gpus))
     say(f"Ray {'started on 127.0.0.1' if owns_ray else 'connected'}: "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs; KV over {config.kv_backend}")
     tag = uuid.uuid4().hex[:8]

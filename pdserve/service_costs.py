@@ -33,13 +33,16 @@ def _prompt(i: int, vocab: int) -> list[int]:
 def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
     """Service seconds (request_s, hop_s, step_s, token_s) and what they came from (service_measured), on a live
     colocated cluster of `config`'s decode pool; `step`: that pool's fitted planner.cost.StepModel."""
+    import dataclasses
+
     import ray
 
     from pdserve.client import Client
     from pdserve.launch import start_cluster
 
     cfg = config.replace(**{"prefill.replicas": 0, "decode.replicas": 1, "router.port": 0, "router.http_port": None,
-                            "router.metrics_port": None, "router.dispatch": "threshold"})
+                            "router.metrics_port": None, "router.dispatch": "threshold", "router.profile": None,
+                            "router.autoscale": dataclasses.replace(config.router.autoscale, enabled=False)})
     with start_cluster(cfg, progress=None) as cluster, Client(cluster.address, timeout=300) as client:
         def arrivals(i: int, max_tokens: int) -> list[float]:
             t0, times = time.perf_counter(), []

@@ -150,8 +150,9 @@ class Simulator:
         """rule: slo_aware's, fixed (None: as router.dispatch_retune_s has it, tuned to the simulated traffic by
         `tuner`, a planner.simulate.Tuner of this config, or a new one)."""
         self.config, self.router = config, config.router
-        # a simulated cluster is on one host unless its config says the KV crosses hosts
-        self.backend = resolve_backend(config.kv_backend, one_host=True)
+        # auto as a cluster of this config resolves it (one host unless it joins a Ray cluster)
+        gpus = any(pool.replicas and pool.device == "cuda" for pool in (config.prefill, config.decode))
+        self.backend = resolve_backend(config.kv_backend, not config.ray_address, gpus)
         self.service = service or Service.of(profile)
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []

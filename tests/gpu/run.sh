@@ -29,6 +29,6 @@ PY
 timeout 330 $PY -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" 2>&1 \
     | tee "$OUT/gpu-tests.log"
 rc=${PIPESTATUS[0]}
-PDSERVE_KV_WIRE=${PDSERVE_KV_WIRE:-} timeout 200 $PY tests/gpu/bench.py --json "$OUT/gpu.json" 2>&1 \
+timeout 200 $PY tests/gpu/bench.py --json "$OUT/gpu.json" 2>&1 \
     | tee "$OUT/gpu-bench.log"
 exit "$rc"

@@ -2,6 +2,7 @@
 layer's K/V to a decode rank, whose continuation equals one engine doing both."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
@@ -76,8 +77,9 @@ def stop_pair(pair) -> None:
     if child.is_alive():
         jobs.put(None)
         child.join(30)
-    thread.stop()
-    dist.destroy_process_group()
+    thread.stop()  # on NCCL: aborts the group, whose next receive is always pending
+    with contextlib.suppress(Exception):  # an aborted NCCL group may refuse the teardown too
+        dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -165,8 +165,10 @@ def test_auto_kv_backend_is_shared_memory_on_one_host_and_collective_across_host
     assert ClusterConfig().kv_backend == "auto" and "auto" in KV_BACKENDS
     assert resolve_backend("auto", one_host=True) == "ipc"
     assert resolve_backend("auto", one_host=False) == "collective"
+    # GPU pools take NCCL even on one host: Ray shows each replica only its own GPUs (no CUDA IPC handle across them)
+    assert resolve_backend("auto", one_host=True, gpus=True) == "collective"
     for backend in ("ipc", "collective"):  # a backend named is kept, wherever the pools are
-        assert resolve_backend(backend, one_host=False) == resolve_backend(backend, one_host=True) == backend
+        assert resolve_backend(backend, one_host=False, gpus=True) == resolve_backend(backend, one_host=True) == backend
     with pytest.raises(ValueError, match="kv_backend='nccl'"):
         resolve_backend("nccl", one_host=True)
 
