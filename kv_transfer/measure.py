@@ -106,6 +106,8 @@ def _collective_receiver(port: int, shape: tuple[int, ...], num_tokens: int, rea
     out.put(times)
     dist.barrier()
     thread.stop()  # on NCCL: aborts the group, whose next receive is always pending
+    for receiving in list(thread.threads.values()):  # on gloo: ends when the sender's teardown closes the pair
+        receiving.join(timeout=30)
     with contextlib.suppress(Exception):  # an aborted NCCL group may refuse the teardown too
         dist.destroy_process_group()
 
