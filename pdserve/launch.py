@@ -147,19 +147,45 @@ def _profile_into(config: ClusterConfig, path: str) -> None:
         f.write(profile_config(config, reps=3, quick=True, log=lambda msg: None).to_json())
 
 
-def measure_profile(config: ClusterConfig) -> Path:
-    """router.profile "measure": a quick `pdserve profile` of the config's pool configurations (no service costs),
-    in a process of its own (this one, the router's, never imports torch); returns the JSON's path."""
-    import multiprocessing as mp
-    import tempfile
+def _profile_key(config: ClusterConfig) -> str:
+    """What a measured profile depends on: the model, the pools' engine options, this host (its CPU and cores),
+    torch's version and the engine's code."""
+    import hashlib
+    import importlib.metadata
+    import json
 
-    path = Path(tempfile.gettempdir()) / f"pdserve-profile-{config.name}-{uuid.uuid4().hex[:8]}.json"
-    child = mp.get_context("spawn").Process(target=_profile_into, args=(config, str(path)))  # it starts its own
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
+    pools = [getattr(config, role).engine_kwargs() for role in ("prefill", "decode") if getattr(config, role).replicas]
+    facts = {"model": config.model, "pools": pools, "cpu": cpu, "cores": os.cpu_count(),
+             "torch": importlib.metadata.version("torch")}
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode())
+    engine = Path(__file__).resolve().parents[1] / "engine"
+    for source in sorted(p for p in engine.rglob("*") if p.suffix in (".py", ".c", ".h")):
+        digest.update(source.relative_to(engine).as_posix().encode() + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def measure_profile(config: ClusterConfig) -> tuple[Path, bool]:
+    """router.profile "measure": a quick `pdserve profile` of the config's pool configurations (no service costs),
+    in a process of its own (this one, the router's, never imports torch). Kept in $XDG_CACHE_HOME/pdserve/profiles
+    (~/.cache) under what it depends on (_profile_key), so a restart of the same pools on the same host and code
+    reuses it. Returns (the JSON's path, whether it was reused)."""
+    import multiprocessing as mp
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdserve" / "profiles"
+    path = cache / f"{_profile_key(config)}.json"
+    if path.exists():
+        return path, True
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+    child = mp.get_context("spawn").Process(target=_profile_into, args=(config, str(tmp)))  # it starts its own
     child.start()
     child.join()
-    if child.exitcode != 0 or not path.exists():
+    if child.exitcode != 0 or not tmp.exists():
         raise RuntimeError(f"router.profile='measure': profiling the pools failed (exit code {child.exitcode})")
-    return path
+    tmp.rename(path)  # whole, or not there
+    return path, False
 
 
 def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None = print) -> Cluster:
@@ -186,8 +212,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
             progress(f"[{time.monotonic() - t0:5.1f}s] {msg}")
 
     if r.profile == "measure":  # a short profile of the pools' configurations, while the cores are free
-        path = measure_profile(config)
-        say(f"measured a profile of the pools: {path} (router.profile: reuse it next time)")
+        path, reused = measure_profile(config)
+        say(f"{'reusing the' if reused else 'measured a'} profile of the pools: {path}")
         config = config.replace(**{"router.profile": str(path)})
         r = config.router
     slo_aware = autoscaler = tuner = None  # a profile that is missing or lacks a pool fails here too

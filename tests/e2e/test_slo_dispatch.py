@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,10 +88,15 @@ def test_slo_aware_without_a_profile_of_the_pools_fails_before_anything_starts(t
         small_cluster(tiny_model, dispatch="slo_aware")
 
 
-def test_auto_dispatch_runs_slo_aware_on_a_profile_measured_at_start(ray_local, tiny_model) -> None:
+def test_auto_dispatch_runs_slo_aware_on_a_profile_measured_at_start(ray_local, tiny_model, tmp_path,
+                                                                      monkeypatch) -> None:
     """router.profile "measure": a quick profile of the pools, measured in a process of its own before the replicas
-    start; with it the default dispatch (auto) is slo_aware, and the tokens are the offline engine's."""
+    start and kept for the next start of the same pools; with it the default dispatch (auto) is slo_aware, and
+    the tokens are the offline engine's."""
+    from pdserve.launch import _profile_key, measure_profile
     from planner.cost import Profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
 
     prompts = prompts_of([5, 120], seed=6)
     with LLM(tiny_model, max_num_batched_tokens=128, num_kv_blocks=256) as llm:
@@ -105,3 +111,6 @@ def test_auto_dispatch_runs_slo_aware_on_a_profile_measured_at_start(ray_local, 
     assert [g.token_ids for g in got] == want
     assert {g.timings["dispatch_reason"] for g in got} <= {"slo", "delay"}
     assert list(Profile.load(measured).pools) == ["tp1-threads1-float32-cpu"]  # both pools' one configuration
+    assert measure_profile(config) == (tmp_path / "pdserve" / "profiles" / Path(measured).name, True)  # reused
+    other = config.replace(**{"decode.max_num_seqs": 8})  # other pools: another profile
+    assert _profile_key(other) != _profile_key(config) == Path(measured).stem
