@@ -10,6 +10,7 @@ from typing import Any
 
 from engine.options import DTYPES, EngineOptions
 from kv_transfer import CHOICES as KV_BACKENDS
+from kv_transfer import resolve_backend
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,12 @@ class ClusterConfig:
 
         with open(path) as f:
             return cls.from_dict(yaml.safe_load(f) or {})
+
+    def kv_backend_on(self, one_host: bool) -> str:
+        """The KV backend a cluster of this config runs (kv_transfer.resolve_backend: auto as the pools' device
+        and hosts say)."""
+        gpus = any(pool.replicas and pool.device == "cuda" for pool in (self.prefill, self.decode))
+        return resolve_backend(self.kv_backend, one_host, gpus)
 
     def replace(self, **changes: Any) -> ClusterConfig:
         """Dotted keys reach into the pools and the router: replace(**{"prefill.replicas": 2})."""

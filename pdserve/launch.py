@@ -154,11 +154,11 @@ def _profile_key(config: ClusterConfig) -> str:
     import importlib.metadata
     import json
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
+    from planner.profile import host_facts  # torch-free
+
+    host = {k: v for k, v in host_facts().items() if k != "measured"}
     pools = [getattr(config, role).engine_kwargs() for role in ("prefill", "decode") if getattr(config, role).replicas]
-    facts = {"model": config.model, "pools": pools, "cpu": cpu, "cores": os.cpu_count(),
-             "torch": importlib.metadata.version("torch")}
+    facts = {"model": config.model, "pools": pools, "host": host, "torch": importlib.metadata.version("torch")}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode())
     engine = Path(__file__).resolve().parents[1] / "engine"
     for source in sorted(p for p in engine.rglob("*") if p.suffix in (".py", ".c", ".h")):
@@ -193,7 +193,6 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     import ray
 
     from decode_worker import DecodeWorker
-    from kv_transfer import resolve_backend
     from prefill_worker import PrefillWorker
     from router.placement import Replica
     from router.router import Router
@@ -236,8 +235,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     owns_ray = init_ray(config)
     # one host: a local Ray (no ray_address to join) of one node; a joined cluster may place pools on any node
     one_host = not config.ray_address and sum(1 for node in ray.nodes() if node["Alive"]) == 1
-    gpus = any(pool.replicas and pool.device == "cuda" for pool in (config.prefill, config.decode))
-    config = dataclasses.replace(config, kv_backend=resolve_backend(config.kv_backend, one_host, gpus))
+    config = dataclasses.replace(config, kv_backend=config.kv_backend_on(one_host))
     say(f"Ray {'started on 127.0.0.1' if owns_ray else 'connected'}: "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs; KV over {config.kv_backend}")
     tag = uuid.uuid4().hex[:8]

@@ -215,13 +215,13 @@ class Supervisor:
     def _replace(self, replica) -> None:
         import ray
 
+        from kv_transfer.wiring import drop_prefill
+
         t0 = time.monotonic()
         log.warning("%s is dead; starting a new one", replica.name)
         ray.kill(replica.actor)  # a live actor whose engine died: its ranks go with it
         dead_pool = self.pools.pool_names[replica.index] if replica.role == "decode" else None
         if replica.role == "prefill":  # its pair groups with the decode replicas (collective backend)
-            from kv_transfer.wiring import drop_prefill
-
             drop_prefill([r.actor for r in self.server.router.placement.decode if r.healthy],
                          self.pools.kv_uids.pop(replica.index, None), "it died")
         actor, info = self._start(replica.role, replica.index)

@@ -48,7 +48,6 @@ from engine.options import EngineOptions
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from kv_transfer import resolve_backend
 from pdserve.workload import mix_requests, mix_shape, steady_count
 from planner.answers import Answers
 from planner.cost import Profile, StepModel, pool_key
@@ -150,9 +149,7 @@ class Simulator:
         """rule: slo_aware's, fixed (None: as router.dispatch_retune_s has it, tuned to the simulated traffic by
         `tuner`, a planner.simulate.Tuner of this config, or a new one)."""
         self.config, self.router = config, config.router
-        # auto as a cluster of this config resolves it (one host unless it joins a Ray cluster)
-        gpus = any(pool.replicas and pool.device == "cuda" for pool in (config.prefill, config.decode))
-        self.backend = resolve_backend(config.kv_backend, not config.ray_address, gpus)
+        self.backend = config.kv_backend_on(one_host=not config.ray_address)  # auto as its cluster resolves it
         self.service = service or Service.of(profile)
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
