@@ -9,7 +9,9 @@ in this process, as `pdserve serve` runs them. Three measurements, each beside w
             + hop_s
     alone   one request decoding 64 tokens: the median gap between its tokens is one decode step + step_s
             + token_s (each token's hop delays every token alike)
-    batch   16 requests decoding together: one 16-row step + step_s + 16 token_s
+    batch   16 requests decoding together: one 16-row step + step_s + 16 token_s, taken over the stretch where
+            all 16 decode (the stream may hand a client several tokens in one chunk when it falls behind, so a
+            per-token gap can read zero: the stretch's length over the tokens each request got in it)
 hop_s is half the round trip of the replica's cheapest call from the router's process (its stats poll);
 the rest follows, each clamped at zero. Each prompt's tokens differ from every other's, so no prefix is
 cached."""
@@ -30,6 +32,17 @@ def _prompt(i: int, vocab: int) -> list[int]:
     return [3 + (i * PROMPT + j) % (vocab - 3) for j in range(PROMPT)]
 
 
+def _step_together(batch: list[list[float]]) -> float:
+    """The decode step's seconds while every request of `batch` (token arrival times) decodes: the stretch from
+    the last first token to the first last token, over the tokens each request got in it (median)."""
+    start, end = max(times[0] for times in batch), min(times[-1] for times in batch)
+    counts = [sum(start < t <= end for t in times) for times in batch]
+    if end <= start or min(counts) < 2:
+        raise RuntimeError(f"the {len(batch)} requests never decoded together (first tokens by {start:.3f} s, "
+                           f"a last token at {end:.3f} s)")
+    return statistics.median((end - start) / n for n in counts)
+
+
 def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
     """Service seconds (request_s, hop_s, step_s, token_s) and what they came from (service_measured), on a live
     colocated cluster of `config`'s decode pool; `step`: that pool's fitted planner.cost.StepModel."""
@@ -45,16 +58,21 @@ def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
                             "router.autoscale": dataclasses.replace(config.router.autoscale, enabled=False)})
     with start_cluster(cfg, progress=None) as cluster, Client(cluster.address, timeout=300) as client:
         def arrivals(i: int, max_tokens: int) -> list[float]:
-            t0, times = time.perf_counter(), []
+            """When each of request i's tokens arrived (perf_counter)."""
+            times: list[float] = []
             for chunk in client.stream(_prompt(i, vocab), max_tokens=max_tokens, temperature=0, ignore_eos=True):
-                times += [time.perf_counter() - t0] * len(chunk.token_ids)
+                times += [time.perf_counter()] * len(chunk.token_ids)
             return times
+
+        def first_token(i: int) -> float:
+            t0 = time.perf_counter()
+            return arrivals(i, 1)[0] - t0
 
         def gaps(times: list[float]) -> list[float]:
             return [b - a for a, b in zip(times, times[1:])]
 
         arrivals(0, 8)  # warm: the first request's path, the tokenizer-free stream
-        ttft = statistics.median(arrivals(i, 1)[0] for i in range(1, 9))
+        ttft = statistics.median(first_token(i) for i in range(1, 9))
         alone = statistics.median(gaps(arrivals(9, DECODE)))
         batch: list[list[float]] = [[] for _ in range(BATCH)]
         threads = [threading.Thread(target=lambda k=k: batch[k].extend(arrivals(10 + k, DECODE)))
@@ -63,7 +81,7 @@ def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
             t.start()
         for t in threads:
             t.join()
-        together = statistics.median(g for times in batch for g in gaps(times))
+        together = _step_together(batch)
         actor = cluster.decode[0]
         ray.get(actor.stats.remote())
         round_trips = []

@@ -100,3 +100,15 @@ def test_simulate_names_the_pool_its_profile_lacks(tiny_checkpoints, tmp_path, c
     err = capsys.readouterr().err
     assert "the decode pool: the profile has no step model for the pool configuration tp2-threads1-float32-cpu" in err
     assert "pdserve profile" in err
+
+
+def test_service_batch_step_survives_coalesced_chunks():
+    """The stream hands a client that fell behind several tokens in one chunk (same arrival time): the batch's step
+    is the stretch where all decode over the tokens each got in it, never the zero gap inside a chunk."""
+    from pdserve.service_costs import _step_together
+
+    steady = [0.1 + 0.01 * k for k in range(50)]  # a token every 10 ms from 0.1 s
+    bunched = [0.12] + [t for t in (0.1 + 0.02 * k for k in range(1, 25)) for _ in range(2)]  # pairs every 20 ms
+    assert _step_together([steady, bunched]) == pytest.approx(0.01, rel=0.1)
+    with pytest.raises(RuntimeError, match="never decoded together"):
+        _step_together([[0.0, 0.01, 0.02], [0.5, 0.51, 0.52]])
