@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.calibrate_on:
-        Path(args.profile).write_text(dataclasses.replace(profile, service=dataclasses.asdict(service)).to_json())
+        fitted = {**profile.service, **dataclasses.asdict(service)}  # what it was measured from stays beside it
+        Path(args.profile).write_text(dataclasses.replace(profile, service=fitted).to_json())
         print(f"wrote the service costs into {args.profile}")
     return 0
 

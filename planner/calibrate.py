@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.cost import Profile, pool_key
@@ -77,9 +77,11 @@ def calibrate(profile: Profile, cases: Seq[Case], max_rounds: int = 10) -> tuple
     axes = [*GRID.values(), *(SLOWDOWNS for _ in keys)]
     names = [*GRID, *keys]
 
+    measured = Service.of(profile)  # what is measured, not fitted, stays (the KV transfer's speed)
+
     def service(at: tuple[int, ...]) -> Service:
         values = dict(zip(names, (axis[i] for axis, i in zip(axes, at))))
-        return Service(**{k: values[k] for k in GRID}, slowdown={k: values[k] for k in keys})
+        return replace(measured, **{k: values[k] for k in GRID}, slowdown={k: values[k] for k in keys})
 
     seen: dict[tuple[int, ...], float] = {}
 

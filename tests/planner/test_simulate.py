@@ -128,10 +128,12 @@ def test_calibration_recovers_the_service_that_made_the_measurements():
         cases.append(Case(cfg, requests, {"runs": runs}))
     start = simulate(cases[0].config, profile(), requests, 6.0, service=Service())
     assert start["tpot_ms"]["p50"] < 0.8 * cases[0].runs[1]["tpot_ms"]["p50"]  # uncalibrated: far off
-    fitted, rows = calibrate(profile(), cases)
+    measured = {"kv_gbs": {"ipc": 5.0}, "kv_layer_bytes": 64.0}  # what `pdserve profile` measured stays as it was
+    fitted, rows = calibrate(replace(profile(), service=measured), cases)
     # slowdown x step and token_s x sampled rows nearly coincide on decode steps (tokens = rows), so the grid
     # may trade one for the other; the hop and what the runs show must come back
     assert fitted.hop_s == truth.hop_s
+    assert (fitted.kv_gbs, fitted.kv_layer_bytes) == (measured["kv_gbs"], measured["kv_layer_bytes"])
     assert set(fitted.slowdown) == {"tp1-threads1-float32-cpu"}
     for row in rows:
         for key, value in row.items():
