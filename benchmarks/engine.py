@@ -2,6 +2,13 @@
 
     python -m benchmarks.engine --json bench.json [--quick] [--skip-hf] [--profile]
                            [--wait-quiet S --retries N]   (on a machine shared with other jobs)
+                           [--vllm .vllm-venv/bin/python [--vllm-model .vllm-model]]
+
+--vllm adds vLLM's offline engine (its CPU build, in the venv `bash scripts/vllm_serve.sh` makes, on the
+default model written as a Hugging Face folder by `python -m benchmarks.export_hf`: float32, the weights
+ours reads) as a third engine on every workload but prefix, in a child process of its own, both cores
+bound (VLLM_CPU_OMP_THREADS_BIND), driven a step at a time as ours is; its greedy tokens are compared
+with ours.
 
 Default model (SmolLM2-135M-Instruct, GGUF dequantized to fp32), 2 torch threads for every part.
 Three workloads, each warmed up once (short) before it is timed, each run on both engines:
@@ -50,7 +57,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.engine_runners import OurEngine, RemoteHF, maxrss_mb
+from benchmarks.engine_runners import OurEngine, RemoteHF, RemoteVLLM, maxrss_mb
 from benchmarks.engine_table import print_table
 from benchmarks.engine_workloads import DECODE_METHOD, decode_workload, prefill_workload, random_prompts, wait_quiet
 from benchmarks.machine import THREADS, MachineProbe, cpu_name
@@ -129,12 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     path = default_model_path()
     hf = None if args.skip_hf else RemoteHF(path)  # loads in its own process while ours loads here
+    vllm = RemoteVLLM(args.vllm, args.vllm_model) if args.vllm else None  # and so does vLLM
     print("loading the engines ...", flush=True)
     ours = ColdCacheEngine()
     hf_info = hf.wait_loaded() if hf else None
+    vllm_info = vllm.wait_loaded() if vllm else None
     counts = model_counts(ours.llm)
     vocab = counts["vocab"]
-    engines = [ours] + ([hf] if hf else [])
+    engines = [ours] + ([hf] if hf else []) + ([vllm] if vllm else [])
 
     chat = ours.chat_ids()
     batch_prompts = random_prompts(cfg["batch"], cfg["batch_prompt_len"], vocab, SEED)
@@ -174,6 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prefill": (prefill_prompts, 1),
         }, args.wait_quiet)
     hf_rss = hf.close() if hf else None
+    vllm_rss = vllm.close() if vllm else None
     print("measuring the machine again ...", flush=True)
     wait_quiet(args.wait_quiet)
     machine_after = machine.full()
@@ -211,6 +221,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prefill_gflops = pf / (p_tokens / p_ours) / 1e9
     prefill_hf_gflops = pf / (p_tokens / p_hf) / 1e9 if p_hf else None
 
+    s_vl, b_vl, p_vl = (get("single", "vllm", "decode_tok_s"), get("batch32", "vllm", "decode_tok_s"),
+                        get("prefill", "vllm", "tok_s"))
+    vllm_match = None
+    if vllm:
+        batch = [_match_prefix(a, b) for a, b in zip(res["batch32"]["pdserve"]["tokens"],
+                                                     res["batch32"]["vllm"]["tokens"])]
+        vllm_match = {"single": _match_prefix(res["single"]["pdserve"]["tokens"][0],
+                                              res["single"]["vllm"]["tokens"][0]),
+                      "batch32_min": min(batch), "batch32_mean": round(sum(batch) / len(batch), 1)}
     match_single = match_batch = None
     if hf:
         match_single = _match_prefix(res["single"]["pdserve"]["tokens"][0], res["single"]["transformers"]["tokens"][0])
@@ -270,6 +289,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_flops_frac": _ratio(prefill_gflops, peak),
         "prefill_hf_flops_frac": _ratio(prefill_hf_gflops, peak),
         "prefill_flops_per_run": pf,
+        "vllm": vllm_info and {
+            "version": vllm_info["version"], "load_s": round(vllm_info["load_s"], 1), "peak_rss_mb": round(vllm_rss, 1),
+            "single_decode_tok_s": s_vl, "batch32_decode_tok_s": b_vl, "prefill_tok_s": p_vl,
+            "single_decode_ours_vs_vllm": _ratio(s_ours, s_vl), "batch32_ours_vs_vllm": _ratio(b_ours, b_vl),
+            "prefill_ours_vs_vllm": _ratio(p_ours, p_vl), "batch32_frac_of_roofline": _ratio(b_vl, roof32["tok_s"]),
+            "single_decode_frac_of_roofline": _ratio(s_vl, roof1["tok_s"]),
+            "prefill_flops_frac": _ratio(pf / (p_tokens / p_vl) / 1e9, peak) if p_vl else None,
+            "greedy_match_with_ours": vllm_match},
         "prefix_cached_tok_s": get("prefix", "on", "tok_s"),
         "prefix_uncached_tok_s": get("prefix", "off", "tok_s"),
         "prefix_cache_speedup": _ratio(get("prefix", "on", "tok_s"), get("prefix", "off", "tok_s")),
@@ -315,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer new tokens and repetitions")
     ap.add_argument("--skip-hf", action="store_true", help="do not run the transformers reference")
     ap.add_argument("--profile", action="store_true", help="also time the parts of our engine's steps")
+    ap.add_argument("--vllm", metavar="PYTHON", help="also run vLLM's offline engine, with this interpreter (the "
+                                                     "venv scripts/vllm_serve.sh makes: .vllm-venv/bin/python)")
+    ap.add_argument("--vllm-model", default=".vllm-model", metavar="DIR",
+                    help="the default model as a Hugging Face folder, for --vllm (python -m benchmarks.export_hf DIR)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each timed run, wait up to S seconds for other processes to leave the cpus idle")
     ap.add_argument("--retries", type=int, default=0,

@@ -1,8 +1,9 @@
-"""The two engines the engine benchmark compares, behind one interface:
+"""The engines the engine benchmark compares, behind one interface:
 generate(prompts, n) -> {"tokens": new token ids per prompt, "wall", "cpu", "t_first", "tokens_at_first"}.
 
-OurEngine runs in this process; transformers runs in a child process of its own (RemoteHF), so each
-engine's peak RSS is its own and the two never run at once."""
+OurEngine runs in this process; transformers runs in a child process of its own (RemoteHF), and vLLM's
+offline engine, when asked for, in a child run by its own venv's interpreter (RemoteVLLM), so each engine's
+peak RSS is its own and no two run at once."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -169,4 +170,71 @@ class RemoteHF:
         self.conn.send(("quit", None))
         rss = self._recv()["peak_rss_mb"]
         self.proc.join(timeout=30)
+        return rss
+
+
+class RemoteVLLM:
+    """vLLM's offline engine (benchmarks/vllm_child.py) in a child process run by the interpreter of vLLM's own
+    venv, on `model_dir` (the default model as a Hugging Face folder), driven over a pair of pipes. Both cores,
+    as vLLM's CPU build binds them (VLLM_CPU_OMP_THREADS_BIND); it loads while ours loads here."""
+    name = "vllm"
+
+    def __init__(self, python: str, model_dir: str) -> None:
+        import subprocess
+
+        if not os.access(python, os.X_OK):
+            raise SystemExit(f"--vllm {python!r}: not an interpreter; `bash scripts/vllm_serve.sh` makes one "
+                             f"(.vllm-venv/bin/python)")
+        if not os.path.exists(os.path.join(model_dir, "config.json")):
+            raise SystemExit(f"--vllm-model {model_dir!r}: no Hugging Face folder there; write one with "
+                             f"`python -m benchmarks.export_hf {model_dir}`")
+        to_child, self._cmd = os.pipe()
+        self._ans, from_child = os.pipe()
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{THREADS - 1}"),
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env.pop("PYTHONPATH", None)
+        child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_child.py")
+        self.proc = subprocess.Popen([python, child, model_dir, str(to_child), str(from_child)], env=env,
+                                     pass_fds=(to_child, from_child), stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(model_dir, "vllm-child.log"), "w"))
+        os.close(to_child)
+        os.close(from_child)
+        self._commands, self._answers = os.fdopen(self._cmd, "w"), os.fdopen(self._ans, "r")
+        self.info: dict[str, Any] | None = None
+
+    def _recv(self) -> Any:
+        import json
+
+        line = self._answers.readline()
+        if not line:
+            raise RuntimeError(f"the vLLM child ended (exit {self.proc.wait()}); its log: vllm-child.log in the "
+                               f"model folder")
+        (status, result), = json.loads(line).items()
+        if status != "ok":
+            raise RuntimeError(f"vLLM child failed:\n{result}")
+        return result
+
+    def _send(self, *cmd: Any) -> None:
+        import json
+
+        self._commands.write(json.dumps(cmd) + "\n")
+        self._commands.flush()
+
+    def wait_loaded(self) -> dict[str, Any]:
+        if self.info is None:
+            self.info = self._recv()
+        return self.info
+
+    def generate(self, prompts: list[list[int]], n: int) -> dict[str, Any]:
+        self.wait_loaded()
+        self._send("generate", prompts, n)
+        return self._recv()
+
+    def close(self) -> float:
+        self.wait_loaded()
+        self._send("quit")
+        rss = self._recv()["peak_rss_mb"]
+        self.proc.wait(timeout=60)
         return rss

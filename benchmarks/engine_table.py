@@ -60,6 +60,14 @@ def print_table(r: dict[str, Any]) -> None:
           f"decoder stack {r.get('decoder_stack')}, matmuls {r.get('matmul')}")
     print(f"peak RSS: pdserve {r['peak_rss_mb']:.0f} MB (KV cache {r['kv_cache_mb']:.0f} MB), "
           f"transformers {_fmt(r['peak_rss_hf_mb'], '.0f')} MB;  load s: {r['load_s']}")
+    if v := r.get("vllm"):
+        print(f"vLLM {v['version']} (offline engine, same workloads, turns taken with ours): single decode "
+              f"{_fmt(v['single_decode_tok_s'], '.2f')} tok/s (ours x{_fmt(v['single_decode_ours_vs_vllm'], '.2f')}), "
+              f"batch32 {_fmt(v['batch32_decode_tok_s'], '.2f')} (ours x{_fmt(v['batch32_ours_vs_vllm'], '.2f')}; "
+              f"{_fmt(v['batch32_frac_of_roofline'], '.3f')} of roofline), prefill {_fmt(v['prefill_tok_s'], '.1f')} "
+              f"(ours x{_fmt(v['prefill_ours_vs_vllm'], '.2f')}; {_fmt(v['prefill_flops_frac'], '.3f')} of the matmul "
+              f"peak); greedy agreement with ours {v['greedy_match_with_ours']}; peak RSS {v['peak_rss_mb']:.0f} MB, "
+              f"load {v['load_s']} s")
     print("targets: " + ", ".join(f"{k}: {v}" for k, v in r["targets"].items()))
     if r.get("profile"):
         print()

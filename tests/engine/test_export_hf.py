@@ -1,5 +1,6 @@
-"""benchmarks.export_hf: the default model written as a Hugging Face folder (what `vllm serve` is given in the
-side-by-side benchmark) holds the very weights, config and tokenizer pdserve's engine reads from the GGUF."""
+"""benchmarks.export_hf: the default model written as a Hugging Face folder (what `vllm serve` and vLLM's offline
+engine are given in the side-by-side benchmarks) holds the very weights, config and tokenizer pdserve's engine reads
+from the GGUF; and the engine benchmark's vLLM runner names what it lacks."""
 from __future__ import annotations
 
 import torch
@@ -22,3 +23,23 @@ def test_the_exported_folder_is_the_same_model(tmp_path) -> None:
     chat = [{"role": "user", "content": text}]
     assert hf.tokenizer.apply_chat_template(chat, tokenize=False) == gguf.tokenizer.apply_chat_template(
         chat, tokenize=False)
+
+
+def test_the_vllm_runner_names_what_is_missing(tmp_path) -> None:
+    """benchmarks.engine --vllm: a wrong interpreter or folder is named before anything runs, and a child whose
+    interpreter has no vLLM says so through the runner's pipes (the same protocol a real vLLM child answers on)."""
+    import sys
+
+    import pytest
+
+    from benchmarks.engine_runners import RemoteVLLM
+
+    with pytest.raises(SystemExit, match="not an interpreter"):
+        RemoteVLLM(str(tmp_path / "nope" / "python"), str(tmp_path))
+    with pytest.raises(SystemExit, match="no Hugging Face folder"):
+        RemoteVLLM(sys.executable, str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    runner = RemoteVLLM(sys.executable, str(tmp_path))  # this venv's interpreter: no vllm in it
+    with pytest.raises(RuntimeError, match="No module named 'vllm'"):
+        runner.wait_loaded()
+    assert runner.proc.wait(timeout=30) == 0
