@@ -9,9 +9,10 @@ in this process, as `pdserve serve` runs them. Three measurements, each beside w
             + hop_s
     alone   one request decoding 64 tokens: the median gap between its tokens is one decode step + step_s
             + token_s (each token's hop delays every token alike)
-    batch   16 requests decoding together: one 16-row step + step_s + 16 token_s, taken over the stretch where
-            all 16 decode (the stream may hand a client several tokens in one chunk when it falls behind, so a
-            per-token gap can read zero: the stretch's length over the tokens each request got in it)
+    batch   16 requests decoding together (fewer where the pool's max_num_seqs is lower; none at 1, and then
+            token_s is 0): one 16-row step + step_s + 16 token_s, taken over the stretch where all 16 decode
+            (the stream may hand a client several tokens in one chunk when it falls behind, so a per-token
+            gap can read zero: the stretch's length over the tokens each request got in it)
 hop_s is half the round trip of the replica's cheapest call from the router's process (its stats poll);
 the rest follows, each clamped at zero. Each prompt's tokens differ from every other's, so no prefix is
 cached."""
@@ -74,14 +75,15 @@ def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
         arrivals(0, 8)  # warm: the first request's path, the tokenizer-free stream
         ttft = statistics.median(first_token(i) for i in range(1, 9))
         alone = statistics.median(gaps(arrivals(9, DECODE)))
-        batch: list[list[float]] = [[] for _ in range(BATCH)]
+        n = min(BATCH, cfg.decode.max_num_seqs)  # all decoding in one step
+        batch: list[list[float]] = [[] for _ in range(n)]
         threads = [threading.Thread(target=lambda k=k: batch[k].extend(arrivals(10 + k, DECODE)))
-                   for k in range(BATCH)]
+                   for k in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        together = _step_together(batch)
+        together = _step_together(batch) if n > 1 else None
         actor = cluster.decode[0]
         ray.get(actor.stats.remote())
         round_trips = []
@@ -91,13 +93,13 @@ def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
             round_trips.append(time.perf_counter() - t0)
     context = PROMPT + DECODE // 2  # a decode step's mean context
     predicted = {"ttft": step.step_seconds([(PROMPT, 0, True)]), "alone": step.step_seconds([(1, context, True)]),
-                 "batch": step.step_seconds([(1, context, True)] * BATCH)}
+                 "batch": step.step_seconds([(1, context, True)] * n)}
     hop_s = statistics.median(round_trips) / 2
     per_step = alone - predicted["alone"]  # step_s + token_s
-    token_s = max(0.0, (together - predicted["batch"] - per_step) / (BATCH - 1))
+    token_s = max(0.0, (together - predicted["batch"] - per_step) / (n - 1)) if together is not None else 0.0
     step_s = max(0.0, per_step - token_s)
     request_s = max(0.0, ttft - predicted["ttft"] - step_s - token_s - hop_s)
-    measured = {"ttft": ttft, "alone": alone, "batch": together}
+    measured = {"ttft": ttft, "alone": alone, **({"batch": together} if together is not None else {})}
     log("service: " + ", ".join(f"{k} {1e3 * measured[k]:.2f} ms (engine {1e3 * predicted[k]:.2f})" for k in measured)
         + f"; hop {1e3 * hop_s:.2f} ms -> request_s {1e3 * request_s:.2f} ms, step_s {1e3 * step_s:.2f} ms, "
           f"token_s {1e3 * token_s:.3f} ms")

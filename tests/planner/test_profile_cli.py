@@ -112,3 +112,17 @@ def test_service_batch_step_survives_coalesced_chunks():
     assert _step_together([steady, bunched]) == pytest.approx(0.01, rel=0.1)
     with pytest.raises(RuntimeError, match="never decoded together"):
         _step_together([[0.0, 0.01, 0.02], [0.5, 0.51, 0.52]])
+
+
+def test_service_costs_of_a_pool_that_decodes_one_request_at_a_time(tiny_checkpoints, torch_threads):
+    """max_num_seqs 1: no batch can be measured, so token_s is 0 and said to be unmeasured, not a failed profile."""
+    from pdserve.config import ClusterConfig, PoolConfig
+    from pdserve.service_costs import service_costs
+    from planner.cost import StepModel
+
+    config = ClusterConfig(model=str(tiny_checkpoints["llama"]),
+                           decode=PoolConfig(max_num_seqs=1, max_num_batched_tokens=128, num_kv_blocks=64))
+    step = StepModel((1, 128), (0.001, 0.002), (1, 2), (0.0, 0.0))
+    svc = service_costs(config, step, vocab=256, log=lambda line: None)
+    assert svc["token_s"] == 0.0 and set(svc["service_measured"]["seconds"]) == {"ttft", "alone"}
+    assert svc["hop_s"] > 0 and svc["service_measured"]["seconds"]["alone"] > 0
