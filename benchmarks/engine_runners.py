@@ -188,20 +188,27 @@ class RemoteVLLM:
         if not os.path.exists(os.path.join(model_dir, "config.json")):
             raise SystemExit(f"--vllm-model {model_dir!r}: no Hugging Face folder there; write one with "
                              f"`python -m benchmarks.export_hf {model_dir}`")
-        to_child, self._cmd = os.pipe()
-        self._ans, from_child = os.pipe()
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{THREADS - 1}"),
                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         env.pop("PYTHONPATH", None)
         child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_child.py")
-        self.proc = subprocess.Popen([python, child, model_dir, str(to_child), str(from_child)], env=env,
-                                     pass_fds=(to_child, from_child), stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(model_dir, "vllm-child.log"), "w"))
-        os.close(to_child)
-        os.close(from_child)
-        self._commands, self._answers = os.fdopen(self._cmd, "w"), os.fdopen(self._ans, "r")
+        with open(os.path.join(model_dir, "vllm-child.log"), "w") as log:  # the child keeps its own copy
+            to_child, commands = os.pipe()
+            answers, from_child = os.pipe()
+            try:
+                self.proc = subprocess.Popen([python, "-P", child, model_dir, str(to_child), str(from_child)],
+                                             env=env, pass_fds=(to_child, from_child), stdout=subprocess.DEVNULL,
+                                             stderr=log)
+            except BaseException:
+                for fd in (commands, answers):
+                    os.close(fd)
+                raise
+            finally:
+                os.close(to_child)
+                os.close(from_child)
+        self._commands, self._answers = os.fdopen(commands, "w"), os.fdopen(answers, "r")
         self.info: dict[str, Any] | None = None
 
     def _recv(self) -> Any:
@@ -219,8 +226,12 @@ class RemoteVLLM:
     def _send(self, *cmd: Any) -> None:
         import json
 
-        self._commands.write(json.dumps(cmd) + "\n")
-        self._commands.flush()
+        try:
+            self._commands.write(json.dumps(cmd) + "\n")
+            self._commands.flush()
+        except BrokenPipeError:
+            raise RuntimeError(f"the vLLM child ended (exit {self.proc.wait()}); its log: vllm-child.log in the "
+                               f"model folder") from None
 
     def wait_loaded(self) -> dict[str, Any]:
         if self.info is None:
@@ -233,8 +244,17 @@ class RemoteVLLM:
         return self._recv()
 
     def close(self) -> float:
-        self.wait_loaded()
-        self._send("quit")
-        rss = self._recv()["peak_rss_mb"]
-        self.proc.wait(timeout=60)
-        return rss
+        import subprocess
+
+        try:
+            self.wait_loaded()
+            self._send("quit")
+            return self._recv()["peak_rss_mb"]
+        finally:
+            self._commands.close()
+            self._answers.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -22,6 +22,8 @@ import traceback
 
 
 def main(model_dir: str, read_fd: int, write_fd: int) -> None:
+    for fd in (read_fd, write_fd):  # whatever vLLM starts must not hold them (the parent waits for their end)
+        os.set_inheritable(fd, False)
     commands, answers = os.fdopen(read_fd, "r"), os.fdopen(write_fd, "w")
 
     def answer(status: str, value) -> None:
@@ -41,18 +43,18 @@ def main(model_dir: str, read_fd: int, write_fd: int) -> None:
         return
     engine, ids = llm.llm_engine, iter(range(1 << 62))
     for line in commands:
-        cmd = json.loads(line)
+        cmd, rids, got = json.loads(line), [], {}
         if cmd[0] == "quit":
             answer("ok", {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             return
         try:
             _, prompts, n = cmd
-            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            # token ids only, as ours returns them (vLLM's default detokenizes every step)
+            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
             cpu, start = time.process_time(), time.perf_counter()
             rids = [str(next(ids)) for _ in prompts]
             for rid, p in zip(rids, prompts):
                 engine.add_request(rid, {"prompt_token_ids": p}, params)
-            got: dict[str, list[int]] = {}
             first = None
             while engine.has_unfinished_requests():
                 for out in engine.step():
@@ -63,7 +65,12 @@ def main(model_dir: str, read_fd: int, write_fd: int) -> None:
             answer("ok", {"tokens": [got[r] for r in rids], "wall": wall, "cpu": cpu, "t_first": first[0],
                           "tokens_at_first": first[1]})
         except Exception:
-            answer("error", traceback.format_exc())
+            error = traceback.format_exc()
+            try:  # what it added must not join the next call's steps
+                engine.abort_request(rids)
+            except Exception:
+                error += "\n(and aborting its requests failed:)\n" + traceback.format_exc()
+            answer("error", error)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ in this process, as `pdserve serve` runs them. Three measurements, each beside w
 (fitted just before, on the engine alone) says the engine's own steps take:
     ttft    a 16-token prompt, one token out, alone (median of 8): request_s + prefill step + step_s + token_s
             + hop_s
-    alone   one request decoding 64 tokens: the median gap between its tokens is one decode step + step_s
-            + token_s (each token's hop delays every token alike)
+    alone   one request decoding 64 tokens: the time from its first token to its last over the tokens in
+            between is one decode step + step_s + token_s (each token's hop delays every token alike)
     batch   16 requests decoding together (fewer where the pool's max_num_seqs is lower; none at 1, and then
             token_s is 0): one 16-row step + step_s + 16 token_s, taken over the stretch where all 16 decode
             (the stream may hand a client several tokens in one chunk when it falls behind, so a per-token
@@ -36,12 +36,36 @@ def _prompt(i: int, vocab: int) -> list[int]:
 def _step_together(batch: list[list[float]]) -> float:
     """The decode step's seconds while every request of `batch` (token arrival times) decodes: the stretch from
     the last first token to the first last token, over the tokens each request got in it (median)."""
+    if not all(batch):
+        raise RuntimeError("a request of the measurement streamed no token")
     start, end = max(times[0] for times in batch), min(times[-1] for times in batch)
     counts = [sum(start < t <= end for t in times) for times in batch]
     if end <= start or min(counts) < 2:
         raise RuntimeError(f"the {len(batch)} requests never decoded together (first tokens by {start:.3f} s, "
                            f"a last token at {end:.3f} s)")
     return statistics.median((end - start) / n for n in counts)
+
+
+def _together(arrivals, n: int) -> list[list[float]]:
+    """arrivals(i, DECODE) of requests 10 .. 10 + n - 1, all sent at once (a thread each); a request that failed
+    fails the measurement with its own error."""
+    batch: list[list[float]] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        try:
+            batch[k].extend(arrivals(10 + k, DECODE))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return batch
 
 
 def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
@@ -69,21 +93,11 @@ def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
             t0 = time.perf_counter()
             return arrivals(i, 1)[0] - t0
 
-        def gaps(times: list[float]) -> list[float]:
-            return [b - a for a, b in zip(times, times[1:])]
-
         arrivals(0, 8)  # warm: the first request's path, the tokenizer-free stream
         ttft = statistics.median(first_token(i) for i in range(1, 9))
-        alone = statistics.median(gaps(arrivals(9, DECODE)))
+        alone = _step_together([arrivals(9, DECODE)])
         n = min(BATCH, cfg.decode.max_num_seqs)  # all decoding in one step
-        batch: list[list[float]] = [[] for _ in range(n)]
-        threads = [threading.Thread(target=lambda k=k: batch[k].extend(arrivals(10 + k, DECODE)))
-                   for k in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        together = _step_together(batch) if n > 1 else None
+        together = _step_together(_together(arrivals, n)) if n > 1 else None
         actor = cluster.decode[0]
         ray.get(actor.stats.remote())
         round_trips = []
@@ -92,8 +106,9 @@ def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
             ray.get(actor.stats.remote())
             round_trips.append(time.perf_counter() - t0)
     context = PROMPT + DECODE // 2  # a decode step's mean context
-    predicted = {"ttft": step.step_seconds([(PROMPT, 0, True)]), "alone": step.step_seconds([(1, context, True)]),
-                 "batch": step.step_seconds([(1, context, True)] * n)}
+    predicted = {"ttft": step.step_seconds([(PROMPT, 0, True)]), "alone": step.step_seconds([(1, context, True)])}
+    if together is not None:
+        predicted["batch"] = step.step_seconds([(1, context, True)] * n)
     hop_s = statistics.median(round_trips) / 2
     per_step = alone - predicted["alone"]  # step_s + token_s
     token_s = max(0.0, (together - predicted["batch"] - per_step) / (n - 1)) if together is not None else 0.0

@@ -4,6 +4,7 @@ on the profile it wrote (the JSON `pdserve bench` writes, read back by its own r
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -107,11 +108,15 @@ def test_service_batch_step_survives_coalesced_chunks():
     is the stretch where all decode over the tokens each got in it, never the zero gap inside a chunk."""
     from pdserve.service_costs import _step_together
 
-    steady = [0.1 + 0.01 * k for k in range(50)]  # a token every 10 ms from 0.1 s
-    bunched = [0.12] + [t for t in (0.1 + 0.02 * k for k in range(1, 25)) for _ in range(2)]  # pairs every 20 ms
-    assert _step_together([steady, bunched]) == pytest.approx(0.01, rel=0.1)
+    # a token every 10 ms, handed out three at a time (every 30 ms): two of every three gaps are zero
+    bunched = [[start + 0.03 * (k // 3) for k in range(60)] for start in (0.1, 0.115)]
+    assert statistics.median(b - a for times in bunched for a, b in zip(times, times[1:])) == 0.0
+    assert _step_together(bunched) == pytest.approx(0.01, rel=0.1)
+    assert _step_together(bunched[:1]) == pytest.approx(0.01, rel=0.1)  # one request alone (service_costs' alone)
     with pytest.raises(RuntimeError, match="never decoded together"):
         _step_together([[0.0, 0.01, 0.02], [0.5, 0.51, 0.52]])
+    with pytest.raises(RuntimeError, match="streamed no token"):
+        _step_together([[0.0, 0.01, 0.02], []])
 
 
 def test_service_costs_of_a_pool_that_decodes_one_request_at_a_time(tiny_checkpoints, torch_threads):
@@ -125,4 +130,5 @@ def test_service_costs_of_a_pool_that_decodes_one_request_at_a_time(tiny_checkpo
     step = StepModel((1, 128), (0.001, 0.002), (1, 2), (0.0, 0.0))
     svc = service_costs(config, step, vocab=256, log=lambda line: None)
     assert svc["token_s"] == 0.0 and set(svc["service_measured"]["seconds"]) == {"ttft", "alone"}
+    assert set(svc["service_measured"]["engine_seconds"]) == {"ttft", "alone"}
     assert svc["hop_s"] > 0 and svc["service_measured"]["seconds"]["alone"] > 0
