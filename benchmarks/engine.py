@@ -76,6 +76,13 @@ def _match_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _agreement(res: dict[str, dict[str, Any]], other: str) -> dict[str, Any]:
+    """How many leading greedy tokens `other` shares with ours: the single prompt's, and the batch's least and mean."""
+    batch = [_match_prefix(a, b) for a, b in zip(res["batch32"]["pdserve"]["tokens"], res["batch32"][other]["tokens"])]
+    return {"single": _match_prefix(res["single"]["pdserve"]["tokens"][0], res["single"][other]["tokens"][0]),
+            "batch32_min": min(batch), "batch32_mean": round(sum(batch) / len(batch), 1)}
+
+
 def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits) if a is not None and b else None
 
@@ -223,18 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     s_vl, b_vl, p_vl = (get("single", "vllm", "decode_tok_s"), get("batch32", "vllm", "decode_tok_s"),
                         get("prefill", "vllm", "tok_s"))
-    vllm_match = None
-    if vllm:
-        batch = [_match_prefix(a, b) for a, b in zip(res["batch32"]["pdserve"]["tokens"],
-                                                     res["batch32"]["vllm"]["tokens"])]
-        vllm_match = {"single": _match_prefix(res["single"]["pdserve"]["tokens"][0],
-                                              res["single"]["vllm"]["tokens"][0]),
-                      "batch32_min": min(batch), "batch32_mean": round(sum(batch) / len(batch), 1)}
-    match_single = match_batch = None
-    if hf:
-        match_single = _match_prefix(res["single"]["pdserve"]["tokens"][0], res["single"]["transformers"]["tokens"][0])
-        pairs = zip(res["batch32"]["pdserve"]["tokens"], res["batch32"]["transformers"]["tokens"])
-        match_batch = [_match_prefix(a, b) for a, b in pairs]
+    vllm_match = _agreement(res, "vllm") if vllm else None
+    hf_match = _agreement(res, "transformers") if hf else {}
 
     out = {
         "model": os.path.basename(path), "dtype": "float32", "quick": quick, "config": cfg,
@@ -265,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "single_decode_frac_of_roofline_stored": _ratio(s_ours, roof1_stored["tok_s"]),
         "single_ttft_s": get("single", "pdserve", "t_first_s"),
         "single_ttft_hf_s": get("single", "transformers", "t_first_s"),
-        "single_greedy_match_prefix": match_single,
+        "single_greedy_match_prefix": hf_match.get("single"),
         "batch32_decode_tok_s": b_ours,
         "batch32_hf_tok_s": b_hf,
         "batch32_e2e_tok_s": get("batch32", "pdserve", "e2e_tok_s"),
@@ -279,8 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch32_frac_of_roofline_around": _ratio(b_ours, roof32_around["tok_s"]) if roof32_around else None,
         "batch32_hf_frac_of_roofline_around": _ratio(b_hf, roof32_around["tok_s"]) if roof32_around else None,
         "batch32_vs_hf": _ratio(b_ours, b_hf),
-        "batch32_greedy_match_prefix_min": min(match_batch) if match_batch else None,
-        "batch32_greedy_match_prefix_mean": round(sum(match_batch) / len(match_batch), 1) if match_batch else None,
+        "batch32_greedy_match_prefix_min": hf_match.get("batch32_min"),
+        "batch32_greedy_match_prefix_mean": hf_match.get("batch32_mean"),
         "prefill_tok_s": p_ours,
         "prefill_hf_tok_s": p_hf,
         "prefill_vs_hf": _ratio(p_ours, p_hf),

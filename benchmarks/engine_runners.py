@@ -6,9 +6,11 @@ offline engine, when asked for, in a child run by its own venv's interpreter (Re
 peak RSS is its own and no two run at once."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
+import subprocess
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -180,8 +182,6 @@ class RemoteVLLM:
     name = "vllm"
 
     def __init__(self, python: str, model_dir: str) -> None:
-        import subprocess
-
         if not os.access(python, os.X_OK):
             raise SystemExit(f"--vllm {python!r}: not an interpreter; `bash scripts/vllm_serve.sh` makes one "
                              f"(.vllm-venv/bin/python)")
@@ -211,27 +211,25 @@ class RemoteVLLM:
         self._commands, self._answers = os.fdopen(commands, "w"), os.fdopen(answers, "r")
         self.info: dict[str, Any] | None = None
 
-    def _recv(self) -> Any:
-        import json
+    def _ended(self) -> RuntimeError:
+        return RuntimeError(f"the vLLM child ended (exit {self.proc.wait()}); its log: vllm-child.log in the model "
+                            f"folder")
 
+    def _recv(self) -> Any:
         line = self._answers.readline()
         if not line:
-            raise RuntimeError(f"the vLLM child ended (exit {self.proc.wait()}); its log: vllm-child.log in the "
-                               f"model folder")
+            raise self._ended()
         (status, result), = json.loads(line).items()
         if status != "ok":
             raise RuntimeError(f"vLLM child failed:\n{result}")
         return result
 
     def _send(self, *cmd: Any) -> None:
-        import json
-
         try:
             self._commands.write(json.dumps(cmd) + "\n")
             self._commands.flush()
         except BrokenPipeError:
-            raise RuntimeError(f"the vLLM child ended (exit {self.proc.wait()}); its log: vllm-child.log in the "
-                               f"model folder") from None
+            raise self._ended() from None
 
     def wait_loaded(self) -> dict[str, Any]:
         if self.info is None:
@@ -244,8 +242,6 @@ class RemoteVLLM:
         return self._recv()
 
     def close(self) -> float:
-        import subprocess
-
         try:
             self.wait_loaded()
             self._send("quit")

@@ -19,8 +19,8 @@ cached."""
 from __future__ import annotations
 
 import statistics
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 PROMPT = 16  # tokens of each measured prompt
@@ -49,23 +49,8 @@ def _step_together(batch: list[list[float]]) -> float:
 def _together(arrivals, n: int) -> list[list[float]]:
     """arrivals(i, DECODE) of requests 10 .. 10 + n - 1, all sent at once (a thread each); a request that failed
     fails the measurement with its own error."""
-    batch: list[list[float]] = [[] for _ in range(n)]
-    errors: list[BaseException] = []
-
-    def one(k: int) -> None:
-        try:
-            batch[k].extend(arrivals(10 + k, DECODE))
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return batch
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda k: arrivals(10 + k, DECODE), range(n)))
 
 
 def service_costs(config, step, vocab: int, log=print) -> dict[str, Any]:
