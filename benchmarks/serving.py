@@ -84,20 +84,51 @@ def offline_throughput(requests: list[tuple[list[int], int]]) -> dict[str, float
             "requests_per_s": len(requests) / elapsed}
 
 
+def offline_pipeline(requests: list[tuple[list[int], int]]) -> dict[str, float]:
+    """What two one-thread offline engines deliver on the requests as a perfect pipeline (one only
+    prefills, the other only decodes, each on its core): output tokens / max(prefill, decode), where
+    prefill is one one-thread engine's wall time on every prompt with one new token, and decode that
+    engine's wall time on the whole requests less prefill. An upper bound for the disaggregated
+    layout: no pipeline fill or drain, and each part measured with the other core idle."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM("default", num_kv_blocks=1024, max_num_batched_tokens=512, num_threads=1,
+              enable_prefix_caching=False)  # else the second pass finds the prompts cached
+    prompts = [p for p, _ in requests]
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests])
+    decode = time.perf_counter() - start - prefill
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"prefill_s": prefill, "decode_s": decode, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / max(prefill, decode)}
+
+
 def burst_only(args) -> int:
     """Each chosen configuration's output tok/s on the requests sent at once (after a warm-up), over
-    the offline engine's on the same requests: what the service layer costs."""
+    the offline engine's on the same requests (both cores, one engine): what the service layer costs;
+    the disaggregated and conditional layouts also over offline_pipeline's bound, their two one-core
+    engines offline."""
     requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
     warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
     chosen = args.only.split(",") if args.only else list(configs())
     offline = offline_throughput(requests)["output_tokens_per_s"]
     print(f"offline engine: {offline:.1f} output tok/s", flush=True)
+    pipeline = None
+    if set(chosen) - {"colocated"}:
+        pipe = offline_pipeline(requests)
+        pipeline = pipe["output_tokens_per_s"]
+        print(f"two one-thread engines offline, a perfect pipeline: {pipeline:.1f} output tok/s (prefill "
+              f"{pipe['prefill_s']:.2f} s, decode {pipe['decode_s']:.2f} s)", flush=True)
     for label, config in configs().items():
         if label in chosen:
             with start_cluster(config, progress=None) as cluster:
                 run_benchmark(cluster.address, warmup, None)
                 got = run_benchmark(cluster.address, requests, None)["output_throughput"]
-            print(f"{label}: {got:.1f} output tok/s, {got / offline:.3f} of offline", flush=True)
+            split = f", {got / pipeline:.3f} of the pipeline" if pipeline and label != "colocated" else ""
+            print(f"{label}: {got:.1f} output tok/s, {got / offline:.3f} of offline{split}", flush=True)
     return 0
 
 
