@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, TypeVar
 
 import grpc
 from fastapi import Depends, FastAPI, Request
@@ -23,6 +24,10 @@ from router.auth import Unauthenticated
 from router.openai_shapes import Call, Shapes, chat_shapes, completion_shapes, total_usage
 from router.placement import RequestFailed
 from router.router import Router
+from router.tokenizer import Tokenizer
+
+log = logging.getLogger("pdserve.router")
+T = TypeVar("T")
 
 # gRPC status -> HTTP status and OpenAI's error type
 HTTP_STATUS = {
@@ -34,6 +39,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.ABORTED: (503, "service_unavailable"),
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.INTERNAL: (500, "internal_error"),
 }
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 
@@ -88,12 +94,16 @@ def make_app(router: Router) -> FastAPI:
     return app
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its response began."""
+
+
 async def _serve(router: Router, request: Request, owner: str, shapes: Shapes) -> Response:
     try:
         body = json.loads(await request.body())
         if not isinstance(body, dict):
             raise ValueError("the body must be a JSON object")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested past Python's stack
         return error_response(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON: {e}")
     if body.get("model") not in (None, "", router.model_name):
         return error_response(grpc.StatusCode.NOT_FOUND, f"model {body['model']!r} is not served here; "
@@ -106,25 +116,107 @@ async def _serve(router: Router, request: Request, owner: str, shapes: Shapes) -
     created = int(time.time())
     streams = [router.generate(_with_id(g, f"{rid}-{i}"), call.default_max_tokens, owner)
                for i, g in enumerate(call.requests)]
-    if not call.stream:
-        results = await asyncio.gather(*(_collect(s) for s in streams), return_exceptions=True)
-        if failed := next((r for r in results if isinstance(r, BaseException)), None):
-            return _failed(failed)
-        return JSONResponse(shapes.response(rid, created, router.model_name, results, call.n, router.tokenizer))
-    # every choice's first chunk before the headers, so that a refused request is still an HTTP error
-    firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-    if failed := next((r for r in firsts if isinstance(r, BaseException)), None):
-        for s in streams:
-            await s.aclose()
-        return _failed(failed)
-    return StreamingResponse(_sse(shapes, rid, created, router, call, streams, firsts),
+    choices = Choices(streams)
+    try:
+        if not call.stream:
+            results = await _unless_gone(request, choices.collect())
+            return JSONResponse(shapes.response(rid, created, router.model_name, results, call.n, router.tokenizer))
+        # every choice's first chunk before the headers, so that a refused request is still an HTTP error
+        await _unless_gone(request, choices.started())
+    except _ClientGone:
+        await choices.cancel()
+        return Response(status_code=499)
+    except BaseException as e:  # a choice failed (the others are cancelled), or this handler was
+        await choices.cancel()
+        if isinstance(e, Exception):
+            return _failed(e)
+        raise
+    return StreamingResponse(_sse(shapes, rid, created, router.model_name, router.tokenizer, call, choices),
                              media_type="text/event-stream")
 
 
-def _failed(e: BaseException) -> Response:
+def _failed(e: Exception) -> Response:
     if isinstance(e, RequestFailed):
         return error_response(e.code, str(e))
-    raise e
+    log.exception("a request failed inside the router", exc_info=e)
+    return error_response(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """work's result, unless the client disconnects first (_ClientGone; work is cancelled)."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        await asyncio.gather(task, watch, return_exceptions=True)
+        raise _ClientGone
+    return task.result()
+
+
+class Choices:
+    """A request's choices, each drained from its stream as its chunks come into one queue of (index,
+    chunk | the error that ended it | None at its end). Draining at once matters: a choice that has
+    started holds an admission slot until it ends, so one left paused while another waits in the queue
+    could hold the slot that one needs (with more choices than max_ongoing_requests, forever)."""
+
+    def __init__(self, streams: list[AsyncIterator[pb.GenerateResponse]]) -> None:
+        self.queue: asyncio.Queue[tuple[int, pb.GenerateResponse | Exception | None]] = asyncio.Queue()
+        self._first = [asyncio.get_running_loop().create_future() for _ in streams]
+        self._tasks = [asyncio.create_task(self._drain(i, s)) for i, s in enumerate(streams)]
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def _drain(self, index: int, stream: AsyncIterator[pb.GenerateResponse]) -> None:
+        first = self._first[index]
+        try:
+            async for chunk in stream:
+                self.queue.put_nowait((index, chunk))
+                if not first.done():
+                    first.set_result(None)
+            self.queue.put_nowait((index, None))
+            if not first.done():
+                first.set_result(None)
+        except Exception as e:  # RequestFailed, or a bug: either way the client hears of it
+            self.queue.put_nowait((index, e))
+            if not first.done():
+                first.set_exception(e)
+
+    async def started(self) -> None:
+        """Every choice has its first chunk; raises the error of one that failed first."""
+        for fut in asyncio.as_completed(self._first):
+            await fut
+
+    async def collect(self) -> list[list[pb.GenerateResponse]]:
+        """Each choice's chunks once all have ended; raises the first error."""
+        results: list[list[pb.GenerateResponse]] = [[] for _ in self._tasks]
+        ended = 0
+        while ended < len(results):
+            index, item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                ended += 1
+            else:
+                results[index].append(item)
+        return results
+
+    async def cancel(self) -> None:
+        """End every choice still running (the router frees what each holds)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for fut in self._first:  # a failure nobody awaited is not worth a warning
+            if fut.done() and not fut.cancelled():
+                fut.exception()
 
 
 def _with_id(g: pb.GenerateRequest, rid: str) -> pb.GenerateRequest:
@@ -132,41 +224,29 @@ def _with_id(g: pb.GenerateRequest, rid: str) -> pb.GenerateRequest:
     return g
 
 
-async def _collect(stream: AsyncIterator[pb.GenerateResponse]) -> list[pb.GenerateResponse]:
-    return [chunk async for chunk in stream]
-
-
 def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(shapes: Shapes, rid: str, created: int, router: Router, call: Call, streams: list,
-               firsts: list[pb.GenerateResponse]) -> AsyncIterator[str]:
+async def _sse(shapes: Shapes, rid: str, created: int, model: str, tok: Tokenizer | None, call: Call,
+               choices: Choices) -> AsyncIterator[str]:
     """The choices' chunks as server-sent events, interleaved as they come, then the usage chunk
-    (if asked for) and [DONE]. Leaving early (the client went away) cancels every choice."""
-    queue: asyncio.Queue[tuple[int, pb.GenerateResponse | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, first: pb.GenerateResponse, stream) -> None:
-        try:
-            await queue.put((index, first))
-            async for chunk in stream:
-                await queue.put((index, chunk))
-            await queue.put((index, None))
-        except RequestFailed as e:
-            await queue.put((index, e))
-
-    model, tok = router.model_name, router.tokenizer
-    tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(zip(firsts, streams))]
-    finals: list[pb.GenerateResponse] = [pb.GenerateResponse()] * len(tasks)  # each choice's last chunk
+    (if asked for) and [DONE]; a choice that fails ends the stream with an error event. Leaving early
+    (the client went away) cancels every choice."""
+    finals: list[pb.GenerateResponse] = [pb.GenerateResponse()] * len(choices)  # each choice's last chunk
     try:
-        for i in range(len(tasks)):
+        for i in range(len(choices)):
             if (start := shapes.start(i)) is not None:
                 yield _event(shapes.chunk(rid, created, model, [start]))
         ended = 0
-        while ended < len(tasks):
-            index, item = await queue.get()
-            if isinstance(item, RequestFailed):
-                yield _event(error_body(item.code, str(item)))
+        while ended < len(choices):
+            index, item = await choices.queue.get()
+            if isinstance(item, Exception):
+                if not isinstance(item, RequestFailed):
+                    log.error("a streamed request failed inside the router", exc_info=item)
+                code = item.code if isinstance(item, RequestFailed) else grpc.StatusCode.INTERNAL
+                yield _event(error_body(code, str(item) if isinstance(item, RequestFailed) else
+                                        f"internal error: {item!r}"))
                 return
             if item is None:
                 ended += 1
@@ -177,6 +257,4 @@ async def _sse(shapes: Shapes, rid: str, created: int, router: Router, call: Cal
             yield _event(shapes.chunk(rid, created, model, [], total_usage(finals, call.n)))
         yield "data: [DONE]\n\n"
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await choices.cancel()

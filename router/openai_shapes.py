@@ -45,24 +45,41 @@ def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
         raise BadParameter(key, f"{key!r} is not supported by this server (supported: {sorted(allowed)})")
 
 
+def _get(body: dict[str, Any], key: str, default: Any = None) -> Any:
+    """body[key], or default where it is missing or null (OpenAI's spec lets a client send null for "unset")."""
+    value = body.get(key)
+    return default if value is None else value
+
+
+def _integer(param: str, value: Any) -> int:
+    """An integer parameter: an int, or a float with no fraction (JSON has one number type); 1.7 is refused,
+    not cut to 1."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise BadParameter(param, f"{param}={value!r}: must be an integer")
+    return int(value)
+
+
 def _sampling(body: dict[str, Any], max_tokens_key: str, logprobs: int | None) -> pb.SamplingParams:
     s = pb.SamplingParams()
     try:
-        if (v := body.get(max_tokens_key, body.get("max_tokens"))) is not None:
-            s.max_tokens = int(v)
-        s.temperature = float(body.get("temperature", 1.0))
+        key = max_tokens_key if body.get(max_tokens_key) is not None else "max_tokens"
+        if (v := body.get(key)) is not None:
+            s.max_tokens = _integer(key, v)
+        s.temperature = float(_get(body, "temperature", 1.0))
         if body.get("top_p") is not None:
             s.top_p = float(body["top_p"])
         if body.get("top_k") is not None:
-            s.top_k = int(body["top_k"])  # -1 or 0, as in vLLM: no top-k; the router checks the rest
+            s.top_k = _integer("top_k", body["top_k"])  # -1 or 0, as in vLLM: no top-k; the router checks the rest
         if body.get("seed") is not None:
-            s.seed = int(body["seed"])
+            seed = _integer("seed", body["seed"])
+            # OpenAI's seed is an int64: a negative one as its two's complement
+            s.seed = seed % (1 << 64) if -(1 << 63) <= seed < 0 else seed
         stop = body.get("stop")
         s.stop.extend(_text("stop", x) for x in ([stop] if isinstance(stop, str) else list(stop or [])))
         s.stop_token_ids.extend(int(t) for t in body.get("stop_token_ids") or [])
         s.ignore_eos = bool(body.get("ignore_eos", False))
         if logprobs is not None:
-            s.logprobs = int(logprobs)
+            s.logprobs = _integer("logprobs", logprobs)
     except (TypeError, ValueError, OverflowError) as e:
         raise BadParameter("sampling", f"a sampling parameter has the wrong type or range: {e}") from None
     return s
@@ -89,8 +106,8 @@ def _token_ids(param: str, ids: list[Any]) -> list[int]:
 
 def _choices(body: dict[str, Any], prompts: list[pb.GenerateRequest], sampling: pb.SamplingParams,
              default_max_tokens: int | None) -> Call:
-    n = body.get("n", 1)
-    if not isinstance(n, int) or not 1 <= n <= 16:
+    n = _get(body, "n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
         raise BadParameter("n", f"n={n!r}: must be an integer in [1, 16]")
     requests = []
     for prompt in prompts:
@@ -104,8 +121,10 @@ def _choices(body: dict[str, Any], prompts: list[pb.GenerateRequest], sampling: 
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadParameter("stream_options", "stream_options must be an object like {\"include_usage\": true}")
-    return Call(requests, n, bool(body.get("stream", False)), bool(options.get("include_usage", False)),
-                default_max_tokens)
+    stream = bool(body.get("stream"))
+    if options and not stream:
+        raise BadParameter("stream_options", "stream_options is only for a streamed response (stream: true)")
+    return Call(requests, n, stream, bool(options.get("include_usage")), default_max_tokens)
 
 
 def _usage(usage: pb.Usage) -> dict[str, Any]:
@@ -198,6 +217,8 @@ def _chat_parse(body: dict[str, Any]) -> Call:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
             raise BadParameter("messages", "each message must have a string role and string content")
         chat.messages.add(role=_text("messages", m["role"]), content=_text("messages", m["content"]))
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise BadParameter("top_logprobs", "top_logprobs needs logprobs: true")
     logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
     prompt = pb.GenerateRequest(chat=chat, model=body.get("model") or "")
     return _choices(body, [prompt], _sampling(body, "max_completion_tokens", logprobs), default_max_tokens=None)

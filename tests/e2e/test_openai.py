@@ -125,6 +125,8 @@ def test_errors_in_openai_shape_with_their_status(api) -> None:
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{base}/chat/completions", json={"messages": "hi"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{base}/completions", content=b"[" * 100_000, timeout=10)  # nested past Python's stack
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert httpx.get(f"{base}/models", timeout=10).json()["data"][0]["id"] == "default"
     assert httpx.get(f"http://{cluster.http_address}/health", timeout=10).status_code == 200
 
@@ -140,3 +142,29 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(api) -> None:
                 break  # one chunk, then hang up
     with Client(cluster.address) as sdk:
         assert not any(wait_idle(sdk, timeout_s=5).values())
+
+
+def test_more_streamed_choices_than_the_router_runs_at_once_still_finish(api) -> None:
+    """5 prompts x n=2 is 10 choices against max_ongoing_requests 8: the first 8 stream while 2 wait their
+    turn (a choice that has started is drained, so it ends and frees its slot for them)."""
+    cluster, base, _ = api
+    body = {"prompt": ["a", "b", "c", "d", "e"], "n": 2, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{base}/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    finished = [c["index"] for line in lines[:-1] for c in json.loads(line.removeprefix("data: "))["choices"]
+                if c["finish_reason"] == "length"]
+    assert sorted(finished) == list(range(10))
+    with Client(cluster.address) as sdk:
+        assert not any(wait_idle(sdk, timeout_s=10).values())
+
+
+def test_a_client_that_leaves_before_its_whole_response_frees_its_blocks(api) -> None:
+    """Not streamed: the client gives up after 1 s of a 1500-token answer, and the request ends with it."""
+    cluster, base, _ = api
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/completions", json={"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0,
+                                                "ignore_eos": True}, timeout=1)
+    with Client(cluster.address) as sdk:
+        assert not any(wait_idle(sdk, timeout_s=5).values()) and sdk.status().requests_in_flight == 0

@@ -30,3 +30,33 @@ def test_top_k_and_seeds_pass_through() -> None:
     assert request.sampling.top_k == -5  # the router refuses it, naming -1 and 0 as "off"
     first, second = completion_shapes.parse({"prompt": "x", "n": 2, "seed": (1 << 64) - 1}).requests
     assert (first.sampling.seed, second.sampling.seed) == ((1 << 64) - 1, 0)
+
+
+def test_null_means_unset_as_openai_says() -> None:
+    """A client may send null for any optional parameter: the default then, never a 400 or the other key lost."""
+    (chat,) = chat_shapes.parse({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": None,
+                                 "max_tokens": 2, "temperature": None, "n": None, "stream": None}).requests
+    assert chat.sampling.max_tokens == 2 and chat.sampling.temperature == 1.0
+    call = completion_shapes.parse({"prompt": "x", "n": None, "max_tokens": 3.0, "seed": -1})
+    assert call.n == 1 and not call.stream
+    assert call.requests[0].sampling.max_tokens == 3 and call.requests[0].sampling.seed == (1 << 64) - 1
+
+
+REFUSED = [
+    (completion_shapes, {"prompt": "x", "max_tokens": 1.7}, "max_tokens", "max_tokens=1.7: must be an integer"),
+    (chat_shapes, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": True},
+     "max_completion_tokens", "must be an integer"),
+    (completion_shapes, {"prompt": "x", "seed": 0.5}, "seed", "seed=0.5"),
+    (completion_shapes, {"prompt": "x", "n": True}, "n", "n=True"),
+    (chat_shapes, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs",
+     "top_logprobs needs logprobs: true"),
+    (completion_shapes, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options",
+     "only for a streamed response"),
+]
+
+
+@pytest.mark.parametrize("shapes,body,param,message", REFUSED, ids=[m for *_, m in REFUSED])
+def test_what_openai_refuses_is_refused_naming_the_parameter(shapes, body, param, message) -> None:
+    with pytest.raises(BadParameter) as info:
+        shapes.parse(body)
+    assert info.value.param == param and message in str(info.value)
