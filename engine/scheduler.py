@@ -144,7 +144,7 @@ class Scheduler:
         """Nothing runs and the head of waiting cannot get its blocks, so no step would ever free any: the
         sequences whose prompt is computed (prefilled elsewhere, its KV landed in blocks reserved for it) and
         whose next token fits in the free blocks (most need none, one at a block boundary needs one) run ahead
-        of the head rather than the replica wait forever."""
+        of the head rather than the replica wait forever; where none fits, one of them gives its blocks up."""
         bm = self.block_manager
         for seq in list(self.waiting):
             if budget < 1 or len(self.running) >= self.config.max_num_seqs:
@@ -156,6 +156,17 @@ class Scheduler:
             self._start(seq, 1, out)
             out.num_decodes += 1
             budget -= 1
+        if not out.seqs:
+            # the holders have every block and each needs one more (a prompt that fills its last block): the
+            # newest gives its KV up, to be recomputed here later (from what of it the prefix cache still
+            # holds then), so that the others can go; a step at a time, until one fits
+            victim = next((seq for seq in reversed(self.waiting) if seq.num_computed_tokens), None)
+            if victim is not None:
+                bm.free(victim)
+                victim.num_computed_tokens = 0
+                victim.num_preemptions += 1
+                self.num_preemptions += 1
+                out.preempted.append(victim)
 
     def _start(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
         """A waiting sequence joins the running batch with n tokens this step."""

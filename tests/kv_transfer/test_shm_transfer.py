@@ -24,9 +24,9 @@ def pool_name():
     unlink_pool(name)
 
 
-def make_pair(model: str, pool_name: str, lease_s: float = 30.0, **prefill_kw):
+def make_pair(model: str, pool_name: str, lease_s: float = 30.0, decode_blocks: int = 64, **prefill_kw):
     handles: list[PoolHandle] = []
-    decode = LLMEngine.from_model(model, num_kv_blocks=64, block_size=8,
+    decode = LLMEngine.from_model(model, num_kv_blocks=decode_blocks, block_size=8,
                                   kv_allocator=shared_pool_allocator(pool_name, handles))
     prefill = LLMEngine.from_model(model, num_kv_blocks=64, **prefill_kw)
     saver = ShmKVSaver()
@@ -260,3 +260,23 @@ def test_each_rank_of_a_decode_replica_gets_its_own_handle() -> None:
                                                                  ("d0.r1", (2, 4), ("rank1",))]
     with pytest.raises(ValueError, match="'d0' is on CUDA at TP 2: it needs each rank's IPC handle, got 1"):
         rank_pool_handles("d0", first, 4, 2, [("rank0",)])
+
+
+def test_prompts_landed_in_every_block_each_needing_one_more_still_finish(tiny_checkpoints, pool_name) -> None:
+    """4 decode blocks of 8; two 16-token prompts prefilled elsewhere fill them exactly, so each one's next
+    token needs a fifth block and nothing runs that could free one (the replica used to step nothing,
+    forever): the newer gives its KV up and is recomputed on the decode side after the older is done."""
+    sender, receiver, prefill, decode = make_pair(str(tiny_checkpoints["llama"]), pool_name, decode_blocks=4)
+    prompts = prompts_of([16, 16], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        sender.add(prompt, params, receiver.reserve(prompt, params, f"r{i}"))
+    while prefill.has_unfinished():
+        for done in sender.step():
+            receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+    assert decode.block_manager.num_free_blocks == 0
+    outputs = {}
+    for _ in range(50):
+        outputs.update((o.request_id, o.token_ids) for o in decode.step())
+    assert [outputs.get(f"r{i}") for i in range(2)] == generate_on(prefill, prompts, params)
+    assert decode.scheduler.num_preemptions == 1 and decode.block_manager.num_free_blocks == 4
