@@ -141,7 +141,11 @@ def total_usage(finals: list[pb.GenerateResponse], n: int) -> pb.Usage:
 
 
 def _token(tokenizer: Tokenizer | None, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+    return tokenizer.token_text(token_id) if tokenizer is not None else f"token_id:{token_id}"
+
+
+def _bytes(tokenizer: Tokenizer | None, token_id: int) -> list[int]:
+    return list(tokenizer.token_bytes(token_id)) if tokenizer is not None else []
 
 
 @dataclass(frozen=True)
@@ -226,8 +230,7 @@ def _chat_parse(body: dict[str, Any]) -> Call:
 
 def _chat_logprobs(chunks: list[pb.GenerateResponse], tokenizer: Tokenizer | None) -> dict[str, Any] | None:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = _token(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": _token(tokenizer, token_id), "logprob": logprob, "bytes": _bytes(tokenizer, token_id)}
 
     lps = [lp for c in chunks for lp in c.logprobs]
     if not lps:

@@ -56,3 +56,16 @@ def test_stop_string_split_across_tokens_is_held_back_and_cut(tokenizers) -> Non
 
     sent += out.finish("length", pb.Usage(), pb.Timings()).text
     assert sent == "The answer is 42. " and out.stopped
+
+
+def test_a_token_s_bytes_are_its_own_even_inside_a_character(tokenizers) -> None:
+    """For logprobs: each token's bytes, joined, are the text's UTF-8 (a token may hold part of a character,
+    where decoding it alone gives U+FFFD); its text shows such bytes as \\xNN, so distinct tokens read apart."""
+    ours, _ = tokenizers
+    for text in TEXTS[:3]:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert b"".join(ours.token_bytes(i) for i in ids) == text.encode()
+    ids = ours.encode("日本 🎉", add_special_tokens=False)
+    partial = [i for i in ids if ours.decode([i]) == "\ufffd"]
+    assert len(partial) >= 2 and len({ours.token_text(i) for i in partial}) == len(set(partial))
+    assert all("\ufffd" not in ours.token_text(i) and "\\x" in ours.token_text(i) for i in partial)
