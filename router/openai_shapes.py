@@ -211,6 +211,23 @@ completion_shapes = Shapes(
     start=lambda i: None)
 
 
+def _content(content: Any) -> Any:
+    """A message's text: a string, or OpenAI's list of parts, of which this server takes text parts only."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadParameter("messages", "each message must have a string role and string content (or a list of "
+                                       "text parts)")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadParameter("messages", f"a message's content parts must be text parts "
+                                           f"({{\"type\": \"text\", \"text\": ...}}); got {kind!r}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _chat_parse(body: dict[str, Any]) -> Call:
     _check_keys(body, COMMON | {"messages", "max_completion_tokens", "top_logprobs"})
     messages = body.get("messages")
@@ -218,9 +235,10 @@ def _chat_parse(body: dict[str, Any]) -> Call:
         raise BadParameter("messages", "messages must be a non-empty list of {role, content} objects")
     chat = pb.ChatMessages()
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadParameter("messages", "each message must have a string role and string content")
-        chat.messages.add(role=_text("messages", m["role"]), content=_text("messages", m["content"]))
+        role = "system" if m["role"] == "developer" else m["role"]  # OpenAI's newer name for the system role
+        chat.messages.add(role=_text("messages", role), content=_text("messages", _content(m.get("content"))))
     if body.get("top_logprobs") is not None and not body.get("logprobs"):
         raise BadParameter("top_logprobs", "top_logprobs needs logprobs: true")
     logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None

@@ -60,3 +60,15 @@ def test_what_openai_refuses_is_refused_naming_the_parameter(shapes, body, param
     with pytest.raises(BadParameter) as info:
         shapes.parse(body)
     assert info.value.param == param and message in str(info.value)
+
+
+def test_chat_takes_text_parts_and_the_developer_role() -> None:
+    """What agent frameworks send: content as a list of text parts (joined), "developer" for the system role."""
+    (request,) = chat_shapes.parse({"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi, "}, {"type": "text", "text": "there"}]}]}).requests
+    assert [(m.role, m.content) for m in request.chat.messages] == [("system", "Be brief."), ("user", "Hi, there")]
+    with pytest.raises(BadParameter, match="content parts must be text parts.*'image_url'"):
+        chat_shapes.parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    with pytest.raises(BadParameter, match="string role and string content"):
+        chat_shapes.parse({"messages": [{"role": "user", "content": None}]})
