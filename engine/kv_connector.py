@@ -48,6 +48,10 @@ class KVSaver(ABC):
     def end_step(self) -> None:
         """Called after the step's forward: every layer's K/V for the step has been handed over."""
 
+    @abstractmethod
+    def reaches(self, pool: str) -> bool:
+        """Whether requests bound for destination `pool` can be taken: it is attached here."""
+
     def unreachable(self) -> dict[str, str]:
         """Destination pools this saver can no longer send to, with why (a peer died): requests
         bound there are lost, the rest go on."""

@@ -186,6 +186,9 @@ class CollectiveKVSaver(KVSaver):
         replica's id. Called between steps, before any prompt is bound there."""
         self.groups[pool_name], self.uid = group, uid
 
+    def reaches(self, pool: str) -> bool:
+        return pool in self.peers
+
     def detach(self, pool_name: str) -> None:
         """Forget a decode replica (it died or left): its ranks and its pair group (aborted, so a send
         to a dead peer still pending on NCCL ends). Called between steps, once no prompt is bound there."""

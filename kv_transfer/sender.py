@@ -31,6 +31,11 @@ class KVSender:
         self._lost: list[KVLost] = []  # finished prompts whose KV could not all be sent
 
     def add(self, prompt_token_ids: Seq[int], params: SamplingParams, target: Reservation) -> None:
+        """Queue the prompt for `target`'s blocks. KVLost where its decode pool is not attached here (a
+        reservation made just before that replica was dropped): queued, it would fail this engine's step."""
+        if not self.saver.reaches(target.pool):
+            raise transfer_failed(target.request_id, f"its decode pool {target.pool!r} is not attached to this "
+                                                     f"prefill replica (gone, or not linked yet)")
         # the prefill side samples only the first token; the decode side owns the rest
         seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id)
         seq.kv_target = target

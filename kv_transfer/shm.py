@@ -108,6 +108,9 @@ class ShmKVSaver(KVSaver):
             self.pools.setdefault(handle.pool_name, []).append((attach_pool(handle), handle.head_range))
             self._attached[handle.name] = handle.pool_name
 
+    def reaches(self, pool: str) -> bool:
+        return pool in self.pools
+
     def detach(self, pool_name: str) -> None:
         """Unmap a decode replica's pool (it was replaced). Between steps, once no prompt is bound there."""
         self.pools.pop(pool_name, None)

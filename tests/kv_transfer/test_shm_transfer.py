@@ -280,3 +280,18 @@ def test_prompts_landed_in_every_block_each_needing_one_more_still_finish(tiny_c
         outputs.update((o.request_id, o.token_ids) for o in decode.step())
     assert [outputs.get(f"r{i}") for i in range(2)] == generate_on(prefill, prompts, params)
     assert decode.scheduler.num_preemptions == 1 and decode.block_manager.num_free_blocks == 4
+
+
+def test_a_prompt_for_a_pool_not_attached_is_refused_and_the_engine_goes_on(tiny_checkpoints, pool_name) -> None:
+    """A reservation made on a decode replica just before this prefill replica dropped it: the prompt is
+    refused (KVLost, which the router retries elsewhere) rather than queued to fail the engine's next step
+    and with it every prompt there."""
+    import dataclasses
+
+    sender, receiver, prefill, _ = make_pair(str(tiny_checkpoints["llama"]), pool_name)
+    prompt = prompts_of([20])[0]
+    gone = dataclasses.replace(receiver.reserve(prompt, GREEDY, "r0"), pool="a-pool-dropped-here")
+    with pytest.raises(KVLost, match="'a-pool-dropped-here' is not attached"):
+        sender.add(prompt, GREEDY, gone)
+    receiver.abort("r0")
+    assert run_disaggregated(sender, receiver, [prompt], GREEDY) == generate_on(prefill, [prompt], GREEDY)
