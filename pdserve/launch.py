@@ -266,7 +266,8 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
                         max_request_bytes=config.router.max_request_bytes, max_logprobs=config.router.max_logprobs,
                         max_stop_strings=config.router.max_stop_strings, model_names=(name,),
                         decode_kv_tokens=kv_tokens(d_info[0]),
-                        prefill_kv_tokens=kv_tokens(p_info[0]) if p_info else None)
+                        prefill_kv_tokens=kv_tokens(p_info[0]) if p_info else None,
+                        eos_token_ids=tuple(d_info[0]["eos_token_ids"]))
 
         def make_router() -> Router:
             return Router(

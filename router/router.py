@@ -306,6 +306,11 @@ class Router(pb_grpc.GenerationServicer):
             if done >= v.params["max_tokens"]:  # it died after the last token, before the end: nothing is missing
                 yield self._finish(out, "length", len(v.prompt_token_ids), clock, False, req.placed)
                 return
+            if done and self.limits.ends_request(out.token_ids[-1], v.params):
+                # the prefill side sampled an end (end-of-sequence, a stop token) and the decode replica died
+                # before its commit, where its engine would have finished the request: no continuation
+                yield self._finish(out, "stop", len(v.prompt_token_ids), clock, False, req.placed)
+                return
             req.placed = Placed(req.placed.rid)
             log.warning("%s; continuing request %r elsewhere after %d tokens (migration %d)", cause, rid, done,
                         attempt + 1)

@@ -36,6 +36,12 @@ class Limits:
     # Most tokens one prefill replica's KV cache holds (a prompt there, plus the first token it samples):
     # kv_tokens(its info()); None: no prefill pool. A longer prompt is prefilled on its decode replica.
     prefill_kv_tokens: int | None = None
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence tokens (ends_request)
+
+    def ends_request(self, token: int, params: dict) -> bool:
+        """Whether sampling `token` ends the request (validated params), as the engine decides: a stop token,
+        or end-of-sequence unless ignore_eos. The router needs it where no engine is left to say so."""
+        return token in params["stop_token_ids"] or (not params["ignore_eos"] and token in self.eos_token_ids)
 
     @property
     def context(self) -> int:

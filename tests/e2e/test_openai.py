@@ -37,6 +37,8 @@ def test_chat_equals_the_grpc_sdk_and_the_offline_engine(api) -> None:
     assert got.usage.prompt_tokens == want.prompt_tokens
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
     assert got.object == "chat.completion" and got.id.startswith("chatcmpl-")
+    # the router knows the tokens that end a request, for a request it must end without an engine
+    assert cluster.router.limits.eos_token_ids == tuple(llm.engine.config.model_config.eos_token_ids)
 
 
 def test_a_resent_conversation_reports_its_cached_prompt_tokens(api) -> None:

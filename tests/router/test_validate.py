@@ -85,3 +85,13 @@ def test_bytes_that_do_not_parse_are_an_invalid_request_saying_why() -> None:
     assert str(error) == "the request is not a valid GenerateRequest: string field had bad UTF-8"
     truncated = parse(pb.GenerateRequest, b"\x0a\x05hi")
     assert str(truncated) == "the request is not a valid GenerateRequest: wire format was corrupt"
+
+
+def test_the_router_knows_a_token_that_ends_a_request_as_the_engine_does() -> None:
+    """Where a request must be continued elsewhere after its first token (the decode replica died before
+    taking it), a first token that ends it ends it there: end-of-sequence unless ignore_eos, or a stop token."""
+    lim = limits(eos_token_ids=(2, 7))
+    params = validate(request(temperature=0, max_tokens=5), None, lim).params
+    assert lim.ends_request(2, params) and lim.ends_request(7, params) and not lim.ends_request(3, params)
+    ignoring = validate(request(temperature=0, max_tokens=5, ignore_eos=True, stop_token_ids=[3]), None, lim).params
+    assert not lim.ends_request(2, ignoring) and lim.ends_request(3, ignoring)
