@@ -373,6 +373,21 @@ class Pools:
         return link(prefill, decode, c.kv_backend, c.prefill.tensor_parallel_size, c.decode.tensor_parallel_size,
                     f"{self.prefix}kv")
 
+    def abandon(self, role: str, index: int, new: bool) -> None:
+        """Replica `index` failed to start: kill its actor; a new one (the pool's last) also gives up its
+        placement group, a replacement keeps its predecessor's for the next try."""
+        import ray
+
+        try:
+            ray.kill(self.actors[role][index])
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+        if new:
+            self.actors[role].pop()
+            self.unplace(self.groups[role].pop())
+            if role == "decode":
+                self.pool_names.pop()
+
     def remove_last(self, role: str) -> None:
         """The pool's last replica has drained and stopped: drop its actor and placement group."""
         import ray

@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 log = logging.getLogger("pdserve.supervisor")
+START_TIMEOUT_S = 900.0  # a new replica's model load and peak probe; past it the start failed (tried again later)
 
 
 class Supervisor:
@@ -50,6 +51,9 @@ class Supervisor:
         self._executor = None  # the planner's process, once one of them needs it
         self.decisions: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Decision) of each round
         self.rules: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Rule) each time the rule changed
+        # decode replica index -> the KV pool names it had that no live actor owns (its dead one, and those of
+        # replacements that failed to start): the prefill replicas drop them once a replacement is up
+        self._dead_pools: dict[int, list[str]] = {}
 
     def start(self) -> Supervisor:
         self._thread.start()
@@ -138,6 +142,19 @@ class Supervisor:
         """Resize pool `role` to n replicas; returns (replicas now, started, drained). New replicas' placement
         groups wait up to placement_timeout_s (default pdserve.launch.PLACEMENT_TIMEOUT_S) for Ray to place them
         (for Ray's autoscaler to add a node, on a Ray cluster), without holding up the replacement of dead ones."""
+        replicas = getattr(self.server.router.placement, role)
+        groups: list = []
+        try:
+            for _ in range(n - len(replicas)):
+                groups.append(self.pools.place(role, placement_timeout_s))
+            with self._lock:
+                added, removed = self._resize(role, n, groups, drain_timeout_s)
+        finally:  # all or none when placing; then those placed for replicas another resize made meanwhile,
+            for group in groups:  # or for a start that failed
+                self.pools.unplace(group)
+        return len(replicas), added, removed
+
+    def _resize(self, role: str, n: int, groups: list, drain_timeout_s: float) -> tuple[int, int]:
         import ray
 
         from kv_transfer.wiring import drop_decode, drop_prefill
@@ -146,42 +163,30 @@ class Supervisor:
         router = self.server.router
         replicas = getattr(router.placement, role)
         added = removed = 0
-        groups: list = []
-        try:
-            for _ in range(n - len(replicas)):
-                groups.append(self.pools.place(role, placement_timeout_s))
-        except BaseException:
-            for group in groups:  # all or none: a pool grown part way would be a resize nobody asked for
-                self.pools.unplace(group)
-            raise
-        with self._lock:
-            while len(replicas) < n:
-                actor, info = self._start(role, len(replicas), groups.pop() if groups else None)
-                self._wire(role, actor, info)
-                self._on_loop(router.add_replica(role, actor, getattr(self.pools.config, role).tensor_parallel_size,
-                                                 info["num_kv_blocks"], kv_tokens(info), info["block_size"]))
-                added += 1
-                log.warning("%s/%d joined the pool", role, len(replicas) - 1)
-            while len(replicas) > n:
-                replica = replicas[-1]
-                left = self._on_loop(router.drain(replica, drain_timeout_s), timeout=drain_timeout_s + 30)
-                if role == "decode":  # its pool: prompts still bound there move elsewhere
-                    drop_decode([r.actor for r in router.placement.prefill if r.healthy],
-                                self.pools.pool_names[replica.index])
-                else:  # its pair groups with the decode replicas
-                    drop_prefill([r.actor for r in router.placement.decode if r.healthy],
-                                 self.pools.kv_uids.pop(replica.index, None), "it left the pool")
-                try:
-                    ray.get(replica.actor.shutdown.remote(), timeout=10)
-                except Exception:  # noqa: BLE001 - dead already: removing it is all that is left
-                    pass
-                self.pools.remove_last(role)
-                self._on_loop(router.remove_replica(replica))
-                removed += 1
-                log.warning("%s left the pool (drained; %d requests moved elsewhere)", replica.name, left)
-        for group in groups:  # placed for replicas another resize made meanwhile
-            self.pools.unplace(group)
-        return len(replicas), added, removed
+        while len(replicas) < n:
+            actor, info = self._bring_up(role, len(replicas), groups.pop() if groups else None)
+            self._on_loop(router.add_replica(role, actor, getattr(self.pools.config, role).tensor_parallel_size,
+                                             info["num_kv_blocks"], kv_tokens(info), info["block_size"]))
+            added += 1
+            log.warning("%s/%d joined the pool", role, len(replicas) - 1)
+        while len(replicas) > n:
+            replica = replicas[-1]
+            left = self._on_loop(router.drain(replica, drain_timeout_s), timeout=drain_timeout_s + 30)
+            if role == "decode":  # its pool: prompts still bound there move elsewhere
+                drop_decode([r.actor for r in router.placement.prefill if r.healthy],
+                            self.pools.pool_names[replica.index])
+            else:  # its pair groups with the decode replicas
+                drop_prefill([r.actor for r in router.placement.decode if r.healthy],
+                             self.pools.kv_uids.pop(replica.index, None), "it left the pool")
+            try:
+                ray.get(replica.actor.shutdown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - dead already: removing it is all that is left
+                pass
+            self.pools.remove_last(role)
+            self._on_loop(router.remove_replica(replica))
+            removed += 1
+            log.warning("%s left the pool (drained; %d requests moved elsewhere)", replica.name, left)
+        return added, removed
 
     def _run(self) -> None:
         placement = self.server.router.placement
@@ -220,35 +225,49 @@ class Supervisor:
         t0 = time.monotonic()
         log.warning("%s is dead; starting a new one", replica.name)
         ray.kill(replica.actor)  # a live actor whose engine died: its ranks go with it
-        dead_pool = self.pools.pool_names[replica.index] if replica.role == "decode" else None
         if replica.role == "prefill":  # its pair groups with the decode replicas (collective backend)
             drop_prefill([r.actor for r in self.server.router.placement.decode if r.healthy],
                          self.pools.kv_uids.pop(replica.index, None), "it died")
-        actor, info = self._start(replica.role, replica.index)
-        self._wire(replica.role, actor, info, dead_pool)
+        actor, info = self._bring_up(replica.role, replica.index)
         self._on_loop(self.server.router.replaced(replica, actor, info["num_kv_blocks"]))
         log.warning("%s is back after %.1f s (restart %d)", replica.name, time.monotonic() - t0, replica.restarts)
 
-    def _start(self, role: str, index: int, group=None) -> tuple[Any, dict[str, Any]]:
+    def _bring_up(self, role: str, index: int, group=None) -> tuple[Any, dict[str, Any]]:
+        """Start replica `index` of `role` (in place of a dead one, or a new one at the pool's end, in `group`)
+        and wire it into the KV transport. A start that fails leaves nothing behind: the new actor is killed,
+        and a new replica's placement group goes with it (a replacement keeps its predecessor's, to try again)."""
         import ray
 
-        actor = self.pools.start(role, index, group)
-        info = ray.get(actor.info.remote())
-        if role == "prefill":
-            self.pools.kv_uids[index] = info["kv_uid"]
-        ray.get(actor.measure_peaks.remote())  # while the others serve: it may read low, MBU high
+        new = index == len(self.pools.groups[role])
+        if role == "decode" and not new:  # the pool name the dead replica had, for the prefill replicas to drop
+            dead = self._dead_pools.setdefault(index, [])
+            dead += [self.pools.pool_names[index]] if self.pools.pool_names[index] not in dead else []
+        try:
+            actor = self.pools.start(role, index, group)
+            info = ray.get(actor.info.remote(), timeout=START_TIMEOUT_S)
+            if role == "prefill":
+                self.pools.kv_uids[index] = info["kv_uid"]
+            ray.get(actor.measure_peaks.remote(), timeout=START_TIMEOUT_S)  # while the others serve: may read low
+            self._wire(role, actor, self._dead_pools.get(index, []) if role == "decode" else [])
+        except BaseException:
+            if role == "decode" and not new:  # its pool may be attached here and there: dropped on the next try
+                self._dead_pools[index].append(self.pools.pool_names[index])
+            self.pools.abandon(role, index, new)
+            raise
+        if role == "decode":
+            self._dead_pools.pop(index, None)
         return actor, info
 
-    def _wire(self, role: str, actor, info: dict[str, Any], dead_pool: str | None = None) -> None:
-        """A new decode replica is connected to every live prefill replica (which first drop the dead
-        predecessor's pool, if any); a new prefill replica to every live decode replica."""
+    def _wire(self, role: str, actor, dead_pools: list[str]) -> None:
+        """A new decode replica is connected to every live prefill replica (which first drop the pools of
+        its dead predecessors); a new prefill replica to every live decode replica."""
         from kv_transfer.wiring import drop_decode
 
         placement = self.server.router.placement
         prefill = [r.actor for r in placement.prefill if r.healthy]
         if role == "decode":
-            if dead_pool is not None:
-                drop_decode(prefill, dead_pool)
+            for pool in dead_pools:
+                drop_decode(prefill, pool)
             self.pools.link(prefill, [actor])
         else:
             self.pools.link([actor], [r.actor for r in placement.decode if r.healthy])

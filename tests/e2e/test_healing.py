@@ -102,6 +102,34 @@ def test_a_dead_prefill_replica_is_replaced(cluster, want) -> None:
                    and line.endswith(" 1.0") for line in metrics.splitlines()), metrics
 
 
+def test_a_replacement_that_fails_to_start_is_killed_and_tried_again(cluster, want, monkeypatch) -> None:
+    """The first starts of a dead decode replica's successor give up (its info() past the start timeout):
+    each such actor is killed and the replica keeps its placement group, so a later round's start takes
+    it; once one is up, the pools left behind (the dead replica's, the failed starts') are gone, and no
+    placement group leaked."""
+    from ray.util import placement_group_table
+
+    import pdserve.supervisor as supervisor
+
+    dead_pool, failures = cluster.pools.pool_names[0], len(cluster.supervisor.failures)
+    monkeypatch.setattr(supervisor, "START_TIMEOUT_S", 0.001)
+    with Client(cluster.address, timeout=60) as client:
+        restarts = replica(client, "decode").restarts
+        ray.kill(cluster.decode[0])
+        wait_for(lambda: len(cluster.supervisor.failures) > failures, 30, "a failed start", every_s=0.1)
+        failed_pool = cluster.pools.pool_names[0]
+        assert failed_pool != dead_pool and "Timeout" in cluster.supervisor.failures[-1][1]
+        monkeypatch.setattr(supervisor, "START_TIMEOUT_S", 900.0)
+        wait_for(lambda: replica(client, "decode").restarts == restarts + 1 and replica(client, "decode").healthy,
+                 90, "the decode replica back", every_s=0.2)
+        got = client.generate(PROMPT, max_tokens=16, ignore_eos=True, temperature=0)
+        assert got.token_ids == want and got.timings["path"] == "disaggregated"
+        assert not any(wait_idle(client).values())
+    assert not pool_path(dead_pool).exists() and not pool_path(failed_pool).exists()
+    created = sum(g["state"] == "CREATED" for g in placement_group_table().values())
+    assert created == len(cluster.pools.groups["prefill"]) + len(cluster.pools.groups["decode"])
+
+
 def test_on_the_collective_backend_replicas_are_replaced_and_pools_resize(ray_local, tiny_model, want) -> None:
     """The same supervision where KV moves over gloo: each (prefill, decode) pair of replicas has a group
     of its own, so a replacement or a newcomer forms groups with the live replicas of the other pool."""
