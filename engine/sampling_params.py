@@ -1,12 +1,16 @@
 """What a request asks of the sampler; shaped like vLLM's so users know it."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+# temperatures below this sample greedily (as vLLM's): logits / 1e-40 overflow to inf, and a softmax of infs is NaN
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 (or -1) means all tokens
     top_p: float = 1.0  # nucleus: keep the smallest set whose probability reaches top_p
     seed: int | None = None  # None: a fresh seed per request; sampling is a pure function of (seed, position, logits)
@@ -21,8 +25,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be finite and >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < -1:
@@ -36,4 +40,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW

@@ -37,7 +37,7 @@ class Admission:
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
                 self.exit()  # the slot arrived as we were cancelled: pass it on
-            else:
+            elif turn in self._waiters:  # exit() may have passed over it, cancelled, already
                 self._waiters.remove(turn)
             raise
 

@@ -237,6 +237,9 @@ class Placement:
                         self._placed_on(p, d)
                         return True
                     reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid, local_below))
+                except asyncio.CancelledError:  # the call goes on at the replica: release() aborts it there
+                    p.decode, p.decoding = d, True
+                    raise
                 except RequestFailed as e:
                     if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.serves for r in self.decode):
                         raise

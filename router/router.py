@@ -39,11 +39,15 @@ MIGRATABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 @dataclass
 class _Request:
     """A request in flight: where it runs, how far it got, and whether Cancel ended it. Its id is
-    the client's, scoped to its owner (router/auth.py); the replicas know it by placed.rid, which
-    differs only when another owner's request already runs under the same id."""
+    the client's, scoped to its owner (router/auth.py); the replicas know it by placed.rid, the
+    client's id with a serial number of the router's (`rid~n`)."""
     placed: Placed
     clock: Clock
     cancelled: bool = False  # by the Cancel RPC
+    # its last chunk is out with the caller (a gRPC write, say): a Cancel then only marks it, and the request
+    # ends itself when the caller asks for more, so that the task is never cancelled inside the caller's code
+    # (a gRPC stream cancelled mid-write ended with no status, and the client waited for it)
+    handed_out: bool = False
 
 
 class Router(pb_grpc.GenerationServicer):
@@ -67,7 +71,7 @@ class Router(pb_grpc.GenerationServicer):
             self.metrics.dispatch_rule(slo_aware.rule)
         self.keys = Keys(config.keys())
         self.requests: dict[tuple[str, str], tuple[_Request, asyncio.Task]] = {}  # (owner, request id) ->
-        self._replica_ids: set[str] = set()  # the ids the replicas know the running requests by
+        self._serial = itertools.count()  # makes the id the replicas know each request by its own
         self.inboxes = Inboxes()
         self.traffic = Traffic()  # arrivals and lengths, which the autoscaler and the dispatch tuner plan for
         self._tasks: list[asyncio.Task] = []
@@ -128,11 +132,13 @@ class Router(pb_grpc.GenerationServicer):
         if key in self.requests:
             m.request_done("ALREADY_EXISTS", None, time.monotonic() - clock.t0, 0)
             raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
-        replica_id = rid if rid not in self._replica_ids else f"{rid}~{uuid.uuid4().hex[:8]}"
+        # the replicas know each request by an id of its own: one that reuses a finished request's id (another
+        # owner's, or a retry) must not meet what is left of that one there (its abort not yet taken, its last
+        # tokens still on their way to the router)
+        replica_id = f"{rid}~{next(self._serial)}"
         req = _Request(Placed(replica_id), clock)
         # registered before it queues, so that Cancel reaches a queued request and a duplicate id is refused
         self.requests[key] = (req, asyncio.current_task())
-        self._replica_ids.add(replica_id)
         admitted = False
         error: RequestFailed | None = None
         status = "CANCELLED"  # unless it ends otherwise: the client went away or its deadline passed
@@ -144,7 +150,11 @@ class Router(pb_grpc.GenerationServicer):
                 raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             admitted = True
             async for chunk in self._migrating(req, rid, clock, v):
+                req.handed_out = True
                 yield chunk
+                req.handed_out = False
+                if req.cancelled:
+                    raise asyncio.CancelledError
             status = "OK"
         except RequestFailed as e:
             error, status = e, e.code.name
@@ -154,7 +164,6 @@ class Router(pb_grpc.GenerationServicer):
             error = RequestFailed(grpc.StatusCode.CANCELLED, f"request {rid!r} was cancelled")
         finally:
             del self.requests[key]
-            self._replica_ids.discard(replica_id)
             m.request_done(status, clock.ttft, time.monotonic() - clock.t0, clock.num_tokens)
             self.traffic.finished(len(v.prompt_token_ids), clock.num_tokens)
             if admitted:
@@ -176,7 +185,8 @@ class Router(pb_grpc.GenerationServicer):
             return False
         req, task = entry
         req.cancelled = True
-        task.cancel()
+        if not req.handed_out:
+            task.cancel()
         return True
 
     def serving(self) -> bool:

@@ -136,7 +136,7 @@ def _sampling(s: pb.SamplingParams, room: int, limits: Limits, tokenizer,
     p: dict[str, Any] = {}
     if s.HasField("temperature"):
         if not (math.isfinite(s.temperature) and s.temperature >= 0):
-            raise InvalidRequest(f"sampling.temperature={s.temperature}: must be >= 0 (0 means greedy)")
+            raise InvalidRequest(f"sampling.temperature={s.temperature}: must be finite and >= 0 (0 means greedy)")
         p["temperature"] = s.temperature
     if s.top_k < -1:
         raise InvalidRequest(f"sampling.top_k={s.top_k}: must be -1 or 0 (off: all tokens) or >= 1 "

@@ -317,3 +317,36 @@ def test_tensor_parallel_followers_of_both_pools_die(ray_local, tiny_model, back
         assert again.token_ids == want[1] and again.timings["path"] == "disaggregated"
         assert not any(wait_idle(client).values())
         assert cluster.supervisor.failures == []
+
+
+def test_cancel_at_any_moment_ends_the_stream_and_frees_its_id(tiny_cluster) -> None:
+    """Cancel lands at a random moment of a stream (a Cancel that landed while the router wrote a chunk used
+    to end the call with no status, the client waiting for its deadline): the stream ends CANCELLED, and the
+    same id runs again at once (the router used to forget it before the replica had let it go)."""
+    import random
+    import threading
+
+    prompt = prompts_of([4], seed=9)[0]  # under local_prefill_threshold: decoded where it is prefilled
+    rng = random.Random(0)
+    with Client(tiny_cluster.address, timeout=30) as client:
+        for i in range(20):
+            rid = f"cancel-{i}"
+            ended: dict = {}
+
+            def read(rid=rid, ended=ended) -> None:
+                try:
+                    for _ in client.stream(prompt, max_tokens=900, ignore_eos=True, temperature=0, request_id=rid):
+                        pass
+                    ended["code"] = "OK"
+                except RequestError as e:
+                    ended["code"], ended["at"] = e.code, time.monotonic()
+            reader = threading.Thread(target=read)
+            reader.start()
+            time.sleep(rng.uniform(0.02, 0.2))
+            assert client.cancel(rid)
+            cancelled_at = time.monotonic()
+            reader.join(timeout=20)
+            assert ended.get("code") == grpc.StatusCode.CANCELLED and ended["at"] - cancelled_at < 5, ended
+            again = client.generate(prompt, max_tokens=3, temperature=0, request_id=rid)
+            assert len(again.token_ids) == 3
+        assert not any(wait_idle(client).values())

@@ -110,6 +110,18 @@ def test_temperature() -> None:
     assert 1 < spread[0] < spread[1] < spread[2]
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_a_non_finite_one_refused() -> None:
+    """logits / 1e-40 overflow to inf and softmax gives NaN (the draw was token 0 whatever the logits):
+    below GREEDY_BELOW the sampler takes the argmax, as vLLM does."""
+    logits = logits_row(3)
+    want = int(logits.argmax())
+    assert set(draws(logits, SamplingParams(temperature=1e-40), seeds=range(20))) == {want}
+    assert set(draws(logits, SamplingParams(temperature=1e-6), seeds=range(20))) == {want}
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite and >= 0"):
+            SamplingParams(temperature=bad)
+
+
 def test_logprobs() -> None:
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(4)) * 3
     ps = [SamplingParams(temperature=1.0, logprobs=5), SamplingParams(temperature=0, logprobs=0),

@@ -53,3 +53,19 @@ def test_a_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
         assert adm.ongoing == 0
 
     asyncio.run(run())
+
+
+def test_a_waiter_cancelled_as_a_slot_frees_ends_cancelled_and_the_counts_stay_right() -> None:
+    """Cancelled in the same turn of the loop in which the running request ends: exit() passes over the
+    cancelled waiter, which must still end with CancelledError (it raised ValueError: an UNKNOWN status)."""
+    async def run():
+        adm = Admission(max_ongoing=1, max_queued=4)
+        await adm.enter()
+        waiter = asyncio.create_task(adm.enter())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        adm.exit()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return adm.ongoing, adm.queued
+    assert asyncio.run(run()) == (0, 0)
