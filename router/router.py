@@ -167,7 +167,7 @@ class Router(pb_grpc.GenerationServicer):
             m.request_done(status, clock.ttft, time.monotonic() - clock.t0, clock.num_tokens)
             self.traffic.finished(len(v.prompt_token_ids), clock.num_tokens)
             if admitted:
-                self.inboxes.close(replica_id)
+                self.inboxes.close(req.placed.rid)
                 self.admission.exit()
                 await asyncio.shield(self.placement.release(req.placed))
         if error is not None:
@@ -321,7 +321,9 @@ class Router(pb_grpc.GenerationServicer):
                 # before its commit, where its engine would have finished the request: no continuation
                 yield self._finish(out, "stop", len(v.prompt_token_ids), clock, False, req.placed)
                 return
-            req.placed = Placed(req.placed.rid)
+            # a new id at the replicas too: what is left of the last placement (its tokens on their way, a copy
+            # a replica still runs) can never reach this request's stream again
+            req.placed = Placed(f"{rid}~{next(self._serial)}")
             log.warning("%s; continuing request %r elsewhere after %d tokens (migration %d)", cause, rid, done,
                         attempt + 1)
             self.metrics.migrations.inc()
