@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # a bad value, a file that is not there, a port taken
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (pdserve chat, generate): the shell's usual status, no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

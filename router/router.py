@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import random
 import time
 import uuid
@@ -127,11 +128,11 @@ class Router(pb_grpc.GenerationServicer):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if self.shutting_down:
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the cluster is shutting down; no new requests")
-        self.traffic.arrived(len(v.prompt_token_ids), v.params["max_tokens"])
         key = (owner, rid)
         if key in self.requests:
             m.request_done("ALREADY_EXISTS", None, time.monotonic() - clock.t0, 0)
             raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
+        self.traffic.arrived(len(v.prompt_token_ids), v.params["max_tokens"])  # what the autoscaler plans for
         # the replicas know each request by an id of its own: one that reuses a finished request's id (another
         # owner's, or a retry) must not meet what is left of that one there (its abort not yet taken, its last
         # tokens still on their way to the router)
@@ -245,10 +246,12 @@ class Router(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this cluster cannot scale: it was started without a supervisor")
         if request.pool not in ("prefill", "decode") or request.replicas > MAX_REPLICAS \
-                or request.pool == "decode" and request.replicas < 1 or request.drain_timeout_s < 0:
+                or request.pool == "decode" and request.replicas < 1 \
+                or not (math.isfinite(request.drain_timeout_s) and request.drain_timeout_s >= 0):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"scale pool={request.pool!r} to "
-                                f"{request.replicas}: the pool is 'prefill' (0..{MAX_REPLICAS} replicas) or 'decode' "
-                                f"(1..{MAX_REPLICAS}), drain_timeout_s >= 0")
+                                f"{request.replicas} (drain_timeout_s={request.drain_timeout_s}): the pool is "
+                                f"'prefill' (0..{MAX_REPLICAS} replicas) or 'decode' (1..{MAX_REPLICAS}), "
+                                f"drain_timeout_s finite and >= 0")
         timeout = request.drain_timeout_s or self.config.drain_timeout_s
         try:
             size, added, removed = await asyncio.to_thread(self.scaler, request.pool, request.replicas, timeout)

@@ -82,10 +82,11 @@ def test_the_prefill_pool_goes_to_zero_and_back(cluster, want) -> None:
         for _ in range(2):  # each prefill replica in turn (least_tokens ties go to the first)
             got = client.generate(PROMPTS[1], **{**LONG, "max_tokens": 16})
             assert got.token_ids == want[1][:16] and got.timings["path"] == "disaggregated"
-        for pool, n in (("decode", 0), ("lunch", 1), ("prefill", 1000)):
+        for pool, n, drain in (("decode", 0, 0.0), ("lunch", 1, 0.0), ("prefill", 1000, 0.0), ("prefill", 1, -1.0),
+                               ("prefill", 1, float("nan")), ("prefill", 1, float("inf"))):
             with pytest.raises(RequestError) as err:
-                client.scale(pool, n)
-            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                client.scale(pool, n, drain_timeout_s=drain)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, (pool, n, drain)
         assert not any(wait_idle(client).values())
 
 
