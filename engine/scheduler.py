@@ -162,11 +162,7 @@ class Scheduler:
             # holds then), so that the others can go; a step at a time, until one fits
             victim = next((seq for seq in reversed(self.waiting) if seq.num_computed_tokens), None)
             if victim is not None:
-                bm.free(victim)
-                victim.num_computed_tokens = 0
-                victim.num_preemptions += 1
-                self.num_preemptions += 1
-                out.preempted.append(victim)
+                self._drop_kv(victim, out)  # it keeps its place in waiting
 
     def _start(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
         """A waiting sequence joins the running batch with n tokens this step."""
@@ -188,12 +184,15 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Preempt by recompute: drop the KV, prefill prompt + output again later (from the blocks
         of it the prefix cache still holds then)."""
+        self._drop_kv(seq, out)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _drop_kv(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -376,27 +376,27 @@ class Pools:
     def abandon(self, role: str, index: int, new: bool) -> None:
         """Replica `index` failed to start: kill its actor; a new one (the pool's last) also gives up its
         placement group, a replacement keeps its predecessor's for the next try."""
-        import ray
-
-        try:
-            ray.kill(self.actors[role][index])
-        except Exception:  # noqa: BLE001 - gone already
-            pass
         if new:
-            self.actors[role].pop()
-            self.unplace(self.groups[role].pop())
-            if role == "decode":
-                self.pool_names.pop()
+            self.remove_last(role)
+        else:
+            _kill(self.actors[role][index])
 
     def remove_last(self, role: str) -> None:
-        """The pool's last replica has drained and stopped: drop its actor and placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        ray.kill(self.actors[role].pop())
-        remove_placement_group(self.groups[role].pop())
+        """The pool's last replica has drained and stopped (or failed to start): drop its actor and placement
+        group."""
+        _kill(self.actors[role].pop())
+        self.unplace(self.groups[role].pop())
         if role == "decode":
             self.pool_names.pop()
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - gone already
+        pass
 
 
 def _remove_orphan_pools(min_age_s: float = 60.0) -> None:

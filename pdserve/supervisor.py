@@ -53,7 +53,7 @@ class Supervisor:
         self.rules: deque = deque(maxlen=1000)  # (time.monotonic(), observed rate, Rule) each time the rule changed
         # decode replica index -> the KV pool names it had that no live actor owns (its dead one, and those of
         # replacements that failed to start): the prefill replicas drop them once a replacement is up
-        self._dead_pools: dict[int, list[str]] = {}
+        self._dead_pools: dict[int, set[str]] = {}
 
     def start(self) -> Supervisor:
         self._thread.start()
@@ -239,26 +239,23 @@ class Supervisor:
         import ray
 
         new = index == len(self.pools.groups[role])
-        if role == "decode" and not new:  # the pool name the dead replica had, for the prefill replicas to drop
-            dead = self._dead_pools.setdefault(index, [])
-            dead += [self.pools.pool_names[index]] if self.pools.pool_names[index] not in dead else []
+        if role == "decode" and not new:  # the pool name of the dead replica, or of the last start that failed
+            self._dead_pools.setdefault(index, set()).add(self.pools.pool_names[index])
         try:
             actor = self.pools.start(role, index, group)
             info = ray.get(actor.info.remote(), timeout=START_TIMEOUT_S)
             if role == "prefill":
                 self.pools.kv_uids[index] = info["kv_uid"]
             ray.get(actor.measure_peaks.remote(), timeout=START_TIMEOUT_S)  # while the others serve: may read low
-            self._wire(role, actor, self._dead_pools.get(index, []) if role == "decode" else [])
-        except BaseException:
-            if role == "decode" and not new:  # its pool may be attached here and there: dropped on the next try
-                self._dead_pools[index].append(self.pools.pool_names[index])
+            self._wire(role, actor, self._dead_pools.get(index, set()) if role == "decode" else set())
+        except BaseException:  # its pool may be attached here and there: the next try drops it with the rest
             self.pools.abandon(role, index, new)
             raise
         if role == "decode":
             self._dead_pools.pop(index, None)
         return actor, info
 
-    def _wire(self, role: str, actor, dead_pools: list[str]) -> None:
+    def _wire(self, role: str, actor, dead_pools: set[str]) -> None:
         """A new decode replica is connected to every live prefill replica (which first drop the pools of
         its dead predecessors); a new prefill replica to every live decode replica."""
         from kv_transfer.wiring import drop_decode

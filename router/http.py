@@ -123,23 +123,22 @@ async def _serve(router: Router, request: Request, owner: str, shapes: Shapes) -
             return JSONResponse(shapes.response(rid, created, router.model_name, results, call.n, router.tokenizer))
         # every choice's first chunk before the headers, so that a refused request is still an HTTP error
         await _unless_gone(request, choices.started())
-    except _ClientGone:
+    except Exception as e:  # the client left, or a choice failed: the others are cancelled
         await choices.cancel()
-        return Response(status_code=499)
-    except BaseException as e:  # a choice failed (the others are cancelled), or this handler was
+        return Response(status_code=499) if isinstance(e, _ClientGone) else error_response(*_status(e))
+    except BaseException:  # this handler was cancelled
         await choices.cancel()
-        if isinstance(e, Exception):
-            return _failed(e)
         raise
     return StreamingResponse(_sse(shapes, rid, created, router.model_name, router.tokenizer, call, choices),
                              media_type="text/event-stream")
 
 
-def _failed(e: Exception) -> Response:
+def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    """What the client is told of a failed choice: a RequestFailed's status, anything else (a bug) a 500."""
     if isinstance(e, RequestFailed):
-        return error_response(e.code, str(e))
-    log.exception("a request failed inside the router", exc_info=e)
-    return error_response(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+        return e.code, str(e)
+    log.error("a request failed inside the router", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {e!r}"
 
 
 async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
@@ -177,18 +176,21 @@ class Choices:
 
     async def _drain(self, index: int, stream: AsyncIterator[pb.GenerateResponse]) -> None:
         first = self._first[index]
+        end: Exception | None = None
         try:
             async for chunk in stream:
                 self.queue.put_nowait((index, chunk))
                 if not first.done():
                     first.set_result(None)
-            self.queue.put_nowait((index, None))
-            if not first.done():
-                first.set_result(None)
         except Exception as e:  # RequestFailed, or a bug: either way the client hears of it
-            self.queue.put_nowait((index, e))
-            if not first.done():
-                first.set_exception(e)
+            end = e
+        self.queue.put_nowait((index, end))
+        if first.done():
+            pass
+        elif end is None:
+            first.set_result(None)
+        else:
+            first.set_exception(end)
 
     async def started(self) -> None:
         """Every choice has its first chunk; raises the error of one that failed first."""
@@ -242,11 +244,7 @@ async def _sse(shapes: Shapes, rid: str, created: int, model: str, tok: Tokenize
         while ended < len(choices):
             index, item = await choices.queue.get()
             if isinstance(item, Exception):
-                if not isinstance(item, RequestFailed):
-                    log.error("a streamed request failed inside the router", exc_info=item)
-                code = item.code if isinstance(item, RequestFailed) else grpc.StatusCode.INTERNAL
-                yield _event(error_body(code, str(item) if isinstance(item, RequestFailed) else
-                                        f"internal error: {item!r}"))
+                yield _event(error_body(*_status(item)))
                 return
             if item is None:
                 ended += 1

@@ -1,6 +1,7 @@
 """OpenAI-shaped bodies that a GenerateRequest cannot carry are a 400 naming the parameter, never a
 500 from protobuf: lone surrogates (JSON can escape them), token ids past int32, a seed that would
-wrap; and top_k reaches the router as given, so it names a bad one."""
+wrap, and what OpenAI itself refuses (fractional integers, top_logprobs without logprobs, ...); top_k reaches
+the router as given, so it names a bad one."""
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,22 @@ BAD = [
     (completion_shapes, {"prompt": "x", "stream_options": [1]}, "stream_options", "stream_options must be an object"),
     (chat_shapes, {"messages": [{"role": "user", "content": "\ud800"}]}, "messages", "messages has a lone surrogate"),
 ]
+# what OpenAI refuses, as it does
+REFUSED = [
+    (completion_shapes, {"prompt": "x", "max_tokens": 1.7}, "max_tokens", "max_tokens=1.7: must be an integer"),
+    (chat_shapes, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": True},
+     "max_completion_tokens", "must be an integer"),
+    (completion_shapes, {"prompt": "x", "seed": 0.5}, "seed", "seed=0.5"),
+    (completion_shapes, {"prompt": "x", "n": True}, "n", "n=True"),
+    (chat_shapes, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs",
+     "top_logprobs needs logprobs: true"),
+    (completion_shapes, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options",
+     "only for a streamed response"),
+]
 
 
-@pytest.mark.parametrize("shapes,body,param,message", BAD, ids=[m for *_, m in BAD])
-def test_what_protobuf_cannot_carry_is_a_bad_parameter(shapes, body, param, message) -> None:
+@pytest.mark.parametrize("shapes,body,param,message", BAD + REFUSED, ids=[m for *_, m in BAD + REFUSED])
+def test_what_protobuf_cannot_carry_or_openai_refuses_is_a_bad_parameter(shapes, body, param, message) -> None:
     with pytest.raises(BadParameter) as info:
         shapes.parse(body)
     assert info.value.param == param and message in str(info.value)
@@ -42,24 +55,8 @@ def test_null_means_unset_as_openai_says() -> None:
     assert call.requests[0].sampling.max_tokens == 3 and call.requests[0].sampling.seed == (1 << 64) - 1
 
 
-REFUSED = [
-    (completion_shapes, {"prompt": "x", "max_tokens": 1.7}, "max_tokens", "max_tokens=1.7: must be an integer"),
-    (chat_shapes, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": True},
-     "max_completion_tokens", "must be an integer"),
-    (completion_shapes, {"prompt": "x", "seed": 0.5}, "seed", "seed=0.5"),
-    (completion_shapes, {"prompt": "x", "n": True}, "n", "n=True"),
-    (chat_shapes, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs",
-     "top_logprobs needs logprobs: true"),
-    (completion_shapes, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options",
-     "only for a streamed response"),
-]
 
 
-@pytest.mark.parametrize("shapes,body,param,message", REFUSED, ids=[m for *_, m in REFUSED])
-def test_what_openai_refuses_is_refused_naming_the_parameter(shapes, body, param, message) -> None:
-    with pytest.raises(BadParameter) as info:
-        shapes.parse(body)
-    assert info.value.param == param and message in str(info.value)
 
 
 def test_chat_takes_text_parts_and_the_developer_role() -> None:
