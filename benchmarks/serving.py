@@ -6,6 +6,7 @@ the cluster's end-to-end throughput against the offline engine on the same reque
         [--profile profile.json]   # also the slo_aware layout (1P1D, router.dispatch slo_aware)
         [--fresh-prompts]          # new prompts at each rate (else each rate re-sends the same ones)
     python -m benchmarks.serving --burst [--only colocated]   # only the all-at-once throughput, beside offline
+        [--policies fcfs,lof,spf]  # the pool that prefills under each scheduling policy in turn
     python -m benchmarks.serving --front-doors [--only colocated] [--requests 24] [--rate 1] [--repeats 2]
 
 disaggregated: 1 prefill + 1 decode replica, one core and one torch thread each, every prompt
@@ -106,14 +107,22 @@ def offline_pipeline(requests: list[tuple[list[int], int]]) -> dict[str, float]:
             "output_tokens_per_s": tokens / max(prefill, decode)}
 
 
+def with_policy(config: ClusterConfig, policy: str) -> ClusterConfig:
+    """config with scheduling_policy on the pool that prefills: the prefill pool, or a colocated one's only pool."""
+    pool = "prefill" if config.prefill.replicas else "decode"
+    return dataclasses.replace(config, **{pool: dataclasses.replace(getattr(config, pool), scheduling_policy=policy)})
+
+
 def burst_only(args) -> int:
     """Each chosen configuration's output tok/s on the requests sent at once (after a warm-up), over
     the offline engine's on the same requests (both cores, one engine): what the service layer costs;
     the disaggregated and conditional layouts also over offline_pipeline's bound, their two one-core
-    engines offline."""
+    engines offline. With --policies, each configuration once per scheduling policy of the pool that
+    prefills, in turn."""
     requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
     warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
     chosen = args.only.split(",") if args.only else list(configs())
+    policies = args.policies.split(",") if args.policies else [None]
     offline = offline_throughput(requests)["output_tokens_per_s"]
     print(f"offline engine: {offline:.1f} output tok/s", flush=True)
     pipeline = None
@@ -123,12 +132,15 @@ def burst_only(args) -> int:
         print(f"two one-thread engines offline, a perfect pipeline: {pipeline:.1f} output tok/s (prefill "
               f"{pipe['prefill_s']:.2f} s, decode {pipe['decode_s']:.2f} s)", flush=True)
     for label, config in configs().items():
-        if label in chosen:
-            with start_cluster(config, progress=None) as cluster:
+        for policy in policies if label in chosen else ():
+            with start_cluster(with_policy(config, policy) if policy else config, progress=None) as cluster:
                 run_benchmark(cluster.address, warmup, None)
-                got = run_benchmark(cluster.address, requests, None)["output_throughput"]
+                run = run_benchmark(cluster.address, requests, None)
+            got = run["output_throughput"]
             split = f", {got / pipeline:.3f} of the pipeline" if pipeline and label != "colocated" else ""
-            print(f"{label}: {got:.1f} output tok/s, {got / offline:.3f} of offline{split}", flush=True)
+            print(f"{label}{f' ({policy})' if policy else ''}: {got:.1f} output tok/s, {got / offline:.3f} of "
+                  f"offline{split}; TTFT mean {run['ttft_ms']['mean'] / 1000:.2f} s, last request done at "
+                  f"{run['duration_s']:.2f} s", flush=True)
     return 0
 
 
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "summary take every <config>.json already in --out")
     ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
                                                           "configuration and compare with the offline engine")
+    ap.add_argument("--policies", help="--burst: comma-separated scheduling policies (fcfs, lof, spf) of the pool "
+                                       "that prefills, each configuration run once per policy in turn")
     ap.add_argument("--front-doors", action="store_true", help="one cluster: the same Poisson workload through "
                                                                 "its gRPC and its HTTP front door, HTTP over gRPC")
     ap.add_argument("--rate", type=float, default=1.0, help="--front-doors: requests/s (default %(default)s)")

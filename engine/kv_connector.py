@@ -24,6 +24,10 @@ class KVSaver(ABC):
     # this rank's own KV cache, [layers, k|v, num_blocks, block_size, kv_heads, head_dim] (bind_local): a
     # prompt's blocks that came from the prefix cache are sent from there, not computed
     local_kv: torch.Tensor | None = None
+    # True where save_kv_layer copies on the stepping thread (nothing overlaps the forward anyway): a step may then
+    # run the model whole (a CPU model's C decoder stack) and hand each layer's K/V over after it, read back from
+    # the local cache (save_from_cache); False: each layer's K/V leaves while the later layers compute
+    after_step: bool = False
 
     def bind_local(self, kv_cache: torch.Tensor) -> None:
         self.local_kv = kv_cache
@@ -44,6 +48,14 @@ class KVSaver(ABC):
     @abstractmethod
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [num_tokens, num_kv_heads, head_dim], this step's new K/V of one layer."""
+
+    def save_from_cache(self, slots: torch.Tensor) -> None:
+        """After a step's whole forward (after_step savers): every layer's K/V of the step's tokens, read from the
+        local cache at their slots (the step's slot mapping), as save_kv_layer would have been given them."""
+        _, _, _, _, heads, dim = self.local_kv.shape
+        for layer in range(self.local_kv.shape[0]):
+            k, v = (self.local_kv[layer, kv].view(-1, heads, dim).index_select(0, slots) for kv in (0, 1))
+            self.save_kv_layer(layer, k, v)
 
     def end_step(self) -> None:
         """Called after the step's forward: every layer's K/V for the step has been handed over."""

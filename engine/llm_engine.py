@@ -125,13 +125,14 @@ class LLMEngine:
             raise ValueError("prompt token ids must be integers") from None
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Sequence:
-        """Validate and queue one request; a bad one raises ValueError and changes nothing."""
-        return self._queue(self._new_sequence(prompt, params, request_id))
+                    request_id: str | None = None, output_tokens: int | None = None) -> Sequence:
+        """Validate and queue one request; a bad one raises ValueError and changes nothing. output_tokens:
+        the most the request generates where params.max_tokens is not that (the scheduling policy's key)."""
+        return self._queue(self._new_sequence(prompt, params, request_id), output_tokens)
 
-    def _queue(self, seq: Sequence) -> Sequence:
+    def _queue(self, seq: Sequence, output_tokens: int | None = None) -> Sequence:
         self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, output_tokens)
         return seq
 
     def reserve(self, prompt: str | Seq[int], params: SamplingParams | None = None,

@@ -145,6 +145,8 @@ class ModelRunner:
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
         if self.kv_saver is not None:
+            if self.native_unsupported is None and self.model.model.runs_native(len(input_ids)):
+                self.kv_saver.save_from_cache(meta.slot_mapping)  # the C stack wrote it there: now it leaves
             self.kv_saver.end_step()
         return self.model.compute_logits(hidden[sample_idx]) if plan.sample_idx else None
 

@@ -12,6 +12,7 @@ from typing import Any
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 DEVICES = ("cpu", "cuda")
+SCHEDULING_POLICIES = ("fcfs", "lof", "spf")  # engine/scheduler.py: the order waiting requests start in
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class EngineOptions:
     # cut to what fits beside the decodes, at the prefill rate the engine measures (scheduler.StepCosts); None:
     # only the budget bounds them
     step_time_target_s: float | None = None
+    # the order waiting requests start in (engine/scheduler.py, POLICIES): "fcfs" (arrival), "lof" (longest output
+    # first: the larger max_tokens first; a burst through a disaggregated pair drains sooner) or "spf" (shortest
+    # prompt first: the mean TTFT of a burst falls). Only arrivals within max_queue_wait_s of each other are
+    # reordered: a request never waits longer than that behind later ones
+    scheduling_policy: str = "fcfs"
+    max_queue_wait_s: float = 10.0
     # paged KV cache
     block_size: int = 16  # tokens per KV block, a power of two
     num_kv_blocks: int | None = None  # KV blocks per rank; None: as many as kv_cache_bytes holds
@@ -59,6 +66,11 @@ class EngineOptions:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1 or None")
         if self.step_time_target_s is not None and not self.step_time_target_s > 0:
             raise ValueError(f"step_time_target_s={self.step_time_target_s} must be positive or None")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r}; choose one of "
+                             f"{', '.join(SCHEDULING_POLICIES)}")
+        if not self.max_queue_wait_s >= 0 or self.max_queue_wait_s == float("inf"):
+            raise ValueError(f"max_queue_wait_s={self.max_queue_wait_s} must be a finite number of seconds >= 0")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
         if self.dtype not in DTYPES:

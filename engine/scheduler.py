@@ -3,6 +3,8 @@ inside a token budget. Chunked prefill and iteration-level continuous batching b
 fall out of it: a long prompt takes several steps, a decoding sequence takes one token."""
 from __future__ import annotations
 
+import time
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,19 +58,56 @@ class StepCosts:
         return max(self.MIN_PREFILL, min(budget, fits))
 
 
+FIRST = float("-inf")  # the order key of a sequence that goes ahead of every other waiting one
+
+# EngineOptions.scheduling_policy -> the key waiting sequences start in (smallest first; equal keys by arrival), from
+# the sequence and the most tokens it will generate; fcfs keeps arrival order
+POLICIES = {
+    "fcfs": None,
+    "lof": lambda seq, output_tokens: -output_tokens,  # longest output first
+    "spf": lambda seq, output_tokens: seq.num_tokens - seq.num_computed_tokens,  # shortest prompt (left) first
+}
+
+
+def _order(seq: Sequence) -> float:
+    return seq.order
+
+
 class Scheduler:
     def __init__(self, config: EngineOptions, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
         self.costs = StepCosts()
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # the order they start in; fcfs: arrival, a preempted one first
+        self._key = POLICIES[config.scheduling_policy]
+        self._arrivals: deque[Sequence] = deque()  # policies but fcfs: sequences added, oldest first (some started)
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens of the sequences admitted with a prefix-cache lookup
         self.prefix_cache_hits = 0  # of those, tokens found in the cache
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, output_tokens: int | None = None) -> None:
+        """Queue seq to start. output_tokens: the most it will generate, where its own max_tokens is not that (a
+        prefill replica's sequence stops at the first token); the policies but fcfs order by it or its prompt."""
+        if self._key is None:
+            self.waiting.append(seq)
+            return
+        seq.order = self._key(seq, seq.params.max_tokens if output_tokens is None else output_tokens)
+        seq.arrival = time.monotonic()
+        self.waiting.insert(bisect_right(self.waiting, seq.order, key=_order), seq)
+        self._arrivals.append(seq)
+
+    def _age(self) -> None:
+        """The oldest waiting sequence, once it has waited max_queue_wait_s, goes ahead of those not yet that
+        old (behind older ones and preempted ones): a policy reorders only arrivals close in time."""
+        arrivals = self._arrivals
+        while arrivals and (arrivals[0].status is not SequenceStatus.WAITING or arrivals[0].order == FIRST):
+            arrivals.popleft()  # started, finished, or already first
+        if arrivals and time.monotonic() - arrivals[0].arrival > self.config.max_queue_wait_s:
+            seq = arrivals.popleft()
+            self.waiting.remove(seq)
+            seq.order = FIRST
+            self.waiting.insert(bisect_right(self.waiting, FIRST, key=_order), seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -112,6 +151,8 @@ class Scheduler:
                 continue
             break
 
+        if self._arrivals:
+            self._age()
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # a new or preempted sequence starts past its longest cached prefix
@@ -186,6 +227,7 @@ class Scheduler:
         of it the prefix cache still holds then)."""
         self._drop_kv(seq, out)
         seq.status = SequenceStatus.WAITING
+        seq.order = FIRST
         self.waiting.appendleft(seq)
 
     def _drop_kv(self, seq: Sequence, out: SchedulerOutput) -> None:

@@ -44,6 +44,8 @@ class Sequence:
         self.num_preemptions = 0
         self.kv_target: object | None = None  # prefill side of a disaggregated pair: where this KV goes
         self.kv_sent = 0  # prefill side of a pair: positions [0, kv_sent) of its KV are at the decode side
+        self.order = 0.0  # scheduler: its key in the waiting queue under a scheduling policy (smallest first)
+        self.arrival = 0.0  # scheduler: when it was queued (time.monotonic), under a scheduling policy
 
     @property
     def num_tokens(self) -> int:

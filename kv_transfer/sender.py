@@ -37,7 +37,8 @@ class KVSender:
             raise transfer_failed(target.request_id, f"its decode pool {target.pool!r} is not attached to this "
                                                      f"prefill replica (gone, or not linked yet)")
         # the prefill side samples only the first token; the decode side owns the rest
-        seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id)
+        seq = self.engine.add_request(prompt_token_ids, replace(params, max_tokens=1), target.request_id,
+                                      output_tokens=params.max_tokens)
         seq.kv_target = target
         self.targets[target.request_id] = target
 

@@ -5,6 +5,7 @@ processes on one GPU, or GPUs with peer access)."""
 from __future__ import annotations
 
 import math
+import mmap
 import os
 
 import torch
@@ -50,7 +51,12 @@ def attach_pool(handle: PoolHandle) -> torch.Tensor:
     if not path.exists():
         raise ValueError(f"KV pool {handle.name!r} is not in shared memory ({path}); is its decode replica up?")
     dtype = getattr(torch, handle.dtype)
-    return torch.from_file(str(path), shared=True, size=math.prod(handle.shape), dtype=dtype).view(handle.shape)
+    # mapped with its page tables filled now: else each burst's writes fault on every page not yet written from
+    # here (0.1 s a burst of 24 prompts; the pool is the decode replica's whole KV cache)
+    with open(path, "r+b") as f:
+        region = mmap.mmap(f.fileno(), math.prod(handle.shape) * dtype.itemsize,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    return torch.frombuffer(region, dtype=dtype).view(handle.shape)  # the tensor keeps the mapping
 
 
 def unlink_pool(name: str) -> None:
@@ -84,6 +90,8 @@ class ShmKVSaver(KVSaver):
     """Worker half on a prefill rank: per layer, each of its KV heads goes straight into every
     decode rank's slice that holds that head (re-sharding between any two TP degrees: one gather
     of the step's rows, one scatter into the reserved slots, per destination slice)."""
+
+    after_step = True  # its copies run on the stepping thread: a CPU step runs whole, then copies (save_from_cache)
 
     def __init__(self, pools: dict[str, torch.Tensor] | None = None, heads: tuple[int, int] | None = None,
                  writes: bool = True) -> None:

@@ -30,6 +30,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "preempt": {"num_kv_blocks": 21},
     # preemption while chunked prefills are in flight
     "preempt_chunked": {"num_kv_blocks": 24, "max_num_batched_tokens": 64, "max_prefill_chunk": 32},
+    # the shortest prompt first (another batch composition each step), preempting
+    "preempt_chunked_spf": {"num_kv_blocks": 24, "max_num_batched_tokens": 64, "max_prefill_chunk": 32,
+                            "scheduling_policy": "spf"},
 }
 
 PROMPTS = [[random.Random(n).randrange(512) for _ in range(n)] for n in LENGTHS]

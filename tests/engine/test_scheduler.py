@@ -16,8 +16,8 @@ BS = 16  # block size
 
 
 def make(num_blocks: int = 64, budget: int = 2048, max_num_seqs: int = 256,
-         chunk: int | None = None) -> Scheduler:
-    return Scheduler(EngineOptions(budget, max_num_seqs, chunk), BlockManager(num_blocks, BS))
+         chunk: int | None = None, **options) -> Scheduler:
+    return Scheduler(EngineOptions(budget, max_num_seqs, chunk, **options), BlockManager(num_blocks, BS))
 
 
 def seq(num_prompt: int, max_tokens: int = 8, rid: str | None = None) -> Sequence:
@@ -167,6 +167,69 @@ def test_fcfs_head_of_line_is_not_overtaken() -> None:
     assert scheduled(step(sched)) == {"big": 40, "small": 4}
 
 
+def started(sched: Scheduler) -> list[str]:
+    """Request ids in the order they start, stepping until everything finishes."""
+    order: list[str] = []
+    while sched.has_unfinished():
+        before = {s.request_id for s in sched.running}
+        order += [rid for rid in scheduled(step(sched)) if rid not in before and rid not in order]
+    return order
+
+
+@pytest.mark.parametrize("policy, want", [("fcfs", "abcd"), ("lof", "cadb"), ("spf", "bdac")])
+def test_a_scheduling_policy_orders_a_burst(policy: str, want: str) -> None:
+    # one sequence at a time (max_num_seqs=1): the order they start in is the policy's
+    sched = make(max_num_seqs=1, scheduling_policy=policy)
+    for rid, prompt, out in [("a", 30, 8), ("b", 5, 2), ("c", 40, 20), ("d", 10, 8)]:
+        sched.add(seq(prompt, max_tokens=out, rid=rid))
+    assert "".join(started(sched)) == want  # equal keys (a, d under lof) keep arrival order
+
+
+def test_lof_orders_by_the_output_tokens_given_over_max_tokens() -> None:
+    # a prefill replica's sequences stop at their first token (max_tokens=1): the request's own length orders them
+    sched = make(max_num_seqs=1, scheduling_policy="lof")
+    for rid, out in [("a", 10), ("b", 300), ("c", 40)]:
+        sched.add(seq(8, max_tokens=1, rid=rid), output_tokens=out)
+    assert started(sched) == ["b", "c", "a"]
+
+
+def test_a_request_waits_at_most_max_queue_wait_s_behind_later_ones(monkeypatch) -> None:
+    sched = make(max_num_seqs=1, scheduling_policy="spf", max_queue_wait_s=5.0)
+    now = [100.0]
+    monkeypatch.setattr("engine.scheduler.time.monotonic", lambda: now[0])
+    sched.add(seq(60, max_tokens=1, rid="long"))
+    sched.add(seq(4, max_tokens=1, rid="short0"))
+    assert started_one(sched) == "short0"  # the shorter prompt first
+    now[0] += 4.0
+    sched.add(seq(4, max_tokens=1, rid="short1"))
+    assert started_one(sched) == "short1"  # 4 s: still overtaken
+    now[0] += 1.5
+    sched.add(seq(4, max_tokens=1, rid="short2"))
+    assert started_one(sched) == "long"  # 5.5 s: it goes first now
+    assert started_one(sched) == "short2"
+
+
+def started_one(sched: Scheduler) -> str:
+    """Step until the running sequence finishes and another starts; that one's id."""
+    while True:
+        out = step(sched)
+        if out.seqs and out.seqs[0].num_computed_tokens == out.num_scheduled_tokens[0]:
+            return out.seqs[0].request_id
+
+
+def test_a_preempted_sequence_goes_back_ahead_of_the_policys_order() -> None:
+    sched = make(num_blocks=4, scheduling_policy="spf")
+    big = seq(30, max_tokens=40, rid="big")  # 2 blocks now, 5 by its end
+    sched.add(big)
+    sched.add(seq(20, max_tokens=20, rid="mid"))  # 2 blocks
+    step(sched)  # both prefill (mid first: the shorter prompt): every block taken
+    while not (out := step(sched)).preempted:
+        pass
+    assert [s.request_id for s in out.preempted] == ["big"]  # the newest in the running batch
+    sched.add(seq(2, max_tokens=1, rid="tiny"))  # shorter than anything left, yet behind the preempted one
+    assert [s.request_id for s in sched.waiting] == ["big", "tiny"]
+
+
 def test_preemption_evicts_the_newest_by_recompute() -> None:
     # 4 blocks of 16: a and b each hold 2 after prefill; a's growth past 32 tokens needs a 5th
     sched = make(num_blocks=4)
@@ -239,12 +302,14 @@ def test_finish_frees_blocks_wherever_the_sequence_is() -> None:
     assert scheduled(step(sched)) == {"b": 10}
 
 
-def test_random_workload_keeps_invariants_and_finishes() -> None:
+@pytest.mark.parametrize("policy", ["fcfs", "lof", "spf"])
+def test_random_workload_keeps_invariants_and_finishes(policy: str) -> None:
     rng = random.Random(1234)
     num_preemptions = 0
     for trial in range(6):
         sched = make(num_blocks=rng.choice([10, 16, 24]), budget=rng.choice([8, 24, 64]),
-                     max_num_seqs=rng.choice([3, 8, 32]), chunk=rng.choice([None, 5, 16]))
+                     max_num_seqs=rng.choice([3, 8, 32]), chunk=rng.choice([None, 5, 16]),
+                     scheduling_policy=policy, max_queue_wait_s=rng.choice([0.0, 10.0]))
         pending = [seq(rng.randint(1, 90), max_tokens=rng.randint(1, 40), rid=f"{trial}.{i}")
                    for i in range(20)]
         all_seqs = list(pending)

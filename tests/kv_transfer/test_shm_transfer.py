@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+import torch
 
 from engine import LLM, LLMEngine, SamplingParams
 from kv_transfer import KVReceiver, KVSender
@@ -86,12 +87,34 @@ def test_seeded_sampling_survives_the_split(tiny_checkpoints, pool_name) -> None
 
 
 def test_default_model_through_shm(pool_name) -> None:
-    sender, receiver, prefill, _ = make_pair("default", pool_name, max_num_batched_tokens=16)
-    prompt = prefill.tokenize("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    # shm copies run on the prefill engine's thread, so where this CPU has the C decoder stack a prefill step runs
+    # whole and sends each layer's K/V after it, from its cache: the decode pool must get what the per-layer Python
+    # forward sends, bit for bit, and the continuation equal one engine's
+    handles: list[PoolHandle] = []
+    decode = LLMEngine.from_model("default", num_kv_blocks=64, block_size=8, enable_prefix_caching=False,
+                                  kv_allocator=shared_pool_allocator(pool_name, handles))
+    receiver = KVReceiver(decode, pool_name, 30.0)
+    prompt = decode.tokenize("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     params = SamplingParams(temperature=0, max_tokens=12)
-    want = generate_on(prefill, [prompt], params)
-    assert run_disaggregated(sender, receiver, [prompt], params) == want
-    assert "Paris" in prefill.tokenizer.decode(want[0])
+    kv, got = {}, {}
+    for native in (True, False):
+        prefill = LLMEngine.from_model("default", num_kv_blocks=64, max_num_batched_tokens=16, native_decoder=native)
+        saver = ShmKVSaver()
+        saver.attach(handles[0])
+        sender = KVSender(prefill, saver)
+        assert prefill.runner.model.model.runs_native(16) is (native and prefill.runner.native_unsupported is None)
+        target = receiver.reserve(prompt, params, f"r{native}")
+        blocks = list(decode.requests[target.request_id].block_table)
+        sender.add(prompt, params, target)
+        while prefill.has_unfinished():
+            for done in sender.step():
+                kv[native] = decode.runner.kv_cache[:, :, blocks].clone()
+                receiver.commit(done.target.request_id, done.first_token, done.logprobs)
+        while decode.has_unfinished():
+            got.update((o.request_id, o.token_ids) for o in decode.step())
+        assert got[f"r{native}"] == generate_on(prefill, [prompt], params)[0]
+    assert kv[True].abs().sum() > 0 and torch.equal(kv[True], kv[False])
+    assert got["rTrue"] == got["rFalse"] and "Paris" in decode.tokenizer.decode(got["rTrue"])
 
 
 def test_lease_expiry_frees_the_reservation(tiny_checkpoints, pool_name) -> None:
