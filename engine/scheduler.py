@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -74,8 +75,11 @@ def _order(seq: Sequence) -> float:
 
 
 class Scheduler:
-    def __init__(self, config: EngineOptions, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineOptions, block_manager: BlockManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """clock: seconds, for max_queue_wait_s (a simulator passes its own)."""
         self.config = config
+        self._clock = clock
         self.block_manager = block_manager
         self.costs = StepCosts()
         self.waiting: deque[Sequence] = deque()  # the order they start in; fcfs: arrival, a preempted one first
@@ -93,21 +97,24 @@ class Scheduler:
             self.waiting.append(seq)
             return
         seq.order = self._key(seq, seq.params.max_tokens if output_tokens is None else output_tokens)
-        seq.arrival = time.monotonic()
+        seq.arrival = self._clock()
         self.waiting.insert(bisect_right(self.waiting, seq.order, key=_order), seq)
         self._arrivals.append(seq)
 
     def _age(self) -> None:
-        """The oldest waiting sequence, once it has waited max_queue_wait_s, goes ahead of those not yet that
-        old (behind older ones and preempted ones): a policy reorders only arrivals close in time."""
-        arrivals = self._arrivals
-        while arrivals and (arrivals[0].status is not SequenceStatus.WAITING or arrivals[0].order == FIRST):
-            arrivals.popleft()  # started, finished, or already first
-        if arrivals and time.monotonic() - arrivals[0].arrival > self.config.max_queue_wait_s:
-            seq = arrivals.popleft()
-            self.waiting.remove(seq)
-            seq.order = FIRST
-            self.waiting.insert(bisect_right(self.waiting, FIRST, key=_order), seq)
+        """Every waiting sequence that has waited max_queue_wait_s goes ahead of those not yet that old, oldest
+        first (behind preempted ones): a policy reorders only arrivals close in time."""
+        arrivals, waiting = self._arrivals, self.waiting
+        overdue = self._clock() - self.config.max_queue_wait_s
+        while arrivals:
+            seq = arrivals[0]
+            if seq.status is SequenceStatus.WAITING and seq.order != FIRST:  # else started, finished or first
+                if seq.arrival >= overdue:
+                    return
+                waiting.remove(seq)
+                seq.order = FIRST
+                waiting.insert(bisect_right(waiting, FIRST, key=_order), seq)
+            arrivals.popleft()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -91,7 +91,11 @@ class ShmKVSaver(KVSaver):
     decode rank's slice that holds that head (re-sharding between any two TP degrees: one gather
     of the step's rows, one scatter into the reserved slots, per destination slice)."""
 
-    after_step = True  # its copies run on the stepping thread: a CPU step runs whole, then copies (save_from_cache)
+    @property
+    def after_step(self) -> bool:
+        """Its copies run on the stepping thread: a CPU step may run whole, then copy (save_from_cache). On CUDA the
+        copies overlap the later layers' kernels, so they keep going layer by layer."""
+        return self.local_kv is not None and self.local_kv.device.type == "cpu"
 
     def __init__(self, pools: dict[str, torch.Tensor] | None = None, heads: tuple[int, int] | None = None,
                  writes: bool = True) -> None:
@@ -155,18 +159,38 @@ class ShmKVSaver(KVSaver):
     def begin_step(self, layout: StepLayout) -> None:
         self.begin_planned(self.plan(layout))
 
+    def save_from_cache(self, slots: torch.Tensor) -> None:
+        """After a whole CPU step: each send's rows read once per layer from the local cache (the step's slots,
+        then the cached ones), straight into the decode slots. Nothing at all where the step sends nothing."""
+        if not self._sends:
+            return
+        _, _, _, _, heads, dim = self.local_kv.shape
+        sources = []
+        for pool, rows, dst_slots, src_heads, dst_heads, cached in self._sends:
+            src = slots if cached is None else torch.cat((slots, cached))
+            sources.append((pool, src if rows is None else src.index_select(0, rows), dst_slots, src_heads, dst_heads))
+        for layer in range(self.local_kv.shape[0]):
+            for kv in (0, 1):
+                cache = self.local_kv[layer, kv].view(-1, heads, dim)
+                for pool, src, dst_slots, src_heads, dst_heads in sources:
+                    self._copy(cache.index_select(0, src), pool, layer, kv, dst_slots, src_heads, dst_heads)
+
+    def _copy(self, src: torch.Tensor, pool: torch.Tensor, layer: int, kv: int, slots: torch.Tensor,
+              src_heads: slice, dst_heads: slice) -> None:
+        """src ([rows, this rank's heads, dim]) into the decode slice's `slots` of K (kv 0) or V (1) of `layer`."""
+        heads, dim = pool.shape[4:]
+        if src_heads.stop - src_heads.start != src.shape[1]:
+            src = src[:, src_heads]
+        dst = pool[layer, kv].view(-1, heads, dim)
+        if dst_heads.stop - dst_heads.start != heads:
+            dst = dst[:, dst_heads]
+        dst.index_copy_(0, slots, src.to(pool.device))  # a copy only into another GPU's slice
+        self.bytes_sent += src.numel() * src.element_size()
+
     def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for pool, rows, slots, src_heads, dst_heads, cached in self._sends:
-            heads, dim = pool.shape[4:]
             for kv, src in ((0, k), (1, v)):
-                src = self.rows(layer, kv, src, rows, cached)
-                if src_heads.stop - src_heads.start != src.shape[1]:
-                    src = src[:, src_heads]
-                dst = pool[layer, kv].view(-1, heads, dim)
-                if dst_heads.stop - dst_heads.start != heads:
-                    dst = dst[:, dst_heads]
-                dst.index_copy_(0, slots, src.to(pool.device))  # a copy only into another GPU's slice
-                self.bytes_sent += src.numel() * src.element_size()
+                self._copy(self.rows(layer, kv, src, rows, cached), pool, layer, kv, slots, src_heads, dst_heads)
 
     def end_step(self) -> None:
         self._sends = []

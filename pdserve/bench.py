@@ -83,7 +83,8 @@ async def benchmark(address: str, requests: Sequence[Request], rate: float | Non
                     concurrency: int | None = None, *, backend: str = "grpc", api_key: str | None = None,
                     seed: int = 0, warmup: Sequence[Request] = (), ttft_slo: float = 1.0, tpot_slo: float = 0.2,
                     model: str = "", timeout: float | None = None,
-                    progress: Callable[[int, int, int], None] | None = None, detailed: bool = False) -> dict[str, Any]:
+                    progress: Callable[[int, int, int], None] | None = None, detailed: bool = False,
+                    tls: bool = False, tls_ca: str | None = None) -> dict[str, Any]:
     """As run_benchmark, in the caller's event loop; progress(done, failed, total) is called as requests finish."""
     def job(prompt: list[int], output_len: int):
         async def run(send: Send) -> list[RequestResult]:
@@ -91,7 +92,8 @@ async def benchmark(address: str, requests: Sequence[Request], rate: float | Non
         return run
     return await _drive(address, [job(*r) for r in requests], len(requests), rate, concurrency, backend=backend,
                         api_key=api_key, seed=seed, warmup=[job(*r) for r in warmup], ttft_slo=ttft_slo,
-                        tpot_slo=tpot_slo, model=model, timeout=timeout, progress=progress, detailed=detailed)
+                        tpot_slo=tpot_slo, model=model, timeout=timeout, progress=progress, detailed=detailed,
+                        tls=tls, tls_ca=tls_ca)
 
 
 async def benchmark_conversations(address: str, conversations: Sequence[Conversation], rate: float | None = None,
@@ -127,7 +129,7 @@ async def _drive(address: str, jobs: Sequence[Callable[[Send], Any]], total: int
                  concurrency: int | None, *, backend: str = "grpc", api_key: str | None = None, seed: int = 0,
                  warmup: Sequence[Callable[[Send], Any]] = (), ttft_slo: float = 1.0, tpot_slo: float = 0.2,
                  model: str = "", timeout: float | None = None, progress: Callable[[int, int, int], None] | None = None,
-                 detailed: bool = False) -> dict[str, Any]:
+                 detailed: bool = False, tls: bool = False, tls_ca: str | None = None) -> dict[str, Any]:
     """Start each job at its Poisson arrival time (at most `concurrency` at once): job(send) sends its requests
     (`total` in all) and returns their results. Warmup jobs run first, left out of the stats."""
     if rate is not None and not rate > 0 or concurrency is not None and concurrency < 1:
@@ -152,7 +154,7 @@ async def _drive(address: str, jobs: Sequence[Callable[[Send], Any]], total: int
 
     in_flight = concurrency or max(len(jobs), len(warmup), 1)
     async with BACKENDS[backend](address, model=model, timeout=timeout, api_key=api_key,
-                                 max_connections=in_flight) as sender:
+                                 max_connections=in_flight, tls=tls, tls_ca=tls_ca) as sender:
         if warmup:
             await asyncio.gather(*(one(job, 0.0, measured=False) for job in warmup))
         t0 = time.perf_counter()
@@ -176,9 +178,10 @@ def run_benchmark(address: str, requests: Sequence[Request], rate: float | None 
     (the default), the API's base URL (http://host:port/v1) with backend "openai". Keywords: backend, api_key (sent as
     `Bearer KEY`; grpc without it: $PDSERVE_API_KEY), seed (arrivals), warmup (requests sent first and left out of the
     stats), ttft_slo and tpot_slo (seconds), model ("": the server's first), timeout (per request, seconds), progress
-    (a callback, or True for a line on stderr), detailed (add every request's measurements). Returns summarize's dict
-    plus rate, concurrency, seed and backend. Conversations (make_conversations) in place of requests run the
-    multiturn workload (benchmark_conversations: the rate counts conversations)."""
+    (a callback, or True for a line on stderr), detailed (add every request's measurements), tls (grpc over TLS; an
+    https:// URL is TLS already) and tls_ca (a PEM file of the roots to trust, for either; implies tls). Returns
+    summarize's dict plus rate, concurrency, seed and backend. Conversations (make_conversations) in place of
+    requests run the multiturn workload (benchmark_conversations: the rate counts conversations)."""
     if kw.get("progress") is True:
         kw["progress"] = progress_line(f"{describe_load(rate, concurrency)}: ")
     elif not kw.get("progress"):
@@ -277,6 +280,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` (default $PDSERVE_API_KEY, then, for "
                                      "openai, $OPENAI_API_KEY)")
     p.add_argument("--model", default="", help="model name (default: the server's first)")
+    p.add_argument("--tls", action="store_true", help="grpc: connect with TLS (the system's root certificates; "
+                                                      "openai: an https:// --base-url is TLS)")
+    p.add_argument("--tls-ca", help="PEM root certificate(s) to check the server's certificate against (grpc: implies "
+                                    "--tls)")
     add_workload_flags(p)
     load = p.add_argument_group("load")
     load.add_argument("--rate", type=_rate, help="open loop: Poisson arrivals at this many requests/s (default inf: "
@@ -325,7 +332,7 @@ def served_model(args: argparse.Namespace) -> tuple[str, str, int, int]:
     LookupError with a message for the user when it does not answer or lacks the model."""
     if args.backend == "openai":
         try:
-            models = openai_models(args.base_url, args.api_key)
+            models = openai_models(args.base_url, args.api_key, tls_ca=args.tls_ca)
         except ImportError as e:
             raise LookupError(str(e)) from e
         except Exception as e:  # noqa: BLE001 - any failure means the same to the user
@@ -339,6 +346,8 @@ def served_model(args: argparse.Namespace) -> tuple[str, str, int, int]:
         return args.base_url, entry["id"], entry.get("max_model_len") or sys.maxsize, args.vocab_size
     try:
         kw = {"api_key": args.api_key} if args.api_key else {}  # an older SDK takes no key
+        if args.tls or args.tls_ca:
+            kw |= {"tls": True, "root_certificates": args.tls_ca}
         with Client(args.address, timeout=10, **kw) as client:
             models = client.list_models()
     except RequestError as e:
@@ -376,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             "workload": asdict(workload), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     kw = {"concurrency": args.concurrency, "backend": args.backend, "api_key": args.api_key, "seed": args.seed,
           "warmup": warmup, "ttft_slo": args.ttft_slo, "tpot_slo": args.tpot_slo, "model": model,
-          "timeout": args.timeout, "progress": not args.quiet, "detailed": args.detailed}
+          "timeout": args.timeout, "progress": not args.quiet, "detailed": args.detailed, "tls": args.tls,
+          "tls_ca": args.tls_ca}
     if args.sweep:
         result = run_sweep(address, requests, args.sweep, label=args.label, target=args.attainment, **kw)
         result = meta | result | {"runs": [run | meta for run in result["runs"]]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -150,12 +151,14 @@ class Sender(ABC):
     running event loop), then `await sender.send(...)` for each request, concurrently."""
 
     def __init__(self, target: str, *, model: str = "", timeout: float | None = None, api_key: str | None = None,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 100, tls: bool = False, tls_ca: str | None = None) -> None:
         self.target = target  # grpc: the router's host:port; openai: the API's base URL
         self.model = model  # "" : the server's first model
         self.timeout = timeout  # per request, seconds (None: none)
         self.api_key = api_key  # sent as `Bearer KEY` when given
         self.max_connections = max_connections  # requests that may be in flight at once
+        self.tls = tls or tls_ca is not None  # grpc: connect with TLS (openai: the URL's https:// says so)
+        self.tls_ca = tls_ca  # PEM root certificate(s) to check the server's against (None: the system's)
 
     @abstractmethod
     async def __aenter__(self) -> Sender: ...
@@ -174,6 +177,8 @@ class GrpcSender(Sender):
 
     async def __aenter__(self) -> GrpcSender:
         key = {"api_key": self.api_key} if self.api_key else {}
+        if self.tls:
+            key |= {"tls": True, "root_certificates": self.tls_ca}
         self.client = await AsyncClient(self.target, timeout=self.timeout, **key).__aenter__()
         return self
 
@@ -191,7 +196,8 @@ class OpenAISender(Sender):
         httpx = _httpx()
         self.target = self.target.rstrip("/")
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
-        self.http = httpx.AsyncClient(headers=bearer(self.api_key), limits=limits, timeout=self.timeout)
+        self.http = httpx.AsyncClient(headers=bearer(self.api_key), limits=limits, timeout=self.timeout,
+                                      verify=verify(self.tls_ca))
         if not self.model:
             try:
                 response = await self.http.get(f"{self.target}/models", timeout=10)
@@ -257,9 +263,16 @@ def error_message(text: str) -> str:
     return error[1] if error else text.strip()[:500]
 
 
-def openai_models(base_url: str, api_key: str | None = None, timeout: float = 10) -> list[dict[str, Any]]:
+def verify(tls_ca: str | None):
+    """httpx's `verify` for an https:// URL: the system's roots, or a context trusting tls_ca's."""
+    return True if tls_ca is None else ssl.create_default_context(cafile=tls_ca)
+
+
+def openai_models(base_url: str, api_key: str | None = None, timeout: float = 10, tls_ca: str | None = None
+                  ) -> list[dict[str, Any]]:
     """GET {base_url}/models: the served models' entries (id, and max_model_len on pdserve and vLLM)."""
-    response = _httpx().get(f"{base_url.rstrip('/')}/models", headers=bearer(api_key), timeout=timeout)
+    response = _httpx().get(f"{base_url.rstrip('/')}/models", headers=bearer(api_key), timeout=timeout,
+                            verify=verify(tls_ca))
     response.raise_for_status()
     return response.json()["data"]
 

@@ -108,10 +108,11 @@ class SimEngine:
     """One replica's engine on the simulated clock: the real scheduler and block manager, the step model's time."""
 
     def __init__(self, options: EngineOptions, step: StepModel, num_blocks: int, service: Service,
-                 slowdown: float = 1.0) -> None:
+                 slowdown: float = 1.0, clock: Callable[[], float] | None = None) -> None:
         self.options, self.step_model, self.service, self.slowdown = options, step, service, slowdown
         self.block_manager = BlockManager(num_blocks, options.block_size, options.enable_prefix_caching)
-        self.scheduler = Scheduler(options, self.block_manager)
+        # the simulated clock for max_queue_wait_s (an engine of its own: one that stands still)
+        self.scheduler = Scheduler(options, self.block_manager, clock or (lambda: 0.0))
         self.busy = False
         self.busy_s = 0.0
         self.owner: dict[int, SimRequest] = {}  # seq_id -> request
@@ -154,10 +155,8 @@ class Simulator:
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
-        self.prefill = [self._replica("prefill", i, config.prefill, profile, self.service)
-                        for i in range(config.prefill.replicas)]
-        self.decode = [self._replica("decode", i, config.decode, profile, self.service)
-                       for i in range(config.decode.replicas)]
+        self.prefill = [self._replica("prefill", i, config.prefill, profile) for i in range(config.prefill.replicas)]
+        self.decode = [self._replica("decode", i, config.decode, profile) for i in range(config.decode.replicas)]
         self.dispatch, self.tuner = None, None
         if self.router.policy == "slo_aware":  # the router's own dispatch, on this simulation's service costs
             self.dispatch = SloAware.from_profile(replace(profile, service=asdict(self.service)), config.prefill,
@@ -177,14 +176,14 @@ class Simulator:
         self.queue: deque[SimRequest] = deque()
         self._parked: list[tuple[SimRequest, float]] = []  # (request, its last try) waiting for decode blocks
 
-    @staticmethod
-    def _replica(role: str, index: int, pool, profile: Profile, service: Service) -> Replica:
+    def _replica(self, role: str, index: int, pool, profile: Profile) -> Replica:
         try:
             step = profile.pool(pool.engine_kwargs()).step
         except ValueError as e:
             raise ValueError(f"the {role} pool: {e}") from None
-        slowdown = service.slowdown.get(pool_key(pool.engine_kwargs()), 1.0)
-        engine = SimEngine(EngineOptions(**pool.engine_kwargs()), step, pool.num_kv_blocks or 1024, service, slowdown)
+        slowdown = self.service.slowdown.get(pool_key(pool.engine_kwargs()), 1.0)
+        engine = SimEngine(EngineOptions(**pool.engine_kwargs()), step, pool.num_kv_blocks or 1024, self.service,
+                           slowdown, clock=lambda: self.now)
         # the engine stands where the router keeps a replica's actor handle
         r = Replica(role, index, actor=engine, tensor_parallel_size=pool.tensor_parallel_size,
                     block_size=pool.block_size)
@@ -283,7 +282,7 @@ class Simulator:
         seq = Sequence(r.prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), seed=0,
                        request_id=r.rid)
         engine.owner[seq.seq_id] = r
-        engine.scheduler.add(seq)
+        engine.scheduler.add(seq, output_tokens=r.output_len)  # as a prefill replica orders (kv_transfer.sender)
         self._kick(p)
 
     def _prefilled(self, r: SimRequest) -> None:

@@ -122,8 +122,9 @@ class SloAware:
 
     @classmethod
     def from_profile(cls, profile, prefill_pool, decode_pool, ttft_slo_s: float, tpot_slo_s: float) -> SloAware:
-        """From a planner.cost.Profile and the cluster's pools (pdserve.config.PoolConfig; the prefill one may
-        have no replicas); ValueError naming the pool configuration the profile lacks."""
+        """From a planner.cost.Profile and the cluster's pools (pdserve.config.PoolConfig); ValueError naming the
+        pool configuration the profile lacks. A prefill pool of no replicas needs none in the profile, but where the
+        profile has it, prompts go to the replicas the autoscaler or a Scale adds later."""
         from planner.cost import pool_key
 
         def step(pool) -> StepModel:
@@ -134,8 +135,13 @@ class SloAware:
 
         service = profile.service
         slowdown = service.get("slowdown", {})
-        split = prefill_pool.replicas > 0
-        return cls(step(decode_pool), step(prefill_pool) if split else None, ttft_slo_s, tpot_slo_s,
+        try:
+            prefill = step(prefill_pool)
+        except ValueError:
+            if prefill_pool.replicas:
+                raise
+            prefill = None  # no prefill replica, now or later, is predicted for: every prompt prefills locally
+        return cls(step(decode_pool), prefill, ttft_slo_s, tpot_slo_s,
                    decode_pool.max_num_batched_tokens, decode_pool.chunk_size, prefill_pool.chunk_size,
                    service.get("hop_s", 0.0), slowdown.get(pool_key(decode_pool.engine_kwargs()), 1.0),
                    slowdown.get(pool_key(prefill_pool.engine_kwargs()), 1.0))

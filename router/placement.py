@@ -208,29 +208,36 @@ class Placement:
     async def refresh_stats(self, timeout_s: float = 2.0) -> None:
         """Poll every replica's load; one that does not answer is left out of placement until it does."""
         async def one(r: Replica) -> None:
-            sent = time.monotonic()
+            sent, actor = time.monotonic(), r.actor
             try:
-                r.stats = await asyncio.wait_for(r.actor.stats.remote(r.cache.epoch, with_cache=True), timeout_s)
+                stats = await asyncio.wait_for(actor.stats.remote(r.cache.epoch, with_cache=True), timeout_s)
+                if r.actor is not actor:
+                    return  # replaced meanwhile: this said nothing of the new one
+                r.stats = stats
                 r.healthy = sent > r.down_at  # an answer to a poll sent before a request found it dead is stale
                 r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
                 r.local_tokens = 0  # its waiting_prefill_tokens count them now
                 if (report := r.stats.pop("prefix_cache", None)) is not None:
                     r.cache.apply(report)
             except asyncio.TimeoutError:
-                r.healthy = False  # busy or gone: keep its last figures until it is known which
+                if r.actor is actor:
+                    r.healthy = False  # busy or gone: keep its last figures until it is known which
             except Exception:
-                r.healthy, r.stats = False, {}  # dead (its actor or its engine): no stale figures
-                r.cache.clear()
+                if r.actor is actor:
+                    r.healthy, r.stats = False, {}  # dead (its actor or its engine): no stale figures
+                    r.cache.clear()
         await asyncio.gather(*(one(r) for r in self.replicas))
 
-    async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool, local_below: int = 0
-                           ) -> bool:
+    async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool, local_below: int = 0,
+                           order: list[Replica] | None = None) -> bool:
         """Reserve blocks (or queue a local prefill) on a decode replica, waiting while all are full.
         local_below: the decode replica prefills the prompt itself when fewer tokens than this are
-        left uncached there. Returns whether the prompt is prefilled there (local)."""
+        left uncached there. order: the replicas to try first, as decode_order gave them to a caller that
+        looked already (a round-robin turns once a request); later tries ask again.
+        Returns whether the prompt is prefilled there (local)."""
         prompt = Prompt(ids)
         while True:
-            for d in self.decode_order(prompt):
+            for d in order or self.decode_order(prompt):
                 try:
                     if local:
                         await call(d, p.rid, d.actor.add_local.remote(ids, params, p.rid))
@@ -251,6 +258,7 @@ class Placement:
                     d.free_blocks -= len(reservation.block_ids) - reservation.num_cached_tokens // d.block_size
                     p.reservation = reservation
                     return False
+            order = None
             await asyncio.sleep(RESERVE_RETRY_S)
 
     @staticmethod

@@ -127,6 +127,7 @@ class Router(pb_grpc.GenerationServicer):
             m.request_done("INVALID_ARGUMENT", None, time.monotonic() - clock.t0, 0)
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if self.shutting_down:
+            m.request_done("UNAVAILABLE", None, time.monotonic() - clock.t0, 0)
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the cluster is shutting down; no new requests")
         key = (owner, rid)
         if key in self.requests:
@@ -353,10 +354,12 @@ class Router(pb_grpc.GenerationServicer):
         # holds all but a short tail prefill on the decode replica
         threshold = self.config.local_prefill_threshold
         p.reason, p.predicted = "threshold", (0.0, 0.0)
+        order = None  # the decode replicas in the order to try, where slo_aware looked at the first already
         if not self.limits.fits_prefill(len(ids)) or not place.can_prefill():
             local, p.reason = True, "no_prefill"
         elif self.slo_aware is not None:
-            d = place.decode_order(Prompt(ids))[0]
+            order = place.decode_order(Prompt(ids))
+            d = order[0]
             queued = min(r.queued_tokens for r in place.prefill if r.serves)
             guess = self.slo_aware.decide(len(ids), params["max_tokens"], Load.of(d.stats, d.block_size,
                                                                                   d.local_tokens), queued)
@@ -365,7 +368,7 @@ class Router(pb_grpc.GenerationServicer):
         else:
             local = len(ids) < threshold
         chosen = local
-        local = await place.place_decode(p, ids, params, local, threshold)
+        local = await place.place_decode(p, ids, params, local, threshold, order)
         if local:
             p.decode.local_tokens += len(ids)
         if local and not chosen:

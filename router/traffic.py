@@ -36,9 +36,10 @@ class Traffic:
 
     def window(self, window_s: float, now: float | None = None, min_done: int = 16) -> Window:
         """The arrival rate over the last window_s (over the time since the router started, while that is
-        shorter), and the lengths of the latest finished requests (of the latest arrivals, with max_tokens for
-        the output, until min_done have finished)."""
+        shorter; over horizon_s, all it remembers, where window_s is longer), and the lengths of the latest
+        finished requests (of the latest arrivals, with max_tokens for the output, until min_done have finished)."""
         now = time.monotonic() if now is None else now
+        window_s = min(window_s, self.horizon_s)
         since = now - window_s
         count = sum(1 for _ in takewhile(lambda t: t > since, reversed(self._arrivals)))
         span = min(window_s, max(now - self.started, 1e-3))

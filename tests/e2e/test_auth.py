@@ -4,6 +4,7 @@ the certificate of a throwaway CA made here (trustme). Loopback only."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 
 import grpc
@@ -152,3 +153,19 @@ def test_plaintext_against_the_tls_ports_fails_clearly(secure, ca) -> None:
         with pytest.raises(RequestError) as err:
             c.list_models()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("backend", ["grpc", "openai"])
+def test_pdserve_bench_over_tls(secure, ca, backend, tmp_path, capsys) -> None:
+    from pdserve.bench import main
+
+    target = ["--address", secure.address] if backend == "grpc" else ["--backend", "openai", "--base-url",
+                                                                     secure.openai_base_url]
+    flags = [*target, "--api-key", KEYS[0], "--workload", "fixed", "--prompt-len", "16", "--output-len", "3",
+             "--num-requests", "3", "--quiet"]
+    assert main([*flags, "--tls-ca", str(ca["ca"]), "--json", str(tmp_path / "run.json")]) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["completed"] == 3 and run["failed"] == 0 and run["total_output_tokens"] == 9
+    # without the throwaway CA, the server's certificate is not trusted: a clear refusal, not a run of failures
+    assert main([*flags, *(["--tls"] if backend == "grpc" else [])]) == 1
+    assert "pdserve bench: no " in capsys.readouterr().err

@@ -4,11 +4,14 @@ process (Ray's daemons and agents included) and no Prometheus discovery file beh
 SIGKILL, which no process can clean up after, the next `pdserve serve` removes what it left."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import psutil
@@ -40,6 +43,7 @@ def test_sigterm_drains_and_leaves_nothing_behind(tiny_checkpoints, tmp_path) ->
             lines.append(server.stdout.readline())
         started = psutil.Process(server.pid).children(recursive=True)
         assert len(list(sd_dir.iterdir())) == 1
+        metrics = json.loads(next(sd_dir.iterdir()).read_text())[0]["targets"][0]
         address = f"127.0.0.1:{port}"
         with Client(address, timeout=60) as client, grpc.insecure_channel(address) as channel:
             stream = client.stream(prompts_of([60], seed=3)[0], max_tokens=900, ignore_eos=True, temperature=0)
@@ -52,6 +56,8 @@ def test_sigterm_drains_and_leaves_nothing_behind(tiny_checkpoints, tmp_path) ->
             with pytest.raises(RequestError) as err:
                 client.generate([1, 2, 3], max_tokens=2)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details
+            scrape = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+            assert re.search(r'pdserve_requests_total\{[^}]*status="UNAVAILABLE"\} 1\.0', scrape), scrape  # counted
             chunks += list(stream)  # the request in flight finishes
         assert sum(len(c.token_ids) for c in chunks) == 900 and chunks[-1].finish_reason == "length"
         assert server.wait(60) == 0

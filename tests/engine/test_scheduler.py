@@ -193,10 +193,10 @@ def test_lof_orders_by_the_output_tokens_given_over_max_tokens() -> None:
     assert started(sched) == ["b", "c", "a"]
 
 
-def test_a_request_waits_at_most_max_queue_wait_s_behind_later_ones(monkeypatch) -> None:
-    sched = make(max_num_seqs=1, scheduling_policy="spf", max_queue_wait_s=5.0)
+def test_a_request_waits_at_most_max_queue_wait_s_behind_later_ones() -> None:
     now = [100.0]
-    monkeypatch.setattr("engine.scheduler.time.monotonic", lambda: now[0])
+    sched = Scheduler(EngineOptions(2048, 1, scheduling_policy="spf", max_queue_wait_s=5.0), BlockManager(64, BS),
+                      clock=lambda: now[0])
     sched.add(seq(60, max_tokens=1, rid="long"))
     sched.add(seq(4, max_tokens=1, rid="short0"))
     assert started_one(sched) == "short0"  # the shorter prompt first
@@ -207,6 +207,20 @@ def test_a_request_waits_at_most_max_queue_wait_s_behind_later_ones(monkeypatch)
     sched.add(seq(4, max_tokens=1, rid="short2"))
     assert started_one(sched) == "long"  # 5.5 s: it goes first now
     assert started_one(sched) == "short2"
+
+
+def test_every_overdue_request_goes_ahead_in_the_same_step_oldest_first() -> None:
+    now = [0.0]
+    sched = Scheduler(EngineOptions(64, scheduling_policy="spf", max_queue_wait_s=5.0), BlockManager(64, BS),
+                      clock=lambda: now[0])
+    for i in range(4):
+        sched.add(seq(60 - i, max_tokens=1, rid=f"long{i}"))  # long3 is the shortest of them
+    now[0] = 6.0
+    for i in range(4):
+        sched.add(seq(4, max_tokens=1, rid=f"short{i}"))
+    out = step(sched)
+    assert list(scheduled(out)) == ["long0", "long1"]  # 60 + 4 of the 64-token budget: no short prompt overtakes
+    assert [s.request_id for s in sched.waiting] == ["long2", "long3", "short0", "short1", "short2", "short3"]
 
 
 def started_one(sched: Scheduler) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, LLMEngine, SamplingParams
+from engine.sequence import Sequence
 from kv_transfer import KVReceiver, KVSender
 from kv_transfer.metadata import PoolHandle
 from kv_transfer.shm import ShmKVSaver, attach_pool, pool_path, shared_pool_allocator, unlink_pool
@@ -318,3 +319,58 @@ def test_a_prompt_for_a_pool_not_attached_is_refused_and_the_engine_goes_on(tiny
         sender.add(prompt, GREEDY, gone)
     receiver.abort("r0")
     assert run_disaggregated(sender, receiver, [prompt], GREEDY) == generate_on(prefill, [prompt], GREEDY)
+
+
+def test_save_from_cache_writes_what_the_layer_by_layer_path_writes() -> None:
+    # random steps of prompts bound for two decode pools (block sizes 8 and 16), some with a decode-side cached
+    # prefix, some with what this side's prefix cache gave it sent from its cache, some not sent anywhere, into
+    # whole pools and into pools whose heads two decode ranks split: both paths write the same
+    from engine.kv_connector import StepLayout
+    from replica.contract import Reservation
+
+    rng = random.Random(5)
+    layers, heads, dim, local_bs, shapes = 3, 4, 8, 4, {"a": 8, "b": 16}
+    sent = from_cache = 0
+    for trial in range(40):
+        local = torch.randn(layers, 2, 64, local_bs, heads, dim)
+        ranges = [(0, 2), (2, 4)] if trial % 2 else [None]  # the decode ranks' heads (None: one rank, all)
+        savers = []
+        for _ in range(2):
+            saver = ShmKVSaver(heads=(0, heads))  # a prefill replica at TP 1 holds every head
+            saver.pools = {name: [(torch.zeros(layers, 2, 32, bs, heads // len(ranges), dim), r) for r in ranges]
+                           for name, bs in shapes.items()}
+            saver.bind_local(local)
+            savers.append(saver)
+        seqs, sizes, free_local = [], [], rng.sample(range(64), 64)
+        for i in range(rng.randint(1, 4)):
+            prompt = rng.randint(2, 40)
+            s = Sequence([1] * prompt, SamplingParams(max_tokens=1), seed=0, request_id=str(i))
+            s.block_table = [free_local.pop() for _ in range(-(-prompt // local_bs))]
+            s.num_computed_tokens = rng.randint(0, prompt - 1)  # this side's prefix cache, or earlier chunks
+            if rng.random() < 0.8:
+                pool = rng.choice("ab")
+                bs = shapes[pool]
+                s.kv_target = Reservation(pool, str(i), tuple(rng.sample(range(32), -(-prompt // bs))),
+                                          num_cached_tokens=rng.choice([0, bs * (prompt > bs)]))
+            seqs.append(s)
+            sizes.append(rng.randint(1, prompt - s.num_computed_tokens))
+        qsl = [0]
+        for n in sizes:
+            qsl.append(qsl[-1] + n)
+        slots = torch.tensor([s.block_table[p // local_bs] * local_bs + p % local_bs for s, n in zip(seqs, sizes)
+                              for p in range(s.num_computed_tokens, s.num_computed_tokens + n)])
+        for saver in savers:
+            for s in seqs:
+                s.kv_sent = 0  # as if each saver were the first to plan the step
+            saver.begin_step(StepLayout(seqs, sizes, qsl))
+        for layer in range(layers):  # the layer-by-layer path: the step's rows, as the model hands them over
+            k, v = (local[layer, kv].view(-1, heads, dim).index_select(0, slots) for kv in (0, 1))
+            savers[0].save_kv_layer(layer, k, v)
+        savers[1].save_from_cache(slots)
+        for name in shapes:
+            for (one, _), (other, _) in zip(savers[0].pools[name], savers[1].pools[name]):
+                assert torch.equal(one, other), (trial, name)
+        assert savers[0].bytes_sent == savers[1].bytes_sent
+        sent += savers[0].bytes_sent > 0
+        from_cache += any(s.kv_target and s.num_computed_tokens > s.kv_target.num_cached_tokens for s in seqs)
+    assert sent > 20 and from_cache > 10  # the trials really sent, from the step and from this side's cache

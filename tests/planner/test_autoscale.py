@@ -131,6 +131,10 @@ def test_the_traffic_window_counts_arrivals_and_keeps_the_mix():
     t.finished(101, 18)
     assert t.window(5.0, now=10.0, min_done=2).mix == ((100, 17), (101, 18))
     assert t.window(5.0, now=100.0).rate == 0.0
+    steady = Traffic(horizon_s=60.0, started=0.0)
+    for i in range(200):  # 1 req/s for 200 s, of which it remembers the last 60
+        steady.arrived(10, 10, now=float(i))
+    assert steady.window(150.0, now=200.0).rate == pytest.approx(1.0, abs=0.02)  # not 60 / 150
 
 
 @pytest.mark.parametrize("config, says", [

@@ -156,3 +156,20 @@ def test_slo_aware_dispatch_runs_in_the_simulator_as_in_the_router():
     reasons = {(r.local, r.prediction.reason) for r in reqs}
     assert (True, "slo") in reasons and any(not local for local, _ in reasons), reasons
     assert {res.server["dispatch_reason"] for res in results(reqs)} <= {"slo", "delay"}
+
+
+def test_the_prefill_pools_scheduling_policy_orders_a_burst_on_the_simulated_clock():
+    # one prompt prefills at a time (a 100-token budget, 112 ms a prompt); the first starts alone as it arrives, then
+    # lof orders the rest by the request's output, as a prefill replica does, and max_queue_wait_s counts simulated
+    # seconds: at 0.15 s the two still waiting when the second ends (at 0.224 s) go in arrival order
+    requests = [([1 + i] * 100, n) for i, n in enumerate((5, 20, 50, 35))]
+
+    def prefill_order(**pool) -> list[int]:
+        cfg = cluster().replace(**{"prefill.max_num_batched_tokens": 100,
+                                   **{f"prefill.{k}": v for k, v in pool.items()}})
+        reqs = Simulator(cfg, profile(), Service()).run(requests, [0.0] * len(requests))
+        return [r.output_len for r in sorted(reqs, key=lambda r: r.prefilled_at)]
+
+    assert prefill_order() == [5, 20, 50, 35]
+    assert prefill_order(scheduling_policy="lof") == [5, 50, 35, 20]
+    assert prefill_order(scheduling_policy="lof", max_queue_wait_s=0.15) == [5, 50, 20, 35]

@@ -102,7 +102,11 @@ def test_from_profile_takes_the_pools_step_models_and_the_fitted_costs_or_names_
     pool = PoolConfig(max_num_batched_tokens=256)
     got = SloAware.from_profile(profile, pool, pool, 1.0, 0.1)
     assert (got.hop_s, got.decode_slowdown, got.prefill_slowdown, got.decode_budget) == (0.02, 1.3, 1.3, 256)
-    assert SloAware.from_profile(profile, PoolConfig(replicas=0), pool, 1.0, 0.1).prefill is None
+    # a prefill pool that starts empty: predicted for where the profile has it (the autoscaler may add replicas)
+    assert SloAware.from_profile(profile, PoolConfig(replicas=0, num_threads=1), pool, 1.0, 0.1).prefill is STEP
+    assert SloAware.from_profile(profile, PoolConfig(replicas=0, num_threads=2), pool, 1.0, 0.1).prefill is None
+    with pytest.raises(ValueError, match="tp1-threads2-float32-cpu"):
+        SloAware.from_profile(profile, PoolConfig(num_threads=2), pool, 1.0, 0.1)
     with pytest.raises(ValueError, match="tp1-threads2-float32-cpu"):
         SloAware.from_profile(profile, pool, PoolConfig(num_threads=2), 1.0, 0.1)
 

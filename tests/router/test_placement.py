@@ -2,6 +2,8 @@
 among the replicas that are up."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from blockkeys import prompt_block_hashes
@@ -112,3 +114,69 @@ def test_prefix_aware_prefill_counts_the_tokens_left_to_compute() -> None:
     assert place.pick_prefill(P).index == 1  # 50 queued + 4 uncached beats 0 + 100 and 40 + 84
     prefill[1].queued_tokens = 120
     assert place.pick_prefill(P).index == 0
+
+
+
+class _Stats:
+    """An actor's `stats` method as the router calls it (stats.remote(...) -> awaitable), answering when told."""
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def remote(self, *args, **kwargs):
+        return self.answer
+
+
+class _Actor:
+    def __init__(self) -> None:
+        self.stats = _Stats()
+
+
+def test_a_poll_of_a_replaced_actor_says_nothing_of_its_replacement() -> None:
+    async def run() -> None:
+        old, new = _Actor(), _Actor()
+        d = Replica("decode", 0, old, free_blocks=5)
+        place = Placement([], [d], "least_tokens", "most_free_blocks")
+        poll = asyncio.ensure_future(place.refresh_stats(timeout_s=5))
+        for _ in range(5):  # until the poll waits on the old actor
+            await asyncio.sleep(0)
+        d.actor, d.healthy = new, True  # the supervisor put a new actor in (Router.replaced) while the poll waited
+        old.stats.answer.set_exception(RuntimeError("the old actor died"))
+        await poll
+        assert d.healthy and d.actor is new  # not marked down for what its dead predecessor said
+        new.stats.answer.set_result({"kv_blocks_total": 8, "kv_blocks_used": 2})
+        await place.refresh_stats(timeout_s=5)
+        assert d.healthy and d.free_blocks == 6
+
+    asyncio.run(run())
+
+
+class _Reserve:
+    def remote(self, ids, params, rid, local_below):
+        from replica.contract import Reservation
+
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(Reservation("pool", rid, (1,)))
+        return done
+
+
+def test_a_round_robin_looked_at_before_placing_turns_once_a_request() -> None:
+    # slo_aware predicts for the first replica of decode_order, then places there: one turn of the round-robin
+    # per request, so every replica gets its share (it turned twice a request: replica 0 never came first of 2)
+    from router.placement import Placed
+
+    async def run() -> list[int]:
+        decode = [Replica("decode", i, _Actor(), free_blocks=100) for i in range(2)]
+        for d in decode:
+            d.actor.reserve = _Reserve()
+        place = Placement([], decode, "least_tokens", "round_robin")
+        got = []
+        for i in range(4):
+            order = place.decode_order(P)
+            p = Placed(f"r{i}")
+            await place.place_decode(p, list(range(100)), {}, False, 0, order)
+            assert p.decode is order[0]
+            got.append(p.decode.index)
+        return got
+
+    assert asyncio.run(run()) == [0, 1, 0, 1]
