@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from detok import StopStrings
+from detok import StopStrings, output_text
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig, dtype_name
 from engine.distributed import destroy_tp_group, free_port, init_tp_group
@@ -258,7 +258,14 @@ class LLMEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def _text(self, seq: Sequence) -> str:
-        return self._text_of(seq.output_token_ids)
+        """The output's text as it reads after the prompt (as the router streams it: detok.output_text)."""
+        if self.tokenizer is None:
+            return ""
+        return output_text(self, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """detok's Decoder: the tokenizer's text of ids, special tokens left out."""
+        return self._text_of(ids)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         text = self._text(seq)

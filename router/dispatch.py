@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from planner.cost import StepModel
 
 DISPATCH = ("auto", "threshold", "slo_aware")  # auto: slo_aware with a profile, else threshold
+# the most steps a local prefill's prediction walks through (on the router's loop, once a request): where the
+# decodes leave a chunk of a few tokens and many are queued, the chunks are widened to fit (such a wait is far past
+# any TTFT target, so the prediction need not be finer)
+MAX_PREDICTED_STEPS = 256
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,9 @@ class SloAware:
         b, ctx = load.running, load.context
         decodes = [(1, ctx, True)] * b
         t_decode = self.decode_slowdown * self.decode.step_seconds(decodes) if b else 0.0
-        chunk = max(1, min(self.decode_chunk, self.decode_budget - b))
         ttft_local, excess, done = 0.0, 0.0, 0
         total = load.waiting_prefill_tokens + prompt_len
+        chunk = max(1, min(self.decode_chunk, self.decode_budget - b), -(-total // MAX_PREDICTED_STEPS))
         while done < total:
             n = min(chunk, total - done)
             t = self.decode_slowdown * self.decode.step_seconds([*decodes, (n, done, done + n == total)])

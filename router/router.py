@@ -300,7 +300,7 @@ class Router(pb_grpc.GenerationServicer):
         left. Sampling is a pure function of (seed, position, logits) and the router fixes the seed
         up front, so the continuation gives exactly the tokens the dead replica would have: the
         client's stream goes on with no token missing or repeated. At most router.max_migrations."""
-        out = Output(rid, self.tokenizer, v.stop)
+        out = Output(rid, self.tokenizer, v.stop, v.prompt_token_ids)
         ids, params = v.prompt_token_ids, v.params
         if params.get("seed") is None:
             params = {**params, "seed": random.getrandbits(63)}
@@ -317,13 +317,13 @@ class Router(pb_grpc.GenerationServicer):
             await asyncio.shield(self.placement.release(req.placed))
             self.inboxes.close(req.placed.rid)
             done = len(out.token_ids)
+            if done and self.limits.ends_request(out.token_ids[-1], v.params):
+                # the last token streamed was an end (end-of-sequence, a stop token; the prefill side's first, or
+                # the last before a replica died), where the engine would have finished it "stop": no continuation
+                yield self._finish(out, "stop", len(v.prompt_token_ids), clock, False, req.placed)
+                return
             if done >= v.params["max_tokens"]:  # it died after the last token, before the end: nothing is missing
                 yield self._finish(out, "length", len(v.prompt_token_ids), clock, False, req.placed)
-                return
-            if done and self.limits.ends_request(out.token_ids[-1], v.params):
-                # the prefill side sampled an end (end-of-sequence, a stop token) and the decode replica died
-                # before its commit, where its engine would have finished the request: no continuation
-                yield self._finish(out, "stop", len(v.prompt_token_ids), clock, False, req.placed)
                 return
             # a new id at the replicas too: what is left of the last placement (its tokens on their way, a copy
             # a replica still runs) can never reach this request's stream again
@@ -397,7 +397,10 @@ class Router(pb_grpc.GenerationServicer):
             self.metrics.kv_transfer.observe(clock.committed - clock.prefilled)
         while True:
             items = await Inboxes.take(inbox)
-            last = items[-1] if items[-1].last else None  # nothing of the request follows its last item
+            end = next((i for i, it in enumerate(items) if it.last), None)
+            if end is not None:  # nothing of the request after its last item counts (an error, then a late token)
+                del items[end + 1:]
+            last = items[-1] if end is not None else None
             if last is not None and last.error is not None:
                 p.decoding = False
                 raise replica_error(last.error, p.decode, p.rid)
@@ -413,9 +416,12 @@ class Router(pb_grpc.GenerationServicer):
     def _add(self, out: Output, clock: Clock, items: list[StreamItem]):
         if not items:
             return None
-        for gap in clock.streamed(len(items)):
-            self.metrics.itl.observe(gap)
-        return out.add(items)
+        had = len(out.token_ids)
+        chunk = out.add(items)
+        if kept := len(out.token_ids) - had:  # not the tokens after a stop string
+            for gap in clock.streamed(kept):
+                self.metrics.itl.observe(gap)
+        return chunk
 
     def _finish(self, out: Output, reason: str, num_prompt: int, clock: Clock, local: bool, p: Placed):
         local = local or p.prefill is None

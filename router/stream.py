@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from detok import IncrementalDetokenizer, StopStrings
+from detok import IncrementalDetokenizer, StopStrings, context_of
 from protos.pdserve.v1 import pdserve_pb2 as pb
 from replica.contract import ReplicaDead, StreamItem
 from router.placement import Placed, Replica, RequestFailed, replica_error
@@ -74,9 +74,12 @@ class Output:
     """Token batches in, response chunks out. Text that could still become the start of a stop
     string is held back until it cannot; a matched stop string and what follows it are cut."""
 
-    def __init__(self, rid: str, tokenizer: Tokenizer | None, stop: tuple[str, ...]) -> None:
+    def __init__(self, rid: str, tokenizer: Tokenizer | None, stop: tuple[str, ...], prompt: Sequence[int] = ()
+                 ) -> None:
+        """prompt: its token ids, whose last few the text of the first output token is decoded after."""
         self.rid = rid
-        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.detok = IncrementalDetokenizer(tokenizer, context_of(tokenizer, prompt)) if tokenizer is not None \
+            else None
         self.stop = StopStrings(stop)
         self.text = ""  # decoded so far (a stop string cut off)
         self.sent = 0  # chars of text sent

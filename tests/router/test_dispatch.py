@@ -119,3 +119,26 @@ def test_the_router_config_names_a_dispatch_it_does_not_know_and_a_missing_profi
     with pytest.raises(ValueError, match="set router.profile"):
         RouterConfig(dispatch="slo_aware")
     assert RouterConfig(dispatch="slo_aware", profile="p.json").profile == "p.json"
+
+
+def test_a_local_prediction_walks_through_at_most_max_predicted_steps():
+    # decodes fill the budget (a chunk of 1 token a step) and 4,000 tokens wait: the prediction took 4,000 steps
+    # of 256 decodes each on the router's loop (~0.1 s); it widens the chunks instead, and still says "too late"
+    from router.dispatch import MAX_PREDICTED_STEPS
+
+    calls = []
+
+    class Counting:
+        def step_seconds(self, chunks):
+            calls.append(len(chunks))
+            return STEP.step_seconds(chunks)
+
+        def prefill_seconds(self, tokens, chunk):
+            return STEP.prefill_seconds(tokens, chunk)
+
+    slo = replace(policy(), decode=Counting(), prefill=Counting())
+    got = slo.decide(100, 50, Load(running=255, context=100, waiting_prefill_tokens=3900), prefill_queued=0)
+    assert len(calls) <= MAX_PREDICTED_STEPS + 1 and got.ttft_local_s > 1.0 and not got.local
+    calls.clear()
+    slo.decide(100, 50, Load(running=20, context=100, waiting_prefill_tokens=300), prefill_queued=0)
+    assert len(calls) == 1 + 2  # the decode-only step, then 400 tokens in chunks of 236: unchanged

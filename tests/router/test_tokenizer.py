@@ -69,3 +69,26 @@ def test_a_token_s_bytes_are_its_own_even_inside_a_character(tokenizers) -> None
     partial = [i for i in ids if ours.decode([i]) == "\ufffd"]
     assert len(partial) >= 2 and len({ours.token_text(i) for i in partial}) == len(set(partial))
     assert all("\ufffd" not in ours.token_text(i) and "\\x" in ours.token_text(i) for i in partial)
+
+
+def test_the_first_output_word_keeps_its_space_after_the_prompt_with_a_sentencepiece_tokenizer() -> None:
+    # SentencePiece (Llama, Mistral) drops the leading space of the first word of a decode: the output decoded on its
+    # own reads "Paris is"; after the prompt, as vLLM streams it, " Paris is". The router and the engine agree.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from detok import output_text
+    from protos.pdserve.v1 import pdserve_pb2 as pb
+
+    words = ["<unk>", "\u2581What", "\u2581is", "\u2581the", "\u2581capital?", "\u2581Paris", "\u2581it", "."]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    ours = Tokenizer({"tokenizer.json": hf.to_str()})
+    prompt, output = [1, 2, 3, 4], [5, 2, 6, 7]
+    assert ours.decode(output) == "Paris is it."  # alone: no leading space
+    out = Output("r", ours, (), prompt)
+    streamed = "".join(out.add([StreamItem("r", i)]).text for i in output)
+    streamed += out.finish("length", pb.Usage(), pb.Timings()).text
+    assert streamed == " Paris is it." == output_text(ours, prompt, output)
+    assert output_text(ours, [], output) == "Paris is it."  # no prompt: as the decode alone
