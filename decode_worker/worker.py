@@ -18,6 +18,33 @@ from replica.actor import ReplicaShell, as_logprobs
 from replica.contract import BadRequest, Logprobs, ReplicaDead, Reservation, StreamItem
 
 
+class Events:
+    """The replica's outgoing StreamItems, for one subscriber at a time: a new subscription (the router's, again
+    after its stream broke) takes over, and the one before it stops before it takes anything more. Made on the
+    actor's event loop."""
+
+    def __init__(self) -> None:
+        self._batches: list[list[StreamItem]] = []
+        self._ready = asyncio.Event()
+        self._subscriber = 0  # the newest subscription's number
+
+    def push(self, items: list[StreamItem]) -> None:
+        self._batches.append(items)
+        self._ready.set()
+
+    async def subscribe(self) -> AsyncIterator[list[StreamItem]]:
+        """Everything pushed since the last batch taken, as one list per wake-up, until a newer subscription."""
+        me = self._subscriber = self._subscriber + 1
+        while True:
+            await self._ready.wait()
+            if self._subscriber != me:
+                return  # superseded: what is waiting is the newer one's
+            items = [it for batch in self._batches for it in batch]
+            self._batches.clear()
+            self._ready.clear()
+            yield items
+
+
 class DecodeWorker(ReplicaShell):
     """Called at start-up by kv_transfer.wiring (info, start_kv_store, join_kv_pair),
     then by the router (events, once; reserve, commit, add_local, abort per request); the _on_*
@@ -39,7 +66,7 @@ class DecodeWorker(ReplicaShell):
         self.kv = DecodeKV(pool_name, kv_backend)
         self._open: set[str] = set()  # requests whose stream has not ended yet
         self.kv_bytes_saved = 0  # KV of reserved prompts not sent here: the prefix cache held it
-        self._events: asyncio.Queue[list[StreamItem]] | None = None  # made on the actor's event loop
+        self._events: Events | None = None  # made on the actor's event loop
         self.tokens_generated = 0
 
         def build():
@@ -147,11 +174,7 @@ class DecodeWorker(ReplicaShell):
         """Every request's stream, for the router's one subscription: a message per engine step
         (or per several, when the router falls behind) with each request's new tokens, and a
         request's last item when it ends (a finish reason, or the error that ended it)."""
-        queue = self._queue()
-        while True:
-            items = await queue.get()
-            while not queue.empty():
-                items += queue.get_nowait()
+        async for items in self._queue().subscribe():
             yield items
 
     def shutdown(self) -> None:
@@ -195,9 +218,9 @@ class DecodeWorker(ReplicaShell):
             raise BadRequest(f"request id {request_id!r} is already running on this replica", request_id)
         self._open.add(request_id)
 
-    def _queue(self) -> asyncio.Queue[list[StreamItem]]:
+    def _queue(self) -> Events:
         if self._events is None:
-            self._events = asyncio.Queue()
+            self._events = Events()
         return self._events
 
     def _fail_all(self, e: BaseException) -> None:
@@ -211,4 +234,4 @@ class DecodeWorker(ReplicaShell):
             if it.last:
                 self._open.discard(it.request_id)
         if items:
-            self._queue().put_nowait(items)
+            self._queue().push(items)

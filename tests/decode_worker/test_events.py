@@ -49,3 +49,30 @@ def test_one_message_carries_every_requests_tokens_of_a_step(decode_actor) -> No
     with pytest.raises(ray.exceptions.RayTaskError, match="already running"):
         ray.get([actor.add_local.remote(prompts[0], long, "dup"), actor.add_local.remote(prompts[0], long, "dup")])
     ray.get(actor.abort.remote("dup"))
+
+
+def test_a_new_subscription_takes_over_and_the_one_before_takes_nothing_more() -> None:
+    # the router subscribes again after its stream broke: were the first subscription's generator still running
+    # at the replica, it would take (and lose) some of every later step's items
+    import asyncio
+
+    from decode_worker.worker import Events
+
+    async def run() -> tuple[list, list]:
+        events = Events()
+        old = events.subscribe()
+        events.push([StreamItem("a", 1)])
+        first = await anext(old)
+        waiting = asyncio.ensure_future(anext(old, None))  # the old one waits for more, its consumer gone
+        await asyncio.sleep(0)
+        new = events.subscribe()
+        got = asyncio.ensure_future(anext(new))
+        await asyncio.sleep(0)
+        events.push([StreamItem("a", 2)])
+        events.push([StreamItem("b", 3)])
+        assert await waiting is None  # it ended, taking nothing
+        return first, await got
+
+    first, later = asyncio.run(run())
+    assert [it.token_id for it in first] == [1]
+    assert [(it.request_id, it.token_id) for it in later] == [("a", 2), ("b", 3)]  # both steps, in order
