@@ -389,8 +389,13 @@ class Router(pb_grpc.GenerationServicer):
             clock.prefilled = time.monotonic()
             if chunk := self._add(out, clock, [StreamItem(p.rid, first.first_token, first.logprobs)]):
                 yield chunk
-            if out.stopped:  # the first token completed a stop string; release() frees the reservation
+            # the first token ended it (a stop string, an end token, its only token): no commit, no decode; release()
+            # frees the reservation
+            if out.stopped or self.limits.ends_request(first.first_token, params):
                 yield self._finish(out, "stop", num_prompt, clock, local, p)
+                return
+            if params["max_tokens"] <= 1:
+                yield self._finish(out, "length", num_prompt, clock, local, p)
                 return
             await call(p.decode, p.rid, p.decode.actor.commit.remote(p.rid, first.first_token, first.logprobs))
             clock.committed = time.monotonic()

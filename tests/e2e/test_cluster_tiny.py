@@ -93,6 +93,22 @@ def test_logprobs_and_text_rules_through_the_split(tiny_cluster, tiny_model) -> 
         assert client.list_models()[0].vocab_size == 512
 
 
+def test_a_first_token_that_ends_the_request_never_waits_for_the_decode_replica(tiny_cluster, tiny_model) -> None:
+    # its only token, or a stop token: the request ends with the prefill's answer (no commit: transfer_ms 0), as
+    # the engine would end it, and its reserved decode blocks come back
+    prompt = prompts_of([40], seed=4)[0]  # over the threshold: prefilled on the prefill replica
+    first = LLM(tiny_model, num_kv_blocks=64).generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0]
+    with Client(tiny_cluster.address, timeout=60) as client:
+        for kw, reason in (({"max_tokens": 1}, "length"), ({"max_tokens": 6, "stop_token_ids": first.token_ids},
+                                                          "stop")):
+            got = client.generate(prompt, temperature=0, ignore_eos=True, **kw)
+            assert got.token_ids == first.token_ids and got.finish_reason == reason
+            assert got.timings["path"] == "disaggregated" and got.timings["transfer_ms"] == 0.0
+        got = client.generate(prompt, temperature=0, ignore_eos=True, max_tokens=2)  # a decode: a commit
+        assert len(got.token_ids) == 2 and got.timings["transfer_ms"] > 0.0
+        assert not any(wait_idle(client).values())
+
+
 def test_the_process_that_runs_the_router_never_imports_torch(tiny_model) -> None:
     script = textwrap.dedent(f"""
         import sys
