@@ -52,10 +52,7 @@ class KVSaver(ABC):
     def save_from_cache(self, slots: torch.Tensor) -> None:
         """After a step's whole forward (after_step savers): every layer's K/V of the step's tokens, read from the
         local cache at their slots (the step's slot mapping), as save_kv_layer would have been given them."""
-        _, _, _, _, heads, dim = self.local_kv.shape
-        for layer in range(self.local_kv.shape[0]):
-            k, v = (self.local_kv[layer, kv].view(-1, heads, dim).index_select(0, slots) for kv in (0, 1))
-            self.save_kv_layer(layer, k, v)
+        raise NotImplementedError(f"{type(self).__name__} says after_step but cannot save from the cache")
 
     def end_step(self) -> None:
         """Called after the step's forward: every layer's K/V for the step has been handed over."""

@@ -186,8 +186,8 @@ class Choices:
             end = e
         self.queue.put_nowait((index, end))
         if first.done():
-            pass
-        elif end is None:
+            return
+        if end is None:
             first.set_result(None)
         else:
             first.set_exception(end)

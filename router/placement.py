@@ -211,21 +211,22 @@ class Placement:
             sent, actor = time.monotonic(), r.actor
             try:
                 stats = await asyncio.wait_for(actor.stats.remote(r.cache.epoch, with_cache=True), timeout_s)
-                if r.actor is not actor:
-                    return  # replaced meanwhile: this said nothing of the new one
+            except Exception as e:  # noqa: BLE001 - a timeout (busy or gone), or dead (its actor or its engine)
+                stats = e
+            if r.actor is not actor:
+                return  # replaced meanwhile: this said nothing of the new one
+            if isinstance(stats, asyncio.TimeoutError):
+                r.healthy = False  # keep its last figures until it is known which
+            elif isinstance(stats, Exception):
+                r.healthy, r.stats = False, {}  # no stale figures
+                r.cache.clear()
+            else:
                 r.stats = stats
                 r.healthy = sent > r.down_at  # an answer to a poll sent before a request found it dead is stale
-                r.free_blocks = r.stats["kv_blocks_total"] - r.stats["kv_blocks_used"]
+                r.free_blocks = stats["kv_blocks_total"] - stats["kv_blocks_used"]
                 r.local_tokens = 0  # its waiting_prefill_tokens count them now
-                if (report := r.stats.pop("prefix_cache", None)) is not None:
+                if (report := stats.pop("prefix_cache", None)) is not None:
                     r.cache.apply(report)
-            except asyncio.TimeoutError:
-                if r.actor is actor:
-                    r.healthy = False  # busy or gone: keep its last figures until it is known which
-            except Exception:
-                if r.actor is actor:
-                    r.healthy, r.stats = False, {}  # dead (its actor or its engine): no stale figures
-                    r.cache.clear()
         await asyncio.gather(*(one(r) for r in self.replicas))
 
     async def place_decode(self, p: Placed, ids: list[int], params: dict, local: bool, local_below: int = 0,
