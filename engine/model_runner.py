@@ -145,7 +145,7 @@ class ModelRunner:
         with attention_metadata(meta):
             hidden = self.model(input_ids, positions)
         if self.kv_saver is not None:
-            if self.native_unsupported is None and self.model.model.runs_native(len(input_ids)):
+            if self.native_unsupported is None and self.model.model.runs_native():
                 self.kv_saver.save_from_cache(meta.slot_mapping)  # the C stack wrote it there: now it leaves
             self.kv_saver.end_step()
         return self.model.compute_logits(hidden[sample_idx]) if plan.sample_idx else None
@@ -204,7 +204,7 @@ def _as_stored(cost: ModelCost, model: torch.nn.Module, itemsize: int, tp_size: 
     """The model's cost with the weights a step reads counted as the engine stores them, so bandwidth
     figures (MBU) stay within the machine's: a weight in AMX tiles streams its bf16 integers and fp32
     scales (~2.25 bytes a weight, not fp32's 4); one in int8 blocks 1.125 bytes (fp16 scales), for the steps they take
-    (up to bqgemm.FEW_ROWS tokens beside tiles, bqgemm.MAX_ROWS without; longer ones read the tiles, or
+    (up to bqgemm.FEW_ROWS tokens beside tiles, every step without; longer ones read the tiles, or
     MKL's fp32 copy). Ranks hold equal slices."""
     tiled = int8 = 0  # bytes stored minus the dtype's bytes of the same weights
     for m in model.modules():

@@ -1,10 +1,12 @@
 """x @ W^T with AVX-512 FMAs for weights that came block-quantized (GGUF Q4_0, Q4_1, Q5_0, Q5_1,
-Q8_0), on CPUs without the AMX tile unit (qgemm.py is the AMX path): the integers streamed as int8
-(1.125 bytes a weight with its fp16 scales, against fp32's 4), widened to fp32, scaled per block; exact to fp32 up to
-the order of its roundings, and a row's result independent of the rest of its step (how:
-csrc/bqgemm.c). For decode steps and short chunks: a batch-1 decode reads its weights once a
-token, so the bytes a weight takes are its speed; a batch of decodes is compute-bound, where it
-keeps pace with the fp32 panels it replaces."""
+Q8_0), on CPUs without the AMX tile unit (qgemm.py is the AMX path): the integers kept as int8
+(1.125 bytes a weight with its fp16 scales, against fp32's 4), widened to fp32 in registers; exact to
+fp32 up to the order of its roundings (how: csrc/bqgemm.c). Without tiles it takes every step and the
+layer keeps no fp32 copy: a batch-1 decode reads its weights once a token, so the bytes a weight takes
+are its speed; a batch of decodes is compute-bound, where it keeps pace with fp32 panels; a prefill
+chunk (PANEL_MIN rows and more) dequantizes a 64-column panel at a time into L2 and runs a plain
+fp32 matmul over it, at MKL's speed or better. Up to PANEL_MIN - 1 rows a row's result is bit for bit
+the same whatever else is in its step."""
 from __future__ import annotations
 
 import ctypes
@@ -21,10 +23,10 @@ from engine.layers.qgemm import BLOCK, GROUP, BlockQuant, by_group, packed_numel
 _SOURCE = Path(__file__).parent / "csrc" / "bqgemm.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-# The steps it takes. Up to here it is about the fp32 panels' speed (0.75-1.2x by shape at 16-128
-# rows, ~3x at one row; a batch-32 decode step of the default model within 2%) at a quarter of their
-# bytes; longer prefill chunks go to MKL on the fp32 copy (the wide path reaches ~0.85 of MKL there).
-MAX_ROWS = 128
+# Without tiles it takes every step (the most rows a step can have); from PANEL_MIN rows (past any decode
+# step) the dequantized-panel path, as csrc/bqgemm.c's PANEL_MIN.
+ALL_ROWS = 2**62
+PANEL_MIN = 129
 # Where the CPU has AMX tiles too, the steps the int8 blocks still take: a step of a few rows streams the
 # weights once, and int8 is half the tiles' bytes (3072 x 576 from memory: 41 against 69 us at one row, 61
 # against 73 at four, 76 against 74 at six, 97 against 82 at eight; the LM head 1.2 against 1.5 ms at six)
@@ -87,12 +89,12 @@ def pack(quant: BlockQuant, q8_out: torch.Tensor | None = None, dm_out: torch.Te
 
 
 def rows_taken(beside_tiles: bool) -> int:
-    """The most rows a step may have to take the int8 blocks: FEW_ROWS beside AMX tiles, else MAX_ROWS
-    (gemm.matmul, the C decoder stack and the step's byte count all ask here)."""
-    return FEW_ROWS if beside_tiles else MAX_ROWS
+    """The most rows a step may have to take the int8 blocks: FEW_ROWS beside AMX tiles, else every step
+    (ALL_ROWS; gemm.matmul, the C decoder stack and the step's byte count all ask here)."""
+    return FEW_ROWS if beside_tiles else ALL_ROWS
 
 
-def usable(x: torch.Tensor, packed: Packed8 | None, max_rows: int = MAX_ROWS) -> bool:
+def usable(x: torch.Tensor, packed: Packed8 | None, max_rows: int = ALL_ROWS) -> bool:
     return (packed is not None and x.dim() == 2 and x.shape[0] <= max_rows and x.dtype is torch.float32
             and x.is_cpu and x.shape[1] == packed.q8.shape[1])
 

@@ -62,8 +62,8 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
     several rows, each kind in one buffer on huge pages (together they are the bulk of what a
     decode step reads): for a weight that came block-quantized, AMX tiles where the CPU has them
     (they then take every step, and a linear layer drops its fp32 copy), else its integers as
-    int8 on AVX-512 (bqgemm, for steps of up to bqgemm.MAX_ROWS rows; MKL beyond); fp32 panels
-    for the rest. The integers collected while loading are dropped after."""
+    int8 on AVX-512 (bqgemm, which then takes every step, and a linear layer drops its fp32 copy); fp32
+    panels for the rest. The integers collected while loading are dropped after."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         tiled = [m for m in slots if qgemm.packable(m.block_quant)]
@@ -72,11 +72,12 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
         # int8 blocks on AVX-512 FMAs: beside the tiles, for steps of up to bqgemm.FEW_ROWS rows; without
-        # tiles, steps of up to bqgemm.MAX_ROWS rows, longer ones going to MKL on the fp32 copy (no panels
-        # for these)
+        # tiles, every step (no panels for these, and no fp32 copy)
         blocked = [m for m in slots if bqgemm.packable(m.block_quant)]
         for layer, q8, dm in _quant_buffers(blocked, torch.int8, torch.float16):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
+            if layer.weight_amx is None and hasattr(layer, "drop_dense"):
+                layer.drop_dense()
         paneled = [m for m in slots if m.weight_amx is None and getattr(m, "weight_bq", None) is None
                    and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
@@ -106,19 +107,20 @@ def matmul_path(model: nn.Module) -> str:
         return f"AMX tiles over the checkpoint's integers ({tiles} of {len(slots)} layers){few}"
     parts = []
     if blocks:
-        parts.append(f"int8 blocks on AVX-512 FMAs for steps of up to {bqgemm.MAX_ROWS} rows ({blocks} layers; "
+        parts.append(f"int8 blocks on AVX-512 FMAs for every step ({blocks} of {len(slots)} layers; "
                      f"no tiles: {qgemm.unsupported()})")
     if panels:
         parts.append(f"fp32 panels ({panels} layers)")
-    parts.append("MKL on fp32 weights beyond" if blocks else "MKL on fp32 weights")
+    if blocks < len(slots):
+        parts.append("MKL on fp32 weights" + (" beyond" if panels else ""))
     return ", ".join(parts)
 
 
 def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | None, weight_t: torch.Tensor | None,
            bias: torch.Tensor | None, bq: bqgemm.Packed8 | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) by the first of W's layouts that takes x: the int8 blocks (a step of up to
-    bqgemm.FEW_ROWS rows beside tiles, bqgemm.MAX_ROWS without), the AMX tiles, the fp32 panels, else
-    MKL on the [in, out] weight_t (None only where the tiles take every fp32 step)."""
+    bqgemm.FEW_ROWS rows beside tiles, every step without), the AMX tiles, the fp32 panels, else
+    MKL on the [in, out] weight_t (None only where tiles or int8 blocks take every fp32 step)."""
     if bqgemm.usable(x, bq, bqgemm.rows_taken(amx is not None)):
         return bqgemm.linear(x, bq, bias)
     if qgemm.usable(x, amx):

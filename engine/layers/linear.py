@@ -14,9 +14,9 @@ from engine.layers import bqgemm, gemm, qgemm
 class _Linear(nn.Module):
     """After loading, W is kept as a contiguous [in, out] for MKL; on CPU fp32, gemm.pack_model
     adds a layout of its own: the AMX tiles where the checkpoint's weight was block-quantized
-    (the shards' integers are collected while loading), which then take every step and replace
-    the [in, out] copy; else the fp32 panels for steps of 2-128 rows (single rows and prefill
-    chunks stay on MKL). The [out, in] copy is dropped."""
+    (the shards' integers are collected while loading), or without tiles their int8 blocks, which then
+    take every step and replace the [in, out] copy; else the fp32 panels for steps of 2-128 rows
+    (single rows and prefill chunks stay on MKL). The [out, in] copy is dropped."""
 
     weight_panels: torch.Tensor | None = None
     weight_amx: qgemm.Packed | None = None
@@ -37,7 +37,8 @@ class _Linear(nn.Module):
         return self.weight_t.data
 
     def drop_dense(self) -> None:
-        """The tiles take every fp32 step (gemm.pack_model gave them): the [in, out] copy goes."""
+        """The tiles, or the int8 blocks where there are no tiles, take every fp32 step (gemm.pack_model
+        gave them): the [in, out] copy goes."""
         if self.weight_t.dtype is torch.float32:
             self.weight_t = None
 

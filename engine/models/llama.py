@@ -99,16 +99,15 @@ class LlamaModel(nn.Module):
     # this slot as the sign of a Llama-family stack (it cannot import this module: we import it)
     native: NativeDecoder | None = None
 
-    def runs_native(self, num_tokens: int) -> bool:
-        """Whether a step of num_tokens runs as the one C call: not where a KV saver must be handed each
-        layer's K/V while the step runs (one that takes them after it does not stop it)."""
+    def runs_native(self) -> bool:
+        """Whether a step runs as the one C call: not where a KV saver must be handed each layer's K/V
+        while the step runs (one that takes them after it does not stop it)."""
         native, saver = self.native, self.layers[0].self_attn.kv_saver
-        return (native is not None and (saver is None or saver.after_step)
-                and (native.max_tokens is None or num_tokens <= native.max_tokens))
+        return native is not None and (saver is None or saver.after_step)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.runs_native(x.shape[0]):
+        if self.runs_native():
             return self.native(x, positions, get_attention_metadata())  # the same kernels, one call
         rope = self.rotary(positions)
         residual = None

@@ -1,9 +1,7 @@
 """The decoder stack of a dense Llama-family model as one C call per step (csrc/decoder.c), in
 place of ~10 Python-level calls a layer, where every part of the layer already runs in C: CPU
 fp32, block-quantized weights in AMX tiles (qgemm) or, without the tile unit, as int8 blocks on
-AVX-512 (bqgemm: steps of up to bqgemm.MAX_ROWS tokens; longer prefill steps take the Python
-forward, whose matmuls go to MKL there), the paged CPU attention kernels, one rank, no q/k norm,
-no MoE.
+AVX-512 (bqgemm), the paged CPU attention kernels, one rank, no q/k norm, no MoE; every step.
 The C calls the same kernels in the same order, so the hidden states are bit for bit those of
 LlamaModel's Python forward, which stays the definition of the model and the path for
 everything else (other devices, dtypes, layouts, tensor parallelism, a KV saver).
@@ -130,9 +128,7 @@ class NativeDecoder:
         self.max_k = max(self.hidden, self.heads * self.head_dim, self.inter)
         first = inner.layers[0].self_attn.qkv_proj
         self.tiles, self.int8 = first.weight_amx is not None, first.weight_bq is not None
-        # steps it takes: all where there are tiles; int8 blocks alone, up to bqgemm's rows (LlamaModel.forward
-        # checks); and the steps that take the int8 blocks (gemm.matmul's choice)
-        self.max_tokens = None if self.tiles else bqgemm.MAX_ROWS
+        # the steps that take the int8 blocks (gemm.matmul's choice): a few tokens beside tiles, else all
         self.bq_rows = bqgemm.rows_taken(self.tiles) if self.int8 else 0
         self._model = _Model(
             len(layers), self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, attn0.k_cache.shape[1],
@@ -151,7 +147,7 @@ class NativeDecoder:
         if self.tiles:
             few = f" (int8 blocks for steps of up to {self.bq_rows} tokens)" if self.int8 else ""
             return f"the C decoder stack over AMX tiles{few}"
-        return f"the C decoder stack over int8 blocks for steps of up to {self.max_tokens} tokens, Python beyond"
+        return "the C decoder stack over int8 blocks"
 
     def _grow(self, tokens: int) -> None:
         rows = -(-tokens // qgemm.GROUP) * qgemm.GROUP

@@ -40,11 +40,27 @@ def test_a_row_does_not_depend_on_the_batch_or_the_path_and_strided_rows_work(n:
     bias = torch.randn(n)
     x = torch.randn(130, 256)[:, ::2]  # rows with a stride: copied to contiguous
     alone = torch.cat([bqgemm.linear(x[i:i + 1], packed, bias) for i in range(130)])
-    # up to 8: streamed, 1-4 column groups at a time by row count; 9-47 packed tiles (24 + 1 at 25); 48+: the
+    # up to 8: streamed, 1-4 column groups at a time by row count; 9-47 packed tiles (24 + 1 at 25); 48-128: the
     # wide path, chunks of 96 and a partial tile
-    for rows in (2, 3, 4, 5, 7, 8, 9, 25, 47, 48, 97, 130):
+    for rows in (2, 3, 4, 5, 7, 8, 9, 25, 47, 48, 97, bqgemm.PANEL_MIN - 1):
         assert torch.equal(bqgemm.linear(x[:rows], packed, bias), alone[:rows]), rows
-    assert bqgemm.usable(x[:bqgemm.MAX_ROWS], packed) and not bqgemm.usable(x[:bqgemm.MAX_ROWS + 1], packed)
+    assert bqgemm.usable(x, packed) and not bqgemm.usable(x, packed, bqgemm.FEW_ROWS)
+
+
+@needs_avx512
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
+def test_prefill_chunks_are_an_fp32_matmul_over_the_dequantized_weights(kind: str) -> None:
+    # from PANEL_MIN rows: 64-column panels dequantized as the checkpoint's fp32 weights are (d q, then + m, each
+    # rounded), then one running fp32 sum per output: MKL's numbers up to the order of the sum; 3 panels and a
+    # part-filled fourth (200 columns), 2 work items of rows and a short last tile (500 rows)
+    quant = random_quant(200, 96, kind, seed=5)
+    packed, bias = bqgemm.pack(quant), torch.randn(200)
+    x = torch.randn(500, 96)
+    got = bqgemm.linear(x, packed, bias)
+    want = x.double() @ quant.dequantize().double().T + bias.double()  # fp32 weights, summed in float64
+    fp32 = torch.addmm(bias, x, quant.dequantize().T)
+    assert (got.double() - want).abs().max() <= 2 * (fp32.double() - want).abs().max() + 1e-6
+    assert torch.equal(bqgemm.linear(x[:bqgemm.PANEL_MIN], packed, bias), got[:bqgemm.PANEL_MIN])  # row by row
 
 
 def test_it_runs_exactly_where_the_cpu_has_avx512_and_names_why_not() -> None:

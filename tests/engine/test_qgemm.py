@@ -179,12 +179,15 @@ def test_without_amx_int8_blocks_or_the_panels_take_over(monkeypatch, int8_block
     if not int8_blocks:
         monkeypatch.setattr(bqgemm, "supported", lambda: False)
     llm = LLM("default")
-    packable = [m for m in _layers(llm) if gemm.packable(m.panel_source())]
-    assert len(packable) == 30 * 4 + 1  # each layer's qkv, o, gate_up, down, and the tied lm head
-    assert all(m.weight_amx is None and m.panel_source() is not None for m in packable)  # fp32 kept for MKL
-    # the int8 blocks replace the panels (a quarter of their bytes); without AVX-512 the panels stay
-    assert all(m.weight_bq is not None and m.weight_panels is None for m in packable) == int8_blocks
-    assert all(m.weight_panels is not None for m in packable) == (not int8_blocks)
+    layers = _layers(llm)
+    assert len(layers) == 30 * 4 + 1  # each layer's qkv, o, gate_up, down, and the tied lm head
+    assert all(m.weight_amx is None for m in layers)
+    # the int8 blocks replace the panels (a quarter of their bytes) and take every step, so the linear layers
+    # drop their fp32 copy (the tied head's is the embedding table); without AVX-512 the panels stay, and MKL
+    # keeps the fp32 weights for single rows and prefill chunks
+    assert all(m.weight_bq is not None and m.weight_panels is None for m in layers) == int8_blocks
+    assert all(m.weight_panels is not None for m in layers) == (not int8_blocks)
+    assert sum(getattr(m, "weight_t", 0) is None for m in layers) == (120 if int8_blocks else 0)
 
 
 @needs_amx

@@ -67,10 +67,13 @@ def test_the_portable_path_equals_transformers_too(hf_model, monkeypatch) -> Non
 
         blocks = sum(getattr(m, "weight_bq", None) is not None for m in llm.engine.runner.model.modules())
         assert blocks == (121 if bqgemm.supported() else 0)
-        cost = llm.engine.runner.cost  # what MBU counts: int8 blocks up to 128 tokens, MKL's fp32 beyond
-        assert cost.small_step_tokens == (bqgemm.MAX_ROWS if bqgemm.supported() else 0)
+        cost = llm.engine.runner.cost  # what MBU counts: every step reads the int8 blocks, 1.125 bytes a weight
+        assert cost.small_step_tokens == (bqgemm.ALL_ROWS if bqgemm.supported() else 0)
         if bqgemm.supported():
-            assert cost.weight_bytes_for(bqgemm.MAX_ROWS) == 1.125 / 4 * cost.weight_bytes_for(bqgemm.MAX_ROWS + 1)
+            assert cost.weight_bytes_for(4096) == cost.small_step_weight_bytes < 0.3 * cost.weight_bytes
+            # and the linear layers keep no fp32 copy (the tied embedding keeps its table for the lookups)
+            linears = [m for m in llm.engine.runner.model.modules() if hasattr(m, "weight_t")]
+            assert len(linears) == 120 and all(m.weight_t is None for m in linears)
         from engine.layers.gemm import matmul_path
 
         path = matmul_path(llm.engine.runner.model)  # what the benchmark and `pdserve serve` print

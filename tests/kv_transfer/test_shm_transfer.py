@@ -103,7 +103,7 @@ def test_default_model_through_shm(pool_name) -> None:
         saver = ShmKVSaver()
         saver.attach(handles[0])
         sender = KVSender(prefill, saver)
-        assert prefill.runner.model.model.runs_native(16) is (native and prefill.runner.native_unsupported is None)
+        assert prefill.runner.model.model.runs_native() is (native and prefill.runner.native_unsupported is None)
         target = receiver.reserve(prompt, params, f"r{native}")
         blocks = list(decode.requests[target.request_id].block_table)
         sender.add(prompt, params, target)
