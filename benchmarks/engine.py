@@ -204,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # the limits: the best seen in the run, full measurements and probes alike
     peak = max(machine_before["matmul_peak_gflops"], machine_after["matmul_peak_gflops"], *mm)
     bw = max(machine_before["mem_read_bw_gbs"], machine_after["mem_read_bw_gbs"], *mv)
+    fma = max((m["fma_peak_gflops"] for m in (machine_before, machine_after) if m.get("fma_peak_gflops")),
+              default=None)
 
     def get(w, e, k):
         return res[w].get(e, {}).get(k)
@@ -223,6 +225,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 1.125 bytes a weight, AMX tiles ~2.25; fp32 panels 4): the limit of the layout that ran
     stored = {**counts, "weight_bytes": ours.llm.engine.runner.cost.weight_bytes_for(1)}
     roof1_stored = decode_roofline(stored, 1, len(chat) + cfg["single_new_tokens"] / 2, bw, peak)
+    # a single decode's compute bound: its FLOPs a token at the CPU's FMA peak (what no layout can beat)
+    compute1 = fma * 1e9 / roof1["step_flops"] if fma else None
     pf = prefill_flops(counts, cfg["prefill_prompts"], cfg["prefill_len"])
     p_tokens = cfg["prefill_prompts"] * cfg["prefill_len"]
     prefill_gflops = pf / (p_tokens / p_ours) / 1e9
@@ -243,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "before": machine_before, "after": machine_after, "probes": machine.probes,
             "spread": {"matmul_2048_gflops": [min(mm), max(mm)], "matvec_gbs": [min(mv), max(mv)]},
         },
-        "matmul_peak_gflops": peak, "mem_read_bw_gbs": bw,
+        "matmul_peak_gflops": peak, "mem_read_bw_gbs": bw, "fma_peak_gflops": fma,
         "model_counts": counts,
         "engine_commit": _git_commit(),
         "attention_backend": type(ours.llm.engine.runner.model.model.layers[0].self_attn.backend).__name__,
@@ -260,6 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weight_bytes_stored": int(stored["weight_bytes"]),
         "single_decode_roofline_stored_tok_s": round(roof1_stored["tok_s"], 1),
         "single_decode_frac_of_roofline_stored": _ratio(s_ours, roof1_stored["tok_s"]),
+        "single_decode_compute_bound_tok_s": round(compute1, 1) if compute1 else None,
+        "single_decode_frac_of_compute_bound": _ratio(s_ours, compute1),
         "single_ttft_s": get("single", "pdserve", "t_first_s"),
         "single_ttft_hf_s": get("single", "transformers", "t_first_s"),
         "single_greedy_match_prefix": hf_match.get("single"),
@@ -285,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_hf_gflops": round(prefill_hf_gflops, 1) if prefill_hf_gflops else None,
         "prefill_flops_frac": _ratio(prefill_gflops, peak),
         "prefill_hf_flops_frac": _ratio(prefill_hf_gflops, peak),
+        "prefill_frac_of_fma_peak": _ratio(prefill_gflops, fma),
+        "prefill_hf_frac_of_fma_peak": _ratio(prefill_hf_gflops, fma),
         "prefill_flops_per_run": pf,
         "vllm": vllm_info and {
             "version": vllm_info["version"], "load_s": round(vllm_info["load_s"], 1), "peak_rss_mb": round(vllm_rss, 1),
@@ -293,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prefill_ours_vs_vllm": _ratio(p_ours, p_vl), "batch32_frac_of_roofline": _ratio(b_vl, roof32["tok_s"]),
             "single_decode_frac_of_roofline": _ratio(s_vl, roof1["tok_s"]),
             "prefill_flops_frac": _ratio(pf / (p_tokens / p_vl) / 1e9, peak) if p_vl else None,
+            "prefill_frac_of_fma_peak": _ratio(pf / (p_tokens / p_vl) / 1e9, fma) if p_vl else None,
             "greedy_match_with_ours": vllm_match},
         "prefix_cached_tok_s": get("prefix", "on", "tok_s"),
         "prefix_uncached_tok_s": get("prefix", "off", "tok_s"),
@@ -310,6 +319,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch32_frac_of_roofline >= 0.6": _ge(_ratio(b_ours, roof32["tok_s"]), 0.6),
             "prefill_flops_frac >= 0.8": _ge(_ratio(prefill_gflops, peak), 0.8),
             "prefill_vs_hf > 1": _ge(_ratio(p_ours, p_hf), 1.0 + 1e-9),
+            **({"single_decode_vs_vllm >= 2": _ge(_ratio(s_ours, s_vl), 2.0),
+                "batch32_vs_vllm > 1": _ge(_ratio(b_ours, b_vl), 1.0 + 1e-9),
+                "prefill_vs_vllm > 1": _ge(_ratio(p_ours, p_vl), 1.0 + 1e-9)} if vllm else {}),
         },
         "profile": profile,
         "bench_wall_s": round(time.perf_counter() - started, 1),

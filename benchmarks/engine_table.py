@@ -15,7 +15,8 @@ def print_table(r: dict[str, Any]) -> None:
     print()
     print(f"machine: {m['cpu']}, {m['cpu_count']} cpus, torch {m['torch']}, {m['threads']} threads, "
           f"load avg {m['loadavg_before'][0]} -> {m['loadavg_after'][0]}")
-    print(f"  fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s   memory read {r['mem_read_bw_gbs']:.1f} GB/s   "
+    print(f"  fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s (FMA peak {_fmt(r.get('fma_peak_gflops'))})   "
+          f"memory read {r['mem_read_bw_gbs']:.1f} GB/s   "
           f"(before {m['before']['matmul_peak_gflops']}/{m['before']['mem_read_bw_gbs']}, "
           f"after {m['after']['matmul_peak_gflops']}/{m['after']['mem_read_bw_gbs']})")
     sp = m["spread"]
@@ -39,7 +40,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("prefill tok/s", r["prefill_tok_s"], r["prefill_hf_tok_s"], "", r["prefill_vs_hf"],
          util("prefill", "pdserve"), util("prefill", "transformers")),
         ("  prefill GFLOP/s", r["prefill_gflops"], r["prefill_hf_gflops"],
-         f"peak {r['matmul_peak_gflops']:.1f}", None, "", ""),
+         f"peak {r['matmul_peak_gflops']:.1f} (FMA {_fmt(r.get('fma_peak_gflops'))})", None, "", ""),
     ]
     print()
     print(f"{'workload':<26}{'pdserve':>10}{'transformers':>14}{'limit':>30}{'ours/hf':>9}{'cpu util':>13}")
@@ -51,6 +52,15 @@ def print_table(r: dict[str, Any]) -> None:
           f"hf {_fmt(r['batch32_hf_frac_of_roofline'], '.3f')} (roofline with KV reads "
           f"{r['batch32_roofline_with_kv_tok_s']:.1f});  prefill of matmul peak ours "
           f"{_fmt(r['prefill_flops_frac'], '.3f')} hf {_fmt(r['prefill_hf_flops_frac'], '.3f')}")
+    if r.get("fma_peak_gflops"):
+        print(f"  prefill of the FMA peak ours {_fmt(r['prefill_frac_of_fma_peak'], '.3f')} hf "
+              f"{_fmt(r['prefill_hf_frac_of_fma_peak'], '.3f')}")
+    print(f"single decode: {_fmt(r.get('single_decode_frac_of_roofline_stored'), '.3f')} of the roofline over the "
+          f"weights' {r['weight_bytes_stored'] / 1e6:.0f} MB as stored (fp32 "
+          f"{r['model_counts']['weight_bytes'] / 1e6:.0f} MB: {_fmt(r['single_decode_frac_of_roofline'], '.3f')}); "
+          "its compute bound at the FMA peak "
+          f"{_fmt(r.get('single_decode_compute_bound_tok_s'))} tok/s "
+          f"({_fmt(r.get('single_decode_frac_of_compute_bound'), '.3f')} of it)")
     if r.get("batch32_frac_of_roofline_around") is not None:
         print(f"  batch32 against the probes around it (roofline {r['batch32_roofline_around_tok_s']:.1f}): ours "
               f"{r['batch32_frac_of_roofline_around']:.3f} hf {_fmt(r['batch32_hf_frac_of_roofline_around'], '.3f')}")
@@ -66,7 +76,8 @@ def print_table(r: dict[str, Any]) -> None:
               f"batch32 {_fmt(v['batch32_decode_tok_s'], '.2f')} (ours x{_fmt(v['batch32_ours_vs_vllm'], '.2f')}; "
               f"{_fmt(v['batch32_frac_of_roofline'], '.3f')} of roofline), prefill {_fmt(v['prefill_tok_s'], '.1f')} "
               f"(ours x{_fmt(v['prefill_ours_vs_vllm'], '.2f')}; {_fmt(v['prefill_flops_frac'], '.3f')} of the matmul "
-              f"peak); greedy agreement with ours {v['greedy_match_with_ours']}; peak RSS {v['peak_rss_mb']:.0f} MB, "
+              f"peak, {_fmt(v.get('prefill_frac_of_fma_peak'), '.3f')} of the FMA peak); greedy agreement with ours "
+              f"{v['greedy_match_with_ours']}; peak RSS {v['peak_rss_mb']:.0f} MB, "
               f"load {v['load_s']} s")
     print("targets: " + ", ".join(f"{k}: {v}" for k, v in r["targets"].items()))
     if r.get("profile"):

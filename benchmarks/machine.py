@@ -2,24 +2,39 @@
 taken with the benchmarks' torch threads, in this process or in a child of its own."""
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import platform
 import traceback
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine import peaks
+from engine import native, peaks
 
 THREADS = 2  # torch threads for every part of a benchmark: the 2 cores of a development machine
 
 
 def measure_machine(quick: bool = False) -> dict[str, Any]:
     """fp32 matmul peak and memory read bandwidth with THREADS torch threads, best of several
-    (matmul_peak_gflops, mem_read_bw_gbs and the figures they are the best of)."""
+    (matmul_peak_gflops, mem_read_bw_gbs and the figures they are the best of), and the FMA peak."""
     torch.set_num_threads(THREADS)
-    return peaks.measure(peaks.QUICK if quick else peaks.FULL)
+    return {**peaks.measure(peaks.QUICK if quick else peaks.FULL), "fma_peak_gflops": fma_peak_gflops()}
+
+
+def fma_peak_gflops(threads: int = THREADS, reps: int = 5) -> float | None:
+    """The CPU's fp32 FMA peak on `threads` threads (csrc/fma_peak.c: independent chains of FMAs on the
+    widest vectors the build has), best of reps of ~0.2 s; None without a C compiler. What a matmul kernel
+    can approach at best: the engine's own probe times a library matmul, which loses a share to its loads."""
+    lib = native.load(Path(__file__).parent / "csrc" / "fma_peak.c", ["-O3", "-march=native", "-fopenmp", "-shared",
+                                                                      "-fPIC"],
+                      {"fma_peak": ([ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)], ctypes.c_double)})
+    if lib is None:
+        return None
+    sink = ctypes.c_float()
+    return round(max(lib.fma_peak(threads, 20_000_000, ctypes.byref(sink)) for _ in range(reps)) / 1e9, 1)
 
 
 def probe_machine() -> dict[str, float]:
