@@ -37,8 +37,9 @@
  *   would cost a tile half its registers, so each work item (64 columns x 240 rows) dequantizes its
  *   columns to fp32 once (d q, then + m, rounded as a dequantized checkpoint is: W exactly) into a
  *   K x 64 panel in L2, and runs a plain fp32 matmul over it in 6 x 64 register tiles: per k four
- *   loads of weights and six broadcasts of x feed 24 FMAs, one running sum per output (29 registers).
- *   On a 2-core Zen 4 that reaches 0.9-0.96 of its FMA peak at 2048 rows (MKL's sgemm 0.85). */
+ *   loads of weights and six broadcasts of x (read where it lies) feed 24 FMAs, one running sum per
+ *   output (29 registers). On a 2-core Zen 4 that reaches 0.94-0.96 of its FMA peak at 2048 rows
+ *   (MKL's sgemm on the fp32 weights 0.85-0.88). */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -56,7 +57,7 @@
 #define PANEL_MIN 129 /* rows from which the panel path takes over: past every decode step (bqgemm.py MAX_DECODE) */
 #define PG 4     /* column groups per dequantized panel: 64 columns */
 #define PR 6     /* rows per panel tile */
-#define PROWS 240 /* rows per panel work item (a multiple of PR) */
+#define PROWS 240 /* rows per panel work item */
 
 int bqgemm_supported(void) {
 #if defined(__AVX512F__)
@@ -333,10 +334,11 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
     return failed ? -2 : 0;
 }
 /* A tile of rt rows (a constant where it is inlined) by the PG column groups of a dequantized panel w
- * [K][PG][G]: per k, PG loads of weights and rt broadcasts of x (packed as [K][rt]) feed PG rt FMAs,
+ * [K][PG][G]: per k, PG loads of weights and rt broadcasts of x (read in place: rt streams along its rows,
+ * which the prefetchers follow; packing them cost ~5% at 576 inputs) feed PG rt FMAs,
  * one running sum per output over all of K (24 sums + 4 weights + a broadcast: 29 registers). */
-static inline __attribute__((always_inline)) void panel_tile(const int rt, const float *w, const float *xt, int64_t K,
-                                                             float *y, int64_t ldy, const __mmask16 *mask,
+static inline __attribute__((always_inline)) void panel_tile(const int rt, const float *w, const float *x, int64_t ldx,
+                                                             int64_t K, float *y, int64_t ldy, const __mmask16 *mask,
                                                              const float *bias) {
     __m512 acc[PR][PG];
 #pragma GCC unroll 6
@@ -349,7 +351,7 @@ static inline __attribute__((always_inline)) void panel_tile(const int rt, const
         for (int j = 0; j < PG; j++) wk[j] = _mm512_load_ps(w + (k * PG + j) * G);
 #pragma GCC unroll 6
         for (int i = 0; i < rt; i++) {
-            const __m512 xv = _mm512_set1_ps(xt[k * rt + i]);
+            const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
 #pragma GCC unroll 4
             for (int j = 0; j < PG; j++) acc[i][j] = _mm512_fmadd_ps(wk[j], xv, acc[i][j]);
         }
@@ -389,16 +391,14 @@ static void dequantize_panel(const int8_t *q8, const uint16_t *dm, int64_t K, in
 
 /* PANEL_MIN rows and more (prefill chunks): a plain fp32 matmul over the dequantized weights. Each work item
  * (PG column groups x PROWS rows) dequantizes its panel into this thread's scratch (K x 64 floats, in L2) and
- * walks its rows in tiles of PR over it, x packed per tile. Returns 0, or -2 where a thread could not allocate
+ * walks its rows in tiles of PR over it. Returns 0, or -2 where a thread could not allocate
  * its scratch. */
 static int panel_path(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
-                      int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
-                      float *xp) {
+                      int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N) {
     const int64_t panels = (groups + PG - 1) / PG, chunks = (rows + PROWS - 1) / PROWS;
     int failed = 0;
 #pragma omp parallel
     {
-        pack_rows(x, ldx, rows, K, PR, 0, xp, xs);
         float *w = thread_scratch(K * PG * G);
         if (!w) {
 #pragma omp atomic write
@@ -417,15 +417,15 @@ static int panel_path(const float *x, int64_t ldx, int64_t rows, int64_t K, cons
                 const float *bg = bias ? bias + g0 * G : 0;
                 for (int64_t r0 = c0; r0 < c1; r0 += PR) {
                     const int64_t rt = c1 - r0 < PR ? c1 - r0 : PR;
-                    const float *xt = xp + r0 * K;
+                    const float *xt = x + r0 * ldx;
                     float *yr = y + r0 * ldy + g0 * G;
                     switch (rt) {
-                        case 6: panel_tile(6, w, xt, K, yr, ldy, mask, bg); break;
-                        case 5: panel_tile(5, w, xt, K, yr, ldy, mask, bg); break;
-                        case 4: panel_tile(4, w, xt, K, yr, ldy, mask, bg); break;
-                        case 3: panel_tile(3, w, xt, K, yr, ldy, mask, bg); break;
-                        case 2: panel_tile(2, w, xt, K, yr, ldy, mask, bg); break;
-                        default: panel_tile(1, w, xt, K, yr, ldy, mask, bg); break;
+                        case 6: panel_tile(6, w, xt, ldx, K, yr, ldy, mask, bg); break;
+                        case 5: panel_tile(5, w, xt, ldx, K, yr, ldy, mask, bg); break;
+                        case 4: panel_tile(4, w, xt, ldx, K, yr, ldy, mask, bg); break;
+                        case 3: panel_tile(3, w, xt, ldx, K, yr, ldy, mask, bg); break;
+                        case 2: panel_tile(2, w, xt, ldx, K, yr, ldy, mask, bg); break;
+                        default: panel_tile(1, w, xt, ldx, K, yr, ldy, mask, bg); break;
                     }
                 }
             }
@@ -442,7 +442,7 @@ int bqgemm_f32(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_
                int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N, float *xs,
                float *xp) {
 #if defined(__AVX512F__)
-    if (rows >= PANEL_MIN) return panel_path(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
+    if (rows >= PANEL_MIN) return panel_path(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N);
     if (rows >= WIDE_MIN) return wide(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
     if (rows <= 8) decode_rows(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs);
     else streaming(x, ldx, rows, K, q8, dm, groups, has_m, bias, y, ldy, N, xs, xp);
