@@ -112,7 +112,8 @@ def _buffer(name: str, numel: int) -> torch.Tensor:
 
 def scratch_numel(rows: int, k: int) -> tuple[int, int]:
     """Floats of the kernel's two scratch buffers for a call of `rows` rows over k inputs: the
-    block sums, and x packed per tile (used past 8 rows)."""
+    block sums, and x packed per tile (used from 9 rows up to PANEL_MIN - 1; the panel path uses neither)."""
+    rows = min(rows, PANEL_MIN - 1)
     return rows * (k // BLOCK), rows * k
 
 

@@ -66,14 +66,15 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
     panels for the rest. The integers collected while loading are dropped after."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
-        tiled = [m for m in slots if qgemm.packable(m.block_quant)]
+        on_cpu = [m for m in slots if m.panel_source().is_cpu]  # (a GPU engine's layers keep their weights)
+        tiled = [m for m in on_cpu if qgemm.packable(m.block_quant)]
         for layer, bq, dm in _quant_buffers(tiled, torch.bfloat16):
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
             if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
                 layer.drop_dense()
         # int8 blocks on AVX-512 FMAs: beside the tiles, for steps of up to bqgemm.FEW_ROWS rows; without
         # tiles, every step (no panels for these, and no fp32 copy)
-        blocked = [m for m in slots if bqgemm.packable(m.block_quant)]
+        blocked = [m for m in on_cpu if bqgemm.packable(m.block_quant)]
         for layer, q8, dm in _quant_buffers(blocked, torch.int8, torch.float16):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
             if layer.weight_amx is None and hasattr(layer, "drop_dense"):
@@ -127,6 +128,9 @@ def matmul(x: torch.Tensor, amx: qgemm.Packed | None, panels: torch.Tensor | Non
         return qgemm.linear(x, amx, bias)
     if usable(x, panels):
         return linear(x, panels, weight_t.shape[1], bias)
+    if weight_t is None:
+        raise ValueError(f"no layout of this weight takes a {x.dtype} {tuple(x.shape)} input on {x.device}: its fp32 "
+                         "copy went when its AMX tiles or int8 blocks were made, which take 2-D fp32 CPU inputs only")
     return torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)
 
 

@@ -156,7 +156,7 @@ class NativeDecoder:
         self._ws = torch.empty(rows * sum(widths))
         n_xs, n_xp = bqgemm.scratch_numel(rows, self.max_k) if self.int8 else (0, 0)
         self._ap = torch.empty(rows * self.max_k * 3, dtype=torch.bfloat16) if self.tiles else None
-        self._xs = torch.empty(max(n_xs, rows * (self.max_k // qgemm.BLOCK)))  # block sums: either kernel's
+        self._xs = torch.empty(max(n_xs, rows * (self.max_k // qgemm.BLOCK) if self.tiles else 0))  # block sums
         self._xp = torch.empty(n_xp) if self.int8 else None
         x, qkv, attn, gate_up, act = self._ws.split([rows * w for w in widths])
         self._x = x.view(rows, self.hidden)

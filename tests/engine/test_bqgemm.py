@@ -48,19 +48,23 @@ def test_a_row_does_not_depend_on_the_batch_or_the_path_and_strided_rows_work(n:
 
 
 @needs_avx512
-@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
-def test_prefill_chunks_are_an_fp32_matmul_over_the_dequantized_weights(kind: str) -> None:
+@pytest.mark.parametrize("kind,n,k", [("q4_0", 200, 96), ("q4_1", 200, 96), ("q5_1", 70, 576), ("q8_0", 17, 1536)])
+def test_prefill_chunks_are_an_fp32_matmul_over_the_dequantized_weights(kind: str, n: int, k: int) -> None:
     # from PANEL_MIN rows: 64-column panels dequantized as the checkpoint's fp32 weights are (d q, then + m, each
-    # rounded), then one running fp32 sum per output: MKL's numbers up to the order of the sum; 3 panels and a
-    # part-filled fourth (200 columns), 2 work items of rows and a short last tile (500 rows)
-    quant = random_quant(200, 96, kind, seed=5)
-    packed, bias = bqgemm.pack(quant), torch.randn(200)
-    x = torch.randn(500, 96)
+    # rounded), then one running fp32 sum per output: MKL's numbers up to the order of the sum. 200 columns: 3
+    # panels and a part-filled fourth; 70 and 17: a last group of 6 and 1 columns. 500 rows: 3 work items of rows
+    # (240, 240, 20), a short last tile. x's rows strided (read in place, not copied)
+    quant = random_quant(n, k, kind, seed=5)
+    packed, bias = bqgemm.pack(quant), torch.randn(n)
+    x = torch.randn(500, k + 40)[:, 8:8 + k]
+    assert x.stride(1) == 1 and x.stride(0) != k
     got = bqgemm.linear(x, packed, bias)
     want = x.double() @ quant.dequantize().double().T + bias.double()  # fp32 weights, summed in float64
     fp32 = torch.addmm(bias, x, quant.dequantize().T)
     assert (got.double() - want).abs().max() <= 2 * (fp32.double() - want).abs().max() + 1e-6
-    assert torch.equal(bqgemm.linear(x[:bqgemm.PANEL_MIN], packed, bias), got[:bqgemm.PANEL_MIN])  # row by row
+    assert torch.equal(bqgemm.linear(x.contiguous(), packed, bias), got)
+    # a row's result does not depend on how the call's rows fall into work items and tiles
+    assert torch.equal(bqgemm.linear(x[233:233 + bqgemm.PANEL_MIN], packed, bias), got[233:233 + bqgemm.PANEL_MIN])
 
 
 def test_it_runs_exactly_where_the_cpu_has_avx512_and_names_why_not() -> None:

@@ -62,6 +62,32 @@ def test_layers_take_the_panels_only_for_decode_sized_batches() -> None:
     assert not gemm.usable(torch.randn(4, 96, dtype=torch.float64), col.weight_panels)
 
 
+def test_only_cpu_layers_trade_their_weights_for_a_packed_layout() -> None:
+    # a layer on another device (a GPU engine on an AVX-512 host) keeps its weights: the packed layouts take CPU
+    # inputs only, and its fp32 copy is what its steps multiply
+    from engine.layers import bqgemm, qgemm
+    from tests.engine.test_qgemm import random_quant
+
+    if not (bqgemm.supported() or qgemm.supported()):
+        pytest.skip(f"no block-quant kernel here: {qgemm.unsupported()}; {bqgemm.unsupported()}")
+    layers = []
+    for device in ("cpu", "meta"):
+        layer = ColumnParallelLinear(96, [48])
+        quant = random_quant(48, 96, "q4_1")
+        loaded = quant.dequantize()
+        loaded.block_quant = quant
+        layer.load_shard(layer.weight, loaded)
+        layer.post_load()
+        layer.weight_t = torch.nn.Parameter(layer.weight_t.data.to(device), requires_grad=False)
+        gemm.pack_model(layer)
+        layers.append(layer)
+    cpu, other = layers
+    assert (cpu.weight_bq or cpu.weight_amx) is not None and cpu.weight_t is None
+    assert other.weight_bq is None and other.weight_amx is None and other.weight_t is not None
+    with pytest.raises(ValueError, match="its fp32 copy went"):  # a CPU layer asked for what it no longer has
+        cpu(torch.randn(3, 96, dtype=torch.float64))
+
+
 def test_without_panels_the_engine_answers_the_same(tiny_checkpoints) -> None:
     from engine import LLM, SamplingParams
 

@@ -37,8 +37,8 @@
  *   would cost a tile half its registers, so each work item (64 columns x 240 rows) dequantizes its
  *   columns to fp32 once (d q, then + m, rounded as a dequantized checkpoint is: W exactly) into a
  *   K x 64 panel in L2, and runs a plain fp32 matmul over it in 6 x 64 register tiles: per k four
- *   loads of weights and six broadcasts of x (read where it lies) feed 24 FMAs, one running sum per
- *   output (29 registers). On a 2-core Zen 4 that reaches 0.94-0.96 of its FMA peak at 2048 rows
+ *   loads of weights and six broadcasts of x (read where it lies) feed 24 FMAs, a sum per output over
+ *   128 k at a time (29 registers), the chunks' sums added in y. On a 2-core Zen 4 that reaches 0.94-0.96 of its FMA peak at 2048 rows
  *   (MKL's sgemm on the fp32 weights 0.85-0.88). */
 #include <omp.h>
 #include <stdint.h>
@@ -54,10 +54,12 @@
 #define WG 2     /* column groups per wide tile */
 #define WR 6     /* rows per wide tile */
 #define CHUNK 96 /* rows per chunk on the wide path */
-#define PANEL_MIN 129 /* rows from which the panel path takes over: past every decode step (bqgemm.py MAX_DECODE) */
+#define PANEL_MIN 129 /* rows from which the panel path takes over: past every decode step (bqgemm.py PANEL_MIN) */
 #define PG 4     /* column groups per dequantized panel: 64 columns */
 #define PR 6     /* rows per panel tile */
 #define PROWS 240 /* rows per panel work item */
+#define PK 128   /* k per partial sum there: y = sum over chunks of (sum over the chunk's k), as a blocked
+                    sgemm sums, so its rounding error grows with PK + K / PK rather than K */
 
 int bqgemm_supported(void) {
 #if defined(__AVX512F__)
@@ -335,32 +337,39 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
 }
 /* A tile of rt rows (a constant where it is inlined) by the PG column groups of a dequantized panel w
  * [K][PG][G]: per k, PG loads of weights and rt broadcasts of x (read in place: rt streams along its rows,
- * which the prefetchers follow; packing them cost ~5% at 576 inputs) feed PG rt FMAs,
- * one running sum per output over all of K (24 sums + 4 weights + a broadcast: 29 registers). */
+ * which the prefetchers follow; packing them cost ~5% at 576 inputs) feed PG rt FMAs into a sum per
+ * output over PK k at a time (24 sums + 4 weights + a broadcast: 29 registers), each added into y. */
 static inline __attribute__((always_inline)) void panel_tile(const int rt, const float *w, const float *x, int64_t ldx,
                                                              int64_t K, float *y, int64_t ldy, const __mmask16 *mask,
                                                              const float *bias) {
-    __m512 acc[PR][PG];
+    for (int64_t k0 = 0; k0 < K; k0 += PK) {
+        const int64_t k1 = K - k0 < PK ? K : k0 + PK;
+        __m512 acc[PR][PG];
 #pragma GCC unroll 6
-    for (int i = 0; i < rt; i++)
+        for (int i = 0; i < rt; i++)
 #pragma GCC unroll 4
-        for (int j = 0; j < PG; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m512 wk[PG];
+            for (int j = 0; j < PG; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k++) {
+            __m512 wk[PG];
 #pragma GCC unroll 4
-        for (int j = 0; j < PG; j++) wk[j] = _mm512_load_ps(w + (k * PG + j) * G);
+            for (int j = 0; j < PG; j++) wk[j] = _mm512_load_ps(w + (k * PG + j) * G);
 #pragma GCC unroll 6
-        for (int i = 0; i < rt; i++) {
-            const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
+            for (int i = 0; i < rt; i++) {
+                const __m512 xv = _mm512_set1_ps(x[i * ldx + k]);
 #pragma GCC unroll 4
-            for (int j = 0; j < PG; j++) acc[i][j] = _mm512_fmadd_ps(wk[j], xv, acc[i][j]);
+                for (int j = 0; j < PG; j++) acc[i][j] = _mm512_fmadd_ps(wk[j], xv, acc[i][j]);
+            }
         }
-    }
 #pragma GCC unroll 4
-    for (int j = 0; j < PG; j++) {
-        const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask[j], bias + j * G) : _mm512_setzero_ps();
+        for (int j = 0; j < PG; j++) {
+            const __m512 bv = bias && k1 == K ? _mm512_maskz_loadu_ps(mask[j], bias + j * G) : _mm512_setzero_ps();
 #pragma GCC unroll 6
-        for (int i = 0; i < rt; i++) _mm512_mask_storeu_ps(y + i * ldy + j * G, mask[j], _mm512_add_ps(acc[i][j], bv));
+            for (int i = 0; i < rt; i++) {
+                float *yo = y + i * ldy + j * G;
+                const __m512 sum = k0 ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask[j], yo), acc[i][j]) : acc[i][j];
+                _mm512_mask_storeu_ps(yo, mask[j], _mm512_add_ps(sum, bv));
+            }
+        }
     }
 }
 
