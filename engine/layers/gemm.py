@@ -70,14 +70,15 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
         tiled = [m for m in on_cpu if qgemm.packable(m.block_quant)]
         for layer, bq, dm in _quant_buffers(tiled, torch.bfloat16):
             layer.weight_amx = qgemm.pack(layer.block_quant, bq, dm)
-            if hasattr(layer, "drop_dense"):  # (an embedding keeps its table for the lookups)
-                layer.drop_dense()
         # int8 blocks on AVX-512 FMAs: beside the tiles, for steps of up to bqgemm.FEW_ROWS rows; without
-        # tiles, every step (no panels for these, and no fp32 copy)
+        # tiles, every step (no panels for these)
         blocked = [m for m in on_cpu if bqgemm.packable(m.block_quant)]
         for layer, q8, dm in _quant_buffers(blocked, torch.int8, torch.float16):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
-            if layer.weight_amx is None and hasattr(layer, "drop_dense"):
+        # either takes every fp32 step: the fp32 copy goes (an embedding keeps its table for the lookups)
+        for layer in on_cpu:
+            if (layer.weight_amx is not None or getattr(layer, "weight_bq", None) is not None) \
+                    and hasattr(layer, "drop_dense"):
                 layer.drop_dense()
         paneled = [m for m in slots if m.weight_amx is None and getattr(m, "weight_bq", None) is None
                    and packable(m.panel_source())]

@@ -38,8 +38,8 @@
  *   columns to fp32 once (d q, then + m, rounded as a dequantized checkpoint is: W exactly) into a
  *   K x 64 panel in L2, and runs a plain fp32 matmul over it in 6 x 64 register tiles: per k four
  *   loads of weights and six broadcasts of x (read where it lies) feed 24 FMAs, a sum per output over
- *   128 k at a time (29 registers), the chunks' sums added in y. On a 2-core Zen 4 that reaches 0.94-0.96 of its FMA peak at 2048 rows
- *   (MKL's sgemm on the fp32 weights 0.85-0.88). */
+ *   128 k at a time (29 registers), the chunks' sums added in y. On a 2-core Zen 4 that reaches
+ *   0.94-0.96 of its FMA peak at 2048 rows (MKL's sgemm on the fp32 weights 0.85-0.88). */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -335,6 +335,7 @@ static int wide(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8
     }
     return failed ? -2 : 0;
 }
+
 /* A tile of rt rows (a constant where it is inlined) by the PG column groups of a dequantized panel w
  * [K][PG][G]: per k, PG loads of weights and rt broadcasts of x (read in place: rt streams along its rows,
  * which the prefetchers follow; packing them cost ~5% at 576 inputs) feed PG rt FMAs into a sum per
@@ -382,16 +383,16 @@ static void dequantize_panel(const int8_t *q8, const uint16_t *dm, int64_t K, in
     const int64_t nb = K / BLK;
     for (int j = 0; j < PG; j++) {
         const int64_t g = g0 + j;
+        if (g >= groups) {
+            for (int64_t k = 0; k < K; k++) _mm512_store_ps(w + (k * PG + j) * G, _mm512_setzero_ps());
+            continue;
+        }
         for (int64_t b = 0; b < nb; b++) {
             const uint16_t *dmb = dm + (g * nb + b) * 2 * G;
-            const __m512 d = g < groups ? scales(dmb) : _mm512_setzero_ps();
-            const __m512 m = g < groups && has_m ? scales(dmb + G) : _mm512_setzero_ps();
+            const __m512 d = scales(dmb), m = has_m ? scales(dmb + G) : _mm512_setzero_ps();
             for (int64_t k = b * BLK; k < (b + 1) * BLK; k++) {
-                __m512 v = _mm512_setzero_ps();
-                if (g < groups) {
-                    v = _mm512_mul_round_ps(d, widen(q8 + (g * K + k) * G), RNE);
-                    if (has_m) v = _mm512_add_round_ps(v, m, RNE);
-                }
+                __m512 v = _mm512_mul_round_ps(d, widen(q8 + (g * K + k) * G), RNE);
+                if (has_m) v = _mm512_add_round_ps(v, m, RNE);
                 _mm512_store_ps(w + (k * PG + j) * G, v);
             }
         }
@@ -400,8 +401,7 @@ static void dequantize_panel(const int8_t *q8, const uint16_t *dm, int64_t K, in
 
 /* PANEL_MIN rows and more (prefill chunks): a plain fp32 matmul over the dequantized weights. Each work item
  * (PG column groups x PROWS rows) dequantizes its panel into this thread's scratch (K x 64 floats, in L2) and
- * walks its rows in tiles of PR over it. Returns 0, or -2 where a thread could not allocate
- * its scratch. */
+ * walks its rows in tiles of PR over it. Returns 0, or -2 where a thread could not allocate its scratch. */
 static int panel_path(const float *x, int64_t ldx, int64_t rows, int64_t K, const int8_t *q8, const uint16_t *dm,
                       int64_t groups, int has_m, const float *bias, float *y, int64_t ldy, int64_t N) {
     const int64_t panels = (groups + PG - 1) / PG, chunks = (rows + PROWS - 1) / PROWS;
