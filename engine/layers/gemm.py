@@ -60,10 +60,9 @@ def panel_numel(weight_t: torch.Tensor) -> int:
 def pack_model(model: nn.Module, enabled: bool = True) -> None:
     """Give every layer that has a weight_panels slot (see panel_source) its layout for steps of
     several rows, each kind in one buffer on huge pages (together they are the bulk of what a
-    decode step reads): for a weight that came block-quantized, AMX tiles where the CPU has them
-    (they then take every step, and a linear layer drops its fp32 copy), else its integers as
-    int8 on AVX-512 (bqgemm, which then takes every step, and a linear layer drops its fp32 copy); fp32
-    panels for the rest. The integers collected while loading are dropped after."""
+    decode step reads): for a weight that came block-quantized, AMX tiles where the CPU has them,
+    else its integers as int8 on AVX-512 (bqgemm); either then takes every step and a linear layer
+    drops its fp32 copy. fp32 panels for the rest. The integers collected while loading are dropped after."""
     slots = [m for m in model.modules() if hasattr(m, "weight_panels")]
     if enabled:
         on_cpu = [m for m in slots if m.panel_source().is_cpu]  # (a GPU engine's layers keep their weights)
@@ -75,13 +74,13 @@ def pack_model(model: nn.Module, enabled: bool = True) -> None:
         blocked = [m for m in on_cpu if bqgemm.packable(m.block_quant)]
         for layer, q8, dm in _quant_buffers(blocked, torch.int8, torch.float16):
             layer.weight_bq = bqgemm.pack(layer.block_quant, q8, dm)
-        # either takes every fp32 step: the fp32 copy goes (an embedding keeps its table for the lookups)
-        for layer in on_cpu:
-            if (layer.weight_amx is not None or getattr(layer, "weight_bq", None) is not None) \
-                    and hasattr(layer, "drop_dense"):
+        def quantized(m: nn.Module) -> bool:  # tiles or int8 blocks: either takes every fp32 step
+            return m.weight_amx is not None or getattr(m, "weight_bq", None) is not None
+
+        for layer in on_cpu:  # so the fp32 copy goes (an embedding keeps its table for the lookups)
+            if quantized(layer) and hasattr(layer, "drop_dense"):
                 layer.drop_dense()
-        paneled = [m for m in slots if m.weight_amx is None and getattr(m, "weight_bq", None) is None
-                   and packable(m.panel_source())]
+        paneled = [m for m in slots if not quantized(m) and packable(m.panel_source())]
         sizes = [panel_numel(m.panel_source()) for m in paneled]
         for layer, panels in zip(paneled, hugepages.empty(sum(sizes)).split(sizes)):
             layer.weight_panels = pack(layer.panel_source(), panels)

@@ -51,7 +51,7 @@ def test_a_row_does_not_depend_on_the_batch_or_the_path_and_strided_rows_work(n:
 @pytest.mark.parametrize("kind,n,k", [("q4_0", 200, 96), ("q4_1", 200, 96), ("q5_1", 70, 576), ("q8_0", 17, 1536)])
 def test_prefill_chunks_are_an_fp32_matmul_over_the_dequantized_weights(kind: str, n: int, k: int) -> None:
     # from PANEL_MIN rows: 64-column panels dequantized as the checkpoint's fp32 weights are (d q, then + m, each
-    # rounded), then one running fp32 sum per output: MKL's numbers up to the order of the sum. 200 columns: 3
+    # rounded), then fp32 sums per output over 128 k at a time: MKL's numbers up to the order of the sum. 200 columns: 3
     # panels and a part-filled fourth; 70 and 17: a last group of 6 and 1 columns. 500 rows: 3 work items of rows
     # (240, 240, 20), a short last tile. x's rows strided (read in place, not copied)
     quant = random_quant(n, k, kind, seed=5)
