@@ -30,6 +30,8 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
+from pdserve.launch import swap_keys
+
 log = logging.getLogger("pdserve.supervisor")
 START_TIMEOUT_S = 900.0  # a new replica's model load and peak probe; past it the start failed (tried again later)
 
@@ -170,11 +172,11 @@ class Supervisor:
             added += 1
             log.warning("%s/%d joined the pool", role, len(replicas) - 1)
         while len(replicas) > n:
-            replica = replicas[-1]
+            replica = self._leaving(role)
             left = self._on_loop(router.drain(replica, drain_timeout_s), timeout=drain_timeout_s + 30)
-            if role == "decode":  # its pool: prompts still bound there move elsewhere
-                drop_decode([r.actor for r in router.placement.prefill if r.healthy],
-                            self.pools.pool_names[replica.index])
+            if role == "decode":  # its pool (and those of its failed restarts): prompts bound there move elsewhere
+                for pool in {self.pools.pool_names[replica.index], *self._dead_pools.pop(replica.index, ())}:
+                    drop_decode([r.actor for r in router.placement.prefill if r.healthy], pool)
             else:  # its pair groups with the decode replicas
                 drop_prefill([r.actor for r in router.placement.decode if r.healthy],
                              self.pools.kv_uids.pop(replica.index, None), "it left the pool")
@@ -187,6 +189,21 @@ class Supervisor:
             removed += 1
             log.warning("%s left the pool (drained; %d requests moved elsewhere)", replica.name, left)
         return added, removed
+
+    def _leaving(self, role: str):
+        """The replica a shrinking pool gives up: one that cannot take requests (down, or dead and not yet
+        replaced) before a healthy one, else the last. The pools and the router keep replicas by index and
+        remove the last, so a leaving replica that is not the last first trades places with it (the last
+        one takes its index and its name)."""
+        router = self.server.router
+        replicas = getattr(router.placement, role)
+        last = len(replicas) - 1
+        i = next((i for i, r in enumerate(replicas) if not r.serves), last)
+        if i != last:
+            self.pools.swap(role, i, last)
+            swap_keys(self._dead_pools, i, last)
+            self._on_loop(router.swap_replicas(role, i, last))
+        return replicas[last]
 
     def _run(self) -> None:
         placement = self.server.router.placement

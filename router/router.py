@@ -218,6 +218,13 @@ class Router(pb_grpc.GenerationServicer):
             await asyncio.sleep(0.05)
         return left
 
+    async def swap_replicas(self, role: str, i: int, j: int) -> None:
+        """Replicas i and j of pool `role` trade places and indexes (so names: a shrinking pool gives up its
+        last, pdserve.supervisor)."""
+        pool = getattr(self.placement, role)
+        pool[i], pool[j] = pool[j], pool[i]
+        pool[i].index, pool[j].index = i, j
+
     async def remove_replica(self, replica: Replica) -> None:
         """The drained replica was stopped: requests still on it move elsewhere; it leaves the pool."""
         self.inboxes.fail(replica, f"{replica.name} left the pool before they finished")

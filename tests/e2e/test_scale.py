@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import grpc
 import pytest
@@ -102,3 +103,32 @@ def test_a_replica_ray_cannot_place_is_refused_and_leaves_no_placement_group(clu
     assert len(cluster.router.placement.decode) == before and not pending()
     created = sum(g["state"] == "CREATED" for g in placement_group_table().values())
     assert created == len(cluster.pools.groups["prefill"]) + len(cluster.pools.groups["decode"])
+
+
+def test_a_shrinking_pool_gives_up_a_dead_replica_before_a_healthy_one(cluster, want) -> None:
+    import ray
+
+    with Client(cluster.address, timeout=120) as client:
+        assert client.scale("decode", 2).replicas == 2
+        first, second = cluster.router.placement.decode
+        survivor_pool = cluster.pools.pool_names[1]
+        dead_pool = cluster.pools.pool_names[0]
+        cluster.supervisor.replace_dead = False  # left dead, so that the shrink has to choose
+        try:
+            ray.kill(first.actor)
+            deadline = time.monotonic() + 30
+            while first.healthy and time.monotonic() < deadline:  # the router's stats poll finds it dead
+                time.sleep(0.05)
+            assert not first.healthy
+            shrunk = client.scale("decode", 1, drain_timeout_s=0.05)
+        finally:
+            cluster.supervisor.replace_dead = True
+        assert (shrunk.replicas, shrunk.removed) == (1, 1)
+        # the healthy one stays, under the first index and name
+        assert cluster.router.placement.decode == [second] and second.name == "decode/0"
+        assert cluster.pools.pool_names == [survivor_pool] and cluster.pools.actors["decode"] == [second.actor]
+        assert pool_path(survivor_pool).exists() and not pool_path(dead_pool).exists()
+        assert [r.healthy for r in replicas(client, "decode")] == [True]
+        got = client.generate(PROMPTS[0], **{**LONG, "max_tokens": 16})
+        assert got.token_ids == want[0][:16] and got.timings["decode_replica"] == "decode/0"
+        assert not any(wait_idle(client).values())
