@@ -5,7 +5,8 @@ the cluster's end-to-end throughput against the offline engine on the same reque
     python -m benchmarks.serving --out bench-serving [--requests 24] [--rates 0.25,0.5,1,1.5] [--only LABELS]
         [--profile profile.json]   # also the slo_aware layout (1P1D, router.dispatch slo_aware)
         [--fresh-prompts]          # new prompts at each rate (else each rate re-sends the same ones)
-    python -m benchmarks.serving --burst [--only colocated]   # only the all-at-once throughput, beside offline
+    python -m benchmarks.serving --burst [--only colocated] [--pairs 5]   # only the all-at-once throughput, beside
+        # offline (--pairs: rounds of both in turn on new requests, the median ratio)
         [--policies fcfs,lof,spf]  # the pool that prefills under each scheduling policy in turn
     python -m benchmarks.serving --front-doors [--only colocated] [--requests 24] [--rate 1] [--repeats 2]
 
@@ -28,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -71,11 +73,18 @@ def configs(profile: str | None = None) -> dict[str, ClusterConfig]:
         if profile else {})
 
 
-def offline_throughput(requests: list[tuple[list[int], int]]) -> dict[str, float]:
-    """The same requests through one offline engine with both cores, all at once."""
-    from engine import LLM, SamplingParams
+def offline_engine(num_threads: int = 2, **kw: Any):
+    """The offline engine the cluster is held against: one LLM on `num_threads` cores, the pools' options."""
+    from engine import LLM
 
-    llm = LLM("default", num_kv_blocks=1024, max_num_batched_tokens=512, num_threads=2)
+    return LLM("default", num_kv_blocks=1024, max_num_batched_tokens=512, num_threads=num_threads, **kw)
+
+
+def offline_throughput(requests: list[tuple[list[int], int]], llm: Any = None) -> dict[str, float]:
+    """The same requests through one offline engine with both cores (`llm`, else a new one), all at once."""
+    from engine import SamplingParams
+
+    llm = llm or offline_engine()
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
     start = time.perf_counter()
     outs = llm.generate([p for p, _ in requests], params)
@@ -85,16 +94,16 @@ def offline_throughput(requests: list[tuple[list[int], int]]) -> dict[str, float
             "requests_per_s": len(requests) / elapsed}
 
 
-def offline_pipeline(requests: list[tuple[list[int], int]]) -> dict[str, float]:
+def offline_pipeline(requests: list[tuple[list[int], int]], llm: Any = None) -> dict[str, float]:
     """What two one-thread offline engines deliver on the requests as a perfect pipeline (one only
     prefills, the other only decodes, each on its core): output tokens / max(prefill, decode), where
     prefill is one one-thread engine's wall time on every prompt with one new token, and decode that
     engine's wall time on the whole requests less prefill. An upper bound for the disaggregated
     layout: no pipeline fill or drain, and each part measured with the other core idle."""
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
 
-    llm = LLM("default", num_kv_blocks=1024, max_num_batched_tokens=512, num_threads=1,
-              enable_prefix_caching=False)  # else the second pass finds the prompts cached
+    # without a prefix cache, else the second pass finds the prompts cached
+    llm = llm or offline_engine(num_threads=1, enable_prefix_caching=False)
     prompts = [p for p, _ in requests]
     start = time.perf_counter()
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
@@ -113,34 +122,78 @@ def with_policy(config: ClusterConfig, policy: str) -> ClusterConfig:
     return dataclasses.replace(config, **{pool: dataclasses.replace(getattr(config, pool), scheduling_policy=policy)})
 
 
+_offline: Any = None  # in an OfflineEngine's process: its LLM
+
+
+def _offline_start(num_threads: int, kw: dict[str, Any], warmup: list[tuple[list[int], int]]) -> None:
+    global _offline
+    _offline = offline_engine(num_threads, **kw)
+    offline_throughput(warmup, _offline)  # a process's first pass runs slower
+
+
+def _offline_run(requests: list[tuple[list[int], int]], pipeline: bool) -> dict[str, float]:
+    return (offline_pipeline if pipeline else offline_throughput)(requests, _offline)
+
+
+class OfflineEngine:
+    """An offline engine (offline_engine's) in a process of its own, kept between runs: not in the
+    process that hosts the router, whose threads would share its interpreter."""
+
+    def __init__(self, warmup: list[tuple[list[int], int]], num_threads: int = 2, **kw: Any) -> None:
+        self.pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_offline_start,
+                                        initargs=(num_threads, kw, warmup))
+
+    def run(self, requests: list[tuple[list[int], int]], pipeline: bool = False) -> dict[str, float]:
+        """offline_throughput (or offline_pipeline) of the requests."""
+        return self.pool.submit(_offline_run, requests, pipeline).result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 def burst_only(args) -> int:
     """Each chosen configuration's output tok/s on the requests sent at once (after a warm-up), over
     the offline engine's on the same requests (both cores, one engine): what the service layer costs;
     the disaggregated and conditional layouts also over offline_pipeline's bound, their two one-core
     engines offline. With --policies, each configuration once per scheduling policy of the pool that
-    prefills, in turn."""
-    requests = make_requests(WORKLOAD, args.requests, seed=0, vocab=49152, max_len=8192)
-    warmup = make_requests(WORKLOAD, 2, seed=1, vocab=49152, max_len=8192)
+    prefills, in turn. With --pairs N, N rounds on one cluster and one offline engine (a process of its
+    own, idle while the cluster runs and the other way round), each round new requests (seed = round)
+    through the offline engine and then the cluster, so that the host's drift over minutes falls on
+    both alike; the median of the rounds' ratios closes."""
+    warmup = make_requests(WORKLOAD, 2, seed=1000, vocab=49152, max_len=8192)
     chosen = args.only.split(",") if args.only else list(configs())
     policies = args.policies.split(",") if args.policies else [None]
-    offline = offline_throughput(requests)["output_tokens_per_s"]
-    print(f"offline engine: {offline:.1f} output tok/s", flush=True)
-    pipeline = None
-    if set(chosen) - {"colocated"}:
-        pipe = offline_pipeline(requests)
-        pipeline = pipe["output_tokens_per_s"]
-        print(f"two one-thread engines offline, a perfect pipeline: {pipeline:.1f} output tok/s (prefill "
-              f"{pipe['prefill_s']:.2f} s, decode {pipe['decode_s']:.2f} s)", flush=True)
-    for label, config in configs().items():
-        for policy in policies if label in chosen else ():
-            with start_cluster(with_policy(config, policy) if policy else config, progress=None) as cluster:
-                run_benchmark(cluster.address, warmup, None)
-                run = run_benchmark(cluster.address, requests, None)
-            got = run["output_throughput"]
-            split = f", {got / pipeline:.3f} of the pipeline" if pipeline and label != "colocated" else ""
-            print(f"{label}{f' ({policy})' if policy else ''}: {got:.1f} output tok/s, {got / offline:.3f} of "
-                  f"offline{split}; TTFT mean {run['ttft_ms']['mean'] / 1000:.2f} s, last request done at "
-                  f"{run['duration_s']:.2f} s", flush=True)
+    rounds = [make_requests(WORKLOAD, args.requests, seed=i, vocab=49152, max_len=8192) for i in range(args.pairs)]
+    offline = OfflineEngine(warmup)
+    pipeline = OfflineEngine(warmup, num_threads=1, enable_prefix_caching=False) \
+        if set(chosen) - {"colocated"} else None  # without a prefix cache, else its second pass finds the prompts
+    try:
+        for label, config in configs().items():
+            for policy in policies if label in chosen else ():
+                name = f"{label}{f' ({policy})' if policy else ''}"
+                ratios, split = [], []
+                with start_cluster(with_policy(config, policy) if policy else config, progress=None) as cluster:
+                    run_benchmark(cluster.address, warmup, None)
+                    for i, requests in enumerate(rounds):
+                        alone = offline.run(requests)["output_tokens_per_s"]
+                        pipe = pipeline.run(requests, pipeline=True) if pipeline and label != "colocated" else None
+                        run = run_benchmark(cluster.address, requests, None)
+                        got = run["output_throughput"]
+                        ratios.append(got / alone)
+                        line = f"{name}, round {i}: offline engine {alone:.1f} output tok/s, cluster {got:.1f}: " \
+                               f"{got / alone:.3f} of offline"
+                        if pipe:
+                            split.append(got / pipe["output_tokens_per_s"])
+                            line += f", {split[-1]:.3f} of two one-thread engines offline as a perfect pipeline " \
+                                    f"({pipe['output_tokens_per_s']:.1f} tok/s: prefill {pipe['prefill_s']:.2f} s, " \
+                                    f"decode {pipe['decode_s']:.2f} s)"
+                        print(f"{line}; TTFT mean {run['ttft_ms']['mean'] / 1000:.2f} s, last request done at "
+                              f"{run['duration_s']:.2f} s", flush=True)
+                print(f"{name}: median {statistics.median(ratios):.3f} of offline over {len(ratios)} rounds"
+                      + (f", {statistics.median(split):.3f} of the pipeline" if split else ""), flush=True)
+    finally:
+        for engine in filter(None, (offline, pipeline)):
+            engine.close()
     return 0
 
 
@@ -224,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           "configuration and compare with the offline engine")
     ap.add_argument("--policies", help="--burst: comma-separated scheduling policies (fcfs, lof, spf) of the pool "
                                        "that prefills, each configuration run once per policy in turn")
+    ap.add_argument("--pairs", type=int, default=1, help="--burst: rounds of offline engine then cluster, each on "
+                                                         "new requests; the median ratio (default %(default)s)")
     ap.add_argument("--front-doors", action="store_true", help="one cluster: the same Poisson workload through "
                                                                 "its gRPC and its HTTP front door, HTTP over gRPC")
     ap.add_argument("--rate", type=float, default=1.0, help="--front-doors: requests/s (default %(default)s)")
