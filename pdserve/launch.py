@@ -381,12 +381,14 @@ class Pools:
         else:
             _kill(self.actors[role][index])
 
-    def swap(self, role: str, i: int, j: int) -> None:
-        """Replicas i and j of `role` trade indexes (with their actors, placement groups and KV names)."""
+    def swap(self, role: str, i: int, j: int, *by_index: dict) -> None:
+        """Replicas i and j of `role` trade indexes (with their actors, placement groups and KV names, and what
+        the dicts by_index, the caller's, hold for each)."""
         for entries in (self.actors[role], self.groups[role], *([self.pool_names] if role == "decode" else [])):
             entries[i], entries[j] = entries[j], entries[i]
-        if role == "prefill":
-            swap_keys(self.kv_uids, i, j)
+        for entries in (*([self.kv_uids] if role == "prefill" else []), *by_index):
+            at_i, at_j = entries.pop(i, None), entries.pop(j, None)
+            entries.update({k: v for k, v in ((j, at_i), (i, at_j)) if v is not None})
 
     def remove_last(self, role: str) -> None:
         """The pool's last replica has drained and stopped (or failed to start): drop its actor and placement
@@ -395,12 +397,6 @@ class Pools:
         self.unplace(self.groups[role].pop())
         if role == "decode":
             self.pool_names.pop()
-
-
-def swap_keys(entries: dict, i: Any, j: Any) -> None:
-    """What entries hold under i and under j trade keys (a key with nothing stays without)."""
-    at_i, at_j = entries.pop(i, None), entries.pop(j, None)
-    entries.update({k: v for k, v in ((j, at_i), (i, at_j)) if v is not None})
 
 
 def _kill(actor) -> None:

@@ -30,8 +30,6 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
-from pdserve.launch import swap_keys
-
 log = logging.getLogger("pdserve.supervisor")
 START_TIMEOUT_S = 900.0  # a new replica's model load and peak probe; past it the start failed (tried again later)
 
@@ -200,8 +198,7 @@ class Supervisor:
         last = len(replicas) - 1
         i = next((i for i, r in enumerate(replicas) if not r.serves), last)
         if i != last:
-            self.pools.swap(role, i, last)
-            swap_keys(self._dead_pools, i, last)
+            self.pools.swap(role, i, last, *([self._dead_pools] if role == "decode" else []))
             self._on_loop(router.swap_replicas(role, i, last))
         return replicas[last]
 

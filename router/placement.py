@@ -240,11 +240,12 @@ class Placement:
         while True:
             for d in order or self.decode_order(prompt):
                 try:
+                    reservation = None
                     if local:
                         await call(d, p.rid, d.actor.add_local.remote(ids, params, p.rid))
-                        self._placed_on(p, d)
-                        return True
-                    reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid, local_below))
+                    else:
+                        reservation = await call(d, p.rid, d.actor.reserve.remote(ids, params, p.rid,
+                                                                                   local_below))
                 except asyncio.CancelledError:  # the call goes on at the replica: release() aborts it there
                     p.decode, p.decoding = d, True
                     raise
@@ -252,6 +253,11 @@ class Placement:
                     if e.code != grpc.StatusCode.UNAVAILABLE or not any(r.serves for r in self.decode):
                         raise
                     continue  # that replica is gone (and now marked so): the next one
+                if d not in self.decode:  # it drained and left the pool while the call was on its way back (its
+                    continue  # events no longer come here, and it is stopped): the next one
+                if local:
+                    self._placed_on(p, d)
+                    return True
                 if reservation is not None:
                     self._placed_on(p, d)
                     if reservation.local:

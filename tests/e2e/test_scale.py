@@ -132,3 +132,34 @@ def test_a_shrinking_pool_gives_up_a_dead_replica_before_a_healthy_one(cluster, 
         got = client.generate(PROMPTS[0], **{**LONG, "max_tokens": 16})
         assert got.token_ids == want[0][:16] and got.timings["decode_replica"] == "decode/0"
         assert not any(wait_idle(client).values())
+
+
+def test_a_placement_answered_after_its_replica_left_the_pool_goes_to_another(cluster) -> None:
+    """A request's add_local (or reserve) still on its way back while its replica drains and leaves the pool: the
+    router no longer reads that replica's events, so the request goes to the next replica rather than wait there
+    for tokens that never come."""
+    from kv_transfer.wiring import drop_decode
+    from router.placement import Placed
+
+    with Client(cluster.address, timeout=120) as client:
+        assert client.scale("decode", 2).replicas == 2
+    router = cluster.router
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, cluster.server.loop).result(timeout=60)
+
+    stay, leave = router.placement.decode
+    with cluster.supervisor._lock:  # as a scale-down does, but its actor still answers: the removal comes first
+        on_loop(router.remove_replica(leave))
+        p = Placed("late")
+        try:
+            params = dict(temperature=0.0, max_tokens=4, ignore_eos=True)
+            assert on_loop(router.placement.place_decode(p, PROMPTS[0], params, local=True, order=[leave]))
+            assert p.decode is stay and stay.in_flight == 1
+        finally:
+            on_loop(router.placement.release(p))
+            drop_decode([r.actor for r in router.placement.prefill], cluster.pools.pool_names[1])
+            cluster.pools.remove_last("decode")
+    with Client(cluster.address, timeout=120) as client:
+        assert [r.healthy for r in replicas(client, "decode")] == [True]
+        assert not any(wait_idle(client).values())
