@@ -7,7 +7,7 @@ the cluster's end-to-end throughput against the offline engine on the same reque
         [--fresh-prompts]          # new prompts at each rate (else each rate re-sends the same ones)
     python -m benchmarks.serving --burst [--only colocated] [--pairs 5]   # only the all-at-once throughput, beside
         # offline (--pairs: rounds of both in turn on new requests, the median ratio)
-        [--policies fcfs,lof,spf]  # the pool that prefills under each scheduling policy in turn
+        [--policies fcfs,lof,spf,johnson]  # the pool that prefills under each scheduling policy in turn
     python -m benchmarks.serving --front-doors [--only colocated] [--requests 24] [--rate 1] [--repeats 2]
 
 disaggregated: 1 prefill + 1 decode replica, one core and one torch thread each, every prompt
@@ -151,6 +151,27 @@ class OfflineEngine:
         self.pool.shutdown()
 
 
+def _stepping(cluster) -> dict[str, tuple[float, float]]:
+    """Each pool's first replica: (seconds stepping, of them off the engine thread's core) so far."""
+    import ray
+
+    actors = {pool: getattr(cluster, pool)[0] for pool in ("prefill", "decode") if getattr(cluster, pool)}
+    stats = dict(zip(actors, ray.get([a.stats.remote() for a in actors.values()])))
+    return {pool: (s["busy_seconds"], s.get("step_off_cpu_seconds", 0.0)) for pool, s in stats.items()}
+
+
+def where_it_went(run: dict[str, Any], before: dict, after: dict, pipe: dict[str, float] | None) -> str:
+    """One line: each replica's stepping time in the run (and its time off its core), the offline prefill's
+    beside the prefill replica's, and the tail: how long the run went on after the last first token."""
+    parts = []
+    for pool, (busy, off) in after.items():
+        b, o = busy - before[pool][0], off - before[pool][1]
+        parts.append(f"{pool} replica stepping {b:.2f} s ({o:.2f} s of it off its core)"
+                     + (f" against {pipe['prefill_s']:.2f} s offline" if pool == "prefill" and pipe else ""))
+    last_first = max(r["send_time"] + r["ttft"] for r in run["requests"] if r["ttft"] is not None)
+    return "; ".join(parts) + f"; {run['duration_s'] - last_first:.2f} s after the last first token"
+
+
 def burst_only(args) -> int:
     """Each chosen configuration's output tok/s on the requests sent at once (after a warm-up), over
     the offline engine's on the same requests (both cores, one engine): what the service layer costs;
@@ -177,7 +198,9 @@ def burst_only(args) -> int:
                     for i, requests in enumerate(rounds):
                         alone = offline.run(requests)["output_tokens_per_s"]
                         pipe = pipeline.run(requests, pipeline=True) if pipeline and label != "colocated" else None
-                        run = run_benchmark(cluster.address, requests, None)
+                        before = _stepping(cluster)
+                        run = run_benchmark(cluster.address, requests, None, detailed=True)
+                        went = where_it_went(run, before, _stepping(cluster), pipe)
                         got = run["output_throughput"]
                         ratios.append(got / alone)
                         line = f"{name}, round {i}: offline engine {alone:.1f} output tok/s, cluster {got:.1f}: " \
@@ -188,7 +211,7 @@ def burst_only(args) -> int:
                                     f"({pipe['output_tokens_per_s']:.1f} tok/s: prefill {pipe['prefill_s']:.2f} s, " \
                                     f"decode {pipe['decode_s']:.2f} s)"
                         print(f"{line}; TTFT mean {run['ttft_ms']['mean'] / 1000:.2f} s, last request done at "
-                              f"{run['duration_s']:.2f} s", flush=True)
+                              f"{run['duration_s']:.2f} s\n  {went}", flush=True)
                 print(f"{name}: median {statistics.median(ratios):.3f} of offline over {len(ratios)} rounds"
                       + (f", {statistics.median(split):.3f} of the pipeline" if split else ""), flush=True)
     finally:
@@ -275,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "summary take every <config>.json already in --out")
     ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
                                                           "configuration and compare with the offline engine")
-    ap.add_argument("--policies", help="--burst: comma-separated scheduling policies (fcfs, lof, spf) of the pool "
-                                       "that prefills, each configuration run once per policy in turn")
+    ap.add_argument("--policies", help="--burst: comma-separated scheduling policies (fcfs, lof, spf, johnson) of "
+                                       "the pool that prefills, each configuration run once per policy in turn")
     ap.add_argument("--pairs", type=int, default=1, help="--burst: rounds of offline engine then cluster, each on "
                                                          "new requests; the median ratio (default %(default)s)")
     ap.add_argument("--front-doors", action="store_true", help="one cluster: the same Poisson workload through "

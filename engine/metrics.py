@@ -69,10 +69,15 @@ class StepMetrics:
         self.steps = 0
         self.tokens = 0
         self.busy_seconds = 0.0
+        # of busy_seconds, the time the stepping thread was off its core: preempted by other threads (the
+        # service's, a neighbour's), or waiting for its OpenMP team or for I/O; what it lost to the host
+        self.off_cpu_seconds = 0.0
         self.step_seconds_counts = [0] * (len(STEP_SECONDS_BUCKETS) + 1)  # the last is +Inf
         self.batch_tokens_counts = [0] * (len(BATCH_TOKENS_BUCKETS) + 1)
 
-    def record(self, seconds: float, tokens: int, flops: float, bytes_read: float) -> None:
+    def record(self, seconds: float, tokens: int, flops: float, bytes_read: float,
+               cpu_seconds: float | None = None) -> None:
+        """cpu_seconds: the stepping thread's own CPU time in the step (None: not measured)."""
         end = time.monotonic()
         self._recent.append((end, seconds, flops, bytes_read))
         while self._recent and self._recent[0][0] < end - self.window_s:
@@ -80,6 +85,8 @@ class StepMetrics:
         self.steps += 1
         self.tokens += tokens
         self.busy_seconds += seconds
+        if cpu_seconds is not None:
+            self.off_cpu_seconds += max(0.0, seconds - cpu_seconds)
         self.step_seconds_counts[bisect_left(STEP_SECONDS_BUCKETS, seconds)] += 1
         self.batch_tokens_counts[bisect_left(BATCH_TOKENS_BUCKETS, tokens)] += 1
 
@@ -89,6 +96,7 @@ class StepMetrics:
         busy = sum(r[1] for r in recent)
         return dict(
             steps=self.steps, tokens=self.tokens, busy_seconds=self.busy_seconds,
+            step_off_cpu_seconds=self.off_cpu_seconds,
             busy_fraction=min(1.0, busy / self.window_s),
             flops_per_s=sum(r[2] for r in recent) / busy if busy else 0.0,  # while busy
             bytes_per_s=sum(r[3] for r in recent) / busy if busy else 0.0,

@@ -121,6 +121,8 @@ _GAUGES = [
 _COUNTERS = [
     ("pdserve_tokens_processed", "tokens_processed", "Prompt tokens prefilled (prefill) or tokens generated (decode)"),
     ("pdserve_steps", "steps", "Engine steps"),
+    ("pdserve_step_off_cpu_seconds", "step_off_cpu_seconds", "Seconds within steps the engine's thread was off its "
+                                                             "core: preempted by other threads, or waiting"),
     ("pdserve_preemptions", "num_preemptions", "Sequences preempted for KV blocks"),
     ("pdserve_kv_transfer_bytes", "kv_bytes_sent", "KV bytes written into decode pools"),
     ("pdserve_kv_leases_expired", "leases_expired", "KV reservations given up at their lease's end"),

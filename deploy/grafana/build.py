@@ -23,6 +23,13 @@ def hist(metric: str, p: float, by: str = "", where: str = "") -> str:
 PER_REPLICA = '{pool="%s", replica=~"$replica"}'
 
 
+def off_cpu(pool: str) -> str:
+    """A pool's share of step time its engine threads spent off their cores (preempted by other threads, or
+    waiting), per replica: what the host's other work costs the engine."""
+    rate = f"sum by (replica) (rate(pdserve_%s{PER_REPLICA % pool}[{RI}]))"
+    return f"{rate % 'step_off_cpu_seconds_total'} / {rate % 'step_seconds_sum'}"
+
+
 def cache_hits(pool: str) -> str:
     """A pool's prefix-cache hit ratio per replica: prompt tokens found over those looked up."""
     rate = f"sum by (replica) (rate(pdserve_prefix_cache_%s_total{PER_REPLICA % pool}[{RI}]))"
@@ -45,6 +52,8 @@ DASHBOARDS = {
             q(hist("pdserve_batch_tokens", 0.99, "replica", PER_REPLICA % "prefill"), "p99 prefill/{{replica}}")]),
         ("Prefix cache hit ratio (prompt tokens not computed)", "percentunit",
          [q(cache_hits("prefill"), "prefill/{{replica}}")]),
+        ("Step time off the engine's core (preempted or waiting)", "percentunit",
+         [q(off_cpu("prefill"), "prefill/{{replica}}")]),
     ]),
     "pdserve-decode": ("pdserve: decode utilization", [
         ("MBU (bytes/s read over peak, while busy)", "percentunit",
@@ -67,6 +76,8 @@ DASHBOARDS = {
             "decode/{{replica}}")]),
         ("Prefix cache hit ratio (prompt tokens held, not sent or computed)", "percentunit",
          [q(cache_hits("decode"), "decode/{{replica}}")]),
+        ("Step time off the engine's core (preempted or waiting)", "percentunit",
+         [q(off_cpu("decode"), "decode/{{replica}}")]),
     ]),
     "pdserve-latency": ("pdserve: latency and SLOs", [
         ("Time to first token (p50, p99)", "s", [q(hist("pdserve_time_to_first_token_seconds", 0.5), "p50"),

@@ -145,7 +145,8 @@ def test_every_panel_query_returns_data_from_a_loaded_cluster(ray_local, tiny_ch
 MAY_STAY_ZERO = ("preemptions", "failures", "leases_expired", "requests_queued", "admission_refusals",
                  "waiting_prefill_tokens", "saved_bytes", "prefix_cache_hits",
                  "dispatch_rule", "autoscale")  # and what a cluster without slo_aware or autoscaling leaves there
-FRACTIONS = ("pdserve_mfu", "pdserve_mbu", "busy_fraction", "kv_blocks_used", "prefix_cache_hits", "slo_met")
+FRACTIONS = ("pdserve_mfu", "pdserve_mbu", "busy_fraction", "kv_blocks_used", "prefix_cache_hits", "slo_met",
+             "step_off_cpu")
 
 
 def wrong_values(panel: str, expr: str, values: list[float]) -> str | None:

@@ -53,3 +53,40 @@ def test_a_failed_step_fails_later_calls() -> None:
     assert isinstance(loop.error, ZeroDivisionError) and errors == [loop.error]
     with pytest.raises(EngineDead):
         loop.call(lambda: 1).result(timeout=5)
+
+
+def _run_steps(step, n: int) -> dict:
+    loop = EngineLoop()
+    try:
+        left, done = [n], []
+
+        def counted():
+            step()
+            left[0] -= 1
+
+        loop.bind(counted, lambda: left[0] > 0, done.append)
+        deadline = time.monotonic() + 10
+        while len(done) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(done) == n
+        return loop.metrics.snapshot()
+    finally:
+        loop.stop()
+
+
+def test_step_time_off_the_engine_thread_s_core_is_counted_apart() -> None:
+    """A step that sleeps spends its time off its core; one that computes spends it on its core: the
+    metric that shows what other threads on the engine's cores (or waits) cost its steps."""
+    asleep = _run_steps(lambda: time.sleep(0.05), 4)
+    assert asleep["busy_seconds"] >= 0.2 and asleep["step_off_cpu_seconds"] >= 0.18
+    assert asleep["step_off_cpu_seconds"] <= asleep["busy_seconds"]
+
+    def spin() -> None:
+        end = time.thread_time() + 0.05  # 50 ms of this thread's own CPU time
+        while time.thread_time() < end:
+            pass
+
+    busy = _run_steps(spin, 4)
+    assert busy["busy_seconds"] >= 0.2
+    # on its core but for what other threads take from it on a loaded host (the suite's own): most of the step
+    assert busy["step_off_cpu_seconds"] < 0.5 * busy["busy_seconds"]

@@ -176,11 +176,14 @@ def started(sched: Scheduler) -> list[str]:
     return order
 
 
-@pytest.mark.parametrize("policy, want", [("fcfs", "abcd"), ("lof", "cadb"), ("spf", "bdac")])
+# johnson: only e has fewer prompt than output tokens (3 < 9): it first, then the rest by output, the most first
+# (c 20; a and d 8, in arrival order; b 2)
+@pytest.mark.parametrize("policy, want", [("fcfs", "abcde"), ("lof", "ceadb"), ("spf", "ebdac"),
+                                          ("johnson", "ecadb")])
 def test_a_scheduling_policy_orders_a_burst(policy: str, want: str) -> None:
     # one sequence at a time (max_num_seqs=1): the order they start in is the policy's
     sched = make(max_num_seqs=1, scheduling_policy=policy)
-    for rid, prompt, out in [("a", 30, 8), ("b", 5, 2), ("c", 40, 20), ("d", 10, 8)]:
+    for rid, prompt, out in [("a", 30, 8), ("b", 5, 2), ("c", 40, 20), ("d", 10, 8), ("e", 3, 9)]:
         sched.add(seq(prompt, max_tokens=out, rid=rid))
     assert "".join(started(sched)) == want  # equal keys (a, d under lof) keep arrival order
 
