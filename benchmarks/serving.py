@@ -7,12 +7,14 @@ the cluster's end-to-end throughput against the offline engine on the same reque
         [--fresh-prompts]          # new prompts at each rate (else each rate re-sends the same ones)
     python -m benchmarks.serving --burst [--only colocated] [--pairs 5]   # only the all-at-once throughput, beside
         # offline (--pairs: rounds of both in turn on new requests, the median ratio)
-        [--policies fcfs,lof,spf,johnson]  # the pool that prefills under each scheduling policy in turn
+        [--policies fcfs,lof,spf]  # the pool that prefills under each scheduling policy in turn
     python -m benchmarks.serving --front-doors [--only colocated] [--requests 24] [--rate 1] [--repeats 2]
 
 disaggregated: 1 prefill + 1 decode replica, one core and one torch thread each, every prompt
-prefilled on the prefill replica; conditional: the same pools, but prompts under 300 tokens (the
-chats) are prefilled on the decode replica and only the documents go to the prefill replica;
+prefilled on the prefill replica; disaggregated-pinned: the same with the prefill engine's thread alone on
+core 0 and everything else (the decode engine, the router, Ray, the replicas' other threads) on core 1;
+conditional: the same pools, but prompts under 300 tokens (the chats) are prefilled on the decode
+replica and only the documents go to the prefill replica;
 colocated: one replica with both cores that prefills (chunked, 512-token budget) and decodes.
 The workload is the long-tail mix scaled to a 2-core CPU: 80% chats (prompt 32-256, output
 32-128 tokens), 20% documents (prompt 512-1536, output 16-64).
@@ -29,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -62,6 +65,12 @@ def configs(profile: str | None = None) -> dict[str, ClusterConfig]:
                  decode=PoolConfig(num_cpus=1, num_threads=1, max_num_batched_tokens=512, num_kv_blocks=1024))
     return {
         "disaggregated": ClusterConfig(name="bench-disagg", router=router, **split),
+        # the same, the prefill engine alone on core 0; the decode engine, the router, Ray and the replicas' other
+        # threads on core 1 (the decode replica has time to spare in a prefill-bound burst)
+        "disaggregated-pinned": ClusterConfig(
+            name="bench-disagg-pin", router=router, service_cpus="1",
+            prefill=dataclasses.replace(split["prefill"], cpus="0"),
+            decode=dataclasses.replace(split["decode"], cpus="1")),
         "conditional": ClusterConfig(name="bench-cond", router=RouterConfig(
             port=0, metrics_port=None, http_port=None, local_prefill_threshold=300, max_ongoing_requests=64),
             **split),
@@ -127,6 +136,8 @@ _offline: Any = None  # in an OfflineEngine's process: its LLM
 
 def _offline_start(num_threads: int, kw: dict[str, Any], warmup: list[tuple[list[int], int]]) -> None:
     global _offline
+    # every core, whatever the process that started it had then (a cluster's service_cpus pin the driver)
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
     _offline = offline_engine(num_threads, **kw)
     offline_throughput(warmup, _offline)  # a process's first pass runs slower
 
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "summary take every <config>.json already in --out")
     ap.add_argument("--burst", action="store_true", help="only send the requests all at once to each "
                                                           "configuration and compare with the offline engine")
-    ap.add_argument("--policies", help="--burst: comma-separated scheduling policies (fcfs, lof, spf, johnson) of "
+    ap.add_argument("--policies", help="--burst: comma-separated scheduling policies (fcfs, lof, spf) of "
                                        "the pool that prefills, each configuration run once per policy in turn")
     ap.add_argument("--pairs", type=int, default=1, help="--burst: rounds of offline engine then cluster, each on "
                                                          "new requests; the median ratio (default %(default)s)")

@@ -51,6 +51,11 @@ LAYOUTS: dict[str, list[str]] = {
     # one prefill and one decode replica, a core each: every prompt prefills on the prefill replica
     "1p1d": ["--prefill-replicas", "1", "--decode-replicas", "1", "--prefill-num-threads", "1",
              "--decode-num-threads", "1", "--local-prefill-threshold", "0"],
+    # the same, the decode engine's thread alone on core 1 and everything else (the prefill engine, the router, Ray,
+    # the replicas' other threads) on core 0: no service thread stops a decode step
+    "1p1d-pinned": ["--prefill-replicas", "1", "--decode-replicas", "1", "--prefill-num-threads", "1",
+                    "--decode-num-threads", "1", "--local-prefill-threshold", "0", "--prefill-cpus", "0",
+                    "--decode-cpus", "1", "--service-cpus", "0"],
 }
 # the decode pool's KV space is vllm serve's here (VLLM_CPU_KVCACHE_SPACE=4: 4 GiB; the default model's K and V take
 # 46,080 bytes a token, 16 tokens a block): with 1024 blocks pdserve's prefix cache lost the prompts a rate re-sends

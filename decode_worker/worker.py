@@ -51,9 +51,11 @@ class DecodeWorker(ReplicaShell):
     methods run on the engine thread, the rest on the actor's event loop."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], pool_name: str, lease_s: float = 30.0,
-                 peaks: dict[str, float] | None = None, kv_backend: str = "ipc") -> None:
+                 peaks: dict[str, float] | None = None, kv_backend: str = "ipc", cpus: tuple[int, ...] | None = None,
+                 service_cpus: tuple[int, ...] | None = None) -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured (measure_peaks) when not
-        given.
+        given. cpus, service_cpus: the cores of its engine thread and of its other threads (None: the OS's
+        choice; ReplicaShell._start_engine).
         kv_backend "ipc": each rank's slice of the KV pool in shared memory (or CUDA IPC) that prefill
         replicas on this host write into; "collective": each rank receives its slice over a pair group
         with each prefill replica (join_kv_pair)."""
@@ -77,7 +79,7 @@ class DecodeWorker(ReplicaShell):
             if peaks:  # else the shell's zeros until measure_peaks
                 self.peaks = peaks
             return self.engine.step
-        self._start_engine(build, engine_kwargs.get("num_threads"))
+        self._start_engine(build, engine_kwargs.get("num_threads"), cpus, service_cpus)
 
     async def info(self) -> dict[str, Any]:
         # pool: the replica's KV pool name; pools: every rank's slice of it

@@ -54,6 +54,11 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
+    @property
+    def native_id(self) -> int | None:
+        """The loop thread's id in the OS (its CPU affinity, its /proc entry)."""
+        return self._thread.native_id
+
     def bind(self, step: Callable[[], Any], has_work: Callable[[], bool], on_step: Callable[[Any], None],
              tick: Callable[[], None] | None = None,
              cost: Callable[[], tuple[int, float, float]] | None = None) -> None:

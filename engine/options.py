@@ -12,7 +12,7 @@ from typing import Any
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 DEVICES = ("cpu", "cuda")
-SCHEDULING_POLICIES = ("fcfs", "lof", "spf", "johnson")  # engine/scheduler.py: the order waiting requests start in
+SCHEDULING_POLICIES = ("fcfs", "lof", "spf")  # engine/scheduler.py: the order waiting requests start in
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,7 @@ class EngineOptions:
     step_time_target_s: float | None = None
     # the order waiting requests start in (engine/scheduler.py, POLICIES): "fcfs" (arrival), "lof" (longest output
     # first: the larger max_tokens first; a burst through a disaggregated pair drains sooner) or "spf" (shortest
-    # prompt first: the mean TTFT of a burst falls) or "johnson" (Johnson's rule in tokens: prompts shorter than
-    # their output first, shortest first; then the rest, the most output first: a burst through a prefill-bound
-    # disaggregated pair ends on short decodes). Only arrivals within max_queue_wait_s of each other are
+    # prompt first: the mean TTFT of a burst falls). Only arrivals within max_queue_wait_s of each other are
     # reordered: a request never waits longer than that behind later ones
     scheduling_policy: str = "fcfs"
     max_queue_wait_s: float = 10.0

@@ -67,17 +67,7 @@ POLICIES = {
     "fcfs": None,
     "lof": lambda seq, output_tokens: -output_tokens,  # longest output first
     "spf": lambda seq, output_tokens: seq.num_tokens - seq.num_computed_tokens,  # shortest prompt (left) first
-    "johnson": lambda seq, output_tokens: _johnson(seq.num_tokens - seq.num_computed_tokens, output_tokens),
 }
-_LAST = float(2**40)  # johnson: the second group's keys count down from here (exact: far below 2**53)
-
-
-def _johnson(prompt: int, output: int) -> float:
-    """Johnson's rule for a two-stage flow shop (prefill, then decode), in tokens: the makespan of a burst
-    through a prefill-bound pair is the last prefill plus the decode that follows it. Requests with
-    fewer prompt than output tokens first, the shortest prompt first (decodes start early, as spf); then
-    the rest, the most output first, so that the burst ends on the shortest decodes."""
-    return float(prompt) if prompt < output else _LAST - output
 
 
 def _order(seq: Sequence) -> float:

@@ -30,6 +30,7 @@ SERVE_FLAGS = {
     "dispatch": "router.dispatch", "dispatch_profile": "router.profile",
     "dispatch_retune_s": "router.dispatch_retune_s",
     "api_keys_file": "router.api_keys_file", "tls_cert": "router.tls_cert", "tls_key": "router.tls_key",
+    "service_cpus": "service_cpus",
 }
 POOLS = ("prefill", "decode")
 POOL_FLAG_ALIASES = {"tensor_parallel_size": "tp"}  # also --prefill-tp, --decode-tp
@@ -121,6 +122,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="router port (default 50051; 0 picks a free one)")
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0 picks a free one)")
     p.add_argument("--kv-backend", choices=KV_BACKENDS, help="how prefill KV reaches the decode pool")
+    p.add_argument("--service-cpus", metavar="CPUS", help="cores for the router, a local Ray and each replica's "
+                   "threads but its engine's, e.g. 1 (with --prefill-cpus 0: the prefill engine keeps core 0 to "
+                   "itself); default: the OS's choice")
     p.add_argument("--local-prefill-threshold", type=int,
                    help="prompts with fewer tokens than this that the decode replica's prefix cache lacks are "
                         "prefilled there")

@@ -11,6 +11,7 @@ from typing import Any
 from engine.options import DTYPES, EngineOptions
 from kv_transfer import CHOICES as KV_BACKENDS
 from kv_transfer import resolve_backend
+from replica.affinity import parse_cpus
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,14 @@ class PoolConfig(EngineOptions):
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per rank, e.g. {"prefill": 1}
     peak_flops: float | None = None  # per replica, the MFU denominator (None: measured at start-up)
     peak_bandwidth: float | None = None  # bytes/s per replica, the MBU denominator (None: measured at start-up)
+    # the cores this pool's engine threads run on, a Linux CPU list ("0-3", "0,2"): replica i takes the i-th run
+    # of num_threads of them (replica/affinity.py); None: wherever the OS puts them
+    cpus: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.cpus is not None:
+            parse_cpus(self.cpus, "cpus")
         if self.replicas < 0:
             raise ValueError(f"replicas={self.replicas} must be >= 0")
         if self.num_cpus <= 0:
@@ -191,6 +197,10 @@ class ClusterConfig:
     kv_backend: str = "auto"
     kv_lease_s: float = 30.0  # a decode reservation that gets no KV this long is freed
     replace_dead_replicas: bool = True  # a replica whose actor or engine dies is replaced (both KV backends)
+    # the cores of everything but the engines, a Linux CPU list: the router's process (and a local Ray it starts:
+    # its daemons and workers inherit it) and each replica's threads but its engine's; None: wherever the OS puts
+    # them. With the pools' `cpus`, it keeps the service off the engines' cores (README: CPU placement)
+    service_cpus: str | None = None
     prefill: PoolConfig = PoolConfig(max_num_batched_tokens=512, num_kv_blocks=256)
     decode: PoolConfig = PoolConfig(max_num_batched_tokens=256, num_kv_blocks=512)
     router: RouterConfig = RouterConfig()
@@ -201,6 +211,8 @@ class ClusterConfig:
                              "prefill too: a colocated cluster)")
         if self.kv_backend not in KV_BACKENDS:
             raise ValueError(f"kv_backend={self.kv_backend!r}; available: {KV_BACKENDS}")
+        if self.service_cpus is not None:
+            parse_cpus(self.service_cpus, "service_cpus")
         p, d = (DTYPES.get(str(pool.dtype), pool.dtype) for pool in (self.prefill, self.decode))
         a = self.router.autoscale
         if a.enabled:

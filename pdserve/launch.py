@@ -31,6 +31,7 @@ class Cluster:
     owns_ray: bool = False
     sd_file: Path | None = None
     supervisor: Any = None  # pdserve.supervisor.Supervisor (ipc backend): replaces dead replicas, scales pools
+    restore_cpus: tuple[int, ...] | None = None  # with service_cpus: this process's cores before, given back at stop
 
     @property
     def prefill(self) -> list[Any]:
@@ -104,6 +105,10 @@ class Cluster:
             path.unlink(missing_ok=True)
         if self.owns_ray:
             ray.shutdown()
+        if self.restore_cpus is not None:
+            from replica.affinity import pin_others
+
+            pin_others(self.restore_cpus, set(), "the cores before service_cpus")
 
     def __enter__(self) -> Cluster:
         return self
@@ -232,7 +237,18 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         from planner.autoscale import Autoscaler
 
         autoscaler = Autoscaler(config, profile if r.profile else None)
-    owns_ray = init_ray(config)
+    restore_cpus = None
+    if config.service_cpus is not None:  # before a local Ray starts: its daemons and workers inherit the mask
+        from replica.affinity import parse_cpus, pin_others
+
+        restore_cpus = tuple(os.sched_getaffinity(0))
+        pin_others(parse_cpus(config.service_cpus, "service_cpus"), set(), "service_cpus")
+    try:
+        owns_ray = init_ray(config)
+    except BaseException:
+        if restore_cpus is not None:
+            pin_others(restore_cpus, set(), "the cores before service_cpus")
+        raise
     # one host: a local Ray (no ray_address to join) of one node; a joined cluster may place pools on any node
     one_host = not config.ray_address and sum(1 for node in ray.nodes() if node["Alive"]) == 1
     config = dataclasses.replace(config, kv_backend=config.kv_backend_on(one_host))
@@ -244,7 +260,7 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
     if owns_ray:
         _stop_orphan_ray_agents()
     pools = Pools(config, f"{config.name}-{tag}-", {"prefill": PrefillWorker, "decode": DecodeWorker})
-    cluster = Cluster(config, None, pools, owns_ray)
+    cluster = Cluster(config, None, pools, owns_ray, restore_cpus=restore_cpus)
     try:
         for role in ("decode", "prefill"):
             for i in range(getattr(config, role).replicas):
@@ -360,8 +376,21 @@ class Pools:
             args = (c.model, pool.engine_kwargs(), self.pool_names[index], c.kv_lease_s, pool.peaks(), c.kv_backend)
         else:
             args = (c.model, pool.engine_kwargs(), pool.peaks(), c.kv_backend)
-        self.actors[role][index] = _actor(self.classes[role], pool, self.groups[role][index], *args)
+        self.actors[role][index] = _actor(self.classes[role], pool, self.groups[role][index], *args,
+                                          **self.cpus(role, index))
         return self.actors[role][index]
+
+    def cpus(self, role: str, index: int) -> dict[str, tuple[int, ...]]:
+        """Replica `index` of `role`'s cores, where the config names them: its engine's (its run of the pool's
+        cpus) and its other threads' (service_cpus), as the worker's keywords."""
+        from replica.affinity import parse_cpus, replica_cpus
+
+        pool, out = getattr(self.config, role), {}
+        if pool.cpus is not None:
+            out["cpus"] = replica_cpus(parse_cpus(pool.cpus, f"{role}.cpus"), index, pool.num_threads or 1)
+        if self.config.service_cpus is not None:
+            out["service_cpus"] = parse_cpus(self.config.service_cpus, "service_cpus")
+        return out
 
     def link(self, prefill: list[Any], decode: list[Any]) -> list[dict[str, Any]]:
         """Connect these prefill replicas to these decode replicas' KV (kv_transfer.wiring.link: all of
@@ -499,7 +528,7 @@ def _placement_group(cls, pool: PoolConfig, timeout_s: float = PLACEMENT_TIMEOUT
     return pg
 
 
-def _actor(cls, pool: PoolConfig, pg, *args):
+def _actor(cls, pool: PoolConfig, pg, *args, **kwargs):
     """A replica's rank-0 actor, in its placement group's first bundle."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -507,4 +536,4 @@ def _actor(cls, pool: PoolConfig, pg, *args):
     return ray.remote(cls).options(
         num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, resources=pool.resources or None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-    ).remote(*args)
+    ).remote(*args, **kwargs)

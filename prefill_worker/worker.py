@@ -21,9 +21,11 @@ class PrefillWorker(ReplicaShell):
     (prefill, abort); the _on_* and _expire methods run on the engine thread."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], peaks: dict[str, float] | None = None,
-                 kv_backend: str = "ipc") -> None:
+                 kv_backend: str = "ipc", cpus: tuple[int, ...] | None = None,
+                 service_cpus: tuple[int, ...] | None = None) -> None:
         """peaks: peak_flops and peak_bandwidth of the replica for MFU/MBU; measured (measure_peaks) when not
-        given.
+        given. cpus, service_cpus: the cores of its engine thread and of its other threads (None: the OS's
+        choice; ReplicaShell._start_engine).
         kv_backend "ipc": write into decode pools mapped on this host; "collective": send over a pair
         group with each decode replica (join_kv_pair)."""
         import functools
@@ -43,7 +45,7 @@ class PrefillWorker(ReplicaShell):
             if peaks:  # else the shell's zeros until measure_peaks
                 self.peaks = peaks
             return self.sender.step
-        self._start_engine(build, engine_kwargs.get("num_threads"))
+        self._start_engine(build, engine_kwargs.get("num_threads"), cpus, service_cpus)
 
     async def info(self) -> dict[str, Any]:
         # kv_uid: this replica's id in its pair groups (collective backend)

@@ -63,6 +63,15 @@ class ReplicaShell:
                     num_kv_blocks=self.engine.block_manager.num_blocks, block_size=config.options.block_size,
                     eos_token_ids=list(mc.eos_token_ids), model=config.model, kernels=self.kernels())
 
+    async def cpu_affinity(self) -> dict[str, Any]:
+        """The cores this replica's threads may run on: its engine thread's ("engine"), and each distinct mask
+        of its other threads ("others"), as sorted lists (replica/affinity.py sets them where configured)."""
+        from replica.affinity import thread_masks
+
+        masks = thread_masks()
+        engine = masks.pop(self.loop.native_id)
+        return {"engine": engine, "others": sorted({tuple(m) for m in masks.values()})}
+
     def kernels(self) -> str:
         """The path this replica's forward takes, and why (a CPU without AMX takes the portable one)."""
         from engine.layers.gemm import matmul_path
@@ -123,17 +132,27 @@ class ReplicaShell:
         except (TypeError, ValueError) as e:
             raise BadRequest(f"sampling parameters: {e}") from None
 
-    def _start_engine(self, build, num_threads: int | None) -> None:
+    def _start_engine(self, build, num_threads: int | None, cpus: tuple[int, ...] | None = None,
+                      service_cpus: tuple[int, ...] | None = None) -> None:
         """Run build() on a new engine thread (self.loop), which then steps what build() made:
         loading and stepping on one thread keeps one OpenMP team (engine.loop.EngineLoop). build()
         sets self.engine (and whatever else the replica needs) and returns the step function; the
         loop hands each step's result to self._on_step, ticks self._expire, and reports a dead
-        engine to self._on_error."""
+        engine to self._on_error. cpus: the engine thread's cores (its OpenMP team, started from it,
+        inherits them); service_cpus: every thread of the process there is now (threads they start
+        inherit it) -- so the engine keeps its cores to itself (replica/affinity.py)."""
         import torch
 
         from engine.loop import EngineLoop
+        from replica.affinity import pin, pin_others
+
+        engine_cpus = cpus or tuple(os.sched_getaffinity(0))
+        if service_cpus:
+            pin_others(service_cpus, set(), "service_cpus")
 
         def on_thread():
+            if cpus or service_cpus:
+                pin(0, engine_cpus, "cpus")
             torch.set_num_threads(num_threads or 1)
             return build()
 
