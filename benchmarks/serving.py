@@ -168,7 +168,7 @@ def _stepping(cluster) -> dict[str, tuple[float, float]]:
 
     actors = {pool: getattr(cluster, pool)[0] for pool in ("prefill", "decode") if getattr(cluster, pool)}
     stats = dict(zip(actors, ray.get([a.stats.remote() for a in actors.values()])))
-    return {pool: (s["busy_seconds"], s.get("step_off_cpu_seconds", 0.0)) for pool, s in stats.items()}
+    return {pool: (s["busy_seconds"], s["step_off_cpu_seconds"]) for pool, s in stats.items()}
 
 
 def where_it_went(run: dict[str, Any], before: dict, after: dict, pipe: dict[str, float] | None) -> str:

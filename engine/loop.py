@@ -110,8 +110,7 @@ class EngineLoop:
                     out = self._step()
                     t1, c1 = time.monotonic(), time.thread_time()
                     self.num_steps += 1
-                    self.metrics.record(t1 - t0, *(self._cost() if self._cost is not None else (0, 0.0, 0.0)),
-                                        cpu_seconds=c1 - c0)
+                    self.metrics.record(t1 - t0, *(self._cost() if self._cost is not None else (0, 0.0, 0.0)), c1 - c0)
                     self._on_step(out)
         except BaseException as e:  # a failed step: fail every waiting call and request rather than hang them
             self.error = e

@@ -75,9 +75,8 @@ class StepMetrics:
         self.step_seconds_counts = [0] * (len(STEP_SECONDS_BUCKETS) + 1)  # the last is +Inf
         self.batch_tokens_counts = [0] * (len(BATCH_TOKENS_BUCKETS) + 1)
 
-    def record(self, seconds: float, tokens: int, flops: float, bytes_read: float,
-               cpu_seconds: float | None = None) -> None:
-        """cpu_seconds: the stepping thread's own CPU time in the step (None: not measured)."""
+    def record(self, seconds: float, tokens: int, flops: float, bytes_read: float, cpu_seconds: float) -> None:
+        """cpu_seconds: the stepping thread's own CPU time in the step."""
         end = time.monotonic()
         self._recent.append((end, seconds, flops, bytes_read))
         while self._recent and self._recent[0][0] < end - self.window_s:
@@ -85,8 +84,7 @@ class StepMetrics:
         self.steps += 1
         self.tokens += tokens
         self.busy_seconds += seconds
-        if cpu_seconds is not None:
-            self.off_cpu_seconds += max(0.0, seconds - cpu_seconds)
+        self.off_cpu_seconds += max(0.0, seconds - cpu_seconds)
         self.step_seconds_counts[bisect_left(STEP_SECONDS_BUCKETS, seconds)] += 1
         self.batch_tokens_counts[bisect_left(BATCH_TOKENS_BUCKETS, tokens)] += 1
 

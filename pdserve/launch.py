@@ -106,9 +106,9 @@ class Cluster:
         if self.owns_ray:
             ray.shutdown()
         if self.restore_cpus is not None:
-            from replica.affinity import pin_others
+            from replica.affinity import pin_process
 
-            pin_others(self.restore_cpus, set(), "the cores before service_cpus")
+            pin_process(self.restore_cpus, "the cores before service_cpus")
 
     def __enter__(self) -> Cluster:
         return self
@@ -239,15 +239,15 @@ def start_cluster(config: ClusterConfig, progress: Callable[[str], None] | None 
         autoscaler = Autoscaler(config, profile if r.profile else None)
     restore_cpus = None
     if config.service_cpus is not None:  # before a local Ray starts: its daemons and workers inherit the mask
-        from replica.affinity import parse_cpus, pin_others
+        from replica.affinity import parse_cpus, pin_process
 
         restore_cpus = tuple(os.sched_getaffinity(0))
-        pin_others(parse_cpus(config.service_cpus, "service_cpus"), set(), "service_cpus")
+        pin_process(parse_cpus(config.service_cpus, "service_cpus"), "service_cpus")
     try:
         owns_ray = init_ray(config)
     except BaseException:
         if restore_cpus is not None:
-            pin_others(restore_cpus, set(), "the cores before service_cpus")
+            pin_process(restore_cpus, "the cores before service_cpus")
         raise
     # one host: a local Ray (no ray_address to join) of one node; a joined cluster may place pools on any node
     one_host = not config.ray_address and sum(1 for node in ray.nodes() if node["Alive"]) == 1

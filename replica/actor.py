@@ -144,14 +144,15 @@ class ReplicaShell:
         import torch
 
         from engine.loop import EngineLoop
-        from replica.affinity import pin, pin_others
+        from replica.affinity import pin, pin_process
 
-        engine_cpus = cpus or tuple(os.sched_getaffinity(0))
+        # the engine thread's cores: the pool's, else (its process moving to service_cpus) the process's before
+        engine_cpus = cpus or (tuple(os.sched_getaffinity(0)) if service_cpus else None)
         if service_cpus:
-            pin_others(service_cpus, set(), "service_cpus")
+            pin_process(service_cpus, "service_cpus")
 
         def on_thread():
-            if cpus or service_cpus:
+            if engine_cpus:
                 pin(0, engine_cpus, "cpus")
             torch.set_num_threads(num_threads or 1)
             return build()

@@ -45,24 +45,25 @@ def pin(tid: int, cpus: tuple[int, ...], where: str) -> None:
     os.sched_setaffinity(tid, cpus)
 
 
-def pin_others(cpus: tuple[int, ...], keep: set[int], where: str) -> None:
-    """Every thread of this process but those in `keep` (native ids) onto `cpus`; threads they start later
-    inherit it. A thread that ends meanwhile is skipped."""
-    for task in Path("/proc/self/task").iterdir():
-        tid = int(task.name)
-        if tid not in keep:
-            try:
-                pin(tid, cpus, where)
-            except ProcessLookupError:
-                pass
+def pin_process(cpus: tuple[int, ...], where: str) -> None:
+    """Every thread of this process onto `cpus`; threads they start later inherit it."""
+    for tid in _threads():
+        try:
+            pin(tid, cpus, where)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
 
 
 def thread_masks() -> dict[int, list[int]]:
     """Each thread of this process (native id) and the cores it may run on, sorted."""
     out = {}
-    for task in Path("/proc/self/task").iterdir():
+    for tid in _threads():
         try:
-            out[int(task.name)] = sorted(os.sched_getaffinity(int(task.name)))
+            out[tid] = sorted(os.sched_getaffinity(tid))
         except ProcessLookupError:
             pass
     return out
+
+
+def _threads() -> list[int]:
+    return [int(task.name) for task in Path("/proc/self/task").iterdir()]
